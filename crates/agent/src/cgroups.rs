@@ -1,0 +1,109 @@
+//! Resource limits through cgroups, v1 (what these machines mount) or v2, behind one interface.
+//! Where neither is writable, tasks run without limits and the agent says so once.
+
+use std::path::{Path, PathBuf};
+
+use dozen_spec::Resources;
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+pub trait Cgroups: Send + Sync {
+    fn describe(&self) -> String;
+    /// Creates the task's groups with its limits; returns the `cgroup.procs` files to join.
+    fn prepare(&self, task: &str, resources: &Resources) -> std::io::Result<Vec<PathBuf>>;
+    fn remove(&self, task: &str);
+}
+
+pub fn detect(root: &Path) -> Box<dyn Cgroups> {
+    let v1_memory = root.join("memory");
+    let v1_cpu = root.join("cpu");
+    if v1_memory.join("memory.limit_in_bytes").exists() && v1_cpu.join("cpu.cfs_quota_us").exists()
+    {
+        let v1 = V1 {
+            memory: v1_memory.join("dozen"),
+            cpu: v1_cpu.join("dozen"),
+        };
+        if std::fs::create_dir_all(&v1.memory).is_ok() && std::fs::create_dir_all(&v1.cpu).is_ok() {
+            return Box::new(v1);
+        }
+    }
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    if controllers.contains("memory") && controllers.contains("cpu") {
+        let v2 = V2 {
+            base: root.join("dozen"),
+        };
+        if std::fs::create_dir_all(&v2.base).is_ok()
+            && std::fs::write(root.join("cgroup.subtree_control"), "+memory +cpu").is_ok()
+            && std::fs::write(v2.base.join("cgroup.subtree_control"), "+memory +cpu").is_ok()
+        {
+            return Box::new(v2);
+        }
+    }
+    Box::new(NoCgroups)
+}
+
+struct V1 {
+    memory: PathBuf,
+    cpu: PathBuf,
+}
+
+impl Cgroups for V1 {
+    fn describe(&self) -> String {
+        format!(
+            "cgroup v1 ({}, {})",
+            self.memory.display(),
+            self.cpu.display()
+        )
+    }
+    fn prepare(&self, task: &str, r: &Resources) -> std::io::Result<Vec<PathBuf>> {
+        let mem = self.memory.join(task);
+        let cpu = self.cpu.join(task);
+        std::fs::create_dir_all(&mem)?;
+        std::fs::create_dir_all(&cpu)?;
+        std::fs::write(
+            mem.join("memory.limit_in_bytes"),
+            r.memory_bytes.to_string(),
+        )?;
+        std::fs::write(cpu.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+        let quota = (u64::from(r.cpu_millis) * CPU_PERIOD_US / 1000).max(1000);
+        std::fs::write(cpu.join("cpu.cfs_quota_us"), quota.to_string())?;
+        Ok(vec![mem.join("cgroup.procs"), cpu.join("cgroup.procs")])
+    }
+    fn remove(&self, task: &str) {
+        let _ = std::fs::remove_dir(self.memory.join(task));
+        let _ = std::fs::remove_dir(self.cpu.join(task));
+    }
+}
+
+struct V2 {
+    base: PathBuf,
+}
+
+impl Cgroups for V2 {
+    fn describe(&self) -> String {
+        format!("cgroup v2 ({})", self.base.display())
+    }
+    fn prepare(&self, task: &str, r: &Resources) -> std::io::Result<Vec<PathBuf>> {
+        let dir = self.base.join(task);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("memory.max"), r.memory_bytes.to_string())?;
+        let quota = (u64::from(r.cpu_millis) * CPU_PERIOD_US / 1000).max(1000);
+        std::fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+        Ok(vec![dir.join("cgroup.procs")])
+    }
+    fn remove(&self, task: &str) {
+        let _ = std::fs::remove_dir(self.base.join(task));
+    }
+}
+
+pub struct NoCgroups;
+
+impl Cgroups for NoCgroups {
+    fn describe(&self) -> String {
+        "none (no writable cgroup memory and cpu controllers): tasks run without limits".into()
+    }
+    fn prepare(&self, _: &str, _: &Resources) -> std::io::Result<Vec<PathBuf>> {
+        Ok(Vec::new())
+    }
+    fn remove(&self, _: &str) {}
+}

@@ -1,0 +1,69 @@
+//! Health checks the agent runs against its tasks.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dozen_spec::{HealthCheck, HealthKind};
+
+/// One probe. `Err` carries what failed, for the task's status message.
+pub async fn probe(
+    http: &reqwest::Client,
+    check: &HealthCheck,
+    port: Option<u16>,
+    env: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let timeout = Duration::from_millis(check.timeout_ms.max(1));
+    match &check.kind {
+        HealthKind::Http { path } => {
+            let port = port.ok_or("http health check needs a port (port = true)")?;
+            let url = format!("http://127.0.0.1:{port}{path}");
+            let resp = http
+                .get(&url)
+                .timeout(timeout)
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {}", short(&e)))?;
+            let status = resp.status();
+            if status.is_success() || status.is_redirection() {
+                Ok(())
+            } else {
+                Err(format!("GET {url} answered {status}"))
+            }
+        }
+        HealthKind::Tcp => {
+            let port = port.ok_or("tcp health check needs a port (port = true)")?;
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("connect 127.0.0.1:{port}: {e}")),
+                Err(_) => Err(format!("connect 127.0.0.1:{port}: timed out")),
+            }
+        }
+        HealthKind::Command { argv } => {
+            let (program, args) = argv.split_first().ok_or("empty health command")?;
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args)
+                .env_clear()
+                .envs(env)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true);
+            match tokio::time::timeout(timeout, cmd.status()).await {
+                Ok(Ok(st)) if st.success() => Ok(()),
+                Ok(Ok(st)) => Err(format!("health command exited with {st}")),
+                Ok(Err(e)) => Err(format!("health command `{program}`: {e}")),
+                Err(_) => Err("health command timed out".into()),
+            }
+        }
+    }
+}
+
+fn short(e: &reqwest::Error) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,194 @@
+//! The few operating-system calls the agent and shim make, in one place.
+//!
+//! Everything `unsafe` in dozen lives here: each call is a thin wrapper over one libc call whose
+//! arguments are plain integers, so the wrappers themselves are safe to call.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+
+/// Sends `signal` to the process group `pgid` (the task and everything it started).
+pub fn kill_group(pgid: u32, signal: i32) -> io::Result<()> {
+    let pgid = i32::try_from(pgid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if pgid <= 1 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: kill(2) with a negative pid targets a process group; no memory is involved.
+    let rc = unsafe { libc::kill(-pgid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends `signal` to one process.
+pub fn kill_pid(pid: u32, signal: i32) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if pid <= 1 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: plain kill(2).
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes the calling process the leader of a new session (used between fork and exec).
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: setsid(2) takes no arguments and is async-signal-safe.
+    if unsafe { libc::setsid() } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A file descriptor that becomes readable when process `pid` exits (Linux pidfd).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with flags 0 returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits until the pidfd becomes readable, i.e. its process has exited.
+pub async fn pidfd_wait(fd: OwnedFd) -> io::Result<()> {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open for as long as it is
+    // registered with the reactor and is closed only after deregistration (on drop).
+    let async_fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)?;
+    let _guard = async_fd.readable().await?;
+    Ok(())
+}
+
+/// The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the
+/// pid it names one process for good, even after the pid is reused.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    // `after` starts at field 3; field 22 is the 20th from here.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` still names the process that started at `start_time` and has not exited.
+pub fn process_is(pid: u32, start_time: u64) -> bool {
+    if process_start_time(pid) != Some(start_time) {
+        return false;
+    }
+    // A zombie has exited already.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = &s[s.rfind(')')? + 2..];
+            after
+                .split_whitespace()
+                .next()
+                .map(|st| st != "Z" && st != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// Resident set size of a process in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// uid, gid and home of a user, from /etc/passwd (no NSS: works in minimal containers).
+pub fn lookup_user(name: &str) -> Option<(u32, u32, String)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 7 && f[0] == name {
+            Some((f[2].parse().ok()?, f[3].parse().ok()?, f[5].to_string()))
+        } else {
+            None
+        }
+    })
+}
+
+/// Signal number from a normalised name such as "SIGTERM".
+pub fn signal_number(name: &str) -> Option<i32> {
+    Some(match name.trim_start_matches("SIG") {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        _ => return None,
+    })
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+pub fn total_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(1 << 30)
+}
+
+/// Writes `bytes` to `path` atomically: a reader sees the old file or the whole new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_time_is_stable_and_identifies_us() {
+        let me = std::process::id();
+        let t = process_start_time(me).expect("readable /proc");
+        assert_eq!(process_start_time(me), Some(t));
+        assert!(process_is(me, t));
+        assert!(!process_is(me, t + 1));
+    }
+
+    #[test]
+    fn signals_by_name() {
+        assert_eq!(signal_number("SIGTERM"), Some(libc::SIGTERM));
+        assert_eq!(signal_number("SIGBOGUS"), None);
+    }
+
+    #[test]
+    fn refuses_to_signal_init_or_everyone() {
+        assert!(kill_group(1, 0).is_err());
+        assert!(kill_group(0, 0).is_err());
+        assert!(kill_pid(1, 0).is_err());
+    }
+}

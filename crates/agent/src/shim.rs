@@ -1,0 +1,276 @@
+//! The shim: a tiny supervisor per task (the same binary, `dozen shim DIR`).
+//!
+//! It runs in its own session, so it outlives the agent that started it. It owns the task's
+//! stdout/stderr (so the task never dies of SIGPIPE when the agent goes), appends them to
+//! `output.log` with a timestamp per line, fsyncs that file in batches (a line counts once
+//! fsynced), and records the exit status in `exit.json`. No async runtime: a thread per pipe.
+//!
+//! Files in the task directory:
+//! - `launch.json` (written by the agent): what to run
+//! - `shim.pid`, `task.pid`: `PID STARTTIME`, so a reused pid is never mistaken for ours
+//! - `output.log`: `MILLIS o|e TEXT` lines
+//! - `exit.json`: how the task ended (or why it never started)
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::os;
+
+/// Longest log line kept whole; longer ones are split.
+const MAX_LINE: usize = 64 * 1024;
+/// How often buffered log lines are written and fsynced.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Launch {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// `cgroup.procs` files the shim joins before starting the task (limits apply to both).
+    pub cgroup_procs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: u64,
+    /// Set when the task could not be started at all.
+    pub error: Option<String>,
+}
+
+pub const LAUNCH: &str = "launch.json";
+pub const SHIM_PID: &str = "shim.pid";
+pub const TASK_PID: &str = "task.pid";
+pub const EXIT: &str = "exit.json";
+pub const LOG: &str = "output.log";
+
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `PID STARTTIME` of the running process, written atomically.
+pub fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
+    let start = os::process_start_time(pid).unwrap_or(0);
+    os::write_atomic(path, format!("{pid} {start}\n").as_bytes())
+}
+
+pub fn read_pid_file(path: &Path) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let mut it = s.split_whitespace();
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn write_exit(dir: &Path, record: &ExitRecord) {
+    let bytes = serde_json::to_vec(record).unwrap_or_default();
+    // Nothing else to do if this fails: the agent treats a missing exit file of a dead shim as
+    // "ended, status unknown".
+    let _ = os::write_atomic(&dir.join(EXIT), &bytes);
+}
+
+/// Buffered log sink shared by the two pipe readers.
+struct LogSink {
+    file: File,
+    buffer: Vec<u8>,
+}
+
+impl LogSink {
+    fn push(&mut self, stream: u8, text: &[u8]) {
+        let ts = wall_ms();
+        for chunk in text.chunks(MAX_LINE) {
+            self.buffer
+                .extend_from_slice(format!("{ts} {} ", stream as char).as_bytes());
+            self.buffer.extend_from_slice(chunk);
+            self.buffer.push(b'\n');
+        }
+    }
+    fn flush(&mut self) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        if self.file.write_all(&self.buffer).is_ok() {
+            let _ = self.file.sync_data();
+        }
+        self.buffer.clear();
+    }
+}
+
+fn pump(reader: impl std::io::Read, stream: u8, sink: Arc<Mutex<LogSink>>) {
+    let mut reader = BufReader::with_capacity(16 * 1024, reader);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push(stream, &line);
+                }
+            }
+        }
+    }
+}
+
+/// Entry point of `dozen shim DIR`. Returns the shim's own exit code.
+pub fn main(dir: &Path) -> i32 {
+    // Leave the agent's session and process group: a Ctrl-C or kill aimed at the agent's group
+    // must not reach the shim or its task.
+    let _ = os::setsid();
+    if write_pid_file(&dir.join(SHIM_PID), std::process::id()).is_err() {
+        return 1;
+    }
+    let launch: Launch = match std::fs::read(dir.join(LAUNCH))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            write_exit(
+                dir,
+                &ExitRecord {
+                    code: None,
+                    signal: None,
+                    started_at_ms: None,
+                    finished_at_ms: wall_ms(),
+                    error: Some(format!("cannot read {}: {e}", dir.join(LAUNCH).display())),
+                },
+            );
+            return 0;
+        }
+    };
+    let fail = |error: String| {
+        write_exit(
+            dir,
+            &ExitRecord {
+                code: None,
+                signal: None,
+                started_at_ms: None,
+                finished_at_ms: wall_ms(),
+                error: Some(error),
+            },
+        );
+        0
+    };
+    for procs in &launch.cgroup_procs {
+        if let Err(e) = std::fs::write(procs, std::process::id().to_string()) {
+            return fail(format!("cannot join cgroup {}: {e}", procs.display()));
+        }
+    }
+    let log = match OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG))
+    {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot open {}: {e}", dir.join(LOG).display())),
+    };
+    let Some((program, args)) = launch.argv.split_first() else {
+        return fail("empty command".into());
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(&launch.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(cwd) = &launch.cwd {
+        cmd.current_dir(cwd);
+    }
+    if let Some(gid) = launch.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = launch.uid {
+        cmd.uid(uid);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start `{program}`: {e}")),
+    };
+    let started_at_ms = wall_ms();
+    let _ = write_pid_file(&dir.join(TASK_PID), child.id());
+
+    let sink = Arc::new(Mutex::new(LogSink {
+        file: log,
+        buffer: Vec::with_capacity(64 * 1024),
+    }));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut readers = 0;
+    if let Some(out) = child.stdout.take() {
+        let (sink, done) = (sink.clone(), done_tx.clone());
+        readers += 1;
+        std::thread::spawn(move || {
+            pump(out, b'o', sink);
+            let _ = done.send(());
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        let (sink, done) = (sink.clone(), done_tx.clone());
+        readers += 1;
+        std::thread::spawn(move || {
+            pump(err, b'e', sink);
+            let _ = done.send(());
+        });
+    }
+    drop(done_tx);
+    {
+        let sink = sink.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(FLUSH_EVERY);
+            if let Ok(mut s) = sink.lock() {
+                s.flush();
+            }
+        });
+    }
+    let status = child.wait();
+    // The pipes close when the task exits, unless something it started keeps them open:
+    // then do not wait for that forever.
+    for _ in 0..readers {
+        if done_rx.recv_timeout(Duration::from_millis(500)).is_err() {
+            break;
+        }
+    }
+    if let Ok(mut s) = sink.lock() {
+        s.flush();
+    }
+    let (code, signal, error) = match status {
+        Ok(st) => (st.code(), st.signal(), None),
+        Err(e) => (
+            None,
+            None,
+            Some(format!("waiting for the task failed: {e}")),
+        ),
+    };
+    write_exit(
+        dir,
+        &ExitRecord {
+            code,
+            signal,
+            started_at_ms: Some(started_at_ms),
+            finished_at_ms: wall_ms(),
+            error,
+        },
+    );
+    0
+}

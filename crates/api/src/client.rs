@@ -1,0 +1,239 @@
+//! The API client used by the CLI, agents and (later) proxies.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+pub use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{ErrorBody, WatchEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot reach the dozen server at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("{message}{}", hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    Status {
+        status: u16,
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("unexpected answer from {url}: {detail}")]
+    Protocol { url: String, detail: String },
+}
+
+impl ApiError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<reqwest::Response, ApiError> {
+        let resp =
+            req.bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| ApiError::Unreachable {
+                    url: self.url(path),
+                    detail: root_cause(&e),
+                })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default();
+        let (message, hint) = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(b) => (b.error, b.hint),
+            Err(_) => (
+                format!(
+                    "{} {}: {}",
+                    status,
+                    path,
+                    String::from_utf8_lossy(&body).trim()
+                ),
+                None,
+            ),
+        };
+        Err(ApiError::Status {
+            status,
+            message,
+            hint,
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+        path: &str,
+    ) -> Result<T, ApiError> {
+        let bytes = resp.bytes().await.map_err(|e| ApiError::Unreachable {
+            url: self.url(path),
+            detail: root_cause(&e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol {
+            url: self.url(path),
+            detail: e.to_string(),
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+        let resp = self.send(self.http.get(self.url(path)), path).await?;
+        self.json(resp, path).await
+    }
+
+    pub async fn get_query<T: DeserializeOwned, Q: Serialize>(
+        &self,
+        path: &str,
+        query: &Q,
+    ) -> Result<T, ApiError> {
+        let resp = self
+            .send(self.http.get(self.url(path)).query(query), path)
+            .await?;
+        self.json(resp, path).await
+    }
+
+    pub async fn post<T: DeserializeOwned, B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiError> {
+        let resp = self
+            .send(self.http.post(self.url(path)).json(body), path)
+            .await?;
+        self.json(resp, path).await
+    }
+
+    /// POST/PUT/DELETE whose answer has no body.
+    pub async fn call<B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(), ApiError> {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        self.send(req, path).await?;
+        Ok(())
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+        let resp = self.send(self.http.delete(self.url(path)), path).await?;
+        self.json(resp, path).await
+    }
+
+    /// A stream of newline-delimited JSON values from `path`.
+    pub async fn ndjson<T: DeserializeOwned + Send + 'static, Q: Serialize>(
+        &self,
+        path: &str,
+        query: &Q,
+    ) -> Result<impl Stream<Item = Result<T, ApiError>> + Send + Unpin, ApiError> {
+        let resp = self
+            .send(self.http.get(self.url(path)).query(query), path)
+            .await?;
+        Ok(ndjson_lines(resp.bytes_stream(), self.url(path)))
+    }
+
+    /// Watches a list-then-watch endpoint from `revision` (the list's revision).
+    /// A 410 answer surfaces as `ApiError::Status { status: 410, .. }`: list again.
+    pub async fn watch<T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+        revision: u64,
+    ) -> Result<impl Stream<Item = Result<WatchEvent<T>, ApiError>> + Send + Unpin, ApiError> {
+        self.ndjson(
+            path,
+            &[
+                ("watch", "true".to_string()),
+                ("revision", revision.to_string()),
+            ],
+        )
+        .await
+    }
+}
+
+fn ndjson_lines<T: DeserializeOwned + Send + 'static>(
+    bytes: impl Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
+    url: String,
+) -> impl Stream<Item = Result<T, ApiError>> + Send + Unpin {
+    let state = (bytes, Vec::<u8>::new(), url, false);
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut bytes, mut buf, url, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if line.iter().all(|b| b.is_ascii_whitespace()) {
+                        continue;
+                    }
+                    let item = serde_json::from_slice::<T>(&line).map_err(|e| ApiError::Protocol {
+                        url: url.clone(),
+                        detail: e.to_string(),
+                    });
+                    return Some((item, (bytes, buf, url, false)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        let err = ApiError::Unreachable {
+                            url: url.clone(),
+                            detail: root_cause(&e),
+                        };
+                        return Some((Err(err), (bytes, buf, url, true)));
+                    }
+                    None => return None,
+                }
+            }
+        },
+    ))
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,192 @@
+//! The HTTP/JSON API: wire types, the server and the client.
+//!
+//! Everything outside the control plane (CLI, agents, later proxies and the console) talks to it
+//! only through this API. Lists return items with the store revision; a watch from that revision
+//! streams newline-delimited JSON events with periodic bookmarks; a compacted revision answers
+//! 410 Gone and the client lists again.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use dozen_model::{DesiredState, NodeRecord, TaskKind, TaskState, TaskStatus};
+use serde::{Deserialize, Serialize};
+
+pub mod client;
+pub mod server;
+
+pub use client::{ApiError, Client};
+
+/// Header carrying the operator or node token.
+pub const AUTHORIZATION: &str = "authorization";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub stack: dozen_spec::Stack,
+    /// service -> artifact bundle digest (already uploaded).
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub replicas: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RollbackRequest {
+    pub to: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub stack: String,
+    pub process_type: String,
+    pub current_release: u64,
+    pub latest_release: u64,
+    pub desired: u32,
+    pub running: u32,
+    pub healthy: u32,
+    pub stopped: bool,
+    pub reproducible: bool,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub task: String,
+    pub service: String,
+    pub stack: String,
+    pub node: String,
+    pub release: u64,
+    pub generation: u64,
+    pub desired: DesiredState,
+    pub oneoff: bool,
+    pub restarts: u32,
+    pub start_delay_ms: u64,
+    pub status: Option<TaskStatus>,
+}
+
+impl TaskInfo {
+    pub fn state(&self) -> Option<TaskState> {
+        self.status
+            .as_ref()
+            .filter(|s| s.generation == self.generation)
+            .map(|s| s.state)
+    }
+    pub fn from_records(a: &dozen_model::Assignment, status: Option<&TaskStatus>) -> Self {
+        TaskInfo {
+            task: a.task.clone(),
+            service: a.service.clone(),
+            stack: a.stack.clone(),
+            node: a.node.clone(),
+            release: a.release,
+            generation: a.generation,
+            desired: a.desired,
+            oneoff: matches!(a.kind, TaskKind::OneOff { .. }),
+            restarts: a.restarts,
+            start_delay_ms: a.start_delay_ms,
+            status: status.cloned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: NodeRecord,
+    pub tasks: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListResponse<T> {
+    pub items: Vec<T>,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchEventType {
+    Put,
+    Delete,
+    /// Nothing changed up to `revision`: resume from here after a reconnect.
+    Bookmark,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WatchEvent<T> {
+    #[serde(rename = "type")]
+    pub kind: WatchEventType,
+    pub revision: u64,
+    #[serde(default)]
+    pub key: String,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub object: Option<T>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub node: NodeRecord,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub lease: u64,
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub lease: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub statuses: Vec<TaskStatus>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogLine {
+    pub ts_ms: u64,
+    pub service: String,
+    pub task: String,
+    pub stream: LogStream,
+    pub line: String,
+}
+
+/// Query of `GET /v1/logs` and the agents' `GET /v1/agent/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct LogQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<usize>,
+    #[serde(default)]
+    pub follow: bool,
+}

@@ -1,0 +1,770 @@
+//! The API server: stateless over the store. Validates, authorises, writes desired state, and
+//! serves list-then-watch to agents.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use dozen_control::controller::Problems;
+use dozen_control::snapshot::Snapshot;
+use dozen_control::{desired, ControlError};
+use dozen_model::{decode, encode, keys, Assignment, NodeRecord, TaskStatus, SCHEMA};
+use dozen_store::{Compare, Op, Store, StoreError, Txn, WatchMessage};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    ApplyRequest, ErrorBody, HeartbeatRequest, ListResponse, LogLine, LogQuery, NodeInfo,
+    RegisterRequest, RegisterResponse, RollbackRequest, RunRequest, ScaleRequest, ServiceSummary,
+    StatusReport, TaskInfo, WatchEvent, WatchEventType,
+};
+
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub token: String,
+    pub problems: watch::Receiver<Problems>,
+    /// How long a node stays alive without a heartbeat.
+    pub node_ttl: Duration,
+    pub bookmark_every: Duration,
+    pub http: reqwest::Client,
+}
+
+impl AppState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        token: String,
+        problems: watch::Receiver<Problems>,
+        node_ttl: Duration,
+    ) -> Self {
+        AppState {
+            store,
+            token,
+            problems,
+            node_ttl,
+            bookmark_every: Duration::from_secs(5),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/plan", post(plan))
+        .route("/v1/apply", post(apply))
+        .route("/v1/stacks", get(list_stacks))
+        .route("/v1/stacks/{stack}", delete(down))
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{service}/releases", get(list_releases))
+        .route("/v1/services/{service}/scale", post(scale))
+        .route("/v1/services/{service}/restart", post(restart))
+        .route("/v1/services/{service}/stop", post(stop))
+        .route("/v1/services/{service}/rollback", post(rollback))
+        .route("/v1/services/{service}/run", post(run))
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks/{task}", get(get_task).delete(remove_task))
+        .route("/v1/logs", get(logs))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{node}/register", post(register))
+        .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{node}/assignments", get(assignments))
+        .route("/v1/nodes/{node}/status", put(report_status))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(v1)
+        .with_state(state)
+}
+
+/// Compares in constant time so the token cannot be guessed byte by byte.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(crate::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if token_matches(given.as_bytes(), state.token.as_bytes()) {
+        return next.run(request).await;
+    }
+    tracing::warn!(
+        path = %request.uri().path(),
+        presented = !given.is_empty(),
+        "refused request without a valid token"
+    );
+    error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong API token".into(),
+        Some("the CLI reads the token from --token / DOZEN_TOKEN or <data-dir>/token".into()),
+    )
+}
+
+fn error(status: StatusCode, message: String, hint: Option<String>) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: message,
+            hint,
+        }),
+    )
+        .into_response()
+}
+
+pub struct ApiFailure(Box<Response>);
+
+impl ApiFailure {
+    fn from_response(response: Response) -> Self {
+        ApiFailure(Box::new(response))
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+impl From<ControlError> for ApiFailure {
+    fn from(e: ControlError) -> Self {
+        let status = match &e {
+            ControlError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::LostLeadership => StatusCode::SERVICE_UNAVAILABLE,
+            ControlError::Store(StoreError::Compacted { .. }) => StatusCode::GONE,
+            ControlError::Store(_) | ControlError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "request failed");
+        }
+        ApiFailure::from_response(error(status, e.to_string(), None))
+    }
+}
+
+impl From<StoreError> for ApiFailure {
+    fn from(e: StoreError) -> Self {
+        ControlError::Store(e).into()
+    }
+}
+
+impl From<dozen_model::ModelError> for ApiFailure {
+    fn from(e: dozen_model::ModelError) -> Self {
+        ControlError::Model(e).into()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiFailure>;
+
+fn bad_request(message: String) -> ApiFailure {
+    ApiFailure::from_response(error(StatusCode::BAD_REQUEST, message, None))
+}
+
+/// Re-checks a stack that arrived over the wire: the CLI validated the file, but the API is
+/// also for scripts.
+fn check_stack(stack: &dozen_spec::Stack) -> ApiResult<()> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 63
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !n.starts_with('-')
+            && !n.ends_with('-')
+    };
+    if !valid_name(&stack.name) {
+        return Err(bad_request(format!(
+            "stack name `{}` is not valid: use lowercase letters, digits and '-'",
+            stack.name
+        )));
+    }
+    for (name, svc) in &stack.services {
+        if !valid_name(name) {
+            return Err(bad_request(format!(
+                "service name `{name}` is not valid: use lowercase letters, digits and '-'"
+            )));
+        }
+        if svc.command.is_none() && svc.image.is_none() {
+            return Err(bad_request(format!(
+                "service `{name}` has neither command nor image"
+            )));
+        }
+        if svc.replicas.is_some_and(|r| r > dozen_spec::MAX_REPLICAS) {
+            return Err(bad_request(format!(
+                "service `{name}`: replicas out of range 0..={}",
+                dozen_spec::MAX_REPLICAS
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn plan(
+    State(s): State<Arc<AppState>>,
+    Json(req): Json<ApplyRequest>,
+) -> ApiResult<Json<dozen_spec::Plan>> {
+    check_stack(&req.stack)?;
+    Ok(Json(
+        desired::plan(s.store.as_ref(), &req.stack, &req.artifacts).await?,
+    ))
+}
+
+async fn apply(
+    State(s): State<Arc<AppState>>,
+    Json(req): Json<ApplyRequest>,
+) -> ApiResult<Json<desired::ApplyOutcome>> {
+    check_stack(&req.stack)?;
+    let outcome = desired::apply(s.store.as_ref(), &req.stack, &req.artifacts).await?;
+    tracing::info!(stack = %req.stack.name, releases = outcome.releases.len(), "applied stack");
+    Ok(Json(outcome))
+}
+
+async fn list_stacks(
+    State(s): State<Arc<AppState>>,
+) -> ApiResult<Json<Vec<dozen_model::StackRecord>>> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    Ok(Json(snap.stacks.into_values().map(|v| v.record).collect()))
+}
+
+async fn down(
+    State(s): State<Arc<AppState>>,
+    Path(stack): Path<String>,
+) -> ApiResult<Json<Vec<String>>> {
+    Ok(Json(desired::down(s.store.as_ref(), &stack).await?))
+}
+
+async fn list_services(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<ServiceSummary>>> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    let problems = s.problems.borrow().clone();
+    let mut out = Vec::new();
+    for (name, svc) in &snap.services {
+        let release = snap.current_release(name);
+        let tasks: Vec<TaskInfo> = snap
+            .assignments
+            .values()
+            .filter(|a| {
+                &a.record.service == name
+                    && !matches!(a.record.kind, dozen_model::TaskKind::OneOff { .. })
+            })
+            .map(|a| {
+                TaskInfo::from_records(
+                    &a.record,
+                    snap.statuses.get(&a.record.task).map(|s| &s.record),
+                )
+            })
+            .collect();
+        let running = tasks
+            .iter()
+            .filter(|t| t.state() == Some(dozen_model::TaskState::Running))
+            .count() as u32;
+        let healthy = tasks
+            .iter()
+            .filter(|t| {
+                t.state() == Some(dozen_model::TaskState::Running)
+                    && t.status.as_ref().is_some_and(|s| s.healthy)
+            })
+            .count() as u32;
+        out.push(ServiceSummary {
+            name: name.clone(),
+            stack: svc.record.stack.clone(),
+            process_type: release
+                .map(|r| r.spec.process_type.clone())
+                .unwrap_or_default(),
+            current_release: svc.record.current_release,
+            latest_release: svc.record.latest_release,
+            desired: snap.desired_replicas(name),
+            running,
+            healthy,
+            stopped: svc.record.stopped,
+            reproducible: release.is_some_and(|r| r.reproducible),
+            problems: problems.get(name).cloned().unwrap_or_default(),
+        });
+    }
+    Ok(Json(out))
+}
+
+async fn list_releases(
+    State(s): State<Arc<AppState>>,
+    Path(service): Path<String>,
+) -> ApiResult<Json<Vec<dozen_model::Release>>> {
+    let mut snap = Snapshot::read(s.store.as_ref()).await?;
+    if !snap.services.contains_key(&service) {
+        return Err(ControlError::NotFound {
+            kind: "service",
+            name: service,
+        }
+        .into());
+    }
+    Ok(Json(
+        snap.releases
+            .remove(&service)
+            .unwrap_or_default()
+            .into_values()
+            .collect(),
+    ))
+}
+
+async fn scale(
+    State(s): State<Arc<AppState>>,
+    Path(service): Path<String>,
+    Json(req): Json<ScaleRequest>,
+) -> ApiResult<StatusCode> {
+    desired::scale(s.store.as_ref(), &service, req.replicas).await?;
+    tracing::info!(service, replicas = req.replicas, "scaled");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn restart(
+    State(s): State<Arc<AppState>>,
+    Path(service): Path<String>,
+) -> ApiResult<StatusCode> {
+    desired::restart(s.store.as_ref(), &service).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stop(
+    State(s): State<Arc<AppState>>,
+    Path(service): Path<String>,
+) -> ApiResult<StatusCode> {
+    desired::stop(s.store.as_ref(), &service).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rollback(
+    State(s): State<Arc<AppState>>,
+    Path(service): Path<String>,
+    Json(req): Json<RollbackRequest>,
+) -> ApiResult<Json<dozen_model::Release>> {
+    Ok(Json(
+        desired::rollback(s.store.as_ref(), &service, req.to).await?,
+    ))
+}
+
+async fn run(
+    State(s): State<Arc<AppState>>,
+    Path(service): Path<String>,
+    Json(req): Json<RunRequest>,
+) -> ApiResult<Json<TaskInfo>> {
+    let a = desired::run_oneoff(s.store.as_ref(), &service, req.argv).await?;
+    Ok(Json(TaskInfo::from_records(&a, None)))
+}
+
+#[derive(Deserialize)]
+struct TaskQuery {
+    service: Option<String>,
+}
+
+async fn list_tasks(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<TaskQuery>,
+) -> ApiResult<Json<Vec<TaskInfo>>> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    Ok(Json(
+        snap.assignments
+            .values()
+            .filter(|a| {
+                q.service
+                    .as_ref()
+                    .is_none_or(|svc| &a.record.service == svc)
+            })
+            .map(|a| {
+                TaskInfo::from_records(
+                    &a.record,
+                    snap.statuses.get(&a.record.task).map(|s| &s.record),
+                )
+            })
+            .collect(),
+    ))
+}
+
+async fn get_task(
+    State(s): State<Arc<AppState>>,
+    Path(task): Path<String>,
+) -> ApiResult<Json<TaskInfo>> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    let a = snap
+        .assignments
+        .get(&task)
+        .ok_or_else(|| ControlError::NotFound {
+            kind: "task",
+            name: task.clone(),
+        })?;
+    Ok(Json(TaskInfo::from_records(
+        &a.record,
+        snap.statuses.get(&task).map(|s| &s.record),
+    )))
+}
+
+async fn remove_task(
+    State(s): State<Arc<AppState>>,
+    Path(task): Path<String>,
+) -> ApiResult<StatusCode> {
+    desired::remove_oneoff(s.store.as_ref(), &task).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_nodes(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<NodeInfo>>> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    Ok(Json(
+        snap.nodes
+            .values()
+            .map(|n| NodeInfo {
+                tasks: snap
+                    .assignments
+                    .values()
+                    .filter(|a| a.record.node == n.record.name)
+                    .count() as u32,
+                node: n.record.clone(),
+            })
+            .collect(),
+    ))
+}
+
+fn check_node_name(node: &str) -> ApiResult<()> {
+    if node.is_empty()
+        || node.len() > 63
+        || !node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        || node.contains("..")
+    {
+        return Err(bad_request(format!(
+            "node name `{node}` is not valid: use letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}
+
+async fn register(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Json(req): Json<RegisterRequest>,
+) -> ApiResult<Json<RegisterResponse>> {
+    check_node_name(&node)?;
+    if req.node.name != node {
+        return Err(bad_request(format!(
+            "node record names `{}` but was sent for `{node}`",
+            req.node.name
+        )));
+    }
+    let lease = s.store.grant_lease(s.node_ttl).await?;
+    let record = NodeRecord {
+        schema: SCHEMA,
+        ..req.node
+    };
+    s.store
+        .txn(Txn::new().then(Op::Put {
+            key: keys::node(&node),
+            value: encode(&record),
+            lease: Some(lease),
+        }))
+        .await?;
+    tracing::info!(node, instance = %record.agent_instance, address = %record.address, "node registered");
+    Ok(Json(RegisterResponse {
+        lease,
+        ttl_ms: s.node_ttl.as_millis() as u64,
+    }))
+}
+
+async fn heartbeat(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Json(req): Json<HeartbeatRequest>,
+) -> ApiResult<StatusCode> {
+    let kv = s.store.get(&keys::node(&node)).await?;
+    if kv.and_then(|kv| kv.lease) != Some(req.lease) {
+        return Err(ApiFailure::from_response(error(
+            StatusCode::NOT_FOUND,
+            format!("node `{node}` holds no lease {}; register again", req.lease),
+            None,
+        )));
+    }
+    match s.store.keep_alive(req.lease).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::LeaseNotFound(_)) => Err(ApiFailure::from_response(error(
+            StatusCode::NOT_FOUND,
+            format!("lease of node `{node}` expired; register again"),
+            None,
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct WatchQuery {
+    #[serde(default)]
+    watch: bool,
+    revision: Option<u64>,
+}
+
+async fn assignments(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Query(q): Query<WatchQuery>,
+) -> ApiResult<Response> {
+    check_node_name(&node)?;
+    list_or_watch::<Assignment>(s, keys::assignments(&node), q).await
+}
+
+/// The list-then-watch protocol over one key prefix, for any record type.
+async fn list_or_watch<T>(s: Arc<AppState>, prefix: String, q: WatchQuery) -> ApiResult<Response>
+where
+    T: dozen_model::Record + Send + 'static,
+{
+    if !q.watch {
+        let range = s.store.range(&prefix).await?;
+        let mut items = Vec::with_capacity(range.kvs.len());
+        for kv in range.kvs {
+            items.push(decode::<T>(&kv.key, &kv.value)?);
+        }
+        return Ok(Json(ListResponse {
+            items,
+            revision: range.revision,
+        })
+        .into_response());
+    }
+    let from = q.revision.unwrap_or(0) + 1;
+    let mut store_watch = match s.store.watch(&prefix, from).await {
+        Ok(w) => w,
+        Err(StoreError::Compacted {
+            compact_revision, ..
+        }) => {
+            return Ok(error(
+                StatusCode::GONE,
+                format!(
+                    "revision {} is compacted (oldest kept {compact_revision}); list again",
+                    from - 1
+                ),
+                None,
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let store = s.store.clone();
+    let bookmark_every = s.bookmark_every;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(bookmark_every);
+        tick.tick().await;
+        loop {
+            let lines: Vec<WatchEvent<T>> = tokio::select! {
+                msg = store_watch.next() => match msg {
+                    Some(WatchMessage::Events { revision, events }) => events
+                        .into_iter()
+                        .map(|e| match e.kind {
+                            dozen_store::EventKind::Put => WatchEvent {
+                                kind: WatchEventType::Put,
+                                revision,
+                                object: decode::<T>(&e.kv.key, &e.kv.value).ok(),
+                                key: e.kv.key,
+                            },
+                            dozen_store::EventKind::Delete => WatchEvent {
+                                kind: WatchEventType::Delete,
+                                revision,
+                                key: e.kv.key,
+                                object: None,
+                            },
+                        })
+                        .collect(),
+                    // Fell behind: end the stream; the client resumes and gets 410.
+                    Some(WatchMessage::Compacted { .. }) | None => return,
+                },
+                _ = tick.tick() => {
+                    let Ok(revision) = store.revision().await else { return };
+                    vec![WatchEvent { kind: WatchEventType::Bookmark, revision, key: String::new(), object: None }]
+                }
+                _ = tx.closed() => return,
+            };
+            for line in lines {
+                let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+                bytes.push(b'\n');
+                if tx.send(Bytes::from(bytes)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = tokio_stream_from(rx).map(Ok::<_, Infallible>);
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+async fn report_status(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Json(report): Json<StatusReport>,
+) -> ApiResult<StatusCode> {
+    check_node_name(&node)?;
+    // Only tasks still assigned to this node: a late report about a removed task is dropped.
+    let mut txn = Txn::new();
+    let mut any = false;
+    for status in report.statuses {
+        if status.node != node {
+            return Err(bad_request(format!(
+                "status of task `{}` names node `{}`, sent by `{node}`",
+                status.task, status.node
+            )));
+        }
+        let akey = keys::assignment(&node, &status.task);
+        if s.store.get(&akey).await?.is_none() {
+            continue;
+        }
+        let record = TaskStatus {
+            schema: SCHEMA,
+            ..status
+        };
+        txn = txn
+            .when(Compare::exists(&akey))
+            .then(Op::put(keys::status(&node, &record.task), encode(&record)));
+        any = true;
+    }
+    if any {
+        s.store.txn(txn).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Logs stay on the node that produced them: ask every agent and merge.
+async fn logs(State(s): State<Arc<AppState>>, Query(q): Query<LogQuery>) -> ApiResult<Response> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    if let Some(service) = &q.service {
+        if !snap.services.contains_key(service)
+            && !snap
+                .assignments
+                .values()
+                .any(|a| &a.record.service == service)
+        {
+            return Err(ControlError::NotFound {
+                kind: "service",
+                name: service.clone(),
+            }
+            .into());
+        }
+    }
+    let agents: Vec<NodeRecord> = snap.nodes.into_values().map(|n| n.record).collect();
+    if !q.follow {
+        let mut all: Vec<LogLine> = Vec::new();
+        for node in &agents {
+            match fetch_agent_logs(&s, node, &q).await {
+                Ok(lines) => all.extend(lines),
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "could not read logs from agent")
+                }
+            }
+        }
+        all.sort_by_key(|l| l.ts_ms);
+        if let Some(tail) = q.tail {
+            let skip = all.len().saturating_sub(tail);
+            all.drain(..skip);
+        }
+        let mut body = Vec::new();
+        for line in all {
+            body.extend(serde_json::to_vec(&line).unwrap_or_default());
+            body.push(b'\n');
+        }
+        return Ok(Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(Body::from(body))
+            .unwrap_or_default());
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    for node in agents {
+        let tx = tx.clone();
+        let s = s.clone();
+        let q = q.clone();
+        tokio::spawn(async move {
+            let url = format!("{}/v1/agent/logs", node.address);
+            let resp = s.http.get(url).bearer_auth(&s.token).query(&q).send().await;
+            let Ok(resp) = resp else { return };
+            let mut stream = resp.bytes_stream();
+            // Forward whole lines only, so lines from different agents never interleave.
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                tokio::select! {
+                    chunk = stream.next() => match chunk {
+                        Some(Ok(chunk)) => {
+                            pending.extend_from_slice(&chunk);
+                            if let Some(end) = pending.iter().rposition(|b| *b == b'\n') {
+                                let lines: Vec<u8> = pending.drain(..=end).collect();
+                                if tx.send(Bytes::from(lines)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        _ => return,
+                    },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+    }
+    drop(tx);
+    let stream = tokio_stream_from(rx).map(Ok::<_, Infallible>);
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default())
+}
+
+async fn fetch_agent_logs(
+    s: &AppState,
+    node: &NodeRecord,
+    q: &LogQuery,
+) -> Result<Vec<LogLine>, reqwest::Error> {
+    let body = s
+        .http
+        .get(format!("{}/v1/agent/logs", node.address))
+        .bearer_auth(&s.token)
+        .query(q)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    Ok(body
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice(l).ok())
+        .collect())
+}
+
+/// Keeps the map of problems that `dozen services` shows when no controller runs here.
+pub fn no_problems() -> watch::Receiver<Problems> {
+    watch::channel(BTreeMap::new()).1
+}

@@ -1,0 +1,335 @@
+//! The service controller: level-triggered, idempotent, fenced.
+//!
+//! Each pass reads a snapshot, asks [`dozen_scheduler::reconcile`] what each service needs and
+//! writes the answer; it runs again on every store change (and on a slow tick, as a safety net).
+//! Nothing is kept between passes but the leadership, so a controller killed at any point
+//! continues from the store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dozen_model::{encode, keys, Assignment, DesiredState, TaskKind, SCHEMA};
+use dozen_scheduler::{Action, NodeView, ServiceView, StatusView, TaskView};
+use dozen_store::{Compare, Op, Store, Txn, WatchMessage};
+use tokio::sync::watch;
+
+use crate::leader::{campaign, Leadership};
+use crate::snapshot::Snapshot;
+use crate::{wall_ms, ControlError, Result};
+
+pub fn node_views(snap: &Snapshot) -> Vec<NodeView> {
+    snap.nodes
+        .values()
+        .map(|n| NodeView {
+            name: n.record.name.clone(),
+            capacity: n.record.resources.clone(),
+            // The node record is leased: it exists only while heartbeats arrive.
+            alive: true,
+        })
+        .collect()
+}
+
+pub fn task_views(snap: &Snapshot) -> Vec<TaskView> {
+    snap.assignments
+        .values()
+        .map(|a| {
+            let a = &a.record;
+            TaskView {
+                task: a.task.clone(),
+                node: a.node.clone(),
+                release: a.release,
+                generation: a.generation,
+                desired: a.desired,
+                kind: a.kind.clone(),
+                restarts: a.restarts,
+                restart_generation: a.restart_generation,
+                created_at_ms: a.created_at_ms,
+                cpu_millis: a.spec.resources.cpu_millis,
+                memory_bytes: a.spec.resources.memory_bytes,
+                status: snap.statuses.get(&a.task).map(|s| StatusView {
+                    generation: s.record.generation,
+                    state: s.record.state,
+                    healthy: s.record.healthy,
+                    started_at_ms: s.record.started_at_ms,
+                    finished_at_ms: s.record.finished_at_ms,
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Problems found by the last pass, per service (shown by `dozen ps`).
+pub type Problems = BTreeMap<String, Vec<String>>;
+
+pub struct Controller {
+    pub store: Arc<dyn Store>,
+    pub server_id: String,
+    pub leader_ttl: Duration,
+    pub problems: watch::Sender<Problems>,
+}
+
+impl Controller {
+    /// Runs until the process ends: campaign, lead, and campaign again if leadership is lost.
+    pub async fn run(self) {
+        loop {
+            let leadership =
+                match campaign(self.store.clone(), &self.server_id, self.leader_ttl).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "campaign failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+            match self.lead(&leadership).await {
+                Err(ControlError::LostLeadership) => {
+                    tracing::warn!("controller lost leadership; campaigning again");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "controller failed; campaigning again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(()) => {}
+            }
+        }
+    }
+
+    async fn lead(&self, leadership: &Leadership) -> Result<()> {
+        let mut watch: Option<dozen_store::Watch> = None;
+        loop {
+            let snap = Snapshot::read(self.store.as_ref()).await?;
+            if watch.is_none() {
+                watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
+            }
+            let problems = self.pass(leadership, &snap).await?;
+            self.problems.send_replace(problems);
+            if leadership.is_lost() {
+                return Err(ControlError::LostLeadership);
+            }
+            // Wait for a change that matters (or the safety-net tick), then take everything
+            // that arrived with it so one pass covers a burst of writes.
+            let Some(w) = watch.as_mut() else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let leader_prefix = keys::controller("");
+            let waited = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    match w.next().await {
+                        Some(WatchMessage::Events { events, .. }) => {
+                            if events.iter().any(|e| !e.kv.key.starts_with(&leader_prefix)) {
+                                return true;
+                            }
+                        }
+                        Some(WatchMessage::Compacted { .. }) | None => return false,
+                    }
+                }
+            })
+            .await;
+            if waited == Ok(false) {
+                watch = None;
+            } else {
+                while w.receiver.try_recv().is_ok() {}
+            }
+        }
+    }
+
+    /// One reconcile pass over every service. Returns the problems it found.
+    pub async fn pass(&self, leadership: &Leadership, snap: &Snapshot) -> Result<Problems> {
+        let nodes = node_views(snap);
+        let tasks = task_views(snap);
+        let mut by_service: BTreeMap<&str, Vec<TaskView>> = BTreeMap::new();
+        for (t, a) in tasks.iter().zip(snap.assignments.values()) {
+            by_service
+                .entry(a.record.service.as_str())
+                .or_default()
+                .push(t.clone());
+        }
+        let mut problems = Problems::new();
+        for (name, svc) in &snap.services {
+            let Some(release) = snap.current_release(name) else {
+                continue;
+            };
+            let view = ServiceView {
+                name: name.clone(),
+                desired_replicas: snap.desired_replicas(name),
+                current_release: svc.record.current_release,
+                restart_generation: svc.record.restart_generation,
+                stopped: svc.record.stopped,
+                cpu_millis: release.spec.resources.cpu_millis,
+                memory_bytes: release.spec.resources.memory_bytes,
+            };
+            let mine = by_service.remove(name.as_str()).unwrap_or_default();
+            let decision = dozen_scheduler::reconcile(&view, &mine, &tasks, &nodes);
+            if !decision.problems.is_empty() {
+                problems.insert(name.clone(), decision.problems);
+            }
+            for action in decision.actions {
+                self.act(leadership, snap, name, &action).await?;
+            }
+        }
+        // Tasks whose service is gone (removed from the file, or `down`): stop, then remove.
+        for (name, orphans) in by_service {
+            for t in orphans {
+                let action = match (t.desired, t.kind == TaskKind::Service) {
+                    (_, false) => continue,
+                    (DesiredState::Run, true) => Action::Stop {
+                        task: t.task.clone(),
+                        node: t.node.clone(),
+                    },
+                    (DesiredState::Stop, true) => {
+                        let ended = t.status.as_ref().is_some_and(|s| s.state.is_terminal())
+                            || !snap.nodes.contains_key(&t.node);
+                        if !ended {
+                            continue;
+                        }
+                        Action::Remove {
+                            task: t.task.clone(),
+                            node: t.node.clone(),
+                        }
+                    }
+                };
+                self.act(leadership, snap, name, &action).await?;
+            }
+        }
+        // Status records without an assignment (written late by an agent): clean up.
+        for (task, status) in &snap.statuses {
+            if !snap.assignments.contains_key(task) && status.record.state.is_terminal() {
+                let key = keys::status(&status.record.node, task);
+                leadership
+                    .txn(
+                        self.store.as_ref(),
+                        Txn::new()
+                            .when(Compare::mod_revision(&key, status.mod_revision))
+                            .then(Op::delete(&key)),
+                    )
+                    .await?;
+            }
+        }
+        Ok(problems)
+    }
+
+    async fn act(
+        &self,
+        leadership: &Leadership,
+        snap: &Snapshot,
+        service: &str,
+        action: &Action,
+    ) -> Result<()> {
+        let store = self.store.as_ref();
+        match action {
+            Action::Create { node } => {
+                let Some(release) = snap.current_release(service) else {
+                    return Ok(());
+                };
+                let svc = &snap.services[service];
+                let task = format!("{service}-{}", crate::random_suffix());
+                let assignment = Assignment {
+                    schema: SCHEMA,
+                    task: task.clone(),
+                    service: service.to_string(),
+                    stack: release.stack.clone(),
+                    node: node.clone(),
+                    release: release.number,
+                    generation: 1,
+                    desired: DesiredState::Run,
+                    kind: TaskKind::Service,
+                    start_delay_ms: 0,
+                    restarts: 0,
+                    restart_generation: svc.record.restart_generation,
+                    spec: release.spec.clone(),
+                    artifact_digest: release.artifact_digest.clone(),
+                    created_at_ms: wall_ms(),
+                };
+                let key = keys::assignment(node, &task);
+                tracing::info!(
+                    service,
+                    task,
+                    node,
+                    release = release.number,
+                    "placing task"
+                );
+                leadership
+                    .txn(
+                        store,
+                        Txn::new()
+                            .when(Compare::missing(&key))
+                            // The service must still be what we decided on.
+                            .when(Compare::mod_revision(
+                                keys::service(service),
+                                svc.mod_revision,
+                            ))
+                            .then(Op::put(&key, encode(&assignment))),
+                    )
+                    .await?;
+            }
+            Action::Restart {
+                task,
+                node,
+                generation,
+                restarts,
+                start_delay_ms,
+            } => {
+                let Some(current) = snap.assignments.get(task) else {
+                    return Ok(());
+                };
+                let mut a = current.record.clone();
+                a.generation = *generation;
+                a.restarts = *restarts;
+                a.start_delay_ms = *start_delay_ms;
+                tracing::info!(
+                    service,
+                    task,
+                    generation,
+                    restarts,
+                    delay_ms = start_delay_ms,
+                    "restarting crashed task"
+                );
+                let key = keys::assignment(node, task);
+                leadership
+                    .txn(
+                        store,
+                        Txn::new()
+                            .when(Compare::mod_revision(&key, current.mod_revision))
+                            .then(Op::put(&key, encode(&a))),
+                    )
+                    .await?;
+            }
+            Action::Stop { task, node } => {
+                let Some(current) = snap.assignments.get(task) else {
+                    return Ok(());
+                };
+                let mut a = current.record.clone();
+                a.desired = DesiredState::Stop;
+                tracing::info!(service, task, node, "stopping task");
+                let key = keys::assignment(node, task);
+                leadership
+                    .txn(
+                        store,
+                        Txn::new()
+                            .when(Compare::mod_revision(&key, current.mod_revision))
+                            .then(Op::put(&key, encode(&a))),
+                    )
+                    .await?;
+            }
+            Action::Remove { task, node } => {
+                let key = keys::assignment(node, task);
+                let Some(current) = snap.assignments.get(task) else {
+                    return Ok(());
+                };
+                tracing::info!(service, task, node, "removing task records");
+                leadership
+                    .txn(
+                        store,
+                        Txn::new()
+                            .when(Compare::mod_revision(&key, current.mod_revision))
+                            .then(Op::delete(&key))
+                            .then(Op::delete(keys::status(node, task))),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,483 @@
+//! Operations that change desired state. Each reads what it needs, decides, and writes one
+//! transaction guarded by compares on everything it read; on a concurrent change it reads again.
+
+use std::collections::BTreeMap;
+
+use dozen_model::{
+    encode, keys, Assignment, DesiredState, Release, ScaleRecord, ServiceRecord, StackRecord,
+    TaskKind, SCHEMA,
+};
+use dozen_spec::{LiveService, Plan, PlanAction, Stack};
+use dozen_store::{Compare, Op, Store, Txn};
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::Snapshot;
+use crate::{wall_ms, ControlError, Result};
+
+const ATTEMPTS: usize = 5;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReleaseChange {
+    pub service: String,
+    pub release: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyOutcome {
+    pub plan: Plan,
+    /// Releases this apply created.
+    pub releases: Vec<ReleaseChange>,
+    pub revision: u64,
+}
+
+/// Services that belong to `stack` in the store, as `plan` wants them.
+fn live_services(snap: &Snapshot, stack: &str) -> BTreeMap<String, LiveService> {
+    snap.services
+        .iter()
+        .filter(|(_, s)| s.record.stack == stack)
+        .filter_map(|(name, _)| {
+            let release = snap.current_release(name)?;
+            Some((
+                name.clone(),
+                LiveService {
+                    spec: release.spec.clone(),
+                    replicas: snap.desired_replicas(name),
+                },
+            ))
+        })
+        .collect()
+}
+
+fn check_ownership(snap: &Snapshot, stack: &Stack) -> Result<()> {
+    for name in stack.services.keys() {
+        if let Some(existing) = snap.services.get(name) {
+            if existing.record.stack != stack.name {
+                return Err(ControlError::Conflict(format!(
+                    "service `{name}` already belongs to stack `{}`; rename it in stack `{}` or remove it from `{}` first",
+                    existing.record.stack, stack.name, existing.record.stack
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `apply` would do, changing nothing. `artifacts` maps service -> bundle digest.
+pub async fn plan(
+    store: &dyn Store,
+    stack: &Stack,
+    artifacts: &BTreeMap<String, String>,
+) -> Result<Plan> {
+    let snap = Snapshot::read(store).await?;
+    check_ownership(&snap, stack)?;
+    Ok(plan_against(&snap, stack, artifacts))
+}
+
+fn plan_against(snap: &Snapshot, stack: &Stack, artifacts: &BTreeMap<String, String>) -> Plan {
+    let mut plan = dozen_spec::plan(stack, &live_services(snap, &stack.name));
+    // A new artifact bundle is a change even when the spec text is the same.
+    for sp in &mut plan.services {
+        let Some(current) = snap.current_release(&sp.service) else {
+            continue;
+        };
+        let new_digest = artifacts.get(&sp.service);
+        if sp.action == PlanAction::Unchanged && current.artifact_digest.as_ref() != new_digest {
+            sp.action = PlanAction::Update;
+            sp.fields.push(dozen_spec::FieldChange {
+                path: "artifact_digest".into(),
+                before: current.artifact_digest.clone().map(Into::into),
+                after: new_digest.cloned().map(Into::into),
+            });
+        }
+    }
+    plan
+}
+
+/// Converges the store to `stack`: new releases for changed services, scale where the file sets
+/// it, removal of services no longer in the file.
+pub async fn apply(
+    store: &dyn Store,
+    stack: &Stack,
+    artifacts: &BTreeMap<String, String>,
+) -> Result<ApplyOutcome> {
+    for _ in 0..ATTEMPTS {
+        let snap = Snapshot::read(store).await?;
+        check_ownership(&snap, stack)?;
+        let plan = plan_against(&snap, stack, artifacts);
+        let now = wall_ms();
+        let mut txn = Txn::new();
+        let mut releases = Vec::new();
+        for sp in &plan.services {
+            let name = &sp.service;
+            let svc_key = keys::service(name);
+            match sp.action {
+                PlanAction::Remove => {
+                    let existing = &snap.services[name];
+                    txn = txn
+                        .when(Compare::mod_revision(&svc_key, existing.mod_revision))
+                        .then(Op::delete(&svc_key))
+                        .then(Op::delete(keys::scale(name)))
+                        .then(Op::DeletePrefix {
+                            prefix: keys::releases(name),
+                        });
+                    continue;
+                }
+                PlanAction::Create | PlanAction::Update => {
+                    let spec = stack.services[name].clone();
+                    let (number, record) = match snap.services.get(name) {
+                        Some(existing) => {
+                            txn = txn.when(Compare::mod_revision(&svc_key, existing.mod_revision));
+                            let number = existing.record.latest_release + 1;
+                            let mut rec = existing.record.clone();
+                            rec.current_release = number;
+                            rec.latest_release = number;
+                            rec.updated_at_ms = now;
+                            (number, rec)
+                        }
+                        None => {
+                            txn = txn.when(Compare::missing(&svc_key));
+                            // A service re-created after `down` keeps counting from scratch.
+                            let number = 1;
+                            (
+                                number,
+                                ServiceRecord {
+                                    schema: SCHEMA,
+                                    name: name.clone(),
+                                    stack: stack.name.clone(),
+                                    current_release: number,
+                                    latest_release: number,
+                                    restart_generation: 0,
+                                    stopped: false,
+                                    updated_at_ms: now,
+                                },
+                            )
+                        }
+                    };
+                    let artifact_digest = artifacts.get(name).cloned();
+                    let release = Release {
+                        schema: SCHEMA,
+                        service: name.clone(),
+                        stack: stack.name.clone(),
+                        number,
+                        reproducible: spec.image.is_some() || artifact_digest.is_some(),
+                        spec,
+                        artifact_digest,
+                        created_at_ms: now,
+                        cause: "apply".into(),
+                    };
+                    txn = txn
+                        .when(Compare::missing(keys::release(name, number)))
+                        .then(Op::put(keys::release(name, number), encode(&release)))
+                        .then(Op::put(&svc_key, encode(&record)));
+                    releases.push(ReleaseChange {
+                        service: name.clone(),
+                        release: number,
+                    });
+                }
+                PlanAction::Unchanged => {}
+            }
+            if sp.replicas.live != Some(sp.replicas.result) {
+                let scale_key = keys::scale(name);
+                txn = match snap.scales.get(name) {
+                    Some(s) => txn.when(Compare::mod_revision(&scale_key, s.mod_revision)),
+                    None => txn.when(Compare::missing(&scale_key)),
+                };
+                txn = txn.then(Op::put(
+                    scale_key,
+                    encode(&ScaleRecord {
+                        schema: SCHEMA,
+                        replicas: sp.replicas.result,
+                        set_by: "apply".into(),
+                    }),
+                ));
+            }
+        }
+        let stack_record = StackRecord {
+            schema: SCHEMA,
+            name: stack.name.clone(),
+            services: stack.services.keys().cloned().collect(),
+            updated_at_ms: now,
+        };
+        txn = txn.then(Op::put(keys::stack(&stack.name), encode(&stack_record)));
+        let resp = store.txn(txn).await?;
+        if resp.succeeded {
+            return Ok(ApplyOutcome {
+                plan,
+                releases,
+                revision: resp.revision,
+            });
+        }
+    }
+    Err(ControlError::Conflict(format!(
+        "stack `{}` kept changing while applying; try again",
+        stack.name
+    )))
+}
+
+fn service_or_404<'a>(
+    snap: &'a Snapshot,
+    name: &str,
+) -> Result<&'a crate::snapshot::Versioned<ServiceRecord>> {
+    snap.services
+        .get(name)
+        .ok_or_else(|| ControlError::NotFound {
+            kind: "service",
+            name: name.to_string(),
+        })
+}
+
+/// Sets the live desired count (what `dozen scale` and later the autoscaler write).
+pub async fn scale(store: &dyn Store, service: &str, replicas: u32) -> Result<()> {
+    if replicas > dozen_spec::MAX_REPLICAS {
+        return Err(ControlError::Invalid(format!(
+            "replicas {replicas} for `{service}` is out of range 0..={}",
+            dozen_spec::MAX_REPLICAS
+        )));
+    }
+    let snap = Snapshot::read(store).await?;
+    let svc = service_or_404(&snap, service)?;
+    let record = ScaleRecord {
+        schema: SCHEMA,
+        replicas,
+        set_by: "scale".into(),
+    };
+    let ok = store
+        .txn(
+            Txn::new()
+                .when(Compare::mod_revision(
+                    keys::service(service),
+                    svc.mod_revision,
+                ))
+                .then(Op::put(keys::scale(service), encode(&record))),
+        )
+        .await?
+        .succeeded;
+    if !ok {
+        return Err(ControlError::Conflict(format!(
+            "service `{service}` changed while scaling; try again"
+        )));
+    }
+    Ok(())
+}
+
+/// Updates the service record with `change`, retrying on concurrent writes.
+async fn update_service(
+    store: &dyn Store,
+    service: &str,
+    change: impl Fn(&Snapshot, &mut ServiceRecord) -> Result<Vec<Op>>,
+) -> Result<ServiceRecord> {
+    for _ in 0..ATTEMPTS {
+        let snap = Snapshot::read(store).await?;
+        let svc = service_or_404(&snap, service)?;
+        let mut record = svc.record.clone();
+        let extra = change(&snap, &mut record)?;
+        record.updated_at_ms = wall_ms();
+        let mut txn = Txn::new()
+            .when(Compare::mod_revision(
+                keys::service(service),
+                svc.mod_revision,
+            ))
+            .then(Op::put(keys::service(service), encode(&record)));
+        for op in extra {
+            txn = txn.then(op);
+        }
+        if store.txn(txn).await?.succeeded {
+            return Ok(record);
+        }
+    }
+    Err(ControlError::Conflict(format!(
+        "service `{service}` kept changing; try again"
+    )))
+}
+
+/// Replaces every task of the service (new before old); also starts a stopped service.
+pub async fn restart(store: &dyn Store, service: &str) -> Result<ServiceRecord> {
+    update_service(store, service, |_, rec| {
+        rec.restart_generation += 1;
+        rec.stopped = false;
+        Ok(vec![])
+    })
+    .await
+}
+
+/// Stops every task of the service; its desired count is kept for `restart`.
+pub async fn stop(store: &dyn Store, service: &str) -> Result<ServiceRecord> {
+    update_service(store, service, |_, rec| {
+        rec.stopped = true;
+        Ok(vec![])
+    })
+    .await
+}
+
+/// Makes a new release that repeats release `to` (default: the one before the current).
+pub async fn rollback(store: &dyn Store, service: &str, to: Option<u64>) -> Result<Release> {
+    let made = std::sync::Mutex::new(None);
+    update_service(store, service, |snap, rec| {
+        let target = match to {
+            Some(n) => n,
+            None => rec
+                .current_release
+                .checked_sub(1)
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    ControlError::Invalid(format!(
+                        "`{service}` is at release {}: there is no earlier release to roll back to",
+                        rec.current_release
+                    ))
+                })?,
+        };
+        if target == rec.current_release {
+            return Err(ControlError::Invalid(format!(
+                "`{service}` already runs release {target}"
+            )));
+        }
+        let source = snap
+            .releases
+            .get(service)
+            .and_then(|r| r.get(&target))
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "release",
+                name: format!("{service} #{target}"),
+            })?;
+        let number = rec.latest_release + 1;
+        let release = Release {
+            number,
+            created_at_ms: wall_ms(),
+            cause: format!("rollback to {target}"),
+            ..source.clone()
+        };
+        rec.current_release = number;
+        rec.latest_release = number;
+        let op = Op::put(keys::release(service, number), encode(&release));
+        *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(release);
+        Ok(vec![op])
+    })
+    .await?;
+    made.into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .ok_or_else(|| ControlError::Conflict("rollback made no release".into()))
+}
+
+/// Removes a stack: its services stop and their records go.
+pub async fn down(store: &dyn Store, stack: &str) -> Result<Vec<String>> {
+    let snap = Snapshot::read(store).await?;
+    let Some(st) = snap.stacks.get(stack) else {
+        return Err(ControlError::NotFound {
+            kind: "stack",
+            name: stack.to_string(),
+        });
+    };
+    let mut txn = Txn::new()
+        .when(Compare::mod_revision(keys::stack(stack), st.mod_revision))
+        .then(Op::delete(keys::stack(stack)));
+    let mut removed = Vec::new();
+    for (name, svc) in snap
+        .services
+        .iter()
+        .filter(|(_, s)| s.record.stack == stack)
+    {
+        txn = txn
+            .when(Compare::mod_revision(keys::service(name), svc.mod_revision))
+            .then(Op::delete(keys::service(name)))
+            .then(Op::delete(keys::scale(name)))
+            .then(Op::DeletePrefix {
+                prefix: keys::releases(name),
+            });
+        removed.push(name.clone());
+    }
+    if !store.txn(txn).await?.succeeded {
+        return Err(ControlError::Conflict(format!(
+            "stack `{stack}` changed while removing it; try again"
+        )));
+    }
+    Ok(removed)
+}
+
+/// Starts a one-off task (`dozen run`) on the service's current release with `argv`.
+pub async fn run_oneoff(store: &dyn Store, service: &str, argv: Vec<String>) -> Result<Assignment> {
+    if argv.is_empty() {
+        return Err(ControlError::Invalid(
+            "no command given: use `dozen run SERVICE -- CMD [ARGS...]`".into(),
+        ));
+    }
+    let snap = Snapshot::read(store).await?;
+    service_or_404(&snap, service)?;
+    let release = snap
+        .current_release(service)
+        .ok_or_else(|| ControlError::NotFound {
+            kind: "release",
+            name: service.to_string(),
+        })?;
+    let nodes = crate::controller::node_views(&snap);
+    let tasks = crate::controller::task_views(&snap);
+    let all: Vec<&dozen_scheduler::TaskView> = tasks.iter().collect();
+    let used = dozen_scheduler::usage(&all);
+    let node = dozen_scheduler::place(
+        &nodes,
+        &used,
+        &BTreeMap::new(),
+        release.spec.resources.cpu_millis,
+        release.spec.resources.memory_bytes,
+    )
+    .ok_or_else(|| {
+        ControlError::Conflict(format!(
+            "no live node has room for a one-off task of `{service}`"
+        ))
+    })?;
+    let task = format!("{service}-run-{}", crate::random_suffix());
+    let assignment = Assignment {
+        schema: SCHEMA,
+        task: task.clone(),
+        service: service.to_string(),
+        stack: release.stack.clone(),
+        node: node.name.clone(),
+        release: release.number,
+        generation: 1,
+        desired: DesiredState::Run,
+        kind: TaskKind::OneOff { argv },
+        start_delay_ms: 0,
+        restarts: 0,
+        restart_generation: 0,
+        spec: release.spec.clone(),
+        artifact_digest: release.artifact_digest.clone(),
+        created_at_ms: wall_ms(),
+    };
+    let key = keys::assignment(&node.name, &task);
+    store
+        .txn(
+            Txn::new()
+                .when(Compare::missing(&key))
+                .then(Op::put(&key, encode(&assignment))),
+        )
+        .await?;
+    Ok(assignment)
+}
+
+/// Deletes a finished one-off task's records (the `dozen run` client does it when done).
+pub async fn remove_oneoff(store: &dyn Store, task: &str) -> Result<()> {
+    let snap = Snapshot::read(store).await?;
+    let a = snap
+        .assignments
+        .get(task)
+        .ok_or_else(|| ControlError::NotFound {
+            kind: "task",
+            name: task.to_string(),
+        })?;
+    if a.record.kind == TaskKind::Service {
+        return Err(ControlError::Invalid(format!(
+            "task `{task}` is a service replica; scale the service instead"
+        )));
+    }
+    store
+        .txn(
+            Txn::new()
+                .when(Compare::mod_revision(
+                    keys::assignment(&a.record.node, task),
+                    a.mod_revision,
+                ))
+                .then(Op::delete(keys::assignment(&a.record.node, task)))
+                .then(Op::delete(keys::status(&a.record.node, task))),
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! Leadership through one leased key, and fencing of every controller write.
+//!
+//! The leader key holds the winner's server id under a lease it keeps alive. Every controller
+//! write is a transaction that also compares the leader key's mod revision with the one this
+//! server won at, so a server that lost leadership (paused, partitioned, slow) cannot write.
+//! A server restarting with the same id takes its own key back at once instead of waiting for
+//! the old lease to run out.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dozen_model::keys;
+use dozen_store::{Compare, CompareOp, CompareTarget, LeaseId, Op, Revision, Store, Txn};
+
+use crate::{ControlError, Result};
+
+pub fn leader_key() -> String {
+    keys::controller("leader")
+}
+
+#[derive(Clone)]
+pub struct Leadership {
+    pub server_id: String,
+    pub lease: LeaseId,
+    /// The leader key's mod revision when we won: the fencing token.
+    pub revision: Revision,
+    lost: Arc<AtomicBool>,
+}
+
+impl Leadership {
+    /// The compare every controller write carries.
+    pub fn fence(&self) -> Compare {
+        Compare::mod_revision(leader_key(), self.revision)
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Runs a fenced transaction. `Ok(false)` means the other compares failed; losing the
+    /// fence is `Err(LostLeadership)`.
+    pub async fn txn(&self, store: &dyn Store, mut txn: Txn) -> Result<bool> {
+        if self.is_lost() {
+            return Err(ControlError::LostLeadership);
+        }
+        txn.compares.push(self.fence());
+        let resp = store.txn(txn).await?;
+        if resp.succeeded {
+            return Ok(true);
+        }
+        match store.get(&leader_key()).await? {
+            Some(kv) if kv.mod_revision == self.revision => Ok(false),
+            _ => {
+                self.lost.store(true, Ordering::SeqCst);
+                Err(ControlError::LostLeadership)
+            }
+        }
+    }
+}
+
+/// Blocks until this server is the leader, then keeps the lease alive in the background.
+pub async fn campaign(store: Arc<dyn Store>, server_id: &str, ttl: Duration) -> Result<Leadership> {
+    loop {
+        let lease = store.grant_lease(ttl).await?;
+        let key = leader_key();
+        let put = Op::Put {
+            key: key.clone(),
+            value: server_id.as_bytes().to_vec(),
+            lease: Some(lease),
+        };
+        // Win when nobody leads, or when the leader is an earlier life of this same server.
+        let won = store
+            .txn(Txn::new().when(Compare::missing(&key)).then(put.clone()))
+            .await?
+            .succeeded
+            || store
+                .txn(
+                    Txn::new()
+                        .when(Compare {
+                            key: key.clone(),
+                            op: CompareOp::Equal,
+                            target: CompareTarget::Value(server_id.as_bytes().to_vec()),
+                        })
+                        .then(put),
+                )
+                .await?
+                .succeeded;
+        if won {
+            let revision = store
+                .get(&key)
+                .await?
+                .map(|kv| kv.mod_revision)
+                .ok_or(ControlError::LostLeadership)?;
+            let leadership = Leadership {
+                server_id: server_id.to_string(),
+                lease,
+                revision,
+                lost: Arc::new(AtomicBool::new(false)),
+            };
+            tokio::spawn(keep_leading(store.clone(), leadership.clone(), ttl));
+            tracing::info!(server = server_id, revision, "became controller leader");
+            return Ok(leadership);
+        }
+        let _ = store.revoke_lease(lease).await;
+        // Someone else leads: wait for the key to go, then try again.
+        let current = store.get(&key).await?;
+        let from = current.map(|kv| kv.mod_revision + 1).unwrap_or(1);
+        if let Ok(mut watch) = store.watch(&key, from).await {
+            let _ = tokio::time::timeout(ttl, watch.next()).await;
+        } else {
+            tokio::time::sleep(ttl / 4).await;
+        }
+    }
+}
+
+async fn keep_leading(store: Arc<dyn Store>, leadership: Leadership, ttl: Duration) {
+    let mut tick = tokio::time::interval(ttl / 3);
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.keep_alive(leadership.lease).await {
+            tracing::warn!(error = %e, "lost controller leadership");
+            leadership.lost.store(true, Ordering::SeqCst);
+            return;
+        }
+    }
+}

@@ -1,0 +1,756 @@
+//! The client commands: each turns arguments into API calls and prints the answer.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use dozen_api::{
+    ApplyRequest, Client, LogLine, LogQuery, LogStream, NodeInfo, RollbackRequest, RunRequest,
+    ScaleRequest, ServiceSummary, TaskInfo,
+};
+use dozen_control::desired::ApplyOutcome;
+use dozen_model::{DesiredState, Release, TaskState};
+use dozen_spec::{Plan, PlanAction};
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::output::{self, age, table};
+use crate::{Global, Output};
+
+#[derive(Args, Debug)]
+pub struct FileArgs {
+    /// The stack file (TOML; .yaml/.yml read as YAML).
+    #[arg(
+        short = 'f',
+        long = "file",
+        env = "DOZEN_FILE",
+        default_value = "dozen.toml"
+    )]
+    pub file: PathBuf,
+    /// Environment overlay: the [env.NAME] table and/or the sibling file dozen.NAME.toml.
+    #[arg(long, env = "DOZEN_ENV")]
+    pub env: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    /// Return once the change is recorded, without waiting for tasks.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for every service to be running and healthy.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Only this service.
+    pub service: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    pub service: String,
+    /// Keep printing new lines as they are written.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only lines newer than this, e.g. 10m, 1h, 30s.
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<Duration>,
+    /// Only the last N lines (before following).
+    #[arg(long)]
+    pub tail: Option<usize>,
+    /// Only this task.
+    #[arg(long)]
+    pub task: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ScaleArgs {
+    /// SERVICE=COUNT pairs, e.g. web=4 worker=2.
+    #[arg(required = true)]
+    pub pairs: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceArg {
+    pub service: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ServicesArg {
+    #[arg(required = true)]
+    pub services: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// The stack to remove. Default: the only stack there is.
+    pub stack: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    pub service: String,
+    /// The release to go back to. Default: the one before the current.
+    #[arg(long)]
+    pub to: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    pub service: String,
+    /// The command, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// "10s", "500ms", "1m30s", "2h".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration; write it like 500ms, 10s, 5m or 1h30m");
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        total += match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            _ => return Err(bad()),
+        };
+    }
+    Ok(total)
+}
+
+pub fn client(global: &Global) -> anyhow::Result<Client> {
+    let token = match &global.token {
+        Some(t) => t.clone(),
+        None => {
+            let path = global.data_dir.join("token");
+            std::fs::read_to_string(&path)
+                .map(|t| t.trim().to_string())
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "no API token: pass --token (DOZEN_TOKEN), or run where `dozen server` keeps its data \
+                         (looked for {}; set --data-dir / DOZEN_DATA_DIR)",
+                        path.display()
+                    )
+                })?
+        }
+    };
+    Ok(Client::new(&global.server, &token))
+}
+
+fn load_stack(file: &FileArgs) -> anyhow::Result<dozen_spec::Stack> {
+    dozen_spec::load(&file.file, file.env.as_deref()).map_err(|errors| {
+        anyhow::anyhow!(
+            "{errors}\n{} error(s) in {}; nothing was applied",
+            errors.len(),
+            file.file.display()
+        )
+    })
+}
+
+fn print_plan(plan: &Plan) {
+    println!("stack {}", plan.stack);
+    for sp in &plan.services {
+        let (mark, what) = match sp.action {
+            PlanAction::Create => ("+", "create"),
+            PlanAction::Update => ("~", "update (new release)"),
+            PlanAction::Unchanged => ("=", "unchanged"),
+            PlanAction::Remove => ("-", "remove"),
+        };
+        println!("{mark} {} : {what}", sp.service);
+        // A new service lists every field; its command is what a reader needs to see.
+        let shown = sp.fields.iter().filter(|f| {
+            sp.action != PlanAction::Create || f.path == "command" || f.path == "image"
+        });
+        for f in shown {
+            let show = |v: &Option<serde_json::Value>| {
+                v.as_ref()
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "(none)".into())
+            };
+            println!("    {}: {} -> {}", f.path, show(&f.before), show(&f.after));
+        }
+        let r = &sp.replicas;
+        match (r.live, r.file) {
+            (Some(live), Some(file)) if live != file => {
+                println!("    replicas: {live} -> {file} (live count -> file)")
+            }
+            (None, _) if sp.action != PlanAction::Remove => {
+                println!("    replicas: {}", r.result)
+            }
+            (Some(live), None) => println!("    replicas: {live} (live; not set in the file)"),
+            _ => {}
+        }
+    }
+    if !plan.has_changes() {
+        println!("no changes");
+    }
+}
+
+pub async fn plan(global: &Global, args: FileArgs) -> anyhow::Result<i32> {
+    let stack = load_stack(&args)?;
+    let api = client(global)?;
+    let plan: Plan = api
+        .post(
+            "/v1/plan",
+            &ApplyRequest {
+                stack,
+                artifacts: BTreeMap::new(),
+            },
+        )
+        .await?;
+    output::listing(global.output, &plan, || print_plan(&plan));
+    Ok(0)
+}
+
+pub async fn apply(global: &Global, args: ApplyArgs) -> anyhow::Result<i32> {
+    let stack = load_stack(&args.file)?;
+    let api = client(global)?;
+    let services: Vec<String> = stack.services.keys().cloned().collect();
+    let outcome: ApplyOutcome = api
+        .post(
+            "/v1/apply",
+            &ApplyRequest {
+                stack,
+                artifacts: BTreeMap::new(),
+            },
+        )
+        .await?;
+    if global.output == Output::Table {
+        print_plan(&outcome.plan);
+        for r in &outcome.releases {
+            println!("released {} #{}", r.service, r.release);
+        }
+    }
+    if !args.no_wait {
+        wait_converged(
+            &api,
+            &services,
+            args.timeout,
+            global.output == Output::Table,
+        )
+        .await?;
+    }
+    if global.output == Output::Json {
+        output::json(&outcome);
+    }
+    Ok(0)
+}
+
+/// Waits until each service runs exactly its desired count of ready tasks of its current
+/// release, showing progress.
+pub async fn wait_converged(
+    api: &Client,
+    services: &[String],
+    timeout: Duration,
+    show: bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let summaries: Vec<ServiceSummary> = api.get("/v1/services").await?;
+        let tasks: Vec<TaskInfo> = api.get("/v1/tasks").await?;
+        let mut done = true;
+        let mut progress = Vec::new();
+        let mut problems = Vec::new();
+        for name in services {
+            let Some(s) = summaries.iter().find(|s| &s.name == name) else {
+                continue;
+            };
+            let mine: Vec<&TaskInfo> = tasks
+                .iter()
+                .filter(|t| &t.service == name && !t.oneoff)
+                .collect();
+            let ready = mine
+                .iter()
+                .filter(|t| {
+                    t.release == s.current_release
+                        && t.desired == DesiredState::Run
+                        && t.state() == Some(TaskState::Running)
+                        && t.status.as_ref().is_some_and(|st| st.healthy)
+                })
+                .count();
+            let want = if s.stopped { 0 } else { s.desired as usize };
+            if ready != want || mine.len() != want {
+                done = false;
+            }
+            progress.push(format!("{name} {ready}/{want}"));
+            problems.extend(s.problems.iter().cloned());
+        }
+        let line = format!("waiting for tasks: {}", progress.join(", "));
+        if show && line != last {
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last = line;
+        }
+        if done {
+            if show {
+                if tty {
+                    eprintln!();
+                }
+                eprintln!("all services converged");
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            if tty && show {
+                eprintln!();
+            }
+            let mut msg = format!(
+                "services did not converge within {:?} ({})",
+                timeout,
+                progress.join(", ")
+            );
+            for p in problems {
+                msg.push_str(&format!("\n  {p}"));
+            }
+            msg.push_str(
+                "\n  hint: `dozen ps` shows each task's state and `dozen logs SERVICE` its output",
+            );
+            bail!(msg);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Serialize)]
+struct PsOutput {
+    services: Vec<ServiceSummary>,
+    tasks: Vec<TaskInfo>,
+}
+
+pub async fn ps(global: &Global, args: PsArgs) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let mut services: Vec<ServiceSummary> = api.get("/v1/services").await?;
+    let mut tasks: Vec<TaskInfo> = match &args.service {
+        Some(s) => api.get_query("/v1/tasks", &[("service", s)]).await?,
+        None => api.get("/v1/tasks").await?,
+    };
+    if let Some(s) = &args.service {
+        services.retain(|x| &x.name == s);
+        if services.is_empty() && tasks.is_empty() {
+            bail!("no service named `{s}`; `dozen ps` lists them all");
+        }
+    }
+    tasks.sort_by(|a, b| (&a.service, &a.task).cmp(&(&b.service, &b.task)));
+    let out = PsOutput { services, tasks };
+    output::listing(global.output, &out, || {
+        let rows: Vec<Vec<String>> = out
+            .services
+            .iter()
+            .map(|s| {
+                let status = if s.stopped {
+                    "stopped".to_string()
+                } else if let Some(p) = s.problems.first() {
+                    p.clone()
+                } else if s.healthy == s.desired {
+                    "ok".to_string()
+                } else {
+                    "converging".to_string()
+                };
+                vec![
+                    s.name.clone(),
+                    s.stack.clone(),
+                    s.process_type.clone(),
+                    format!(
+                        "#{}{}",
+                        s.current_release,
+                        if s.reproducible { "" } else { "*" }
+                    ),
+                    s.desired.to_string(),
+                    s.running.to_string(),
+                    s.healthy.to_string(),
+                    status,
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "SERVICE", "STACK", "TYPE", "RELEASE", "DESIRED", "RUNNING", "HEALTHY", "STATUS",
+            ],
+            &rows,
+        );
+        println!();
+        let rows: Vec<Vec<String>> = out
+            .tasks
+            .iter()
+            .map(|t| {
+                let st = t.status.as_ref().filter(|s| s.generation == t.generation);
+                let state = match (t.desired, st) {
+                    (_, Some(s)) => s.state.as_str().to_string(),
+                    (DesiredState::Stop, None) => "stopping".into(),
+                    (DesiredState::Run, None) => "assigned".into(),
+                };
+                vec![
+                    t.task.clone(),
+                    t.service.clone(),
+                    t.node.clone(),
+                    format!("#{}", t.release),
+                    state,
+                    st.map(|s| if s.healthy { "healthy" } else { "-" })
+                        .unwrap_or("-")
+                        .to_string(),
+                    st.and_then(|s| s.pid)
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    st.and_then(|s| s.host_port)
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    t.restarts.to_string(),
+                    age(st.and_then(|s| s.started_at_ms)),
+                    st.and_then(|s| s.message.clone()).unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "TASK", "SERVICE", "NODE", "RELEASE", "STATE", "HEALTH", "PID", "PORT", "RESTARTS",
+                "AGE", "MESSAGE",
+            ],
+            &rows,
+        );
+        if out.services.iter().any(|s| !s.reproducible) {
+            println!("\n* release runs a plain host command: not reproducible (the command can change under it)");
+        }
+    });
+    Ok(0)
+}
+
+fn print_log_line(line: &LogLine, output: Output) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string(line).unwrap_or_default()),
+        Output::Table => {
+            let marker = if line.stream == LogStream::Stderr {
+                "!"
+            } else {
+                "|"
+            };
+            println!("{} {marker} {}", line.task, line.line);
+        }
+    }
+}
+
+pub async fn logs(global: &Global, args: LogsArgs) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let query = LogQuery {
+        service: Some(args.service.clone()),
+        task: args.task.clone(),
+        since_ms: args
+            .since
+            .map(|d| dozen_control::wall_ms().saturating_sub(d.as_millis() as u64)),
+        tail: args.tail,
+        follow: args.follow,
+    };
+    let mut stream = api.ndjson::<LogLine, _>("/v1/logs", &query).await?;
+    while let Some(line) = stream.next().await {
+        print_log_line(&line?, global.output);
+    }
+    Ok(0)
+}
+
+pub async fn scale(global: &Global, args: ScaleArgs) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let mut wanted = Vec::new();
+    for pair in &args.pairs {
+        let (service, count) = pair
+            .split_once('=')
+            .with_context(|| format!("`{pair}` is not SERVICE=COUNT (e.g. web=4)"))?;
+        let replicas: u32 = count
+            .parse()
+            .with_context(|| format!("`{count}` in `{pair}` is not a whole number of replicas"))?;
+        wanted.push((service.to_string(), replicas));
+    }
+    for (service, replicas) in wanted {
+        api.call(
+            reqwest_method_post(),
+            &format!("/v1/services/{service}/scale"),
+            Some(&ScaleRequest { replicas }),
+        )
+        .await?;
+        println!("{service} scaled to {replicas}");
+    }
+    Ok(0)
+}
+
+fn reqwest_method_post() -> dozen_api::client::Method {
+    dozen_api::client::Method::POST
+}
+
+pub async fn restart(global: &Global, args: ServiceArg) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    api.call::<()>(
+        reqwest_method_post(),
+        &format!("/v1/services/{}/restart", args.service),
+        None,
+    )
+    .await?;
+    println!("{}: replacing every task (new before old)", args.service);
+    Ok(0)
+}
+
+pub async fn stop(global: &Global, args: ServicesArg) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    for s in &args.services {
+        api.call::<()>(
+            reqwest_method_post(),
+            &format!("/v1/services/{s}/stop"),
+            None,
+        )
+        .await?;
+        println!("{s}: stopping (`dozen restart {s}` starts it again)");
+    }
+    Ok(0)
+}
+
+pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let stack = match args.stack {
+        Some(s) => s,
+        None => {
+            let stacks: Vec<dozen_model::StackRecord> = api.get("/v1/stacks").await?;
+            match stacks.as_slice() {
+                [] => {
+                    println!("nothing to remove: no stacks");
+                    return Ok(0);
+                }
+                [one] => one.name.clone(),
+                many => bail!(
+                    "several stacks run ({}): name the one to remove, e.g. `dozen down {}`",
+                    many.iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    many[0].name
+                ),
+            }
+        }
+    };
+    let removed: Vec<String> = api.delete(&format!("/v1/stacks/{stack}")).await?;
+    println!("removed stack {stack} ({})", removed.join(", "));
+    Ok(0)
+}
+
+pub async fn releases(global: &Global, args: ServiceArg) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let releases: Vec<Release> = api
+        .get(&format!("/v1/services/{}/releases", args.service))
+        .await?;
+    let services: Vec<ServiceSummary> = api.get("/v1/services").await?;
+    let current = services
+        .iter()
+        .find(|s| s.name == args.service)
+        .map(|s| s.current_release);
+    output::listing(global.output, &releases, || {
+        let rows: Vec<Vec<String>> = releases
+            .iter()
+            .rev()
+            .map(|r| {
+                vec![
+                    format!(
+                        "#{}{}",
+                        r.number,
+                        if Some(r.number) == current {
+                            " (current)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    age(Some(r.created_at_ms)),
+                    r.cause.clone(),
+                    if r.reproducible {
+                        r.artifact_digest
+                            .clone()
+                            .or(r.spec.image.clone())
+                            .unwrap_or_default()
+                    } else {
+                        "not reproducible: host command".into()
+                    },
+                    r.spec
+                        .command
+                        .as_ref()
+                        .map(|c| c.argv().join(" "))
+                        .unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(&["RELEASE", "AGE", "CAUSE", "ARTIFACT", "COMMAND"], &rows);
+    });
+    Ok(0)
+}
+
+pub async fn rollback(global: &Global, args: RollbackArgs) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let release: Release = api
+        .post(
+            &format!("/v1/services/{}/rollback", args.service),
+            &RollbackRequest { to: args.to },
+        )
+        .await?;
+    output::listing(global.output, &release, || {
+        println!(
+            "{}: release #{} ({}) is now current",
+            args.service, release.number, release.cause
+        );
+    });
+    Ok(0)
+}
+
+pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let task: TaskInfo = api
+        .post(
+            &format!("/v1/services/{}/run", args.service),
+            &RunRequest {
+                argv: args.command.clone(),
+            },
+        )
+        .await?;
+    let id = task.task.clone();
+    let output = global.output;
+    let query = LogQuery {
+        task: Some(id.clone()),
+        follow: true,
+        ..LogQuery::default()
+    };
+    // Print output as it comes; after the task ends, print whatever the stream had not yet.
+    let printed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let follower = {
+        let api = api.clone();
+        let printed = printed.clone();
+        tokio::spawn(async move {
+            let Ok(mut stream) = api.ndjson::<LogLine, _>("/v1/logs", &query).await else {
+                return;
+            };
+            while let Some(Ok(line)) = stream.next().await {
+                print_run_line(&line, output);
+                printed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let finished = loop {
+        let t: TaskInfo = api.get(&format!("/v1/tasks/{id}")).await?;
+        if let Some(st) = t.status.as_ref().filter(|s| s.state.is_terminal()) {
+            break st.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    follower.abort();
+    let _ = follower.await;
+    let all: Vec<LogLine> = {
+        let q = LogQuery {
+            task: Some(id.clone()),
+            ..LogQuery::default()
+        };
+        let mut s = api.ndjson::<LogLine, _>("/v1/logs", &q).await?;
+        let mut v = Vec::new();
+        while let Some(l) = s.next().await {
+            v.push(l?);
+        }
+        v
+    };
+    for line in all
+        .iter()
+        .skip(printed.load(std::sync::atomic::Ordering::SeqCst))
+    {
+        print_run_line(line, output);
+    }
+    let _ = api
+        .call::<()>(
+            dozen_api::client::Method::DELETE,
+            &format!("/v1/tasks/{id}"),
+            None,
+        )
+        .await;
+    let code = match (finished.exit_code, finished.signal) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => {
+            eprintln!(
+                "error: {}",
+                finished
+                    .message
+                    .unwrap_or_else(|| "the task ended without an exit status".into())
+            );
+            1
+        }
+    };
+    Ok(code)
+}
+
+fn print_run_line(line: &LogLine, output: Output) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string(line).unwrap_or_default()),
+        Output::Table if line.stream == LogStream::Stderr => eprintln!("{}", line.line),
+        Output::Table => println!("{}", line.line),
+    }
+}
+
+pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let nodes: Vec<NodeInfo> = api.get("/v1/nodes").await?;
+    output::listing(global.output, &nodes, || {
+        let rows: Vec<Vec<String>> = nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.node.name.clone(),
+                    n.node.address.clone(),
+                    format!("{}m", n.node.resources.cpu_millis),
+                    format!("{} MiB", n.node.resources.memory_bytes / (1024 * 1024)),
+                    n.tasks.to_string(),
+                    n.node.drivers.join(","),
+                    age(Some(n.node.registered_at_ms)),
+                ]
+            })
+            .collect();
+        table(
+            &["NODE", "AGENT", "CPU", "MEMORY", "TASKS", "DRIVERS", "UP"],
+            &rows,
+        );
+    });
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! `dozen`: the command line. The only crate that knows about terminals.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod commands;
+mod output;
+mod serve;
+
+/// Run 12-factor services on a laptop, one server or a cluster.
+///
+/// Describe services in a stack file (dozen.toml), then:
+///
+///   dozen server &                  # control plane + a node agent, state in ./.dozen
+///   dozen plan  -f dozen.toml       # what would change
+///   dozen apply -f dozen.toml       # make it so: new releases, tasks placed and started
+///   dozen ps                        # what runs where
+///   dozen logs web -f               # follow a service's logs
+///   dozen scale web=4               # change the live count
+///   dozen rollback web              # back to the previous release
+///   dozen run web -- ./migrate      # one-off admin task on the current release
+#[derive(Parser, Debug)]
+#[command(name = "dozen", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// URL of the dozen API server.
+    #[arg(
+        long,
+        global = true,
+        env = "DOZEN_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub server: String,
+    /// API token. Default: read from <data-dir>/token, where `dozen server` writes it.
+    #[arg(long, global = true, env = "DOZEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Where dozen keeps its state (store, token, task files and logs).
+    #[arg(long, global = true, env = "DOZEN_DATA_DIR", default_value = ".dozen")]
+    pub data_dir: PathBuf,
+    /// Output format of listings.
+    #[arg(short = 'o', long, global = true, env = "DOZEN_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Format of dozen's own log lines (stderr).
+    #[arg(long, global = true, env = "DOZEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `dozen_agent=debug`.
+    #[arg(long, global = true, env = "DOZEN_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control plane (API, store, controllers) and, unless --no-agent, a node agent.
+    Server(serve::ServerArgs),
+    /// Run a node agent that takes work from a server.
+    Agent(serve::AgentArgs),
+    /// Show what `apply` would change, changing nothing (scale drift included).
+    Plan(commands::FileArgs),
+    /// Apply a stack file: new releases for what changed, scale, removals; waits for tasks.
+    Apply(commands::ApplyArgs),
+    /// List services and their tasks.
+    Ps(commands::PsArgs),
+    /// Show a service's logs (all its tasks, merged by time).
+    Logs(commands::LogsArgs),
+    /// Set the live replica count: `dozen scale web=4 worker=2`.
+    Scale(commands::ScaleArgs),
+    /// Replace every task of a service, new before old (also starts a stopped service).
+    Restart(commands::ServiceArg),
+    /// Stop every task of a service, keeping its replica count for `restart`.
+    Stop(commands::ServicesArg),
+    /// Remove a stack: stop its tasks and delete its services.
+    Down(commands::DownArgs),
+    /// List a service's releases.
+    Releases(commands::ServiceArg),
+    /// Roll a service back: a new release repeating an earlier one.
+    Rollback(commands::RollbackArgs),
+    /// Run a one-off task on the service's current release: `dozen run web -- ./migrate`.
+    /// Exits with the task's exit code.
+    Run(commands::RunArgs),
+    /// List nodes.
+    Nodes,
+    /// Print the JSON Schema of the stack file.
+    Schema,
+    /// Internal: the per-task supervisor started by the agent.
+    #[command(hide = true)]
+    Shim { dir: PathBuf },
+}
+
+fn init_logging(global: &Global) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match global.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    // The shim must stay tiny: no runtime, no logging setup, nothing else parsed.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "shim") {
+        let Some(dir) = args.next() else {
+            eprintln!("usage: dozen shim DIR");
+            return ExitCode::from(2);
+        };
+        return ExitCode::from(dozen_agent::shim::main(std::path::Path::new(&dir)) as u8);
+    }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let global = cli.global.clone();
+    let daemon = matches!(cli.command, Command::Server(_) | Command::Agent(_));
+    if daemon {
+        init_logging(&global);
+    }
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server(a) => serve::server(&global, a).await.map(|_| 0),
+            Command::Agent(a) => serve::agent(&global, a).await.map(|_| 0),
+            Command::Plan(a) => commands::plan(&global, a).await,
+            Command::Apply(a) => commands::apply(&global, a).await,
+            Command::Ps(a) => commands::ps(&global, a).await,
+            Command::Logs(a) => commands::logs(&global, a).await,
+            Command::Scale(a) => commands::scale(&global, a).await,
+            Command::Restart(a) => commands::restart(&global, a).await,
+            Command::Stop(a) => commands::stop(&global, a).await,
+            Command::Down(a) => commands::down(&global, a).await,
+            Command::Releases(a) => commands::releases(&global, a).await,
+            Command::Rollback(a) => commands::rollback(&global, a).await,
+            Command::Run(a) => commands::run(&global, a).await,
+            Command::Nodes => commands::nodes(&global).await,
+            Command::Schema => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&dozen_spec::json_schema()).unwrap_or_default()
+                );
+                Ok(0)
+            }
+            Command::Shim { .. } => Ok(2),
+        }
+    });
+    // Background tasks (watch streams) must not hold the process open after the answer.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! `dozen server` and `dozen agent`: the long-running modes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use dozen_agent::AgentConfig;
+use dozen_control::controller::Controller;
+use dozen_store::embedded::EmbeddedStore;
+use dozen_store::Store;
+use tokio::sync::watch;
+
+use crate::Global;
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Address the API listens on. Plain HTTP: keep it on loopback.
+    #[arg(long, env = "DOZEN_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Do not run a node agent in this process (run `dozen agent` separately).
+    #[arg(long, env = "DOZEN_NO_AGENT")]
+    pub no_agent: bool,
+    /// How long a node stays alive without heartbeats.
+    #[arg(long, env = "DOZEN_NODE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub node_ttl: Duration,
+    #[command(flatten)]
+    pub agent: NodeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Read the API token from this file instead of --token.
+    #[arg(long, env = "DOZEN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Name of this node. Default: the host name.
+    #[arg(long, env = "DOZEN_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the agent serves task logs to the API server.
+    #[arg(long, env = "DOZEN_AGENT_LISTEN", default_value = "127.0.0.1:0")]
+    pub agent_listen: SocketAddr,
+    /// Host ports handed to tasks as $PORT, e.g. 20000-29999.
+    #[arg(long, env = "DOZEN_PORT_RANGE", default_value = "20000-29999", value_parser = parse_range)]
+    pub port_range: (u16, u16),
+    /// CPU this node offers to tasks, in millicores. Default: every core.
+    #[arg(long, env = "DOZEN_NODE_CPU")]
+    pub cpu_millis: Option<u64>,
+    /// Memory this node offers to tasks, in MiB. Default: all of it.
+    #[arg(long, env = "DOZEN_NODE_MEMORY_MIB")]
+    pub memory_mib: Option<u64>,
+    /// Root of the cgroup file system (limits are set there when writable).
+    #[arg(long, env = "DOZEN_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::commands::parse_duration(s)
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("`{s}` is not a port range; write it like 20000-29999"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{a}` is not a port"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{b}` is not a port"))?;
+    if a == 0 || a > b {
+        return Err(format!("`{s}`: the range must be low-high with low >= 1"));
+    }
+    Ok((a, b))
+}
+
+/// A random hex string from the kernel's generator.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("cannot read /dev/urandom")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Reads `path`, or creates it (mode 0600) with a fresh random value.
+fn read_or_create_secret(path: &Path, bytes: usize) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let value = random_hex(bytes)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(value.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(value)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn agent_config(
+    node: &NodeArgs,
+    server: String,
+    token: String,
+    data_dir: PathBuf,
+) -> anyhow::Result<AgentConfig> {
+    let exe = std::env::current_exe().context("cannot find the dozen binary for the shim")?;
+    Ok(AgentConfig {
+        server,
+        token,
+        data_dir,
+        node_name: node
+            .node_name
+            .clone()
+            .unwrap_or_else(dozen_agent::os::hostname),
+        listen: node.agent_listen,
+        port_range: node.port_range.0..=node.port_range.1,
+        cpu_millis: node.cpu_millis.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u64 * 1000)
+                .unwrap_or(1000)
+        }),
+        memory_bytes: node
+            .memory_mib
+            .map(|m| m * 1024 * 1024)
+            .unwrap_or_else(dozen_agent::os::total_memory_bytes),
+        exe,
+        cgroup_root: node.cgroup_root.clone(),
+    })
+}
+
+pub async fn server(global: &Global, args: ServerArgs) -> anyhow::Result<()> {
+    let data = &global.data_dir;
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("cannot create data dir {}", data.display()))?;
+    let token = read_or_create_secret(&data.join("token"), 32)?;
+    let server_id = read_or_create_secret(&data.join("server-id"), 8)?;
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&data.join("store")).with_context(|| {
+            format!("cannot open the store in {}", data.join("store").display())
+        })?);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}: is another dozen server running? (--listen / DOZEN_LISTEN)",
+                args.listen
+            )
+        })?;
+    let address = listener.local_addr()?;
+    let (problems_tx, problems_rx) = watch::channel(Default::default());
+    let controller = Controller {
+        store: store.clone(),
+        server_id,
+        leader_ttl: Duration::from_secs(5),
+        problems: problems_tx,
+    };
+    tokio::spawn(controller.run());
+    let state = Arc::new(dozen_api::server::AppState::new(
+        store.clone(),
+        token.clone(),
+        problems_rx,
+        args.node_ttl,
+    ));
+    tracing::info!(%address, data_dir = %data.display(), "dozen server listening");
+    let api = tokio::spawn(dozen_api::server::serve(listener, state));
+    if !args.no_agent {
+        let config = agent_config(
+            &args.agent,
+            format!("http://{address}"),
+            token,
+            data.join("agent"),
+        )?;
+        tokio::spawn(async move {
+            if let Err(e) = dozen_agent::run(config, std::future::pending()).await {
+                tracing::error!(error = %e, "agent failed");
+            }
+        });
+    }
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down; tasks keep running (use `dozen down` to stop them)");
+        }
+        r = api => {
+            if let Ok(Err(e)) = r {
+                bail!("API server failed: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
+    let token = match (&global.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read token file {}", file.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!(
+            "the agent needs the server's API token: pass --token (DOZEN_TOKEN) or --token-file"
+        ),
+    };
+    let config = agent_config(
+        &args.node,
+        global.server.clone(),
+        token,
+        global.data_dir.join("agent"),
+    )?;
+    dozen_agent::run(config, shutdown_signal()).await
+}

@@ -1,0 +1,363 @@
+//! Records kept in the store, the keyspace they live under, and their encoding.
+//!
+//! Every record carries a `schema` number. Decoding refuses a record newer than this build
+//! understands (so an old binary never rewrites what it cannot read) and migrates older ones.
+//! Each record has exactly one writer: controllers write assignments, agents write task status.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use dozen_spec::Service as ServiceSpec;
+
+/// The schema version this build writes.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("record at {key} is not valid JSON for {kind}: {source}")]
+    Decode {
+        key: String,
+        kind: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("record at {key} has schema {found}, newer than this build understands ({SCHEMA}); upgrade dozen")]
+    TooNew { key: String, found: u32 },
+}
+
+/// A record type stored under one kind of key.
+pub trait Record: Serialize + DeserializeOwned {
+    const KIND: &'static str;
+    fn schema(&self) -> u32;
+}
+
+pub fn encode<T: Record>(record: &T) -> Vec<u8> {
+    // Serialising plain data structs to JSON cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+pub fn decode<T: Record>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(default)]
+        schema: u32,
+    }
+    let header: Header = serde_json::from_slice(bytes).map_err(|source| ModelError::Decode {
+        key: key.to_string(),
+        kind: T::KIND,
+        source,
+    })?;
+    if header.schema > SCHEMA {
+        return Err(ModelError::TooNew {
+            key: key.to_string(),
+            found: header.schema,
+        });
+    }
+    // Schema 1 is the first: there is nothing to migrate yet. A later schema adds its
+    // migration here, from the raw JSON value, before the typed decode.
+    serde_json::from_slice(bytes).map_err(|source| ModelError::Decode {
+        key: key.to_string(),
+        kind: T::KIND,
+        source,
+    })
+}
+
+/// The keyspace. Everything dozen stores lives under [`keys::ROOT`].
+pub mod keys {
+    pub const ROOT: &str = "/dozen/v1/";
+
+    pub fn stacks() -> String {
+        format!("{ROOT}stacks/")
+    }
+    pub fn stack(name: &str) -> String {
+        format!("{ROOT}stacks/{name}")
+    }
+    pub fn services() -> String {
+        format!("{ROOT}services/")
+    }
+    pub fn service(name: &str) -> String {
+        format!("{ROOT}services/{name}")
+    }
+    /// The live desired count: its own record, written by apply, scale and (later) the autoscaler.
+    pub fn scales() -> String {
+        format!("{ROOT}scale/")
+    }
+    pub fn scale(service: &str) -> String {
+        format!("{ROOT}scale/{service}")
+    }
+    pub fn releases(service: &str) -> String {
+        format!("{ROOT}releases/{service}/")
+    }
+    pub fn all_releases() -> String {
+        format!("{ROOT}releases/")
+    }
+    /// Zero-padded so that a range read returns releases in order.
+    pub fn release(service: &str, number: u64) -> String {
+        format!("{ROOT}releases/{service}/{number:010}")
+    }
+    pub fn nodes() -> String {
+        format!("{ROOT}nodes/")
+    }
+    pub fn node(node: &str) -> String {
+        format!("{ROOT}nodes/{node}/node")
+    }
+    /// An agent watches exactly this prefix.
+    pub fn assignments(node: &str) -> String {
+        format!("{ROOT}nodes/{node}/assignments/")
+    }
+    pub fn assignment(node: &str, task: &str) -> String {
+        format!("{ROOT}nodes/{node}/assignments/{task}")
+    }
+    pub fn statuses(node: &str) -> String {
+        format!("{ROOT}nodes/{node}/status/")
+    }
+    pub fn status(node: &str, task: &str) -> String {
+        format!("{ROOT}nodes/{node}/status/{task}")
+    }
+    /// Controller bookkeeping the controllers alone write (e.g. the task id counter).
+    pub fn controller(name: &str) -> String {
+        format!("{ROOT}controller/{name}")
+    }
+
+    /// Splits a key under `nodes/` into (node, kind, rest).
+    pub fn parse_node_key(key: &str) -> Option<(&str, &str, &str)> {
+        let rest = key.strip_prefix(ROOT)?.strip_prefix("nodes/")?;
+        let (node, rest) = rest.split_once('/')?;
+        match rest.split_once('/') {
+            Some((kind, item)) => Some((node, kind, item)),
+            None => Some((node, rest, "")),
+        }
+    }
+}
+
+macro_rules! record {
+    ($ty:ty, $kind:literal) => {
+        impl Record for $ty {
+            const KIND: &'static str = $kind;
+            fn schema(&self) -> u32 {
+                self.schema
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StackRecord {
+    pub schema: u32,
+    pub name: String,
+    pub services: Vec<String>,
+    pub updated_at_ms: u64,
+}
+record!(StackRecord, "stack");
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub schema: u32,
+    pub name: String,
+    pub stack: String,
+    /// The release new tasks run. Apply and rollback move it.
+    pub current_release: u64,
+    pub latest_release: u64,
+    /// Bumped by `dozen restart`: tasks started under an older one are replaced.
+    pub restart_generation: u64,
+    /// Set by `dozen stop`: no task runs, the desired count is kept.
+    #[serde(default)]
+    pub stopped: bool,
+    pub updated_at_ms: u64,
+}
+record!(ServiceRecord, "service");
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScaleRecord {
+    pub schema: u32,
+    pub replicas: u32,
+    /// Who set it last: "apply", "scale", later "autoscaler".
+    pub set_by: String,
+}
+record!(ScaleRecord, "scale");
+
+/// An immutable, numbered release: everything a task needs, resolved at creation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Release {
+    pub schema: u32,
+    pub service: String,
+    pub stack: String,
+    pub number: u64,
+    pub spec: ServiceSpec,
+    /// Content address of the artifact bundle in the blob store, when the service has one.
+    pub artifact_digest: Option<String>,
+    /// False for a plain host command: what it runs can change under the release.
+    pub reproducible: bool,
+    pub created_at_ms: u64,
+    /// Why it exists: "apply", "rollback to 3".
+    pub cause: String,
+}
+record!(Release, "release");
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeResources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub schema: u32,
+    pub name: String,
+    /// Where the agent serves logs, e.g. http://127.0.0.1:41234
+    pub address: String,
+    pub resources: NodeResources,
+    pub labels: BTreeMap<String, String>,
+    pub drivers: Vec<String>,
+    /// Changes every time the agent process starts; status records name the one that wrote them.
+    pub agent_instance: String,
+    pub registered_at_ms: u64,
+}
+record!(NodeRecord, "node");
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    Run,
+    Stop,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum TaskKind {
+    /// A replica of the service, kept running.
+    Service,
+    /// `dozen run`: runs once with this command on the service's release; never restarted.
+    OneOff { argv: Vec<String> },
+}
+
+/// Written by controllers only. Keyed under its node so an agent watches one prefix.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Assignment {
+    pub schema: u32,
+    pub task: String,
+    pub service: String,
+    pub stack: String,
+    pub node: String,
+    pub release: u64,
+    /// Bumped on every restart of the task; an agent acts only on the newest it has seen.
+    pub generation: u64,
+    pub desired: DesiredState,
+    pub kind: TaskKind,
+    /// The agent waits this long before starting this generation (crash backoff).
+    pub start_delay_ms: u64,
+    /// Consecutive crash restarts; reset once a run lasts long enough.
+    pub restarts: u32,
+    /// The service's restart generation when this task was made.
+    pub restart_generation: u64,
+    pub spec: ServiceSpec,
+    pub artifact_digest: Option<String>,
+    pub created_at_ms: u64,
+}
+record!(Assignment, "assignment");
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Accepted by the agent, waiting for its start delay.
+    Pending,
+    /// Process started, not yet healthy.
+    Starting,
+    Running,
+    /// Stop signal sent.
+    Stopping,
+    /// Ended on its own (crash or one-off finished).
+    Exited,
+    /// Ended because it was told to stop.
+    Stopped,
+    /// Could not be started at all (bad command, port, user).
+    Failed,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Exited | TaskState::Stopped | TaskState::Failed
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Stopping => "stopping",
+            TaskState::Exited => "exited",
+            TaskState::Stopped => "stopped",
+            TaskState::Failed => "failed",
+        }
+    }
+}
+
+/// Written by the agent only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskStatus {
+    pub schema: u32,
+    pub task: String,
+    pub node: String,
+    /// The assignment generation this status describes.
+    pub generation: u64,
+    pub state: TaskState,
+    pub healthy: bool,
+    pub pid: Option<u32>,
+    pub host_port: Option<u16>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub message: Option<String>,
+    /// The agent process that wrote this status (see [`NodeRecord::agent_instance`]).
+    pub agent_instance: String,
+    /// True when this agent found the task already running and re-attached to its shim.
+    pub adopted: bool,
+}
+record!(TaskStatus, "task status");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_keys_parse_back() {
+        assert_eq!(
+            keys::parse_node_key(&keys::assignment("n1", "web-1")),
+            Some(("n1", "assignments", "web-1"))
+        );
+        assert_eq!(
+            keys::parse_node_key(&keys::node("n1")),
+            Some(("n1", "node", ""))
+        );
+        assert_eq!(keys::parse_node_key("/dozen/v1/services/x"), None);
+    }
+
+    #[test]
+    fn releases_sort_numerically_as_keys() {
+        assert!(keys::release("web", 9) < keys::release("web", 10));
+    }
+
+    #[test]
+    fn newer_schema_is_refused_with_the_key() {
+        let bytes = br#"{"schema":99,"replicas":1,"set_by":"x"}"#;
+        let err = decode::<ScaleRecord>("/dozen/v1/scale/web", bytes).unwrap_err();
+        assert!(err.to_string().contains("/dozen/v1/scale/web"));
+        assert!(err.to_string().contains("99"));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let rec = ScaleRecord {
+            schema: SCHEMA,
+            replicas: 3,
+            set_by: "scale".into(),
+        };
+        let back: ScaleRecord = decode("k", &encode(&rec)).unwrap();
+        assert_eq!(back, rec);
+    }
+}

@@ -1,0 +1,164 @@
+//! The validated, storage/wire model of a stack.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A validated stack: a name and its services, keyed by service name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Stack {
+    pub name: String,
+    pub services: BTreeMap<String, Service>,
+}
+
+/// A validated service definition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Service {
+    pub command: Option<Command>,
+    pub image: Option<String>,
+    /// Directory path as written in the file (relative to the stack file's directory).
+    pub artifact: Option<String>,
+    pub process_type: String,
+    /// `None` = not set in the file.
+    pub replicas: Option<u32>,
+    pub env: BTreeMap<String, String>,
+    /// Allocate `$PORT` for the task.
+    pub port: bool,
+    pub health: Option<HealthCheck>,
+    pub routes: Vec<Route>,
+    pub resources: Resources,
+    /// Normalised signal name, e.g. `"SIGTERM"`.
+    pub stop_signal: String,
+    pub stop_timeout_ms: u64,
+    pub user: Option<String>,
+    pub on_disconnect: OnDisconnect,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Service {
+            command: None,
+            image: None,
+            artifact: None,
+            process_type: DEFAULT_PROCESS_TYPE.to_string(),
+            replicas: None,
+            env: BTreeMap::new(),
+            port: true,
+            health: None,
+            routes: Vec::new(),
+            resources: Resources::default(),
+            stop_signal: DEFAULT_STOP_SIGNAL.to_string(),
+            stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
+            user: None,
+            on_disconnect: OnDisconnect::Keep,
+        }
+    }
+}
+
+pub const DEFAULT_PROCESS_TYPE: &str = "web";
+pub const DEFAULT_STOP_SIGNAL: &str = "SIGTERM";
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_CPU_MILLIS: u32 = 100;
+pub const DEFAULT_MEMORY_BYTES: u64 = 128 * 1024 * 1024;
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5_000;
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+pub const MAX_REPLICAS: u32 = 1000;
+
+/// How a service's process is started.
+///
+/// Serialised untagged: a string is `Shell`, an array is `Exec`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(untagged)]
+pub enum Command {
+    /// Run through `/bin/sh -c`.
+    Shell(String),
+    /// Exec the argv directly.
+    Exec(Vec<String>),
+}
+
+impl Command {
+    /// The argv to execute: `Shell(s)` -> `["/bin/sh", "-c", s]`, `Exec(v)` -> `v`.
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            Command::Shell(s) => vec!["/bin/sh".to_string(), "-c".to_string(), s.clone()],
+            Command::Exec(v) => v.clone(),
+        }
+    }
+}
+
+/// A health check.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub grace_period_ms: u64,
+}
+
+/// What a health check probes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HealthKind {
+    Http { path: String },
+    Tcp,
+    Command { argv: Vec<String> },
+}
+
+/// An HTTP route to the service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Route {
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub internal: bool,
+}
+
+/// Resource reservation of one task.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Resources {
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpu_millis: DEFAULT_CPU_MILLIS,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+        }
+    }
+}
+
+/// What to do with a service's tasks when their node disconnects.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum OnDisconnect {
+    #[default]
+    Keep,
+    StopAfter {
+        after_ms: u64,
+    },
+}
+
+/// Input format of a stack file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Yaml,
+}
+
+impl Format {
+    /// `.yaml` / `.yml` -> Yaml, anything else -> Toml.
+    pub fn from_path(path: &std::path::Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml") => {
+                Format::Yaml
+            }
+            _ => Format::Toml,
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Append-only, checksummed log of committed changes plus a snapshot file.
+//!
+//! A frame is `len: u32 LE | crc32(payload): u32 LE | payload (JSON)`. A frame counts once
+//! `append` returns: it has been written and `fdatasync`ed. Recovery reads frames until the first
+//! short or mismatching one (a write torn by a crash, never acknowledged) and truncates there.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{KeyValue, LeaseId, Revision, StoreError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum AppliedOp {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum WalEntry {
+    Write {
+        revision: Revision,
+        ops: Vec<AppliedOp>,
+    },
+    LeaseGrant {
+        id: LeaseId,
+        ttl_ms: u64,
+    },
+    LeaseRevoke {
+        id: LeaseId,
+    },
+    Compact {
+        revision: Revision,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Snapshot {
+    pub revision: Revision,
+    pub compact_revision: Revision,
+    pub kvs: Vec<KeyValue>,
+    pub leases: Vec<(LeaseId, u64)>,
+    pub next_lease: LeaseId,
+}
+
+pub(crate) struct Wal {
+    dir: PathBuf,
+    file: File,
+    pub entries_since_snapshot: u64,
+}
+
+const MAX_FRAME: u32 = 64 * 1024 * 1024;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Wal {
+    fn wal_path(dir: &Path) -> PathBuf {
+        dir.join("store.wal")
+    }
+    fn snapshot_path(dir: &Path) -> PathBuf {
+        dir.join("store.snapshot")
+    }
+
+    /// Opens (creating) the log in `dir`; returns the snapshot and every intact entry after it.
+    pub fn open(dir: &Path) -> Result<(Wal, Snapshot, Vec<WalEntry>), StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let snap_path = Self::snapshot_path(dir);
+        let snapshot = match fs::read(&snap_path) {
+            Ok(bytes) => decode_frame(&bytes)
+                .and_then(|(payload, _)| serde_json::from_slice::<Snapshot>(payload).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: snap_path.display().to_string(),
+                    detail: "snapshot frame fails its checksum".into(),
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Snapshot::default(),
+            Err(e) => return Err(io_err(&snap_path)(e)),
+        };
+
+        let wal_path = Self::wal_path(dir);
+        let mut bytes = Vec::new();
+        match File::open(&wal_path) {
+            Ok(mut f) => {
+                f.read_to_end(&mut bytes).map_err(io_err(&wal_path))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&wal_path)(e)),
+        }
+        let mut entries = Vec::new();
+        let mut offset = 0usize;
+        while offset < bytes.len() {
+            let Some((payload, used)) = decode_frame(&bytes[offset..]) else {
+                break;
+            };
+            let Ok(entry) = serde_json::from_slice::<WalEntry>(payload) else {
+                break;
+            };
+            entries.push(entry);
+            offset += used;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&wal_path)
+            .map_err(io_err(&wal_path))?;
+        if offset < bytes.len() {
+            tracing::warn!(
+                path = %wal_path.display(),
+                kept_bytes = offset,
+                dropped_bytes = bytes.len() - offset,
+                "store log ends in a torn write; truncating it (that write was never acknowledged)"
+            );
+            file.set_len(offset as u64).map_err(io_err(&wal_path))?;
+            file.sync_all().map_err(io_err(&wal_path))?;
+        }
+        let mut file = file;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0))
+            .map_err(io_err(&wal_path))?;
+        let wal = Wal {
+            dir: dir.to_path_buf(),
+            file,
+            entries_since_snapshot: entries.len() as u64,
+        };
+        Ok((wal, snapshot, entries))
+    }
+
+    /// Durable once this returns.
+    pub fn append(&mut self, entry: &WalEntry) -> Result<(), StoreError> {
+        let payload = serde_json::to_vec(entry).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let frame = encode_frame(&payload);
+        let path = Self::wal_path(&self.dir);
+        self.file.write_all(&frame).map_err(io_err(&path))?;
+        self.file.sync_data().map_err(io_err(&path))?;
+        self.entries_since_snapshot += 1;
+        Ok(())
+    }
+
+    /// Writes `snapshot` atomically (temp file, fsync, rename) and empties the log.
+    pub fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let payload =
+            serde_json::to_vec(snapshot).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let frame = encode_frame(&payload);
+        let tmp = self.dir.join("store.snapshot.tmp");
+        {
+            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(&frame).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        let snap = Self::snapshot_path(&self.dir);
+        fs::rename(&tmp, &snap).map_err(io_err(&snap))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        // Every entry in the log is now in the snapshot: a crash before this truncate replays
+        // them onto the snapshot again, which is harmless because replay skips revisions the
+        // snapshot already has.
+        let wal_path = Self::wal_path(&self.dir);
+        self.file.set_len(0).map_err(io_err(&wal_path))?;
+        use std::io::Seek;
+        self.file
+            .seek(std::io::SeekFrom::Start(0))
+            .map_err(io_err(&wal_path))?;
+        self.file.sync_all().map_err(io_err(&wal_path))?;
+        self.entries_since_snapshot = 0;
+        Ok(())
+    }
+}
+
+fn encode_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 8);
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The payload and the frame's total length, or None if the frame is short or corrupt.
+fn decode_frame(bytes: &[u8]) -> Option<(&[u8], usize)> {
+    let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
+    if len > MAX_FRAME {
+        return None;
+    }
+    let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+    let payload = bytes.get(8..8 + len as usize)?;
+    (crc32fast::hash(payload) == crc).then_some((payload, 8 + len as usize))
+}
