@@ -165,8 +165,10 @@ pub fn client(global: &Global) -> anyhow::Result<Client> {
 
 fn load_stack(file: &FileArgs) -> anyhow::Result<dozen_spec::Stack> {
     dozen_spec::load(&file.file, file.env.as_deref()).map_err(|errors| {
+        // Each error already reads `file:line:col: error: ...`; print them as they are.
+        eprintln!("{errors}");
         anyhow::anyhow!(
-            "{errors}\n{} error(s) in {}; nothing was applied",
+            "{} error(s) in {}; nothing was applied",
             errors.len(),
             file.file.display()
         )

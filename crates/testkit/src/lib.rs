@@ -1,1 +1,351 @@
+//! Test harness for end-to-end tests: the real `dozen` binary in a temp dir, driven through its
+//! CLI, with an eventually-helper instead of sleeps, and cleanup of every task it started.
+#![forbid(unsafe_code)]
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Polls `f` every 50 ms until it returns `Some`, failing the test with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    u32::from_le_bytes(b)
+}
+
+/// A port free right now on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Sends a signal with the `kill` command (no unsafe code in tests).
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status();
+}
+
+/// Sends a signal to a whole process group.
+pub fn signal_group(pgid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args(["-s", sig, "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    // A zombie counts as dead.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = &s[s.rfind(')')? + 2..];
+            after
+                .split_whitespace()
+                .next()
+                .map(|st| st != "Z" && st != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// One dozen installation in a temp dir: its data dir, server address and processes.
+pub struct Dozen {
+    pub bin: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    /// Host ports handed to this installation's tasks (disjoint per test, by chance).
+    pub port_range: (u16, u16),
+    pub server: Option<Child>,
+    pub agents: Vec<Child>,
+}
+
+impl Dozen {
+    pub fn new(bin: &str) -> Dozen {
+        let block = (random_u32() % 200) as u16;
+        let lo = 30000 + block * 50;
+        Dozen {
+            bin: PathBuf::from(bin),
+            dir: tempfile::tempdir().expect("temp dir"),
+            port: free_port(),
+            port_range: (lo, lo + 49),
+            server: None,
+            agents: Vec::new(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, content).expect("write file");
+        p
+    }
+
+    fn log_file(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(name))
+            .expect("log file")
+    }
+
+    /// Starts `dozen server` (with its own agent unless `with_agent` is false) and waits until
+    /// it answers.
+    pub fn start_server(&mut self, with_agent: bool) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("server")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--port-range")
+            .arg(format!("{}-{}", self.port_range.0, self.port_range.1))
+            .arg("--node-name")
+            .arg("node-a")
+            .env("DOZEN_DATA_DIR", self.data_dir())
+            .env("DOZEN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(self.log_file("server.log"))
+            .stderr(self.log_file("server.log"));
+        if !with_agent {
+            cmd.arg("--no-agent");
+        }
+        self.server = Some(cmd.spawn().expect("spawn dozen server"));
+        let port = self.port;
+        eventually(Duration::from_secs(20), "server answers /healthz", || {
+            http_get(port, "/healthz").filter(|(s, _)| *s == 200)
+        });
+    }
+
+    /// Starts `dozen agent` as its own process, with its own data dir.
+    pub fn start_agent(&mut self, name: &str) -> u32 {
+        let token = self.token();
+        let child = Command::new(&self.bin)
+            .arg("agent")
+            .arg("--server")
+            .arg(self.url())
+            .arg("--port-range")
+            .arg(format!("{}-{}", self.port_range.0, self.port_range.1))
+            .arg("--node-name")
+            .arg(name)
+            .env("DOZEN_TOKEN", token)
+            .env(
+                "DOZEN_DATA_DIR",
+                self.dir.path().join(format!("agent-{name}")),
+            )
+            .stdin(Stdio::null())
+            .stdout(self.log_file(&format!("agent-{name}.log")))
+            .stderr(self.log_file(&format!("agent-{name}.log")))
+            .spawn()
+            .expect("spawn dozen agent");
+        let pid = child.id();
+        self.agents.push(child);
+        let dozen = &*self;
+        eventually(Duration::from_secs(20), "agent registers", || {
+            let nodes = dozen.json(&["nodes"]);
+            nodes
+                .as_array()?
+                .iter()
+                .any(|n| n["node"]["name"] == name)
+                .then_some(())
+        });
+        pid
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("token"))
+            .expect("token file")
+            .trim()
+            .to_string()
+    }
+
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn kill_server(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+
+    pub fn kill_agents(&mut self) {
+        for mut a in self.agents.drain(..) {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    /// Runs the CLI against this installation.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("DOZEN_SERVER", self.url())
+            .env("DOZEN_DATA_DIR", self.data_dir())
+            .env_remove("DOZEN_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dozen")
+    }
+
+    /// Runs the CLI and insists it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`dozen {}` failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI with `-o json` and parses its output (Null if it failed).
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut full = args.to_vec();
+        full.extend(["-o", "json"]);
+        let out = self.cli(&full);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// `ps -o json` tasks of `service` (service replicas only).
+    pub fn tasks(&self, service: &str) -> Vec<Value> {
+        let ps = self.json(&["ps"]);
+        ps["tasks"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter(|t| t["service"] == service && t["oneoff"] == false)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Tasks of `service` that run the current generation, healthy.
+    pub fn ready_tasks(&self, service: &str) -> Vec<Value> {
+        self.tasks(service)
+            .into_iter()
+            .filter(|t| {
+                t["desired"] == "run"
+                    && t["status"]["state"] == "running"
+                    && t["status"]["healthy"] == true
+                    && t["status"]["generation"] == t["generation"]
+            })
+            .collect()
+    }
+
+    /// Waits until `service` has exactly `n` tasks, all ready; returns them.
+    pub fn wait_ready(&self, service: &str, n: usize) -> Vec<Value> {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{n} ready tasks of {service}"),
+            || {
+                let all = self.tasks(service);
+                let ready = self.ready_tasks(service);
+                (all.len() == n && ready.len() == n).then_some(ready)
+            },
+        )
+    }
+
+    /// Every process started under this installation's shims: (shim pid, task pid).
+    pub fn shim_processes(&self) -> Vec<(u32, Option<u32>)> {
+        let mut out = Vec::new();
+        for tasks in task_dirs(self.dir.path()) {
+            let read = |f: &str| -> Option<u32> {
+                std::fs::read_to_string(tasks.join(f))
+                    .ok()?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            if let Some(shim) = read("shim.pid").filter(|p| process_alive(*p)) {
+                out.push((shim, read("task.pid").filter(|p| process_alive(*p))));
+            }
+        }
+        out
+    }
+}
+
+fn task_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.join("launch.json").exists() {
+                    out.push(p);
+                } else {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Dozen {
+    fn drop(&mut self) {
+        self.kill_server();
+        self.kill_agents();
+        // Tasks outlive dozen by design: end them so tests leave nothing behind.
+        for (shim, task) in self.shim_processes() {
+            if let Some(t) = task {
+                signal_group(t, "KILL");
+            }
+            signal(shim, "KILL");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! End-to-end: a real server and a real agent as separate processes, driven through the CLI.
+//! apply, plan diff, scale 1→10→2 from CLI and file, restart, rollback, run, crash backoff.
+
+use std::time::Duration;
+
+use dozen_testkit::{eventually, http_get, process_alive, Dozen};
+use serde_json::Value;
+
+const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
+const APP: &str = env!("CARGO_BIN_EXE_dozen-testapp");
+
+fn stack(web_replicas: u32, greeting: &str, extra: &str) -> String {
+    format!(
+        r#"
+name = "shop"
+
+[services.web]
+command = ["{APP}"]
+replicas = {web_replicas}
+stop_timeout = "2s"
+[services.web.env]
+GREETING = "{greeting}"
+[services.web.health]
+http = "/healthz"
+interval = "200ms"
+timeout = "100ms"
+[services.web.resources]
+cpu = "10m"
+memory = "16MiB"
+
+[services.worker]
+command = "echo worker up; while true; do sleep 1; done"
+port = false
+[services.worker.resources]
+cpu = "10m"
+memory = "16MiB"
+{extra}
+"#
+    )
+}
+
+fn pids(tasks: &[Value]) -> Vec<u64> {
+    let mut v: Vec<u64> = tasks
+        .iter()
+        .filter_map(|t| t["status"]["pid"].as_u64())
+        .collect();
+    v.sort();
+    v
+}
+
+fn port_of(task: &Value) -> u16 {
+    task["status"]["host_port"]
+        .as_u64()
+        .expect("task has a port") as u16
+}
+
+#[test]
+fn apply_plan_scale_restart_rollback_and_run() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(false);
+    d.start_agent("node-b");
+    d.write("dozen.toml", &stack(1, "v1", ""));
+
+    // plan on an empty store: everything is created, nothing is applied.
+    let plan = d.ok(&["plan"]);
+    assert!(plan.contains("+ web : create"), "{plan}");
+    assert!(plan.contains("+ worker : create"), "{plan}");
+    assert_eq!(d.json(&["ps"])["services"], serde_json::json!([]));
+
+    d.ok(&["apply"]);
+    let web = d.wait_ready("web", 1);
+    assert_eq!(
+        web[0]["node"], "node-b",
+        "the only node is the separate agent"
+    );
+    assert_eq!(web[0]["release"], 1);
+    let (status, body) = http_get(port_of(&web[0]), "/env/GREETING").expect("task answers");
+    assert_eq!((status, body.as_str()), (200, "v1"));
+    assert!(
+        d.ok(&["plan"]).contains("no changes"),
+        "plan after apply shows nothing to do"
+    );
+
+    // Scale 1 -> 10 -> 2 from the CLI.
+    d.ok(&["scale", "web=10"]);
+    let ten = d.wait_ready("web", 10);
+    let ports: std::collections::BTreeSet<u16> = ten.iter().map(port_of).collect();
+    assert_eq!(ports.len(), 10, "every task has its own host port");
+    d.ok(&["scale", "web=2"]);
+    let two = d.wait_ready("web", 2);
+    let kept = pids(&two);
+    for pid in pids(&ten).into_iter().filter(|p| !kept.contains(p)) {
+        eventually(Duration::from_secs(10), "scaled-in process exits", || {
+            (!process_alive(pid as u32)).then_some(())
+        });
+    }
+
+    // Scale from the file: plan shows the live count moving to the file's.
+    d.write("dozen.toml", &stack(3, "v1", ""));
+    let plan = d.ok(&["plan"]);
+    assert!(plan.contains("replicas: 2 -> 3"), "{plan}");
+    d.ok(&["apply"]);
+    d.wait_ready("web", 3);
+
+    // A changed env is a new release; its tasks replace the old ones.
+    d.write("dozen.toml", &stack(3, "v2", ""));
+    let plan = d.ok(&["plan"]);
+    assert!(plan.contains("~ web : update"), "{plan}");
+    assert!(plan.contains("env.GREETING: \"v1\" -> \"v2\""), "{plan}");
+    d.ok(&["apply"]);
+    let v2 = eventually(Duration::from_secs(30), "web runs release 2", || {
+        let t = d.wait_ready("web", 3);
+        t.iter().all(|t| t["release"] == 2).then_some(t)
+    });
+    assert_eq!(http_get(port_of(&v2[0]), "/env/GREETING").unwrap().1, "v2");
+
+    // Roll back to release 1: a new release #3 that repeats #1.
+    let out = d.ok(&["rollback", "web", "--to", "1"]);
+    assert!(out.contains("release #3 (rollback to 1)"), "{out}");
+    let v3 = eventually(Duration::from_secs(30), "web runs release 3", || {
+        let t = d.wait_ready("web", 3);
+        t.iter().all(|t| t["release"] == 3).then_some(t)
+    });
+    assert_eq!(http_get(port_of(&v3[0]), "/env/GREETING").unwrap().1, "v1");
+    let releases = d.json(&["releases", "web"]);
+    let causes: Vec<&str> = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(causes, ["apply", "apply", "rollback to 1"]);
+
+    // Restart replaces every task.
+    let before = pids(&v3);
+    d.ok(&["restart", "web"]);
+    eventually(Duration::from_secs(30), "every web task replaced", || {
+        let now = pids(&d.wait_ready("web", 3));
+        now.iter().all(|p| !before.contains(p)).then_some(())
+    });
+
+    // One-off task on the current release: output and exit code come back.
+    let out = d.cli(&[
+        "run",
+        "web",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo greeting=$GREETING; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "exit code passes through");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("greeting=v1"),
+        "one-off runs with the release's config: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let ok = d.cli(&["run", "worker", "--", "true"]);
+    assert_eq!(ok.status.code(), Some(0));
+    assert!(
+        d.tasks("web").iter().all(|t| t["oneoff"] == false),
+        "finished one-offs are cleaned up"
+    );
+
+    // Logs of a service come back through the agent, as text and as JSON.
+    let logs = d.ok(&["logs", "worker"]);
+    assert!(logs.contains("worker up"), "{logs}");
+    let json_logs = d.cli(&["logs", "web", "-o", "json", "--tail", "5"]);
+    let lines: Vec<Value> = String::from_utf8_lossy(&json_logs.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each log line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    assert!(lines.iter().all(|l| l["service"] == "web"));
+    assert!(d
+        .ok(&["logs", "web", "--since", "1h"])
+        .contains("GET /healthz"));
+
+    // down stops everything and removes the stack.
+    d.ok(&["down"]);
+    eventually(Duration::from_secs(30), "no tasks after down", || {
+        let ps = d.json(&["ps"]);
+        (ps["tasks"] == serde_json::json!([]) && ps["services"] == serde_json::json!([]))
+            .then_some(())
+    });
+    eventually(
+        Duration::from_secs(10),
+        "no task processes after down",
+        || d.shim_processes().is_empty().then_some(()),
+    );
+}
+
+#[test]
+fn crash_looping_tasks_back_off_without_disturbing_others() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    let crashing = r#"
+[services.crasher]
+command = "echo starting; exit 3"
+port = false
+[services.crasher.resources]
+cpu = "10m"
+memory = "16MiB"
+"#;
+    d.write("dozen.toml", &stack(2, "v1", crashing));
+    d.ok(&["apply", "--no-wait"]);
+    let web = d.wait_ready("web", 2);
+    let web_pids = pids(&web);
+
+    // The crasher restarts, each time later than the one before.
+    let crasher = eventually(Duration::from_secs(30), "crasher restarted 5 times", || {
+        d.tasks("crasher")
+            .into_iter()
+            .find(|t| t["restarts"].as_u64() >= Some(5))
+    });
+    assert!(
+        crasher["start_delay_ms"].as_u64() >= Some(2000),
+        "the fifth restart waits at least two seconds: {crasher}"
+    );
+    // The gaps between its starts, as its own log lines record them, grow.
+    let logs = d.cli(&["logs", "crasher", "-o", "json"]);
+    let starts: Vec<u64> = String::from_utf8_lossy(&logs.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["line"] == "starting")
+        .filter_map(|l| l["ts_ms"].as_u64())
+        .collect();
+    assert!(starts.len() >= 4, "{starts:?}");
+    let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] < 450, "the first restart is immediate: {gaps:?}");
+    assert!(gaps[1] >= 450, "then it backs off: {gaps:?}");
+    assert!(gaps[2] >= 950, "and doubles: {gaps:?}");
+
+    // The healthy service never noticed.
+    assert_eq!(pids(&d.wait_ready("web", 2)), web_pids);
+    assert!(web.iter().all(|t| t["restarts"] == 0));
+}
+
+#[test]
+fn the_api_refuses_requests_without_the_token() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(false);
+    let (status, _) = http_get(d.port, "/v1/services").unwrap();
+    assert_eq!(status, 401);
+    let (status, body) = http_get(d.port, "/healthz").unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let out = d.cli(&["ps", "--token", "wrong"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing or wrong API token"), "{err}");
+    let mode = std::fs::metadata(d.data_dir().join("token")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    let log = std::fs::read_to_string(d.path("server.log")).unwrap();
+    assert!(
+        log.contains("refused request without a valid token"),
+        "{log}"
+    );
+}
+
+#[test]
+fn malformed_stack_files_are_refused_and_nothing_is_applied() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(false);
+    let cases: &[(&str, &[u8], &str)] = &[
+        ("syntax.toml", b"name = \"x\"\n[services.web\ncommand = \"a\"\n", "syntax.toml:2:"),
+        (
+            "unknown.toml",
+            b"name = \"x\"\n[services.web]\ncommand = \"a\"\nreplica = 2\n",
+            "did you mean `replicas`",
+        ),
+        (
+            "duration.toml",
+            b"name = \"x\"\n[services.web]\ncommand = \"a\"\nstop_timeout = \"ten\"\n",
+            "duration.toml:4:",
+        ),
+        (
+            "size.toml",
+            b"name = \"x\"\n[services.web]\ncommand = \"a\"\n[services.web.resources]\nmemory = \"lots\"\n",
+            "size.toml:5:",
+        ),
+        (
+            "routes.toml",
+            b"name = \"x\"\n[services.a]\ncommand = \"a\"\n[[services.a.routes]]\npath = \"/x\"\n[services.b]\ncommand = \"b\"\n[[services.b.routes]]\npath = \"/x\"\n",
+            "routes.toml:8:",
+        ),
+        ("missing.toml", b"name = \"x\"\n[services.web]\nreplicas = 1\n", "missing.toml:2:"),
+        (
+            "range.toml",
+            b"name = \"x\"\n[services.web]\ncommand = \"a\"\nreplicas = 5000\n",
+            "range.toml:4:",
+        ),
+        ("slash.toml", b"name = \"a/../b\"\n[services.web]\ncommand = \"a\"\n", "slash.toml:1:"),
+        ("garbage.toml", &[0xff, 0xfe, 0x00, 0x13, 0x37, b'\n', 0x80], "garbage.toml:1:"),
+    ];
+    for (name, content, expect) in cases {
+        let path = d.path(name);
+        std::fs::write(&path, content).unwrap();
+        for verb in ["plan", "apply"] {
+            let out = d.cli(&[verb, "-f", path.to_str().unwrap()]);
+            assert_eq!(out.status.code(), Some(1), "{verb} {name} must fail");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(expect),
+                "{verb} {name}: expected `{expect}` in:\n{err}"
+            );
+            assert!(err.contains("hint:"), "{verb} {name} gives a hint:\n{err}");
+            assert!(err.contains("nothing was applied"), "{err}");
+        }
+    }
+    let ps = d.json(&["ps"]);
+    assert_eq!(ps["services"], serde_json::json!([]), "nothing was applied");
+}

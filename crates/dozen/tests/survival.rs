@@ -1,0 +1,184 @@
+//! End-to-end: processes killed with SIGKILL at awkward moments. Tasks outlive the server and
+//! the agent (their shims hold them), nothing starts twice, and a killed task comes back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dozen_testkit::{eventually, process_alive, signal, Dozen};
+use serde_json::Value;
+
+const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
+const APP: &str = env!("CARGO_BIN_EXE_dozen-testapp");
+
+fn stack() -> String {
+    format!(
+        r#"
+name = "survivors"
+
+[services.web]
+command = ["{APP}"]
+replicas = 3
+[services.web.health]
+http = "/healthz"
+interval = "200ms"
+timeout = "100ms"
+[services.web.resources]
+cpu = "10m"
+memory = "16MiB"
+
+[services.ticker]
+command = "while true; do echo tick; sleep 0.2; done"
+port = false
+[services.ticker.resources]
+cpu = "10m"
+memory = "16MiB"
+"#
+    )
+}
+
+/// task id -> pid of every running task.
+fn running(d: &Dozen) -> BTreeMap<String, u64> {
+    let ps = d.json(&["ps"]);
+    ps["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["status"]["state"] == "running")
+        .filter_map(|t| {
+            Some((
+                t["task"].as_str()?.to_string(),
+                t["status"]["pid"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+/// `ps` must describe exactly the processes that exist: one shim and one task per task.
+fn assert_ps_matches_processes(d: &Dozen, expected: &BTreeMap<String, u64>) {
+    let mut from_shims: Vec<u64> = d
+        .shim_processes()
+        .into_iter()
+        .map(|(_, task)| u64::from(task.expect("every shim has a live task")))
+        .collect();
+    from_shims.sort();
+    let mut from_ps: Vec<u64> = expected.values().copied().collect();
+    from_ps.sort();
+    assert_eq!(from_shims, from_ps, "no duplicate or missing processes");
+    for pid in from_ps {
+        assert!(process_alive(pid as u32));
+    }
+}
+
+fn all_adopted_by_new_agent(d: &Dozen, old_instance: &Value) -> Option<BTreeMap<String, u64>> {
+    let ps = d.json(&["ps"]);
+    let tasks = ps["tasks"].as_array()?;
+    let ok = tasks.len() == 4
+        && tasks.iter().all(|t| {
+            t["status"]["state"] == "running"
+                && t["status"]["adopted"] == true
+                && &t["status"]["agent_instance"] != old_instance
+        });
+    ok.then(|| running(d))
+}
+
+#[test]
+fn kill_9_of_the_server_keeps_every_task_and_readopts_it() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write("dozen.toml", &stack());
+    d.ok(&["apply"]);
+    d.wait_ready("web", 3);
+    let before = eventually(Duration::from_secs(20), "4 running tasks", || {
+        let r = running(&d);
+        (r.len() == 4).then_some(r)
+    });
+    let instance = d.json(&["ps"])["tasks"][0]["status"]["agent_instance"].clone();
+    assert_ps_matches_processes(&d, &before);
+
+    d.kill_server();
+    for pid in before.values() {
+        assert!(process_alive(*pid as u32), "task {pid} survives the server");
+    }
+    // The ticker keeps writing while nobody supervises it: its shim owns the pipe.
+    let ticker_log = |d: &Dozen| -> usize {
+        let dir = d.data_dir().join("agent/tasks");
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ticker-"))
+            .map(|e| std::fs::read_to_string(e.path().join("output.log")).unwrap_or_default())
+            .map(|s| s.matches("tick").count())
+            .sum()
+    };
+    let ticks = ticker_log(&d);
+    eventually(
+        Duration::from_secs(10),
+        "ticker logs while the server is down",
+        || (ticker_log(&d) > ticks + 2).then_some(()),
+    );
+
+    d.start_server(true);
+    let after = eventually(Duration::from_secs(20), "tasks re-adopted", || {
+        all_adopted_by_new_agent(&d, &instance)
+    });
+    assert_eq!(
+        after, before,
+        "same tasks, same pids: nothing started twice"
+    );
+    assert_ps_matches_processes(&d, &after);
+    let nodes = d.json(&["nodes"]);
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        1,
+        "the node is alive: {nodes}"
+    );
+    // And the re-adopted tasks are still managed: scaling works.
+    d.ok(&["scale", "web=1"]);
+    d.wait_ready("web", 1);
+}
+
+#[test]
+fn kill_9_of_a_task_restarts_it() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write("dozen.toml", &stack());
+    d.ok(&["apply"]);
+    let web = d.wait_ready("web", 3);
+    let victim = web[0]["task"].as_str().unwrap().to_string();
+    let pid = web[0]["status"]["pid"].as_u64().unwrap();
+    signal(pid as u32, "KILL");
+    let back = eventually(Duration::from_secs(20), "killed task restarted", || {
+        d.ready_tasks("web")
+            .into_iter()
+            .find(|t| t["task"] == victim.as_str() && t["status"]["pid"].as_u64() != Some(pid))
+    });
+    assert_eq!(back["generation"], 2);
+    assert_eq!(back["restarts"], 1);
+    assert_eq!(d.tasks("web").len(), 3, "replaced in place, not duplicated");
+    assert!(!process_alive(pid as u32));
+}
+
+#[test]
+fn kill_9_of_an_agent_leaves_its_tasks_running() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(false);
+    d.start_agent("node-b");
+    d.write("dozen.toml", &stack());
+    d.ok(&["apply"]);
+    d.wait_ready("web", 3);
+    let before = eventually(Duration::from_secs(20), "4 running tasks", || {
+        let r = running(&d);
+        (r.len() == 4).then_some(r)
+    });
+    let instance = d.json(&["ps"])["tasks"][0]["status"]["agent_instance"].clone();
+    d.kill_agents();
+    for pid in before.values() {
+        assert!(process_alive(*pid as u32), "task {pid} survives its agent");
+    }
+    d.start_agent("node-b");
+    let after = eventually(Duration::from_secs(20), "tasks re-adopted", || {
+        all_adopted_by_new_agent(&d, &instance)
+    });
+    assert_eq!(after, before);
+    assert_ps_matches_processes(&d, &after);
+}
