@@ -48,6 +48,27 @@ pub fn setsid() -> io::Result<()> {
     }
 }
 
+/// Makes the child `cmd` will start join the cgroups whose `cgroup.procs` files are given, before
+/// it execs: the task is limited from its first instruction, and its supervisor is not.
+pub fn join_cgroups_before_exec(cmd: &mut std::process::Command, procs: Vec<std::path::PathBuf>) {
+    use std::os::unix::process::CommandExt;
+    if procs.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec. The shim forks while it has a
+    // single thread (its pipe readers start after the spawn), so allocating here cannot
+    // deadlock on a lock held by another thread; it only opens and writes files.
+    unsafe {
+        cmd.pre_exec(move || {
+            for p in &procs {
+                // "0" moves the writing process (this child) into the group.
+                std::fs::write(p, "0")?;
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A file descriptor that becomes readable when process `pid` exits (Linux pidfd).
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) with flags 0 returns a new fd or -1.
@@ -66,6 +87,62 @@ pub async fn pidfd_wait(fd: OwnedFd) -> io::Result<()> {
     let async_fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)?;
     let _guard = async_fd.readable().await?;
     Ok(())
+}
+
+/// Drops this process's resident copies of clean file pages (code and read-only data of the
+/// binary and its shared libraries).
+///
+/// The shim runs from the full dozen binary; start-up touches code it never runs again, and the
+/// kernel maps neighbouring pages around every fault. Only mappings that hold no anonymous
+/// (copied-on-write) page are trimmed: every page there is an unchanged page of the file, so
+/// dropping it loses nothing and the next access faults it in again from the page cache.
+/// MADV_RANDOM then keeps later faults from mapping their neighbours too.
+pub fn trim_clean_file_pages() {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return;
+    };
+    let mut current: Option<(usize, usize, bool)> = None;
+    let mut candidates = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            if let Some(c) = current.take() {
+                candidates.push(c);
+            }
+            let mut fields = line.split_whitespace();
+            let perms = fields.nth(1).unwrap_or("");
+            let path = fields.nth(3).unwrap_or("");
+            let file_backed = path.starts_with('/') && !perms.contains('w') && perms.ends_with('p');
+            if let (Ok(s), Ok(e)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) {
+                current = Some((s, e, file_backed));
+            }
+        } else if let Some(kib) = line.strip_prefix("Anonymous:") {
+            if kib.trim() != "0 kB" {
+                if let Some(c) = current.as_mut() {
+                    c.2 = false;
+                }
+            }
+        }
+    }
+    if let Some(c) = current {
+        candidates.push(c);
+    }
+    for (start, end, clean) in candidates {
+        if !clean {
+            continue;
+        }
+        // SAFETY: [start, end) is a whole private, non-writable file mapping of this process
+        // with no anonymous page (per /proc/self/smaps): MADV_DONTNEED only drops page-table
+        // entries of unchanged file pages, which fault in again from the page cache.
+        unsafe {
+            let addr = start as *mut libc::c_void;
+            libc::madvise(addr, end - start, libc::MADV_DONTNEED);
+            libc::madvise(addr, end - start, libc::MADV_RANDOM);
+        }
+    }
 }
 
 /// The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the

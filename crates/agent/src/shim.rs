@@ -26,6 +26,9 @@ use crate::os;
 
 /// Longest log line kept whole; longer ones are split.
 const MAX_LINE: usize = 64 * 1024;
+/// When the shim gives back code pages again after start-up, and how often after that.
+const TRIM_FIRST: Duration = Duration::from_secs(2);
+const TRIM_EVERY: Duration = Duration::from_secs(60);
 /// How often buffered log lines are written and fsynced.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
@@ -36,7 +39,7 @@ pub struct Launch {
     pub cwd: Option<PathBuf>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    /// `cgroup.procs` files the shim joins before starting the task (limits apply to both).
+    /// `cgroup.procs` files the task joins before it execs (the shim stays outside).
     pub cgroup_procs: Vec<PathBuf>,
 }
 
@@ -171,11 +174,6 @@ pub fn main(dir: &Path) -> i32 {
         );
         0
     };
-    for procs in &launch.cgroup_procs {
-        if let Err(e) = std::fs::write(procs, std::process::id().to_string()) {
-            return fail(format!("cannot join cgroup {}: {e}", procs.display()));
-        }
-    }
     let log = match OpenOptions::new()
         .create(true)
         .append(true)
@@ -195,6 +193,7 @@ pub fn main(dir: &Path) -> i32 {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    os::join_cgroups_before_exec(&mut cmd, launch.cgroup_procs.clone());
     if let Some(cwd) = &launch.cwd {
         cmd.current_dir(cwd);
     }
@@ -236,13 +235,24 @@ pub fn main(dir: &Path) -> i32 {
     drop(done_tx);
     {
         let sink = sink.clone();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(FLUSH_EVERY);
-            if let Ok(mut s) = sink.lock() {
-                s.flush();
+        std::thread::spawn(move || {
+            // Trim again once start-up is behind us, then now and then: what stays resident
+            // is what the steady state (read a line, append, fsync) actually runs.
+            let mut next_trim = std::time::Instant::now() + TRIM_FIRST;
+            loop {
+                std::thread::sleep(FLUSH_EVERY);
+                if let Ok(mut s) = sink.lock() {
+                    s.flush();
+                }
+                if std::time::Instant::now() >= next_trim {
+                    os::trim_clean_file_pages();
+                    next_trim = std::time::Instant::now() + TRIM_EVERY;
+                }
             }
         });
     }
+    // Everything is set up: give back the code pages start-up touched.
+    os::trim_clean_file_pages();
     let status = child.wait();
     // The pipes close when the task exits, unless something it started keeps them open:
     // then do not wait for that forever.

@@ -163,7 +163,7 @@ pub fn client(global: &Global) -> anyhow::Result<Client> {
     Ok(Client::new(&global.server, &token))
 }
 
-fn load_stack(file: &FileArgs) -> anyhow::Result<dozen_spec::Stack> {
+pub fn load_stack(file: &FileArgs) -> anyhow::Result<dozen_spec::Stack> {
     dozen_spec::load(&file.file, file.env.as_deref()).map_err(|errors| {
         // Each error already reads `file:line:col: error: ...`; print them as they are.
         eprintln!("{errors}");

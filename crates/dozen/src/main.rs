@@ -74,6 +74,9 @@ pub enum LogFormat {
 enum Command {
     /// Run the control plane (API, store, controllers) and, unless --no-agent, a node agent.
     Server(serve::ServerArgs),
+    /// Bring a stack up in the foreground: server, agent and the stack file applied; Ctrl-C
+    /// stops it.
+    Up(serve::UpArgs),
     /// Run a node agent that takes work from a server.
     Agent(serve::AgentArgs),
     /// Show what `apply` would change, changing nothing (scale drift included).
@@ -142,7 +145,10 @@ fn main() -> ExitCode {
         }
     };
     let global = cli.global.clone();
-    let daemon = matches!(cli.command, Command::Server(_) | Command::Agent(_));
+    let daemon = matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Up(_)
+    );
     if daemon {
         init_logging(&global);
     }
@@ -150,6 +156,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server(a) => serve::server(&global, a).await.map(|_| 0),
             Command::Agent(a) => serve::agent(&global, a).await.map(|_| 0),
+            Command::Up(a) => serve::up(&global, a).await,
             Command::Plan(a) => commands::plan(&global, a).await,
             Command::Apply(a) => commands::apply(&global, a).await,
             Command::Ps(a) => commands::ps(&global, a).await,

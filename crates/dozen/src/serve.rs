@@ -161,7 +161,15 @@ fn agent_config(
     })
 }
 
-pub async fn server(global: &Global, args: ServerArgs) -> anyhow::Result<()> {
+/// A running control plane (and agent) inside this process.
+pub struct Running {
+    pub address: SocketAddr,
+    pub token: String,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the store, starts the controller, the API and (unless `no_agent`) an agent.
+pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<Running> {
     let data = &global.data_dir;
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create data dir {}", data.display()))?;
@@ -200,7 +208,7 @@ pub async fn server(global: &Global, args: ServerArgs) -> anyhow::Result<()> {
         let config = agent_config(
             &args.agent,
             format!("http://{address}"),
-            token,
+            token.clone(),
             data.join("agent"),
         )?;
         tokio::spawn(async move {
@@ -209,17 +217,82 @@ pub async fn server(global: &Global, args: ServerArgs) -> anyhow::Result<()> {
             }
         });
     }
+    Ok(Running {
+        address,
+        token,
+        api,
+    })
+}
+
+pub async fn server(global: &Global, args: ServerArgs) -> anyhow::Result<()> {
+    let running = start_server(global, &args).await?;
     tokio::select! {
         _ = shutdown_signal() => {
             tracing::info!("shutting down; tasks keep running (use `dozen down` to stop them)");
         }
-        r = api => {
+        r = running.api => {
             if let Ok(Err(e)) = r {
                 bail!("API server failed: {e}");
             }
         }
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub file: crate::commands::FileArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `dozen up`: a server and agent in this process, the stack applied, until Ctrl-C.
+pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
+    let stack = crate::commands::load_stack(&args.file)?;
+    let running = start_server(global, &args.server).await?;
+    let api = dozen_api::Client::new(&format!("http://{}", running.address), &running.token);
+    let services: Vec<String> = stack.services.keys().cloned().collect();
+    let name = stack.name.clone();
+    let _: dozen_control::desired::ApplyOutcome = api
+        .post(
+            "/v1/apply",
+            &dozen_api::ApplyRequest {
+                stack,
+                artifacts: Default::default(),
+            },
+        )
+        .await?;
+    crate::commands::wait_converged(&api, &services, Duration::from_secs(120), true).await?;
+    let tasks: Vec<dozen_api::TaskInfo> = api.get("/v1/tasks").await?;
+    println!("\nstack `{name}` is up (API http://{}):", running.address);
+    for t in &tasks {
+        let port = t
+            .status
+            .as_ref()
+            .and_then(|s| s.host_port)
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .unwrap_or_else(|| "(no port)".into());
+        println!("  {:<24} {:<10} {port}", t.task, t.service);
+    }
+    println!(
+        "\nlook around from another shell (same directory):\n  dozen ps\n  dozen logs {} -f\n  dozen scale {}=3\nCtrl-C stops the stack.",
+        services.first().cloned().unwrap_or_default(),
+        services.first().cloned().unwrap_or_default()
+    );
+    shutdown_signal().await;
+    eprintln!("stopping stack `{name}`...");
+    let _: Vec<String> = api.delete(&format!("/v1/stacks/{name}")).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let tasks: Vec<dozen_api::TaskInfo> = api.get("/v1/tasks").await?;
+        if tasks.is_empty() || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("stopped");
+    Ok(0)
 }
 
 pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {

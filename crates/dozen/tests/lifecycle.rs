@@ -197,9 +197,6 @@ fn crash_looping_tasks_back_off_without_disturbing_others() {
 [services.crasher]
 command = "echo starting; exit 3"
 port = false
-[services.crasher.resources]
-cpu = "10m"
-memory = "16MiB"
 "#;
     d.write("dozen.toml", &stack(2, "v1", crashing));
     d.ok(&["apply", "--no-wait"]);
@@ -309,4 +306,47 @@ fn malformed_stack_files_are_refused_and_nothing_is_applied() {
     }
     let ps = d.json(&["ps"]);
     assert_eq!(ps["services"], serde_json::json!([]), "nothing was applied");
+}
+
+#[test]
+fn tasks_get_port_and_config_but_nothing_of_dozens_own_environment() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write("dozen.toml", &stack(1, "v1", ""));
+    d.ok(&["apply"]);
+    let web = d.wait_ready("web", 1);
+    let port = port_of(&web[0]);
+    assert_eq!(http_get(port, "/env/PORT").unwrap().1, port.to_string());
+    assert_eq!(http_get(port, "/env/GREETING").unwrap().1, "v1");
+    let pid = web[0]["status"]["pid"].as_u64().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    let token = d.token();
+    assert!(
+        !environ.contains(&token),
+        "the API token never reaches a task"
+    );
+    assert!(!environ.contains("DOZEN_DATA_DIR"), "{environ}");
+    assert!(!environ.contains("DOZEN_LOG"), "{environ}");
+
+    // Resource limits, where the machine has writable cgroup v1 memory and cpu controllers.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let memory = cgroups
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
+    match memory.filter(|p| p.contains("dozen")) {
+        Some(path) => {
+            let limit = std::fs::read_to_string(format!(
+                "/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
+            ))
+            .unwrap();
+            assert_eq!(limit.trim(), (16 * 1024 * 1024).to_string());
+        }
+        None if std::env::var_os("CI").is_some()
+            && std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() =>
+        {
+            panic!("cgroup v1 memory is mounted but the task is not in a dozen group: {cgroups}")
+        }
+        None => eprintln!("note: no writable cgroup v1 memory controller here; limits not checked"),
+    }
 }
