@@ -25,6 +25,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+pub mod bundle;
 pub mod cgroups;
 pub mod driver;
 pub mod health;
@@ -80,6 +81,43 @@ impl Shared {
     fn tasks_dir(&self) -> PathBuf {
         self.config.data_dir.join("tasks")
     }
+
+    /// The unpacked artifact bundle `digest`, fetched from the server the first time.
+    async fn artifact_dir(&self, digest: &str) -> Result<PathBuf, String> {
+        let hex = dozen_store_digest_hex(digest)?;
+        let root = self.config.data_dir.join("artifacts");
+        let dir = root.join(hex);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let bytes = self
+            .client
+            .download_blob(digest)
+            .await
+            .map_err(|e| format!("cannot fetch artifact {digest}: {e}"))?;
+        let tmp = root.join(format!(".partial-{hex}-{}", random_id()));
+        let unpacked = bundle::unpack(&bytes, &tmp).and_then(|_| {
+            std::fs::rename(&tmp, &dir).map_err(|source| bundle::BundleError::Io {
+                path: dir.display().to_string(),
+                source,
+            })
+        });
+        if let Err(e) = unpacked {
+            let _ = std::fs::remove_dir_all(&tmp);
+            // Another runner may have unpacked the same bundle first.
+            if !dir.is_dir() {
+                return Err(format!("cannot unpack artifact {digest}: {e}"));
+            }
+        }
+        Ok(dir)
+    }
+}
+
+fn dozen_store_digest_hex(digest: &str) -> Result<&str, String> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| format!("`{digest}` is not an artifact digest"))
 }
 
 fn random_id() -> String {
@@ -667,13 +705,17 @@ impl Runner {
                 Vec::new()
             }
         };
+        let cwd = match &a.artifact_digest {
+            Some(digest) => Some(self.shared.artifact_dir(digest).await?),
+            None => None,
+        };
         self.save_record();
         let config = TaskConfig {
             dir: self.dir.clone(),
             launch: shim::Launch {
                 argv,
                 env,
-                cwd: None,
+                cwd,
                 uid,
                 gid,
                 cgroup_procs,

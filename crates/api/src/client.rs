@@ -161,6 +161,38 @@ impl Client {
         self.json(resp, path).await
     }
 
+    /// Uploads an artifact bundle unless the server has it already; returns its digest.
+    pub async fn upload_blob(&self, bytes: Vec<u8>) -> Result<String, ApiError> {
+        let digest = dozen_store::blob::sha256_digest(&bytes);
+        let path = format!("/v1/blobs/{digest}");
+        match self.send(self.http.head(self.url(&path)), &path).await {
+            Ok(_) => return Ok(digest),
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return Err(e),
+        }
+        self.send(self.http.put(self.url(&path)).body(bytes), &path)
+            .await?;
+        Ok(digest)
+    }
+
+    /// Downloads a blob and checks that its content matches its digest.
+    pub async fn download_blob(&self, digest: &str) -> Result<Vec<u8>, ApiError> {
+        let path = format!("/v1/blobs/{digest}");
+        let resp = self.send(self.http.get(self.url(&path)), &path).await?;
+        let bytes = resp.bytes().await.map_err(|e| ApiError::Unreachable {
+            url: self.url(&path),
+            detail: root_cause(&e),
+        })?;
+        let actual = dozen_store::blob::sha256_digest(&bytes);
+        if actual != digest {
+            return Err(ApiError::Protocol {
+                url: self.url(&path),
+                detail: format!("blob content hashes to {actual}"),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
     /// A stream of newline-delimited JSON values from `path`.
     pub async fn ndjson<T: DeserializeOwned + Send + 'static, Q: Serialize>(
         &self,

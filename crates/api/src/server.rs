@@ -18,6 +18,7 @@ use dozen_control::controller::Problems;
 use dozen_control::snapshot::Snapshot;
 use dozen_control::{desired, ControlError};
 use dozen_model::{decode, encode, keys, Assignment, NodeRecord, TaskStatus, SCHEMA};
+use dozen_store::blob::{BlobError, BlobStore};
 use dozen_store::{Compare, Op, Store, StoreError, Txn, WatchMessage};
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -31,6 +32,7 @@ use crate::{
 
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    pub blobs: Arc<dyn BlobStore>,
     pub token: String,
     pub problems: watch::Receiver<Problems>,
     /// How long a node stays alive without a heartbeat.
@@ -42,12 +44,14 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         store: Arc<dyn Store>,
+        blobs: Arc<dyn BlobStore>,
         token: String,
         problems: watch::Receiver<Problems>,
         node_ttl: Duration,
     ) -> Self {
         AppState {
             store,
+            blobs,
             token,
             problems,
             node_ttl,
@@ -81,6 +85,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{task}", get(get_task).delete(remove_task))
         .route("/v1/logs", get(logs))
+        .route(
+            "/v1/blobs/{digest}",
+            get(get_blob)
+                .head(has_blob)
+                .put(put_blob)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BLOB_BYTES)),
+        )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}/register", post(register))
         .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
@@ -762,6 +773,77 @@ async fn fetch_agent_logs(
         .split(|b| *b == b'\n')
         .filter_map(|l| serde_json::from_slice(l).ok())
         .collect())
+}
+
+/// Largest artifact bundle accepted.
+const MAX_BLOB_BYTES: usize = 512 * 1024 * 1024;
+
+impl From<BlobError> for ApiFailure {
+    fn from(e: BlobError) -> Self {
+        let status = match e {
+            BlobError::BadDigest(_) | BlobError::Mismatch { .. } => StatusCode::BAD_REQUEST,
+            BlobError::Io { .. } => {
+                tracing::error!(error = %e, "blob store failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiFailure::from_response(error(status, e.to_string(), None))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ApiFailure::from_response(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "blob task failed".into(),
+            None,
+        ))),
+    }
+}
+
+async fn has_blob(
+    State(s): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+) -> ApiResult<StatusCode> {
+    let blobs = s.blobs.clone();
+    let found = blocking(move || blobs.contains(&digest)).await?;
+    Ok(if found {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    })
+}
+
+async fn get_blob(
+    State(s): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+) -> ApiResult<Response> {
+    let blobs = s.blobs.clone();
+    let name = digest.clone();
+    match blocking(move || blobs.get(&name)).await? {
+        Some(bytes) => Ok(Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(Body::from(bytes))
+            .unwrap_or_default()),
+        None => Err(ControlError::NotFound {
+            kind: "blob",
+            name: digest,
+        }
+        .into()),
+    }
+}
+
+async fn put_blob(
+    State(s): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let blobs = s.blobs.clone();
+    blocking(move || blobs.put(&digest, &body)).await?;
+    Ok(StatusCode::CREATED)
 }
 
 /// Keeps the map of problems that `dozen services` shows when no controller runs here.

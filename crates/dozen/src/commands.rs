@@ -175,6 +175,37 @@ pub fn load_stack(file: &FileArgs) -> anyhow::Result<dozen_spec::Stack> {
     })
 }
 
+/// Packs each service's `artifact` directory (relative to the stack file) into a bundle;
+/// uploads it when `api` is given. Returns service -> digest.
+pub async fn artifacts(
+    file: &FileArgs,
+    stack: &dozen_spec::Stack,
+    api: Option<&Client>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let base = file
+        .file
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for (name, svc) in &stack.services {
+        let Some(dir) = &svc.artifact else { continue };
+        let path = base.join(dir);
+        let bytes = dozen_agent::bundle::pack_dir(&path).with_context(|| {
+            format!(
+                "service `{name}`: cannot bundle its artifact directory {}",
+                path.display()
+            )
+        })?;
+        let digest = match api {
+            Some(api) => api.upload_blob(bytes).await?,
+            None => dozen_store::blob::sha256_digest(&bytes),
+        };
+        out.insert(name.clone(), digest);
+    }
+    Ok(out)
+}
+
 fn print_plan(plan: &Plan) {
     println!("stack {}", plan.stack);
     for sp in &plan.services {
@@ -217,14 +248,9 @@ fn print_plan(plan: &Plan) {
 pub async fn plan(global: &Global, args: FileArgs) -> anyhow::Result<i32> {
     let stack = load_stack(&args)?;
     let api = client(global)?;
+    let artifacts = artifacts(&args, &stack, None).await?;
     let plan: Plan = api
-        .post(
-            "/v1/plan",
-            &ApplyRequest {
-                stack,
-                artifacts: BTreeMap::new(),
-            },
-        )
+        .post("/v1/plan", &ApplyRequest { stack, artifacts })
         .await?;
     output::listing(global.output, &plan, || print_plan(&plan));
     Ok(0)
@@ -234,14 +260,9 @@ pub async fn apply(global: &Global, args: ApplyArgs) -> anyhow::Result<i32> {
     let stack = load_stack(&args.file)?;
     let api = client(global)?;
     let services: Vec<String> = stack.services.keys().cloned().collect();
+    let artifacts = artifacts(&args.file, &stack, Some(&api)).await?;
     let outcome: ApplyOutcome = api
-        .post(
-            "/v1/apply",
-            &ApplyRequest {
-                stack,
-                artifacts: BTreeMap::new(),
-            },
-        )
+        .post("/v1/apply", &ApplyRequest { stack, artifacts })
         .await?;
     if global.output == Output::Table {
         print_plan(&outcome.plan);

@@ -196,8 +196,15 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         problems: problems_tx,
     };
     tokio::spawn(controller.run());
+    let blobs = dozen_store::blob::FsBlobStore::new(data.join("blobs")).with_context(|| {
+        format!(
+            "cannot open the blob store in {}",
+            data.join("blobs").display()
+        )
+    })?;
     let state = Arc::new(dozen_api::server::AppState::new(
         store.clone(),
+        Arc::new(blobs),
         token.clone(),
         problems_rx,
         args.node_ttl,
@@ -254,14 +261,9 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
     let api = dozen_api::Client::new(&format!("http://{}", running.address), &running.token);
     let services: Vec<String> = stack.services.keys().cloned().collect();
     let name = stack.name.clone();
+    let artifacts = crate::commands::artifacts(&args.file, &stack, Some(&api)).await?;
     let _: dozen_control::desired::ApplyOutcome = api
-        .post(
-            "/v1/apply",
-            &dozen_api::ApplyRequest {
-                stack,
-                artifacts: Default::default(),
-            },
-        )
+        .post("/v1/apply", &dozen_api::ApplyRequest { stack, artifacts })
         .await?;
     crate::commands::wait_converged(&api, &services, Duration::from_secs(120), true).await?;
     let tasks: Vec<dozen_api::TaskInfo> = api.get("/v1/tasks").await?;

@@ -350,3 +350,61 @@ fn tasks_get_port_and_config_but_nothing_of_dozens_own_environment() {
         None => eprintln!("note: no writable cgroup v1 memory controller here; limits not checked"),
     }
 }
+
+#[test]
+fn an_artifact_directory_becomes_a_content_addressed_release() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(false);
+    d.start_agent("node-b");
+    std::fs::create_dir_all(d.path("site/conf")).unwrap();
+    d.write("site/conf/message.txt", "first edition");
+    d.write(
+        "dozen.toml",
+        r#"
+name = "pages"
+[services.static]
+artifact = "site"
+command = "cat conf/message.txt; echo; while true; do sleep 1; done"
+port = false
+"#,
+    );
+    d.ok(&["apply"]);
+    let releases = d.json(&["releases", "static"]);
+    let first = releases[0]["artifact_digest"].as_str().unwrap().to_string();
+    assert!(first.starts_with("sha256:"), "{releases}");
+    assert_eq!(releases[0]["reproducible"], true);
+    eventually(
+        Duration::from_secs(10),
+        "task prints the bundled file",
+        || {
+            d.ok(&["logs", "static"])
+                .contains("first edition")
+                .then_some(())
+        },
+    );
+    assert!(
+        d.ok(&["plan"]).contains("no changes"),
+        "same content, same digest"
+    );
+
+    d.write("site/conf/message.txt", "second edition");
+    let plan = d.ok(&["plan"]);
+    assert!(plan.contains("artifact_digest"), "{plan}");
+    d.ok(&["apply"]);
+    let releases = d.json(&["releases", "static"]);
+    assert_eq!(releases.as_array().unwrap().len(), 2);
+    assert_ne!(releases[1]["artifact_digest"].as_str().unwrap(), first);
+    eventually(
+        Duration::from_secs(10),
+        "new release prints the new file",
+        || {
+            d.ok(&["logs", "static"])
+                .contains("second edition")
+                .then_some(())
+        },
+    );
+    // Rolling back brings the first bundle back, byte for byte.
+    d.ok(&["rollback", "static"]);
+    let releases = d.json(&["releases", "static"]);
+    assert_eq!(releases[2]["artifact_digest"].as_str().unwrap(), first);
+}

@@ -384,7 +384,12 @@ mod tests {
     fn dead_nodes_get_nothing_and_their_tasks_are_removed() {
         let nodes = [node("a", false), node("b", true)];
         let t = task("t1", "a", 2, Some(TaskState::Running));
-        let d = reconcile(&svc(1), std::slice::from_ref(&t), &[t.clone()], &nodes);
+        let d = reconcile(
+            &svc(1),
+            std::slice::from_ref(&t),
+            std::slice::from_ref(&t),
+            &nodes,
+        );
         assert!(d.actions.contains(&Action::Remove {
             task: "t1".into(),
             node: "a".into()
@@ -503,7 +508,12 @@ mod tests {
         let mut s = svc(3);
         s.stopped = true;
         let t = task("t", "a", 2, Some(TaskState::Running));
-        let d = reconcile(&s, std::slice::from_ref(&t), &[t.clone()], &nodes);
+        let d = reconcile(
+            &s,
+            std::slice::from_ref(&t),
+            std::slice::from_ref(&t),
+            &nodes,
+        );
         assert_eq!(
             d.actions,
             [Action::Stop {

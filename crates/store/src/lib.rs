@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+pub mod blob;
 pub mod conformance;
 pub mod embedded;
 mod wal;

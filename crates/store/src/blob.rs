@@ -1,0 +1,134 @@
+//! Content-addressed blobs (artifact bundles; later images): the `BlobStore` trait and its
+//! file-system backend. A blob is named by the SHA-256 of its bytes, checked on the way in.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("`{0}` is not a blob digest: expected sha256: followed by 64 lowercase hex digits")]
+    BadDigest(String),
+    #[error("blob content hashes to {actual}, not {expected}")]
+    Mismatch { expected: String, actual: String },
+    #[error("blob store {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    let hash = Sha256::digest(bytes);
+    let mut out = String::with_capacity(71);
+    out.push_str("sha256:");
+    for b in hash {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Checks the form of a digest (it becomes a file name: nothing else may pass).
+pub fn check_digest(digest: &str) -> Result<&str, BlobError> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+        .ok_or_else(|| BlobError::BadDigest(digest.to_string()))?;
+    Ok(hex)
+}
+
+pub trait BlobStore: Send + Sync + 'static {
+    fn contains(&self, digest: &str) -> Result<bool, BlobError>;
+    /// Stores `bytes` under `digest` after checking that they hash to it.
+    fn put(&self, digest: &str, bytes: &[u8]) -> Result<(), BlobError>;
+    fn get(&self, digest: &str) -> Result<Option<Vec<u8>>, BlobError>;
+}
+
+pub struct FsBlobStore {
+    dir: PathBuf,
+}
+
+impl FsBlobStore {
+    pub fn new(dir: PathBuf) -> Result<Self, BlobError> {
+        std::fs::create_dir_all(&dir).map_err(|source| BlobError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Ok(FsBlobStore { dir })
+    }
+
+    fn path(&self, digest: &str) -> Result<PathBuf, BlobError> {
+        Ok(self.dir.join(format!("sha256-{}", check_digest(digest)?)))
+    }
+}
+
+impl BlobStore for FsBlobStore {
+    fn contains(&self, digest: &str) -> Result<bool, BlobError> {
+        Ok(self.path(digest)?.exists())
+    }
+
+    fn put(&self, digest: &str, bytes: &[u8]) -> Result<(), BlobError> {
+        let path = self.path(digest)?;
+        let actual = sha256_digest(bytes);
+        if actual != digest {
+            return Err(BlobError::Mismatch {
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        if path.exists() {
+            return Ok(());
+        }
+        let io = |source| BlobError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let tmp = path.with_extension("partial");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    fn get(&self, digest: &str) -> Result<Option<Vec<u8>>, BlobError> {
+        let path = self.path(digest)?;
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BlobError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_content_that_does_not_match_and_names_that_are_not_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobStore::new(dir.path().to_path_buf()).unwrap();
+        let d = sha256_digest(b"hello");
+        blobs.put(&d, b"hello").unwrap();
+        assert!(blobs.contains(&d).unwrap());
+        assert_eq!(blobs.get(&d).unwrap().unwrap(), b"hello");
+        assert!(matches!(
+            blobs.put(&d, b"evil"),
+            Err(BlobError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            blobs.get("sha256:../../etc/passwd"),
+            Err(BlobError::BadDigest(_))
+        ));
+        assert!(blobs.get(&sha256_digest(b"other")).unwrap().is_none());
+    }
+}
