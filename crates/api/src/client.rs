@@ -12,7 +12,7 @@ use crate::{ErrorBody, WatchEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot reach the dozen server at {url}: {detail}")]
+    #[error("cannot reach the dozen server at {url}: {detail}\n  hint: is `dozen server` running there? (--server / DOZEN_SERVER)")]
     Unreachable { url: String, detail: String },
     #[error("{message}{}", hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
     Status {

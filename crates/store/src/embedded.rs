@@ -21,8 +21,22 @@ use crate::{
 
 /// How many revisions of history are kept for watchers before old ones are dropped.
 const HISTORY_REVISIONS: u64 = 20_000;
-/// The log is folded into a snapshot after this many entries.
-const SNAPSHOT_EVERY: u64 = 50_000;
+/// By default the log is folded into a snapshot after this many entries.
+pub const SNAPSHOT_EVERY: u64 = 50_000;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Fold the log into a snapshot after this many entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            snapshot_every: SNAPSHOT_EVERY,
+        }
+    }
+}
 
 struct LeaseState {
     ttl: Duration,
@@ -45,6 +59,7 @@ struct State {
     next_lease: LeaseId,
     watchers: Vec<Watcher>,
     wal: Wal,
+    snapshot_every: u64,
 }
 
 struct Inner {
@@ -61,6 +76,10 @@ impl EmbeddedStore {
     /// Opens the store in `dir`, replaying its log. Must be called inside a tokio runtime: a
     /// background task expires leases.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, Options::default())
+    }
+
+    pub fn open_with(dir: &Path, options: Options) -> Result<Self, StoreError> {
         let (wal, snapshot, entries) = Wal::open(dir)?;
         let now = Instant::now();
         let mut state = State {
@@ -76,6 +95,7 @@ impl EmbeddedStore {
             next_lease: snapshot.next_lease.max(1),
             watchers: Vec::new(),
             wal,
+            snapshot_every: options.snapshot_every.max(1),
         };
         for (id, ttl_ms) in snapshot.leases {
             state.restore_lease(id, ttl_ms, now);
@@ -372,7 +392,7 @@ impl State {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), StoreError> {
-        if self.wal.entries_since_snapshot < SNAPSHOT_EVERY {
+        if self.wal.entries_since_snapshot < self.snapshot_every {
             return Ok(());
         }
         let snapshot = Snapshot {
