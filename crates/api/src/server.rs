@@ -642,33 +642,42 @@ async fn report_status(
     Json(report): Json<StatusReport>,
 ) -> ApiResult<StatusCode> {
     check_node_name(&node)?;
-    // Only tasks still assigned to this node: a late report about a removed task is dropped.
-    let mut txn = Txn::new();
-    let mut any = false;
-    for status in report.statuses {
+    for status in &report.statuses {
         if status.node != node {
             return Err(bad_request(format!(
                 "status of task `{}` names node `{}`, sent by `{node}`",
                 status.task, status.node
             )));
         }
-        let akey = keys::assignment(&node, &status.task);
-        if s.store.get(&akey).await?.is_none() {
-            continue;
+    }
+    // Only tasks still assigned to this node: a late report about a removed task is dropped.
+    // The write is guarded by those assignments existing; if one vanishes meanwhile, the
+    // batch is filtered again so the other statuses are never lost with it.
+    for _ in 0..5 {
+        let mut txn = Txn::new();
+        let mut any = false;
+        for status in &report.statuses {
+            let akey = keys::assignment(&node, &status.task);
+            if s.store.get(&akey).await?.is_none() {
+                continue;
+            }
+            let record = TaskStatus {
+                schema: SCHEMA,
+                ..status.clone()
+            };
+            txn = txn
+                .when(Compare::exists(&akey))
+                .then(Op::put(keys::status(&node, &record.task), encode(&record)));
+            any = true;
         }
-        let record = TaskStatus {
-            schema: SCHEMA,
-            ..status
-        };
-        txn = txn
-            .when(Compare::exists(&akey))
-            .then(Op::put(keys::status(&node, &record.task), encode(&record)));
-        any = true;
+        if !any || s.store.txn(txn).await?.succeeded {
+            return Ok(StatusCode::NO_CONTENT);
+        }
     }
-    if any {
-        s.store.txn(txn).await?;
-    }
-    Ok(StatusCode::NO_CONTENT)
+    Err(ControlError::Conflict(format!(
+        "assignments of node `{node}` kept changing while recording status; report again"
+    ))
+    .into())
 }
 
 /// Logs stay on the node that produced them: ask every agent and merge.
