@@ -95,7 +95,17 @@ fn apply_plan_scale_restart_rollback_and_run() {
         });
     }
 
-    // Scale from the file: plan shows the live count moving to the file's.
+    // Scale from the file, 1 -> 10 -> 2 -> 3: plan shows the live count moving to the file's.
+    d.write("dozen.toml", &stack(1, "v1", ""));
+    assert!(d.ok(&["plan"]).contains("replicas: 2 -> 1"));
+    d.ok(&["apply"]);
+    d.wait_ready("web", 1);
+    d.write("dozen.toml", &stack(10, "v1", ""));
+    d.ok(&["apply"]);
+    d.wait_ready("web", 10);
+    d.write("dozen.toml", &stack(2, "v1", ""));
+    d.ok(&["apply"]);
+    d.wait_ready("web", 2);
     d.write("dozen.toml", &stack(3, "v1", ""));
     let plan = d.ok(&["plan"]);
     assert!(plan.contains("replicas: 2 -> 3"), "{plan}");
