@@ -89,6 +89,14 @@ pub struct ServiceFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(0|(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$"))]
     pub stop_after: Option<String>,
+    /// How long a task leaving service is kept out of routing, finishing in-flight requests,
+    /// before its stop signal (default "1s").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(0|(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$"))]
+    pub deregistration_delay: Option<String>,
+    /// Services this one calls; each is passed as `<NAME>_URL` pointing through the proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<String>,
 }
 
 /// A command line.

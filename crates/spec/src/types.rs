@@ -33,6 +33,17 @@ pub struct Service {
     pub stop_timeout_ms: u64,
     pub user: Option<String>,
     pub on_disconnect: OnDisconnect,
+    /// How long a task leaving service stays out of routing, with its in-flight requests
+    /// finishing, before it is sent the stop signal.
+    #[serde(default = "default_deregistration_delay")]
+    pub deregistration_delay_ms: u64,
+    /// Services this one calls: each becomes `<NAME>_URL`, through the proxy.
+    #[serde(default)]
+    pub uses: Vec<String>,
+}
+
+fn default_deregistration_delay() -> u64 {
+    DEFAULT_DEREGISTRATION_DELAY_MS
 }
 
 impl Default for Service {
@@ -52,6 +63,8 @@ impl Default for Service {
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
             user: None,
             on_disconnect: OnDisconnect::Keep,
+            deregistration_delay_ms: DEFAULT_DEREGISTRATION_DELAY_MS,
+            uses: Vec::new(),
         }
     }
 }
@@ -66,6 +79,7 @@ pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
 pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
 pub const MAX_REPLICAS: u32 = 1000;
+pub const DEFAULT_DEREGISTRATION_DELAY_MS: u64 = 1_000;
 
 /// How a service's process is started.
 ///

@@ -42,6 +42,8 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "user",
     "on_disconnect",
     "stop_after",
+    "deregistration_delay",
+    "uses",
 ];
 pub(crate) const HEALTH_KEYS: &[&str] = &[
     "http",
@@ -76,6 +78,8 @@ impl Syntax {
 pub(crate) struct Validator {
     pub diags: Vec<Diag>,
     syn: Syntax,
+    /// Every `uses` entry, checked against the stack's services once all are read.
+    uses_seen: Vec<(String, Loc)>,
 }
 
 /// The error for a key not in `allowed`, with a did-you-mean hint.
@@ -112,6 +116,7 @@ impl Validator {
         Validator {
             diags: Vec::new(),
             syn,
+            uses_seen: Vec::new(),
         }
     }
 
@@ -331,6 +336,16 @@ impl Validator {
                         );
                     }
                     self.duplicate_routes(routes_seen);
+                    let names: Vec<String> = entries(&se.node).map(|e| e.key.clone()).collect();
+                    for (name, loc) in std::mem::take(&mut self.uses_seen) {
+                        if !names.contains(&name) {
+                            self.err(
+                                loc,
+                                format!("`uses` names `{name}`, which is not a service of this stack"),
+                                format!("services here: {}", names.join(", ")),
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -493,6 +508,12 @@ impl Validator {
                 }
                 "on_disconnect" => on_disc_entry = Some(e),
                 "stop_after" => stop_after_entry = Some(e),
+                "deregistration_delay" => {
+                    if let Some(ms) = self.duration_of(e) {
+                        svc.deregistration_delay_ms = ms;
+                    }
+                }
+                "uses" => self.uses(e, &se.key, &mut svc),
                 _ => self.diags.push(unknown_key(
                     e,
                     SERVICE_KEYS,
@@ -563,6 +584,48 @@ impl Validator {
             None
         } else {
             Some(svc)
+        }
+    }
+
+    /// `uses = ["orders", "catalog"]`: services this one calls (it gets `ORDERS_URL` etc.).
+    fn uses(&mut self, e: &Entry, service: &str, svc: &mut Service) {
+        let Val::Array(items) = &e.node.val else {
+            let found = e.node.val.type_name();
+            self.err(
+                e.node.loc,
+                format!("`uses` must be a list of service names, found {found}"),
+                format!("for example {}", self.syn.ex("uses", "[\"orders\", \"catalog\"]")),
+            );
+            return;
+        };
+        for item in items {
+            let Val::Str(name) = &item.val else {
+                let found = item.val.type_name();
+                self.err(
+                    item.loc,
+                    format!("`uses` entries are service names, found {found}"),
+                    "write the name of another service of this stack, e.g. \"orders\"",
+                );
+                continue;
+            };
+            if let Err((message, hint)) = check_name(name, "service") {
+                self.err(item.loc, message, hint);
+            } else if name == service {
+                self.err(
+                    item.loc,
+                    format!("service `{service}` lists itself in `uses`"),
+                    "name the other services it calls",
+                );
+            } else if svc.uses.contains(name) {
+                self.err(
+                    item.loc,
+                    format!("`{name}` is listed twice in `uses`"),
+                    "keep one",
+                );
+            } else {
+                self.uses_seen.push((name.clone(), item.loc));
+                svc.uses.push(name.clone());
+            }
         }
     }
 

@@ -695,3 +695,22 @@ fn yaml_top_level_must_be_a_mapping() {
     let errs = yaml_errors("- a\n- b\n");
     expect(&errs, "must be a table/mapping", 1, 1);
 }
+
+#[test]
+fn uses_must_name_other_services_of_the_stack() {
+    let src = "name = \"demo\"\n[services.web]\ncommand = \"./web\"\nuses = [\"orders\", \"web\", \"api\"]\n[services.api]\ncommand = \"./api\"\nderegistration_delay = \"2s\"\n";
+    let errs = errors(src);
+    expect(&errs, "`orders`, which is not a service of this stack", 4, 9);
+    expect(&errs, "lists itself", 4, 19);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    let ok = parse_str(
+        "name = \"demo\"\n[services.web]\ncommand = \"./web\"\nuses = [\"api\"]\n[services.api]\ncommand = \"./api\"\nderegistration_delay = \"2s\"\n",
+        "dozen.toml",
+        Format::Toml,
+        None,
+    )
+    .unwrap();
+    assert_eq!(ok.services["web"].uses, ["api"]);
+    assert_eq!(ok.services["api"].deregistration_delay_ms, 2000);
+    assert_eq!(ok.services["web"].deregistration_delay_ms, 1000);
+}
