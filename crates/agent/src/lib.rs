@@ -50,6 +50,11 @@ pub struct AgentConfig {
     pub memory_bytes: u64,
     /// The dozen binary (for `dozen shim`).
     pub exe: PathBuf,
+    /// The address proxies reach this node's tasks at.
+    pub host: String,
+    /// The node-local proxy's internal listener: `<NAME>_URL` of the services a task uses
+    /// point there (`{url}/_/{name}`).
+    pub proxy_internal_url: String,
     pub cgroup_root: PathBuf,
 }
 
@@ -213,6 +218,7 @@ async fn register(shared: &Arc<Shared>, address: &str) -> RegisterResponse {
         schema: SCHEMA,
         name: shared.config.node_name.clone(),
         address: address.to_string(),
+        host: shared.config.host.clone(),
         resources: NodeResources {
             cpu_millis: shared.config.cpu_millis,
             memory_bytes: shared.config.memory_bytes,
@@ -695,6 +701,16 @@ impl Runner {
         if let Some(port) = self.record.port {
             env.insert("PORT".into(), port.to_string());
         }
+        // Service discovery: the services this one names, reached through the local proxy.
+        for other in &spec.uses {
+            env.insert(
+                discovery_var(other),
+                format!(
+                    "{}/_/{other}",
+                    self.shared.config.proxy_internal_url.trim_end_matches('/')
+                ),
+            );
+        }
         env.insert("DOZEN_SERVICE".into(), a.service.clone());
         env.insert("DOZEN_TASK".into(), a.task.clone());
         env.insert("DOZEN_RELEASE".into(), a.release.to_string());
@@ -836,6 +852,11 @@ impl Runner {
             runners.remove(&self.task);
         }
     }
+}
+
+/// `orders` -> `ORDERS_URL`, `order-api` -> `ORDER_API_URL`.
+pub fn discovery_var(service: &str) -> String {
+    format!("{}_URL", service.to_ascii_uppercase().replace('-', "_"))
 }
 
 /// Reads the task records under an agent data dir (for `dozen logs` on this node).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dozen_model::{encode, keys, Assignment, DesiredState, TaskKind, SCHEMA};
-use dozen_scheduler::{Action, NodeView, ServiceView, StatusView, TaskView};
+use dozen_scheduler::{Action, Clock, NodeView, ServiceView, StatusView, TaskView};
 use dozen_store::{Compare, Op, Store, Txn, WatchMessage};
 use tokio::sync::watch;
 
@@ -47,6 +47,8 @@ pub fn task_views(snap: &Snapshot) -> Vec<TaskView> {
                 created_at_ms: a.created_at_ms,
                 cpu_millis: a.spec.resources.cpu_millis,
                 memory_bytes: a.spec.resources.memory_bytes,
+                drain_since_ms: a.drain_since_ms,
+                mod_revision: snap.assignments[&a.task].mod_revision,
                 status: snap.statuses.get(&a.task).map(|s| StatusView {
                     generation: s.record.generation,
                     state: s.record.state,
@@ -61,6 +63,12 @@ pub fn task_views(snap: &Snapshot) -> Vec<TaskView> {
 
 /// Problems found by the last pass, per service (shown by `dozen ps`).
 pub type Problems = BTreeMap<String, Vec<String>>;
+
+pub struct Pass {
+    pub problems: Problems,
+    /// Run again after this many ms even without a change.
+    pub wake: Option<u64>,
+}
 
 pub struct Controller {
     pub store: Arc<dyn Store>,
@@ -102,8 +110,13 @@ impl Controller {
             if watch.is_none() {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
             }
-            let problems = self.pass(leadership, &snap).await?;
-            self.problems.send_replace(problems);
+            let pass = self.pass(leadership, &snap).await?;
+            self.problems.send_replace(pass.problems);
+            let tick = pass
+                .wake
+                .map(|ms| Duration::from_millis(ms.max(10)))
+                .unwrap_or(Duration::from_secs(2))
+                .min(Duration::from_secs(2));
             if leadership.is_lost() {
                 return Err(ControlError::LostLeadership);
             }
@@ -114,7 +127,7 @@ impl Controller {
                 continue;
             };
             let leader_prefix = keys::controller("");
-            let waited = tokio::time::timeout(Duration::from_secs(2), async {
+            let waited = tokio::time::timeout(tick, async {
                 loop {
                     match w.next().await {
                         Some(WatchMessage::Events { events, .. }) => {
@@ -135,8 +148,8 @@ impl Controller {
         }
     }
 
-    /// One reconcile pass over every service. Returns the problems it found.
-    pub async fn pass(&self, leadership: &Leadership, snap: &Snapshot) -> Result<Problems> {
+    /// One reconcile pass over every service.
+    pub async fn pass(&self, leadership: &Leadership, snap: &Snapshot) -> Result<Pass> {
         let nodes = node_views(snap);
         let tasks = task_views(snap);
         let mut by_service: BTreeMap<&str, Vec<TaskView>> = BTreeMap::new();
@@ -147,6 +160,11 @@ impl Controller {
                 .push(t.clone());
         }
         let mut problems = Problems::new();
+        let mut wake: Option<u64> = None;
+        let clock = Clock {
+            now_ms: wall_ms(),
+            proxies_applied: snap.proxies_applied(),
+        };
         for (name, svc) in &snap.services {
             let Some(release) = snap.current_release(name) else {
                 continue;
@@ -159,9 +177,14 @@ impl Controller {
                 stopped: svc.record.stopped,
                 cpu_millis: release.spec.resources.cpu_millis,
                 memory_bytes: release.spec.resources.memory_bytes,
+                routed: release.spec.port,
+                deregistration_delay_ms: release.spec.deregistration_delay_ms,
             };
             let mine = by_service.remove(name.as_str()).unwrap_or_default();
-            let decision = dozen_scheduler::reconcile(&view, &mine, &tasks, &nodes);
+            let decision = dozen_scheduler::reconcile(&view, &mine, &tasks, &nodes, clock);
+            if let Some(w) = decision.wake_after_ms {
+                wake = Some(wake.map_or(w, |x: u64| x.min(w)));
+            }
             if !decision.problems.is_empty() {
                 problems.insert(name.clone(), decision.problems);
             }
@@ -174,7 +197,7 @@ impl Controller {
             for t in orphans {
                 let action = match (t.desired, t.kind == TaskKind::Service) {
                     (_, false) => continue,
-                    (DesiredState::Run, true) => Action::Stop {
+                    (DesiredState::Run | DesiredState::Drain, true) => Action::Stop {
                         task: t.task.clone(),
                         node: t.node.clone(),
                     },
@@ -207,7 +230,7 @@ impl Controller {
                     .await?;
             }
         }
-        Ok(problems)
+        Ok(Pass { problems, wake })
     }
 
     async fn act(
@@ -241,6 +264,7 @@ impl Controller {
                     spec: release.spec.clone(),
                     artifact_digest: release.artifact_digest.clone(),
                     created_at_ms: wall_ms(),
+                    drain_since_ms: None,
                 };
                 let key = keys::assignment(node, &task);
                 tracing::info!(
@@ -286,6 +310,24 @@ impl Controller {
                     delay_ms = start_delay_ms,
                     "restarting crashed task"
                 );
+                let key = keys::assignment(node, task);
+                leadership
+                    .txn(
+                        store,
+                        Txn::new()
+                            .when(Compare::mod_revision(&key, current.mod_revision))
+                            .then(Op::put(&key, encode(&a))),
+                    )
+                    .await?;
+            }
+            Action::Drain { task, node } => {
+                let Some(current) = snap.assignments.get(task) else {
+                    return Ok(());
+                };
+                let mut a = current.record.clone();
+                a.desired = DesiredState::Drain;
+                a.drain_since_ms = Some(wall_ms());
+                tracing::info!(service, task, node, "taking task out of routing");
                 let key = keys::assignment(node, task);
                 leadership
                     .txn(

@@ -441,6 +441,7 @@ pub async fn run_oneoff(store: &dyn Store, service: &str, argv: Vec<String>) -> 
         spec: release.spec.clone(),
         artifact_digest: release.artifact_digest.clone(),
         created_at_ms: wall_ms(),
+        drain_since_ms: None,
     };
     let key = keys::assignment(&node.name, &task);
     store

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use dozen_model::{
-    decode, keys, Assignment, NodeRecord, Release, ScaleRecord, ServiceRecord, StackRecord,
-    TaskStatus,
+    decode, keys, Assignment, NodeRecord, ProxyRecord, Release, ScaleRecord, ServiceRecord,
+    StackRecord, TaskStatus,
 };
 use dozen_store::{Revision, Store};
 
@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub assignments: BTreeMap<String, Versioned<Assignment>>,
     /// task -> status
     pub statuses: BTreeMap<String, Versioned<TaskStatus>>,
+    /// proxy id -> proxy (leased: only live proxies are here)
+    pub proxies: BTreeMap<String, Versioned<ProxyRecord>>,
     /// Keys that failed to decode, with the reason; shown, never fatal.
     pub unreadable: Vec<String>,
 }
@@ -61,6 +63,9 @@ impl Snapshot {
                 } else if let Some(name) = rest.strip_prefix("scale/") {
                     snap.scales
                         .insert(name.to_string(), v(decode(key, &kv.value)?, rev));
+                } else if let Some(id) = rest.strip_prefix("proxies/") {
+                    snap.proxies
+                        .insert(id.to_string(), v(decode(key, &kv.value)?, rev));
                 } else if rest.starts_with("releases/") {
                     let release: Release = decode(key, &kv.value)?;
                     snap.releases
@@ -97,6 +102,14 @@ impl Snapshot {
     pub fn current_release(&self, service: &str) -> Option<&Release> {
         let svc = self.services.get(service)?;
         self.releases.get(service)?.get(&svc.record.current_release)
+    }
+
+    /// The lowest route revision any live proxy serves (None without proxies).
+    pub fn proxies_applied(&self) -> Option<u64> {
+        self.proxies
+            .values()
+            .map(|p| p.record.applied_revision)
+            .min()
     }
 
     pub fn desired_replicas(&self, service: &str) -> u32 {

@@ -429,6 +429,8 @@ pub async fn ps(global: &Global, args: PsArgs) -> anyhow::Result<i32> {
             .map(|t| {
                 let st = t.status.as_ref().filter(|s| s.generation == t.generation);
                 let state = match (t.desired, st) {
+                    (DesiredState::Drain, Some(s)) if !s.state.is_terminal() => "draining".into(),
+                    (DesiredState::Drain, None) => "draining".into(),
                     (_, Some(s)) => s.state.as_str().to_string(),
                     (DesiredState::Stop, None) => "stopping".into(),
                     (DesiredState::Run, None) => "assigned".into(),

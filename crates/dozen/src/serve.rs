@@ -59,6 +59,16 @@ pub struct NodeArgs {
     /// Root of the cgroup file system (limits are set there when writable).
     #[arg(long, env = "DOZEN_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
+    /// The address proxies use to reach this node's tasks.
+    #[arg(long, env = "DOZEN_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    pub advertise_host: String,
+    /// The node's proxy, internal listener: tasks get `<SERVICE>_URL` pointing there.
+    #[arg(
+        long,
+        env = "DOZEN_PROXY_INTERNAL_URL",
+        default_value = "http://127.0.0.1:7781"
+    )]
+    pub proxy_internal_url: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -158,6 +168,8 @@ fn agent_config(
             .unwrap_or_else(dozen_agent::os::total_memory_bytes),
         exe,
         cgroup_root: node.cgroup_root.clone(),
+        host: node.advertise_host.clone(),
+        proxy_internal_url: node.proxy_internal_url.clone(),
     })
 }
 

@@ -116,6 +116,12 @@ pub mod keys {
     pub fn status(node: &str, task: &str) -> String {
         format!("{ROOT}nodes/{node}/status/{task}")
     }
+    pub fn proxies() -> String {
+        format!("{ROOT}proxies/")
+    }
+    pub fn proxy(id: &str) -> String {
+        format!("{ROOT}proxies/{id}")
+    }
     /// Controller bookkeeping the controllers alone write (e.g. the task id counter).
     pub fn controller(name: &str) -> String {
         format!("{ROOT}controller/{name}")
@@ -208,6 +214,9 @@ pub struct NodeRecord {
     pub name: String,
     /// Where the agent serves logs, e.g. http://127.0.0.1:41234
     pub address: String,
+    /// The address other nodes' proxies reach this node's tasks at.
+    #[serde(default = "loopback")]
+    pub host: String,
     pub resources: NodeResources,
     pub labels: BTreeMap<String, String>,
     pub drivers: Vec<String>,
@@ -217,10 +226,28 @@ pub struct NodeRecord {
 }
 record!(NodeRecord, "node");
 
+fn loopback() -> String {
+    "127.0.0.1".into()
+}
+
+/// A proxy instance, leased: it exists while the proxy heartbeats.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProxyRecord {
+    pub schema: u32,
+    pub id: String,
+    /// The route table revision this proxy serves.
+    pub applied_revision: u64,
+    pub public_address: String,
+    pub internal_address: String,
+}
+record!(ProxyRecord, "proxy");
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DesiredState {
     Run,
+    /// Leaving service: out of routing, still running while in-flight requests finish.
+    Drain,
     Stop,
 }
 
@@ -255,6 +282,9 @@ pub struct Assignment {
     pub spec: ServiceSpec,
     pub artifact_digest: Option<String>,
     pub created_at_ms: u64,
+    /// Wall time the task was taken out of routing (set with `desired = Drain`).
+    #[serde(default)]
+    pub drain_since_ms: Option<u64>,
 }
 record!(Assignment, "assignment");
 

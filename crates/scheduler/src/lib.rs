@@ -58,6 +58,11 @@ pub struct TaskView {
     pub cpu_millis: u32,
     pub memory_bytes: u64,
     pub status: Option<StatusView>,
+    /// When the task was taken out of routing (desired = Drain).
+    pub drain_since_ms: Option<u64>,
+    /// Store revision of the assignment's last write (for a draining task: when it left
+    /// routing).
+    pub mod_revision: u64,
 }
 
 impl TaskView {
@@ -85,6 +90,18 @@ pub struct ServiceView {
     pub stopped: bool,
     pub cpu_millis: u32,
     pub memory_bytes: u64,
+    /// Reachable through the proxy: its tasks leave routing before they stop.
+    pub routed: bool,
+    pub deregistration_delay_ms: u64,
+}
+
+/// What time it is and what the proxies have seen, for the stop protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Clock {
+    /// Wall time (ms): deregistration delays are persisted, so they survive a restart.
+    pub now_ms: u64,
+    /// The lowest route revision applied by any live proxy; None when no proxy runs.
+    pub proxies_applied: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +116,8 @@ pub enum Action {
         restarts: u32,
         start_delay_ms: u64,
     },
+    /// Take the task out of routing; it keeps running while in-flight requests finish.
+    Drain { task: String, node: String },
     /// Ask the agent to stop the task.
     Stop { task: String, node: String },
     /// Delete the task's records: it has ended, or its node is gone.
@@ -110,6 +129,8 @@ pub struct Decision {
     pub actions: Vec<Action>,
     /// Why the service cannot reach its desired state right now (shown by `ps`).
     pub problems: Vec<String>,
+    /// Run again after this long even if nothing changes (a deregistration delay ends).
+    pub wake_after_ms: Option<u64>,
 }
 
 /// Resources already promised on each node, by every task that should be running.
@@ -158,6 +179,7 @@ pub fn reconcile(
     tasks: &[TaskView],
     all_tasks: &[TaskView],
     nodes: &[NodeView],
+    clock: Clock,
 ) -> Decision {
     let mut decision = Decision::default();
     let alive: BTreeMap<&str, bool> = nodes.iter().map(|n| (n.name.as_str(), n.alive)).collect();
@@ -177,6 +199,25 @@ pub fn reconcile(
                     task: t.task.clone(),
                     node: t.node.clone(),
                 });
+            }
+        } else if t.desired == DesiredState::Drain {
+            // The stop protocol: every live proxy has stopped routing to it, and the
+            // deregistration delay has let its in-flight requests finish.
+            let since = t.drain_since_ms.unwrap_or(0);
+            let left = (since + service.deregistration_delay_ms).saturating_sub(clock.now_ms);
+            let proxies_done = clock.proxies_applied.is_none_or(|r| r >= t.mod_revision);
+            if t.has_ended() {
+                decision.actions.push(Action::Remove {
+                    task: t.task.clone(),
+                    node: t.node.clone(),
+                });
+            } else if proxies_done && left == 0 {
+                decision.actions.push(Action::Stop {
+                    task: t.task.clone(),
+                    node: t.node.clone(),
+                });
+            } else if left > 0 {
+                decision.wake_after_ms = Some(decision.wake_after_ms.map_or(left, |w| w.min(left)));
             }
         } else if t.kind == TaskKind::Service {
             active.push(t);
@@ -217,8 +258,16 @@ pub fn reconcile(
         });
     }
     let stop = |t: &TaskView, actions: &mut Vec<Action>| {
+        let serving = t
+            .status_of_current_generation()
+            .is_some_and(|s| !s.state.is_terminal());
         if t.has_ended() {
             actions.push(Action::Remove {
+                task: t.task.clone(),
+                node: t.node.clone(),
+            });
+        } else if service.routed && serving {
+            actions.push(Action::Drain {
                 task: t.task.clone(),
                 node: t.node.clone(),
             });
@@ -316,6 +365,8 @@ mod tests {
             stopped: false,
             cpu_millis: 100,
             memory_bytes: 128 << 20,
+            routed: false,
+            deregistration_delay_ms: 1000,
         }
     }
 
@@ -339,6 +390,8 @@ mod tests {
                 started_at_ms: Some(1_000),
                 finished_at_ms: state.is_terminal().then_some(1_500),
             }),
+            drain_since_ms: None,
+            mod_revision: 1,
         }
     }
 
@@ -364,7 +417,7 @@ mod tests {
     #[test]
     fn scale_out_spreads_over_nodes() {
         let nodes = [node("a", true), node("b", true), node("c", true)];
-        let d = reconcile(&svc(6), &[], &[], &nodes);
+        let d = reconcile(&svc(6), &[], &[], &nodes, Clock::default());
         let mut placed = creates(&d);
         placed.sort();
         assert_eq!(placed, ["a", "a", "b", "b", "c", "c"]);
@@ -374,7 +427,7 @@ mod tests {
     fn placement_respects_resources_and_reports_why_not() {
         let mut small = node("a", true);
         small.capacity.cpu_millis = 250;
-        let d = reconcile(&svc(3), &[], &[], &[small]);
+        let d = reconcile(&svc(3), &[], &[], &[small], Clock::default());
         assert_eq!(creates(&d).len(), 2);
         assert_eq!(d.problems.len(), 1);
         assert!(d.problems[0].contains("cannot place"), "{:?}", d.problems);
@@ -389,6 +442,7 @@ mod tests {
             std::slice::from_ref(&t),
             std::slice::from_ref(&t),
             &nodes,
+            Clock::default(),
         );
         assert!(d.actions.contains(&Action::Remove {
             task: "t1".into(),
@@ -406,7 +460,7 @@ mod tests {
         ready_new.created_at_ms = 2;
         let starting = task("starting", "a", 2, Some(TaskState::Starting));
         let tasks = vec![ready_old, ready_new, starting];
-        let d = reconcile(&svc(1), &tasks, &tasks, &nodes);
+        let d = reconcile(&svc(1), &tasks, &tasks, &nodes, Clock::default());
         let stopped: Vec<_> = d
             .actions
             .iter()
@@ -423,13 +477,13 @@ mod tests {
         let nodes = [node("a", true)];
         let old = task("old", "a", 1, Some(TaskState::Running));
         let tasks = vec![old.clone()];
-        let d = reconcile(&svc(1), &tasks, &tasks, &nodes);
+        let d = reconcile(&svc(1), &tasks, &tasks, &nodes, Clock::default());
         assert_eq!(creates(&d), ["a"]);
         assert!(!d.actions.iter().any(|a| matches!(a, Action::Stop { .. })));
 
         let new = task("new", "a", 2, Some(TaskState::Running));
         let tasks = vec![old, new];
-        let d = reconcile(&svc(1), &tasks, &tasks, &nodes);
+        let d = reconcile(&svc(1), &tasks, &tasks, &nodes, Clock::default());
         assert_eq!(
             d.actions,
             [Action::Stop {
@@ -445,7 +499,13 @@ mod tests {
         let mut t = task("t", "a", 2, Some(TaskState::Exited));
         let mut delays = Vec::new();
         for _ in 0..4 {
-            let d = reconcile(&svc(1), std::slice::from_ref(&t), &[], &nodes);
+            let d = reconcile(
+                &svc(1),
+                std::slice::from_ref(&t),
+                &[],
+                &nodes,
+                Clock::default(),
+            );
             let Some(Action::Restart {
                 generation,
                 restarts,
@@ -474,7 +534,7 @@ mod tests {
         if let Some(s) = t.status.as_mut() {
             s.finished_at_ms = Some(1_000 + CRASH_WINDOW_MS);
         }
-        let d = reconcile(&svc(1), &[t], &[], &nodes);
+        let d = reconcile(&svc(1), &[t], &[], &nodes, Clock::default());
         assert!(matches!(
             d.actions[0],
             Action::Restart {
@@ -492,7 +552,7 @@ mod tests {
         stopping.desired = DesiredState::Stop;
         let mut stopped = task("d", "a", 2, Some(TaskState::Stopped));
         stopped.desired = DesiredState::Stop;
-        let d = reconcile(&svc(0), &[stopping, stopped], &[], &nodes);
+        let d = reconcile(&svc(0), &[stopping, stopped], &[], &nodes, Clock::default());
         assert_eq!(
             d.actions,
             [Action::Remove {
@@ -513,6 +573,7 @@ mod tests {
             std::slice::from_ref(&t),
             std::slice::from_ref(&t),
             &nodes,
+            Clock::default(),
         );
         assert_eq!(
             d.actions,
@@ -524,9 +585,80 @@ mod tests {
     }
 
     #[test]
+    fn routed_tasks_drain_until_every_proxy_has_seen_it_and_the_delay_passed() {
+        let nodes = [node("a", true)];
+        let mut s = svc(0);
+        s.routed = true;
+        let t = task("t", "a", 2, Some(TaskState::Running));
+        let d = reconcile(&s, std::slice::from_ref(&t), &[], &nodes, Clock::default());
+        assert_eq!(
+            d.actions,
+            [Action::Drain {
+                task: "t".into(),
+                node: "a".into()
+            }],
+            "a serving task leaves routing first"
+        );
+
+        let mut draining = t.clone();
+        draining.desired = DesiredState::Drain;
+        draining.drain_since_ms = Some(10_000);
+        draining.mod_revision = 50;
+        let at = |now_ms, applied| Clock {
+            now_ms,
+            proxies_applied: applied,
+        };
+        // A proxy still routes by an older table: wait, even after the delay.
+        let d = reconcile(
+            &s,
+            std::slice::from_ref(&draining),
+            &[],
+            &nodes,
+            at(20_000, Some(49)),
+        );
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        // Proxies caught up, delay not over: wait, and say when to look again.
+        let d = reconcile(
+            &s,
+            std::slice::from_ref(&draining),
+            &[],
+            &nodes,
+            at(10_400, Some(50)),
+        );
+        assert!(d.actions.is_empty());
+        assert_eq!(d.wake_after_ms, Some(600));
+        // Both: stop it now.
+        let d = reconcile(
+            &s,
+            std::slice::from_ref(&draining),
+            &[],
+            &nodes,
+            at(11_000, Some(51)),
+        );
+        assert_eq!(
+            d.actions,
+            [Action::Stop {
+                task: "t".into(),
+                node: "a".into()
+            }]
+        );
+        // A draining task does not count as capacity: a replacement starts at once.
+        let mut one = s.clone();
+        one.desired_replicas = 1;
+        let d = reconcile(
+            &one,
+            std::slice::from_ref(&draining),
+            &[],
+            &nodes,
+            at(10_100, Some(49)),
+        );
+        assert_eq!(creates(&d), ["a"]);
+    }
+
+    #[test]
     fn placement_scales_to_many_nodes() {
         let nodes: Vec<NodeView> = (0..2000).map(|i| node(&format!("n{i:04}"), true)).collect();
-        let d = reconcile(&svc(1000), &[], &[], &nodes);
+        let d = reconcile(&svc(1000), &[], &[], &nodes, Clock::default());
         let placed = creates(&d);
         assert_eq!(placed.len(), 1000);
         let distinct: std::collections::BTreeSet<_> = placed.iter().collect();

@@ -341,7 +341,9 @@ impl Validator {
                         if !names.contains(&name) {
                             self.err(
                                 loc,
-                                format!("`uses` names `{name}`, which is not a service of this stack"),
+                                format!(
+                                    "`uses` names `{name}`, which is not a service of this stack"
+                                ),
                                 format!("services here: {}", names.join(", ")),
                             );
                         }
@@ -594,7 +596,10 @@ impl Validator {
             self.err(
                 e.node.loc,
                 format!("`uses` must be a list of service names, found {found}"),
-                format!("for example {}", self.syn.ex("uses", "[\"orders\", \"catalog\"]")),
+                format!(
+                    "for example {}",
+                    self.syn.ex("uses", "[\"orders\", \"catalog\"]")
+                ),
             );
             return;
         };

@@ -700,7 +700,12 @@ fn yaml_top_level_must_be_a_mapping() {
 fn uses_must_name_other_services_of_the_stack() {
     let src = "name = \"demo\"\n[services.web]\ncommand = \"./web\"\nuses = [\"orders\", \"web\", \"api\"]\n[services.api]\ncommand = \"./api\"\nderegistration_delay = \"2s\"\n";
     let errs = errors(src);
-    expect(&errs, "`orders`, which is not a service of this stack", 4, 9);
+    expect(
+        &errs,
+        "`orders`, which is not a service of this stack",
+        4,
+        9,
+    );
     expect(&errs, "lists itself", 4, 19);
     assert_eq!(errs.len(), 2, "{errs:#?}");
     let ok = parse_str(
