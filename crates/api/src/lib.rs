@@ -190,3 +190,26 @@ pub struct LogQuery {
     #[serde(default)]
     pub follow: bool,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyRegisterRequest {
+    pub public_address: String,
+    pub internal_address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyHeartbeat {
+    pub lease: u64,
+    /// The route table revision the proxy serves now.
+    pub applied_revision: u64,
+}
+
+/// `GET /v1/routes?after=R&wait_ms=T`: answers at once without `after`; with it, once the
+/// routes may have changed after revision R (or after `wait_ms`, default 30 s).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RouteQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}

@@ -92,6 +92,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(put_blob)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_BLOB_BYTES)),
         )
+        .route("/v1/routes", get(routes))
+        .route("/v1/proxies", get(list_proxies))
+        .route("/v1/proxies/{id}/register", post(register_proxy))
+        .route("/v1/proxies/{id}/heartbeat", post(proxy_heartbeat))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}/register", post(register))
         .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
@@ -782,6 +786,117 @@ async fn fetch_agent_logs(
         .split(|b| *b == b'\n')
         .filter_map(|l| serde_json::from_slice(l).ok())
         .collect())
+}
+
+/// The route table, long-polled by proxies: with `after`, the answer waits until something that
+/// routes depend on changed after that revision.
+async fn routes(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<crate::RouteQuery>,
+) -> ApiResult<Json<dozen_model::RouteTable>> {
+    if let Some(after) = q.after {
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(120_000));
+        if let Ok(mut watch) = s.store.watch(keys::ROOT, after + 1).await {
+            let _ = tokio::time::timeout(wait, async {
+                while let Some(msg) = watch.next().await {
+                    match msg {
+                        WatchMessage::Events { events, .. } => {
+                            if events
+                                .iter()
+                                .any(|e| dozen_control::routes::affects_routes(&e.kv.key))
+                            {
+                                return;
+                            }
+                        }
+                        WatchMessage::Compacted { .. } => return,
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    Ok(Json(dozen_model::RouteTable {
+        revision: snap.revision,
+        routes: dozen_control::routes::table(&snap),
+    }))
+}
+
+async fn list_proxies(
+    State(s): State<Arc<AppState>>,
+) -> ApiResult<Json<Vec<dozen_model::ProxyRecord>>> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    Ok(Json(snap.proxies.into_values().map(|p| p.record).collect()))
+}
+
+async fn register_proxy(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Json(req): Json<crate::ProxyRegisterRequest>,
+) -> ApiResult<Json<RegisterResponse>> {
+    check_node_name(&id)?;
+    let lease = s.store.grant_lease(s.node_ttl).await?;
+    let record = dozen_model::ProxyRecord {
+        schema: SCHEMA,
+        id: id.clone(),
+        applied_revision: 0,
+        public_address: req.public_address,
+        internal_address: req.internal_address,
+    };
+    s.store
+        .txn(Txn::new().then(Op::Put {
+            key: keys::proxy(&id),
+            value: encode(&record),
+            lease: Some(lease),
+        }))
+        .await?;
+    tracing::info!(proxy = id, public = %record.public_address, "proxy registered");
+    Ok(Json(RegisterResponse {
+        lease,
+        ttl_ms: s.node_ttl.as_millis() as u64,
+    }))
+}
+
+async fn proxy_heartbeat(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Json(hb): Json<crate::ProxyHeartbeat>,
+) -> ApiResult<StatusCode> {
+    let key = keys::proxy(&id);
+    let gone = || {
+        ApiFailure::from_response(error(
+            StatusCode::NOT_FOUND,
+            format!("proxy `{id}` holds no lease {}; register again", hb.lease),
+            None,
+        ))
+    };
+    let Some(kv) = s.store.get(&key).await? else {
+        return Err(gone());
+    };
+    if kv.lease != Some(hb.lease) {
+        return Err(gone());
+    }
+    match s.store.keep_alive(hb.lease).await {
+        Ok(()) => {}
+        Err(StoreError::LeaseNotFound(_)) => return Err(gone()),
+        Err(e) => return Err(e.into()),
+    }
+    let mut record: dozen_model::ProxyRecord = decode(&key, &kv.value)?;
+    if record.applied_revision != hb.applied_revision {
+        record.applied_revision = hb.applied_revision;
+        s.store
+            .txn(
+                Txn::new()
+                    .when(Compare::mod_revision(&key, kv.mod_revision))
+                    .then(Op::Put {
+                        key: key.clone(),
+                        value: encode(&record),
+                        lease: Some(hb.lease),
+                    }),
+            )
+            .await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Largest artifact bundle accepted.

@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod desired;
 pub mod leader;
+pub mod routes;
 pub mod snapshot;
 
 use dozen_model::ModelError;

@@ -77,6 +77,8 @@ enum Command {
     /// Bring a stack up in the foreground: server, agent and the stack file applied; Ctrl-C
     /// stops it.
     Up(serve::UpArgs),
+    /// Run a proxy (the load balancer) that takes its routes from a server.
+    Proxy(serve::ProxyArgs),
     /// Run a node agent that takes work from a server.
     Agent(serve::AgentArgs),
     /// Show what `apply` would change, changing nothing (scale drift included).
@@ -147,7 +149,7 @@ fn main() -> ExitCode {
     let global = cli.global.clone();
     let daemon = matches!(
         cli.command,
-        Command::Server(_) | Command::Agent(_) | Command::Up(_)
+        Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Proxy(_)
     );
     if daemon {
         init_logging(&global);
@@ -157,6 +159,7 @@ fn main() -> ExitCode {
             Command::Server(a) => serve::server(&global, a).await.map(|_| 0),
             Command::Agent(a) => serve::agent(&global, a).await.map(|_| 0),
             Command::Up(a) => serve::up(&global, a).await,
+            Command::Proxy(a) => serve::proxy(&global, a).await.map(|_| 0),
             Command::Plan(a) => commands::plan(&global, a).await,
             Command::Apply(a) => commands::apply(&global, a).await,
             Command::Ps(a) => commands::ps(&global, a).await,

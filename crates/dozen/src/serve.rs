@@ -26,8 +26,42 @@ pub struct ServerArgs {
     /// How long a node stays alive without heartbeats.
     #[arg(long, env = "DOZEN_NODE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub node_ttl: Duration,
+    /// Do not run a proxy in this process.
+    #[arg(long, env = "DOZEN_NO_PROXY")]
+    pub no_proxy: bool,
+    #[command(flatten)]
+    pub proxy: ProxyListenArgs,
     #[command(flatten)]
     pub agent: NodeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProxyListenArgs {
+    /// Where the proxy serves public routes.
+    #[arg(long, env = "DOZEN_PROXY_LISTEN", default_value = "127.0.0.1:7780")]
+    pub proxy_listen: SocketAddr,
+    /// Where the proxy serves every route, internal ones and `/_/<service>` included.
+    #[arg(
+        long,
+        env = "DOZEN_PROXY_INTERNAL_LISTEN",
+        default_value = "127.0.0.1:7781"
+    )]
+    pub proxy_internal_listen: SocketAddr,
+    /// How long the proxy waits for a target's answer.
+    #[arg(long, env = "DOZEN_PROXY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub proxy_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    /// Name of this proxy. Default: the host name.
+    #[arg(long, env = "DOZEN_PROXY_ID")]
+    pub id: Option<String>,
+    /// Read the API token from this file instead of --token.
+    #[arg(long, env = "DOZEN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub listen: ProxyListenArgs,
 }
 
 #[derive(Args, Debug)]
@@ -177,6 +211,8 @@ fn agent_config(
 pub struct Running {
     pub address: SocketAddr,
     pub token: String,
+    /// The in-process proxy's public URL.
+    pub proxy_url: Option<String>,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -223,9 +259,69 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     ));
     tracing::info!(%address, data_dir = %data.display(), "dozen server listening");
     let api = tokio::spawn(dozen_api::server::serve(listener, state));
+    let mut proxy_url = None;
+    if !args.no_proxy {
+        let listeners = dozen_proxy::Listeners::bind(
+            args.proxy.proxy_listen,
+            args.proxy.proxy_internal_listen,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} / {} for the proxy (--proxy-listen, --proxy-internal-listen, or --no-proxy)",
+                args.proxy.proxy_listen, args.proxy.proxy_internal_listen
+            )
+        })?;
+        let public = listeners.public.local_addr()?;
+        let internal = listeners.internal.local_addr()?;
+        proxy_url = Some(format!("http://{public}"));
+        let config = dozen_proxy::ProxyConfig {
+            id: args
+                .agent
+                .node_name
+                .clone()
+                .unwrap_or_else(dozen_agent::os::hostname),
+            server: format!("http://{address}"),
+            token: token.clone(),
+            upstream_timeout: args.proxy.proxy_timeout,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = dozen_proxy::run(config, listeners).await {
+                tracing::error!(error = %e, "proxy failed");
+            }
+        });
+        // Tasks on this node reach other services through this proxy.
+        if !args.no_agent {
+            let mut agent = args.agent.clone();
+            agent.proxy_internal_url = format!("http://{internal}");
+            return finish_start(global, args, agent, address, token, api, proxy_url).await;
+        }
+    }
+    finish_start(
+        global,
+        args,
+        args.agent.clone(),
+        address,
+        token,
+        api,
+        proxy_url,
+    )
+    .await
+}
+
+async fn finish_start(
+    global: &Global,
+    args: &ServerArgs,
+    node: NodeArgs,
+    address: SocketAddr,
+    token: String,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    proxy_url: Option<String>,
+) -> anyhow::Result<Running> {
+    let data = &global.data_dir;
     if !args.no_agent {
         let config = agent_config(
-            &args.agent,
+            &node,
             format!("http://{address}"),
             token.clone(),
             data.join("agent"),
@@ -240,6 +336,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         address,
         token,
         api,
+        proxy_url,
     })
 }
 
@@ -280,6 +377,9 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
     crate::commands::wait_converged(&api, &services, Duration::from_secs(120), true).await?;
     let tasks: Vec<dozen_api::TaskInfo> = api.get("/v1/tasks").await?;
     println!("\nstack `{name}` is up (API http://{}):", running.address);
+    if let Some(url) = &running.proxy_url {
+        println!("  proxy: {url}  (every public route is served here)");
+    }
     for t in &tasks {
         let port = t
             .status
@@ -307,6 +407,42 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
     }
     eprintln!("stopped");
     Ok(0)
+}
+
+fn token_for(global: &Global, token_file: &Option<PathBuf>, what: &str) -> anyhow::Result<String> {
+    Ok(match (&global.token, token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read token file {}", file.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!(
+            "the {what} needs the server's API token: pass --token (DOZEN_TOKEN) or --token-file"
+        ),
+    })
+}
+
+pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
+    let token = token_for(global, &args.token_file, "proxy")?;
+    let listeners =
+        dozen_proxy::Listeners::bind(args.listen.proxy_listen, args.listen.proxy_internal_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} / {} (--proxy-listen, --proxy-internal-listen)",
+                    args.listen.proxy_listen, args.listen.proxy_internal_listen
+                )
+            })?;
+    let config = dozen_proxy::ProxyConfig {
+        id: args.id.unwrap_or_else(dozen_agent::os::hostname),
+        server: global.server.clone(),
+        token,
+        upstream_timeout: args.listen.proxy_timeout,
+    };
+    tokio::select! {
+        r = dozen_proxy::run(config, listeners) => r,
+        _ = shutdown_signal() => Ok(()),
+    }
 }
 
 pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {

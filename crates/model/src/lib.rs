@@ -350,6 +350,39 @@ pub struct TaskStatus {
 }
 record!(TaskStatus, "task status");
 
+/// One routing rule with the targets it sends to: what proxies serve, computed from the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub service: String,
+    /// None: any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Served only on the internal listener (service-to-service).
+    pub internal: bool,
+    /// Remove `path_prefix` before forwarding (the implicit `/_/<service>` routes).
+    pub strip_prefix: bool,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub task: String,
+    /// host:port
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteTable {
+    /// Store revision the table was computed at; a proxy reports it once applied.
+    pub revision: u64,
+    pub routes: Vec<RouteEntry>,
+}
+
+/// The prefix under which every service with a port is reachable on the internal listener.
+pub fn discovery_prefix(service: &str) -> String {
+    format!("/_/{service}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,6 +92,9 @@ pub struct Dozen {
     pub port_range: (u16, u16),
     pub server: Option<Child>,
     pub agents: Vec<Child>,
+    /// The in-process proxy's public and internal ports.
+    pub proxy_port: u16,
+    pub proxy_internal_port: u16,
 }
 
 impl Dozen {
@@ -105,6 +108,8 @@ impl Dozen {
             port_range: (lo, lo + 49),
             server: None,
             agents: Vec::new(),
+            proxy_port: free_port(),
+            proxy_internal_port: free_port(),
         }
     }
 
@@ -145,6 +150,10 @@ impl Dozen {
             .arg(format!("{}-{}", self.port_range.0, self.port_range.1))
             .arg("--node-name")
             .arg("node-a")
+            .arg("--proxy-listen")
+            .arg(format!("127.0.0.1:{}", self.proxy_port))
+            .arg("--proxy-internal-listen")
+            .arg(format!("127.0.0.1:{}", self.proxy_internal_port))
             .env("DOZEN_DATA_DIR", self.data_dir())
             .env("DOZEN_LOG", "info")
             .stdin(Stdio::null())
@@ -171,6 +180,8 @@ impl Dozen {
             .arg(format!("{}-{}", self.port_range.0, self.port_range.1))
             .arg("--node-name")
             .arg(name)
+            .arg("--proxy-internal-url")
+            .arg(format!("http://127.0.0.1:{}", self.proxy_internal_port))
             .env("DOZEN_TOKEN", token)
             .env(
                 "DOZEN_DATA_DIR",

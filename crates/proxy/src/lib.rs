@@ -1,0 +1,416 @@
+//! The L7 load balancer (HTTP/1.1).
+//!
+//! Routes come from the API (`/v1/routes`, long-polled); each applied table's revision is
+//! reported in the proxy's leased heartbeat, which is what lets the controller stop a task only
+//! once every live proxy has stopped sending it traffic. Two listeners: the public one serves
+//! public routes, the internal one every route, including `/_/<service>` for discovery.
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dozen_api::{Client, ProxyHeartbeat, ProxyRegisterRequest, RegisterResponse, RouteQuery};
+use dozen_model::RouteTable;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub mod table;
+
+use table::Table;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request body the proxy buffers (bodies are buffered so a failed connect can be
+/// retried on another target).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub id: String,
+    pub server: String,
+    pub token: String,
+    pub upstream_timeout: Duration,
+}
+
+struct Shared {
+    table: RwLock<Arc<Table>>,
+    client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+/// Binds both listeners now (so callers learn their addresses), serves once `run` is polled.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(public: SocketAddr, internal: SocketAddr) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            public: TcpListener::bind(public).await?,
+            internal: TcpListener::bind(internal).await?,
+        })
+    }
+}
+
+/// Runs the proxy until the process ends.
+pub async fn run(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<()> {
+    let public_address = listeners.public.local_addr()?;
+    let internal_address = listeners.internal.local_addr()?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector);
+    let shared = Arc::new(Shared {
+        table: RwLock::new(Arc::new(Table::default())),
+        client,
+        timeout: config.upstream_timeout,
+    });
+    tracing::info!(%public_address, %internal_address, "proxy listening");
+    tokio::spawn(serve(listeners.public, shared.clone(), false));
+    tokio::spawn(serve(listeners.internal, shared.clone(), true));
+    follow_routes(
+        config,
+        shared,
+        ProxyRegisterRequest {
+            public_address: format!("http://{public_address}"),
+            internal_address: format!("http://{internal_address}"),
+        },
+    )
+    .await;
+    Ok(())
+}
+
+async fn register(api: &Client, id: &str, req: &ProxyRegisterRequest) -> RegisterResponse {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match api
+            .post::<RegisterResponse, _>(&format!("/v1/proxies/{id}/register"), req)
+            .await
+        {
+            Ok(r) => return r,
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy cannot register yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Long-polls the route table and heartbeats the applied revision.
+async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegisterRequest) {
+    let api = Client::new(&config.server, &config.token);
+    let lease = Arc::new(std::sync::atomic::AtomicU64::new(
+        register(&api, &config.id, &me).await.lease,
+    ));
+    let applied = Arc::new(Notify::new());
+    {
+        let (api, shared, lease, applied, id) = (
+            api.clone(),
+            shared.clone(),
+            lease.clone(),
+            applied.clone(),
+            config.id.clone(),
+        );
+        tokio::spawn(async move {
+            let path = format!("/v1/proxies/{id}/heartbeat");
+            loop {
+                // Heartbeat on a timer, and at once when a new table is applied: the
+                // controller is waiting for that acknowledgement to stop draining tasks.
+                let _ = tokio::time::timeout(Duration::from_secs(2), applied.notified()).await;
+                let revision = shared.table.read().map(|t| t.revision).unwrap_or(0);
+                let hb = ProxyHeartbeat {
+                    lease: lease.load(std::sync::atomic::Ordering::SeqCst),
+                    applied_revision: revision,
+                };
+                match api
+                    .call(dozen_api::client::Method::POST, &path, Some(&hb))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if e.status() == Some(404) => {
+                        tracing::warn!("proxy lease lost; registering again");
+                        let r = register(&api, &id, &me).await;
+                        lease.store(r.lease, std::sync::atomic::Ordering::SeqCst);
+                        applied.notify_one();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "proxy heartbeat failed"),
+                }
+            }
+        });
+    }
+    let mut after: Option<u64> = None;
+    loop {
+        let query = RouteQuery {
+            after,
+            wait_ms: Some(25_000),
+        };
+        match api.get_query::<RouteTable, _>("/v1/routes", &query).await {
+            Ok(t) => {
+                let changed = after != Some(t.revision);
+                after = Some(t.revision);
+                if changed {
+                    let routes = t.routes.len();
+                    let table = Arc::new(Table::new(t.revision, t.routes));
+                    if let Ok(mut slot) = shared.table.write() {
+                        *slot = table;
+                    }
+                    tracing::debug!(revision = t.revision, routes, "route table applied");
+                    applied.notify_one();
+                }
+            }
+            Err(e) => {
+                // Keep serving the routes we have while the control plane is away.
+                tracing::warn!(error = %e, "cannot fetch routes; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req, peer, internal).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn request_id(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id)
+}
+
+fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{:016x}{:08x}",
+        t ^ (u64::from(std::process::id()) << 40),
+        n as u32
+    )
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// An error answer: a clear cause, the request id, nothing internal.
+fn problem(status: StatusCode, message: String, id: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message, "request_id": id }).to_string() + "\n";
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert("x-request-id", v);
+    }
+    resp
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    internal: bool,
+) -> Response<Body> {
+    let id = request_id(&req);
+    let Some(host) = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+    else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "the request has no Host header".into(),
+            &id,
+        );
+    };
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let table = match shared.table.read() {
+        Ok(t) => t.clone(),
+        Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "no routes yet".into(), &id),
+    };
+    let Some(route) = table.find(&host, req.uri().path(), internal) else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            format!("no route for host `{host}` and path `{}`", req.uri().path()),
+            &id,
+        );
+    };
+    let Some((target, retry)) = route.pick() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no healthy target for service `{}`", route.service),
+            &id,
+        );
+    };
+    let (mut parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {} MiB, or cut short", MAX_BODY >> 20),
+                &id,
+            )
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    let forwarded_for = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    let h = &mut parts.headers;
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        h.insert("x-forwarded-host", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-request-id", v);
+    }
+    let upstream_path = route.upstream_path(&path_and_query).into_owned();
+    let mut attempt_target = target;
+    let mut retried = false;
+    loop {
+        let uri = match format!("http://{attempt_target}{upstream_path}").parse::<hyper::Uri>() {
+            Ok(u) => u,
+            Err(_) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "malformed request path".into(),
+                    &id,
+                )
+            }
+        };
+        let mut upstream = Request::new(Full::new(body.clone()));
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = parts.headers.clone();
+        let sent = tokio::time::timeout(shared.timeout, shared.client.request(upstream)).await;
+        match sent {
+            Ok(Ok(resp)) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    rparts.headers.insert("x-request-id", v);
+                }
+                return Response::from_parts(rparts, rbody.boxed());
+            }
+            Ok(Err(e)) if e.is_connect() && !retried && retry.is_some() => {
+                tracing::info!(service = %route.service, target = attempt_target, request_id = %id, "connect failed; retrying on another target");
+                attempt_target = retry.unwrap_or(target);
+                retried = true;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(service = %route.service, target = attempt_target, request_id = %id, error = %e, "upstream failed");
+                let what = if e.is_connect() {
+                    "could not connect to"
+                } else {
+                    "lost the connection to"
+                };
+                return problem(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{what} a target of service `{}`", route.service),
+                    &id,
+                );
+            }
+            Err(_) => {
+                tracing::warn!(service = %route.service, target = attempt_target, request_id = %id, "upstream timed out");
+                return problem(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "a target of service `{}` did not answer within {} s",
+                        route.service,
+                        shared.timeout.as_secs()
+                    ),
+                    &id,
+                );
+            }
+        }
+    }
+}
