@@ -824,9 +824,12 @@ async fn routes(
 
 async fn list_proxies(
     State(s): State<Arc<AppState>>,
-) -> ApiResult<Json<Vec<dozen_model::ProxyRecord>>> {
+) -> ApiResult<Json<ListResponse<dozen_model::ProxyRecord>>> {
     let snap = Snapshot::read(s.store.as_ref()).await?;
-    Ok(Json(snap.proxies.into_values().map(|p| p.record).collect()))
+    Ok(Json(ListResponse {
+        items: snap.proxies.into_values().map(|p| p.record).collect(),
+        revision: snap.revision,
+    }))
 }
 
 async fn register_proxy(

@@ -739,6 +739,31 @@ fn print_run_line(line: &LogLine, output: Output) {
     }
 }
 
+pub async fn proxies(global: &Global) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let list: dozen_api::ListResponse<dozen_model::ProxyRecord> = api.get("/v1/proxies").await?;
+    output::listing(global.output, &list, || {
+        let rows: Vec<Vec<String>> = list
+            .items
+            .iter()
+            .map(|p| {
+                vec![
+                    p.id.clone(),
+                    p.public_address.clone(),
+                    p.internal_address.clone(),
+                    p.applied_revision.to_string(),
+                ]
+            })
+            .collect();
+        table(
+            &["PROXY", "PUBLIC", "INTERNAL", "ROUTES AT REVISION"],
+            &rows,
+        );
+        println!("\nstore revision now: {}", list.revision);
+    });
+    Ok(0)
+}
+
 pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
     let api = client(global)?;
     let nodes: Vec<NodeInfo> = api.get("/v1/nodes").await?;

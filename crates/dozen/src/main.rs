@@ -106,6 +106,8 @@ enum Command {
     Run(commands::RunArgs),
     /// List nodes.
     Nodes,
+    /// List proxies and the route revision each serves.
+    Proxies,
     /// Print the JSON Schema of the stack file.
     Schema,
     /// Internal: the per-task supervisor started by the agent.
@@ -172,6 +174,7 @@ fn main() -> ExitCode {
             Command::Rollback(a) => commands::rollback(&global, a).await,
             Command::Run(a) => commands::run(&global, a).await,
             Command::Nodes => commands::nodes(&global).await,
+            Command::Proxies => commands::proxies(&global).await,
             Command::Schema => {
                 println!(
                     "{}",

@@ -69,18 +69,55 @@ pub fn process_alive(pid: u32) -> bool {
 
 /// A plain HTTP/1.1 GET on loopback; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let r = http_request(port, "127.0.0.1", path)?;
+    Some((r.status, r.body))
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header lines, lowercased names.
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// GET `path` with a Host header, over a fresh connection (30 s read timeout).
+pub fn http_request(port: u16, host: &str, path: &str) -> Option<HttpResponse> {
+    let raw = http_raw(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+    )?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = head
+        .split_once("\r\n")
+        .map(|(_, h)| h.to_string())
+        .unwrap_or_default();
+    Some(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// Sends `raw` bytes as they are and returns everything the server answers.
+pub fn http_raw(port: u16, raw: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(raw.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// One dozen installation in a temp dir: its data dir, server address and processes.

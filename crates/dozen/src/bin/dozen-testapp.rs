@@ -7,10 +7,73 @@
 //! - logs one line per request to stdout
 //! - `EXIT_AFTER_MS` / `EXIT_CODE`: exits on its own (to test crash handling)
 //! - `EMIT_LINES=N`: prints N numbered lines at start
+//! - `GET /headers` -> the request headers; `GET /fetch/VAR/PATH` -> GET `$VAR/PATH` (service
+//!   discovery through the proxy)
+//! - SIGTERM: stops accepting, finishes the requests in flight, exits 0 (factor IX)
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
+
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// GET `url` (http://host:port/path) with a plain socket; returns the body.
+fn fetch(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut s = TcpStream::connect(authority).map_err(|e| format!("connect {authority}: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let status = buf.split_whitespace().nth(1).unwrap_or("?").to_string();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    if status == "200" {
+        Ok(body)
+    } else {
+        Err(format!("{url} answered {status}: {body}"))
+    }
+}
+
+/// Blocks SIGTERM in every thread and waits for it on one: then drain and exit.
+fn handle_sigterm() {
+    // SAFETY: plain libc signal-mask calls on a zeroed sigset; this test app is std-only by
+    // design and needs no other signal handling.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let set_copy = set;
+        std::thread::spawn(move || {
+            let mut sig: libc::c_int = 0;
+            libc::sigwait(&set_copy, &mut sig);
+            STOPPING.store(true, Ordering::SeqCst);
+            println!(
+                "SIGTERM: finishing {} request(s) in flight",
+                IN_FLIGHT.load(Ordering::SeqCst)
+            );
+            while IN_FLIGHT.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            println!("stopped cleanly");
+            let _ = std::io::stdout().flush();
+            std::process::exit(0);
+        });
+    }
+}
 
 fn answer(mut stream: TcpStream) {
     let mut reader = BufReader::new(match stream.try_clone() {
@@ -21,13 +84,13 @@ fn answer(mut stream: TcpStream) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    // Drain headers.
+    let mut headers = String::new();
     loop {
         let mut line = String::new();
         match reader.read_line(&mut line) {
             Ok(0) => break,
             Ok(_) if line == "\r\n" || line == "\n" => break,
-            Ok(_) => {}
+            Ok(_) => headers.push_str(&line),
             Err(_) => return,
         }
     }
@@ -36,13 +99,24 @@ fn answer(mut stream: TcpStream) {
         .nth(1)
         .unwrap_or("/")
         .to_string();
-    let body = if path == "/healthz" {
+    // Endpoints are matched anywhere in the path, so they also work behind a route prefix
+    // (`/api/env/NAME` reaches `/env/NAME`).
+    let body = if let Some((_, rest)) = path.split_once("/fetch/") {
+        let (var, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        let base = std::env::var(var).unwrap_or_default();
+        match fetch(&format!("{base}/{tail}")) {
+            Ok(b) => b,
+            Err(e) => format!("fetch failed: {e}"),
+        }
+    } else if path.ends_with("/healthz") {
         "ok".to_string()
-    } else if let Some(name) = path.strip_prefix("/env/") {
+    } else if let Some((_, name)) = path.split_once("/env/") {
         std::env::var(name).unwrap_or_default()
-    } else if path == "/pid" {
+    } else if path.ends_with("/headers") {
+        headers
+    } else if path.ends_with("/pid") {
         std::process::id().to_string()
-    } else if let Some(ms) = path.strip_prefix("/sleep/") {
+    } else if let Some((_, ms)) = path.split_once("/sleep/") {
         std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
         "slept".to_string()
     } else {
@@ -63,6 +137,7 @@ fn answer(mut stream: TcpStream) {
 }
 
 fn main() {
+    handle_sigterm();
     if let Ok(n) = std::env::var("EMIT_LINES") {
         for i in 0..n.parse::<u32>().unwrap_or(0) {
             println!("line {i}");
@@ -92,7 +167,14 @@ fn main() {
             };
             println!("listening on {port}");
             for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || answer(stream));
+                if STOPPING.load(Ordering::SeqCst) {
+                    continue;
+                }
+                IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    answer(stream);
+                    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         }
         Err(_) => loop {

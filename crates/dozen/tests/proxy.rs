@@ -1,0 +1,244 @@
+//! End-to-end through the real proxy: routing, discovery, errors, and the stop protocol
+//! (a task leaving service finishes its in-flight requests and gets no new ones).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use dozen_testkit::{eventually, http_raw, http_request, Dozen};
+use serde_json::Value;
+
+const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
+const APP: &str = env!("CARGO_BIN_EXE_dozen-testapp");
+
+fn stack(web: u32, delay: &str) -> String {
+    format!(
+        r#"
+name = "shop"
+
+[services.web]
+command = ["{APP}"]
+replicas = {web}
+uses = ["api"]
+deregistration_delay = "{delay}"
+[[services.web.routes]]
+host = "shop.test"
+path = "/"
+[services.web.health]
+http = "/healthz"
+interval = "200ms"
+timeout = "100ms"
+
+[services.api]
+command = ["{APP}"]
+[services.api.env]
+NAME = "the api"
+[[services.api.routes]]
+path = "/api"
+[[services.api.routes]]
+path = "/admin"
+internal = true
+[services.api.health]
+http = "/healthz"
+interval = "200ms"
+timeout = "100ms"
+
+[services.sleepy]
+command = "sleep 3600"
+port = true
+[[services.sleepy.routes]]
+host = "sleepy.local"
+[services.sleepy.health]
+tcp = true
+interval = "200ms"
+timeout = "100ms"
+"#
+    )
+}
+
+fn task_of(body: &str) -> String {
+    body.trim().trim_start_matches("hello from ").to_string()
+}
+
+/// Waits until every live proxy serves a route table at least as new as the store is now.
+fn proxies_caught_up(d: &Dozen) {
+    let now = d.json(&["proxies"])["revision"].as_u64().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "proxies apply the latest routes",
+        || {
+            let p = d.json(&["proxies"]);
+            let items = p["items"].as_array()?;
+            (!items.is_empty()
+                && items
+                    .iter()
+                    .all(|x| x["applied_revision"].as_u64() >= Some(now)))
+            .then_some(())
+        },
+    );
+}
+
+#[test]
+fn routes_discovery_and_errors_through_the_proxy() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write("dozen.toml", &stack(2, "1s"));
+    d.ok(&["apply", "--no-wait"]);
+    d.wait_ready("web", 2);
+    d.wait_ready("api", 1);
+    proxies_caught_up(&d);
+    let port = d.proxy_port;
+
+    // Both web tasks take traffic, in turn.
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        let r = http_request(port, "shop.test", "/").expect("proxy answers");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            r.header("x-request-id").is_some(),
+            "request id: {}",
+            r.headers
+        );
+        seen.insert(task_of(&r.body));
+    }
+    assert_eq!(seen.len(), 2, "round robin over both tasks: {seen:?}");
+
+    // Longest prefix wins; forwarded headers reach the task.
+    let r = http_request(port, "shop.test", "/api/env/NAME").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "the api"));
+    let h = http_request(port, "shop.test:7780", "/api/headers")
+        .unwrap()
+        .body;
+    assert!(h.contains("x-forwarded-for: 127.0.0.1"), "{h}");
+    assert!(h.contains("x-forwarded-host: shop.test:7780"), "{h}");
+    assert!(h.contains("x-forwarded-proto: http"), "{h}");
+    assert!(h.to_ascii_lowercase().contains("x-request-id: "), "{h}");
+
+    // Discovery: web calls the api through API_URL, which points at the internal listener.
+    let r = http_request(port, "shop.test", "/fetch/API_URL/env/NAME").unwrap();
+    assert_eq!(
+        r.body, "the api",
+        "web reached the api by its discovery URL"
+    );
+    // Internal routes are served on the internal listener only.
+    assert_eq!(
+        http_request(port, "shop.test", "/admin/env/NAME")
+            .unwrap()
+            .status,
+        200,
+        "falls to web's `/`"
+    );
+    let internal = http_request(d.proxy_internal_port, "x", "/admin/env/NAME").unwrap();
+    assert_eq!((internal.status, internal.body.as_str()), (200, "the api"));
+    let missing = http_request(port, "shop.test", "/_/api/env/NAME").unwrap();
+    assert_ne!(missing.body, "the api", "discovery paths are not public");
+
+    // Errors name the cause and leak nothing.
+    let r = http_request(port, "x", "/nowhere").unwrap();
+    assert_eq!(r.status, 404);
+    assert!(
+        r.body.contains("no route for host `x` and path `/nowhere`"),
+        "{}",
+        r.body
+    );
+    d.ok(&["scale", "sleepy=0"]);
+    let r = eventually(Duration::from_secs(20), "no healthy sleepy target", || {
+        http_request(port, "sleepy.local", "/").filter(|r| r.status == 503)
+    });
+    assert!(
+        r.body.contains("no healthy target for service `sleepy`"),
+        "{}",
+        r.body
+    );
+    assert!(
+        !r.body.contains("127.0.0.1:"),
+        "no internal address in errors: {}",
+        r.body
+    );
+
+    // Malformed requests get 400 and never reach a task.
+    let bad = http_raw(
+        port,
+        "GET /bad-marker HTTP/1.1\r\nhost: shop.test\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+    )
+    .unwrap();
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let garbage = http_raw(port, "\x01\x02 nonsense\r\n\r\n").unwrap();
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    let no_host = http_raw(
+        port,
+        "GET /bad-marker HTTP/1.1\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
+    // A good request after them shows up in the logs; the bad ones before it never do.
+    assert_eq!(
+        http_request(port, "shop.test", "/good-marker")
+            .unwrap()
+            .status,
+        200
+    );
+    let logs = eventually(
+        Duration::from_secs(10),
+        "the good request is logged",
+        || {
+            let logs = d.ok(&["logs", "web"]);
+            logs.contains("/good-marker").then_some(logs)
+        },
+    );
+    assert!(
+        !logs.contains("bad-marker"),
+        "a malformed request reached a task: {logs}"
+    );
+}
+
+#[test]
+fn a_task_leaving_service_finishes_its_requests_and_gets_no_new_ones() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write("dozen.toml", &stack(2, "3s"));
+    d.ok(&["apply", "--no-wait"]);
+    let web = d.wait_ready("web", 2);
+    proxies_caught_up(&d);
+    let port = d.proxy_port;
+
+    // A long request on each task (round robin sends one to each).
+    let long: Vec<_> = (0..2)
+        .map(|_| {
+            let h = std::thread::spawn(move || http_request(port, "shop.test", "/sleep/2500"));
+            std::thread::sleep(Duration::from_millis(100));
+            h
+        })
+        .collect();
+    d.ok(&["scale", "web=1"]);
+    let draining: Value = eventually(Duration::from_secs(10), "a web task drains", || {
+        d.tasks("web").into_iter().find(|t| t["desired"] == "drain")
+    });
+    let leaving = draining["task"].as_str().unwrap().to_string();
+    proxies_caught_up(&d);
+    for _ in 0..30 {
+        let r = http_request(port, "shop.test", "/").unwrap();
+        assert_eq!(r.status, 200);
+        assert_ne!(
+            task_of(&r.body),
+            leaving,
+            "a draining task got a new request"
+        );
+    }
+    for h in long {
+        let r = h.join().unwrap().expect("long request answered");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "slept"),
+            "in-flight request completed"
+        );
+    }
+    // Then it is stopped and removed; one task remains.
+    let left = d.wait_ready("web", 1);
+    assert_ne!(left[0]["task"], leaving.as_str());
+    assert!(web.iter().any(|t| t["task"] == leaving.as_str()));
+    let logs = d.ok(&["logs", "web", "--task", &leaving]);
+    assert!(
+        logs.contains("stopped cleanly"),
+        "got SIGTERM only after draining: {logs}"
+    );
+}
