@@ -580,7 +580,31 @@ pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
         }
     };
     let removed: Vec<String> = api.delete(&format!("/v1/stacks/{stack}")).await?;
-    println!("removed stack {stack} ({})", removed.join(", "));
+    println!(
+        "removed stack {stack} ({}); stopping its tasks",
+        removed.join(", ")
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let tasks: Vec<TaskInfo> = api.get("/v1/tasks").await?;
+        if !tasks.iter().any(|t| t.stack == stack) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("tasks of stack `{stack}` did not stop within 120 s; `dozen ps` shows them");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A server that `dozen up -d` started in the background goes with its stack.
+    let pid_file = global.data_dir.join("server.pid");
+    if let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    {
+        let _ = dozen_agent::os::kill_pid(pid, libc::SIGTERM);
+        let _ = std::fs::remove_file(&pid_file);
+        println!("stopped the background server (pid {pid})");
+    }
     Ok(0)
 }
 

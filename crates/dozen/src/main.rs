@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod commands;
 mod output;
 mod serve;
+mod up;
 
 /// Run 12-factor services on a laptop, one server or a cluster.
 ///
@@ -76,7 +77,7 @@ enum Command {
     Server(serve::ServerArgs),
     /// Bring a stack up in the foreground: server, agent and the stack file applied; Ctrl-C
     /// stops it.
-    Up(serve::UpArgs),
+    Up(up::UpArgs),
     /// Run a proxy (the load balancer) that takes its routes from a server.
     Proxy(serve::ProxyArgs),
     /// Run a node agent that takes work from a server.
@@ -160,7 +161,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server(a) => serve::server(&global, a).await.map(|_| 0),
             Command::Agent(a) => serve::agent(&global, a).await.map(|_| 0),
-            Command::Up(a) => serve::up(&global, a).await,
+            Command::Up(a) => up::up(&global, a).await,
             Command::Proxy(a) => serve::proxy(&global, a).await.map(|_| 0),
             Command::Plan(a) => commands::plan(&global, a).await,
             Command::Apply(a) => commands::apply(&global, a).await,

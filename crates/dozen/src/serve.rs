@@ -162,7 +162,7 @@ fn read_or_create_secret(path: &Path, bytes: usize) -> anyhow::Result<String> {
     Ok(value)
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
@@ -353,60 +353,6 @@ pub async fn server(global: &Global, args: ServerArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-#[derive(Args, Debug)]
-pub struct UpArgs {
-    #[command(flatten)]
-    pub file: crate::commands::FileArgs,
-    #[command(flatten)]
-    pub server: ServerArgs,
-}
-
-/// `dozen up`: a server and agent in this process, the stack applied, until Ctrl-C.
-pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
-    let stack = crate::commands::load_stack(&args.file)?;
-    let running = start_server(global, &args.server).await?;
-    let api = dozen_api::Client::new(&format!("http://{}", running.address), &running.token);
-    let services: Vec<String> = stack.services.keys().cloned().collect();
-    let name = stack.name.clone();
-    let artifacts = crate::commands::artifacts(&args.file, &stack, Some(&api)).await?;
-    let _: dozen_control::desired::ApplyOutcome = api
-        .post("/v1/apply", &dozen_api::ApplyRequest { stack, artifacts })
-        .await?;
-    crate::commands::wait_converged(&api, &services, Duration::from_secs(120), true).await?;
-    let tasks: Vec<dozen_api::TaskInfo> = api.get("/v1/tasks").await?;
-    println!("\nstack `{name}` is up (API http://{}):", running.address);
-    if let Some(url) = &running.proxy_url {
-        println!("  proxy: {url}  (every public route is served here)");
-    }
-    for t in &tasks {
-        let port = t
-            .status
-            .as_ref()
-            .and_then(|s| s.host_port)
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .unwrap_or_else(|| "(no port)".into());
-        println!("  {:<24} {:<10} {port}", t.task, t.service);
-    }
-    println!(
-        "\nlook around from another shell (same directory):\n  dozen ps\n  dozen logs {} -f\n  dozen scale {}=3\nCtrl-C stops the stack.",
-        services.first().cloned().unwrap_or_default(),
-        services.first().cloned().unwrap_or_default()
-    );
-    shutdown_signal().await;
-    eprintln!("stopping stack `{name}`...");
-    let _: Vec<String> = api.delete(&format!("/v1/stacks/{name}")).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let tasks: Vec<dozen_api::TaskInfo> = api.get("/v1/tasks").await?;
-        if tasks.is_empty() || tokio::time::Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    eprintln!("stopped");
-    Ok(0)
 }
 
 fn token_for(global: &Global, token_file: &Option<PathBuf>, what: &str) -> anyhow::Result<String> {

@@ -1,0 +1,113 @@
+//! The demo stack under `dozen up`: every route answers through the proxy, the page shows data
+//! from both APIs, and a kill -9 of the whole `dozen up` process loses nothing.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dozen_testkit::{eventually, http_request, process_alive, Dozen};
+
+const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
+const DEMO: &str = env!("CARGO_BIN_EXE_dozen-demo");
+
+fn demo_stack() -> String {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/demo/dozen.toml"
+    );
+    std::fs::read_to_string(file)
+        .unwrap()
+        .replace("./target/release/dozen-demo", DEMO)
+}
+
+fn start_up(d: &Dozen) -> Child {
+    Command::new(DOZEN)
+        .args(["up", "-f", "dozen.toml", "--node-name", "node-a"])
+        .args(["--listen", &format!("127.0.0.1:{}", d.port)])
+        .args(["--proxy-listen", &format!("127.0.0.1:{}", d.proxy_port)])
+        .args([
+            "--proxy-internal-listen",
+            &format!("127.0.0.1:{}", d.proxy_internal_port),
+        ])
+        .args([
+            "--port-range",
+            &format!("{}-{}", d.port_range.0, d.port_range.1),
+        ])
+        .current_dir(d.dir.path())
+        .env("DOZEN_DATA_DIR", d.data_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dozen up")
+}
+
+fn page_ok(d: &Dozen) -> Option<String> {
+    let r = http_request(d.proxy_port, "demo.local", "/")?;
+    (r.status == 200 && r.body.contains("\"products\"") && r.body.contains("\"open_orders\""))
+        .then_some(r.body)
+}
+
+fn pids(d: &Dozen) -> BTreeMap<String, u64> {
+    d.json(&["ps"])["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            Some((
+                t["task"].as_str()?.to_string(),
+                t["status"]["pid"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
+    let mut d = Dozen::new(DOZEN);
+    d.write("dozen.toml", &demo_stack());
+    let mut up = start_up(&d);
+    let page = eventually(
+        Duration::from_secs(60),
+        "the demo page shows both APIs",
+        || page_ok(&d),
+    );
+    assert!(page.contains("dozen demo shop"), "{page}");
+    for (path, needle) in [("/api/catalog", "teapot"), ("/api/orders", "EUR")] {
+        let r = http_request(d.proxy_port, "demo.local", path).unwrap();
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body.contains(needle), "{path}: {}", r.body);
+    }
+    let worker_log = eventually(Duration::from_secs(30), "the worker reaches orders", || {
+        let logs = d.ok(&["logs", "worker"]);
+        logs.contains("checked orders").then_some(logs)
+    });
+    assert!(worker_log.contains("open_orders"), "{worker_log}");
+    let before = eventually(Duration::from_secs(20), "7 running tasks", || {
+        let p = pids(&d);
+        (p.len() == 7).then_some(p)
+    });
+
+    // kill -9 of the whole `dozen up`: the tasks stay, and a new `dozen up` takes them back.
+    up.kill().unwrap();
+    up.wait().unwrap();
+    for pid in before.values() {
+        assert!(process_alive(*pid as u32));
+    }
+    let mut again = start_up(&d);
+    eventually(Duration::from_secs(30), "the proxy serves again", || {
+        page_ok(&d)
+    });
+    let after = eventually(Duration::from_secs(20), "all tasks re-adopted", || {
+        let ps = d.json(&["ps"]);
+        let tasks = ps["tasks"].as_array()?;
+        (tasks.len() == 7 && tasks.iter().all(|t| t["status"]["adopted"] == true)).then(|| pids(&d))
+    });
+    assert_eq!(
+        after, before,
+        "same tasks, same processes, nothing started twice"
+    );
+    assert_eq!(d.shim_processes().len(), 7, "no duplicate shims");
+    again.kill().unwrap();
+    again.wait().unwrap();
+}
