@@ -64,7 +64,7 @@ fn pids(d: &Dozen) -> BTreeMap<String, u64> {
 
 #[test]
 fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
-    let mut d = Dozen::new(DOZEN);
+    let d = Dozen::new(DOZEN);
     d.write("dozen.toml", &demo_stack());
     let mut up = start_up(&d);
     let page = eventually(
