@@ -86,12 +86,79 @@ fn get(url: &str) -> Result<String, String> {
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) {
-    let _ = write!(
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+    close: bool,
+) -> bool {
+    let connection = if close { "close" } else { "keep-alive" };
+    write!(
         stream,
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n{body}",
         body.len()
-    );
+    )
+    .and_then(|_| stream.flush())
+    .is_ok()
+}
+
+/// One connection: requests in turn (HTTP/1.1 keep-alive) until the peer closes, asks to
+/// close, or we are stopping. Only a request being answered counts as in flight.
+fn connection(stream: TcpStream, handler: fn(&str) -> (&'static str, &'static str, String)) {
+    let mut writer = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        let mut close = line.ends_with("HTTP/1.0\r\n");
+        let mut body_len = 0usize;
+        loop {
+            let mut h = String::new();
+            match reader.read_line(&mut h) {
+                Ok(0) | Err(_) => {
+                    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+                Ok(_) if h == "\r\n" || h == "\n" => break,
+                Ok(_) => {
+                    let lower = h.to_ascii_lowercase();
+                    if lower.starts_with("connection:") && lower.contains("close") {
+                        close = true;
+                    } else if let Some(v) = lower.strip_prefix("content-length:") {
+                        body_len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        let mut discard = vec![0u8; body_len.min(1 << 20)];
+        let _ = reader.read_exact(&mut discard);
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let (status, ct, body) = handler(&path);
+        let close = close || STOPPING.load(Ordering::SeqCst);
+        let written = respond(&mut writer, status, ct, &body, close);
+        SERVED.fetch_add(1, Ordering::SeqCst);
+        if !path.ends_with("/healthz") && env("LOG_REQUESTS", "true") == "true" {
+            log(&format!(
+                "{} {path} -> {status}",
+                line.split_whitespace().next().unwrap_or("?")
+            ));
+        }
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        if close || !written {
+            return;
+        }
+    }
 }
 
 /// Serves `handler(path) -> (status, content type, body)` on $PORT until SIGTERM.
@@ -109,40 +176,8 @@ fn serve(handler: fn(&str) -> (&'static str, &'static str, String)) {
         if STOPPING.load(Ordering::SeqCst) {
             continue;
         }
-        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-        std::thread::spawn(move || {
-            let mut stream = stream;
-            let mut reader = BufReader::new(match stream.try_clone() {
-                Ok(s) => s,
-                Err(_) => {
-                    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
-                    return;
-                }
-            });
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_ok() {
-                loop {
-                    let mut h = String::new();
-                    match reader.read_line(&mut h) {
-                        Ok(0) => break,
-                        Ok(_) if h == "\r\n" || h == "\n" => break,
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let (status, ct, body) = handler(&path);
-                respond(&mut stream, status, ct, &body);
-                SERVED.fetch_add(1, Ordering::SeqCst);
-                if !path.ends_with("/healthz") && env("LOG_REQUESTS", "true") == "true" {
-                    log(&format!(
-                        "{} {path} -> {status}",
-                        line.split_whitespace().next().unwrap_or("?")
-                    ));
-                }
-            }
-            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
-        });
+        let _ = stream.set_nodelay(true);
+        std::thread::spawn(move || connection(stream, handler));
     }
 }
 

@@ -254,6 +254,8 @@ pub fn main(dir: &Path) -> i32 {
     // Everything is set up: give back the code pages start-up touched.
     os::trim_clean_file_pages();
     let status = child.wait();
+    // Whatever the task started dies with it: an orphan would keep its port and our pipes.
+    let _ = os::kill_group(child.id(), libc::SIGKILL);
     // The pipes close when the task exits, unless something it started keeps them open:
     // then do not wait for that forever.
     for _ in 0..readers {

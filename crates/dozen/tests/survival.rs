@@ -182,3 +182,57 @@ fn kill_9_of_an_agent_leaves_its_tasks_running() {
     assert_eq!(after, before);
     assert_ps_matches_processes(&d, &after);
 }
+
+#[test]
+fn kill_9_of_a_shell_task_takes_its_children_too_and_it_comes_back() {
+    // `command` as a string runs under /bin/sh: the app is the shell's child. Killing the
+    // shell must not leave the app behind holding the task's port.
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "shells"
+[services.web]
+command = "{APP} --under-a-shell"
+[services.web.health]
+http = "/healthz"
+interval = "200ms"
+timeout = "100ms"
+"#
+        ),
+    );
+    d.ok(&["apply"]);
+    let web = d.wait_ready("web", 1);
+    let shell = web[0]["status"]["pid"].as_u64().unwrap() as u32;
+    let port = web[0]["status"]["host_port"].as_u64().unwrap() as u16;
+    let app_pid: u32 = dozen_testkit::http_get(port, "/pid")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert_ne!(app_pid, shell, "the app runs as the shell's child");
+    signal(shell, "KILL");
+    eventually(
+        Duration::from_secs(10),
+        "the orphaned app is killed too",
+        || (!process_alive(app_pid)).then_some(()),
+    );
+    let back = eventually(Duration::from_secs(20), "the task serves again", || {
+        d.ready_tasks("web")
+            .into_iter()
+            .find(|t| t["generation"] == 2)
+    });
+    assert_eq!(
+        back["status"]["host_port"].as_u64(),
+        Some(u64::from(port)),
+        "same port, free again"
+    );
+    let new_app: u32 = dozen_testkit::http_get(port, "/pid")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert_ne!(new_app, app_pid);
+}
