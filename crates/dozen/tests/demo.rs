@@ -108,6 +108,24 @@ fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
         "same tasks, same processes, nothing started twice"
     );
     assert_eq!(d.shim_processes().len(), 7, "no duplicate shims");
-    again.kill().unwrap();
-    again.wait().unwrap();
+
+    // Ctrl-C: the stack stops gracefully and `dozen up` exits.
+    dozen_testkit::signal(again.id(), "INT");
+    let status = eventually(
+        Duration::from_secs(60),
+        "dozen up exits after Ctrl-C",
+        || again.try_wait().ok().flatten(),
+    );
+    assert!(status.success(), "{status}");
+    assert!(d.shim_processes().is_empty(), "every task stopped");
+    let orders_log = std::fs::read_dir(d.data_dir().join("agent/tasks"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("orders-"))
+        .map(|e| std::fs::read_to_string(e.path().join("output.log")).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        orders_log.contains("stopped after serving"),
+        "graceful SIGTERM: {orders_log}"
+    );
 }

@@ -242,3 +242,34 @@ fn a_task_leaving_service_finishes_its_requests_and_gets_no_new_ones() {
         "got SIGTERM only after draining: {logs}"
     );
 }
+
+#[test]
+fn a_standalone_proxy_routes_too_and_slow_targets_get_504() {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--proxy-timeout".into(), "1s".into()];
+    d.start_server(true);
+    let (public, _) = d.start_proxy("edge-1");
+    d.write("dozen.toml", &stack(1, "1s"));
+    d.ok(&["apply", "--no-wait"]);
+    d.wait_ready("web", 1);
+    d.wait_ready("api", 1);
+    proxies_caught_up(&d);
+    assert_eq!(d.json(&["proxies"])["items"].as_array().unwrap().len(), 2);
+    for port in [public, d.proxy_port] {
+        let r = http_request(port, "shop.test", "/api/env/NAME").unwrap();
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "the api"),
+            "via proxy on {port}"
+        );
+    }
+    // The in-process proxy has a 1 s upstream timeout.
+    let r = http_request(d.proxy_port, "shop.test", "/api/sleep/2500").unwrap();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(
+        r.body
+            .contains("a target of service `api` did not answer within 1 s"),
+        "{}",
+        r.body
+    );
+}

@@ -132,6 +132,9 @@ pub struct Dozen {
     /// The in-process proxy's public and internal ports.
     pub proxy_port: u16,
     pub proxy_internal_port: u16,
+    /// More arguments for `dozen server`.
+    pub server_args: Vec<String>,
+    pub proxies: Vec<Child>,
 }
 
 impl Dozen {
@@ -147,6 +150,8 @@ impl Dozen {
             agents: Vec::new(),
             proxy_port: free_port(),
             proxy_internal_port: free_port(),
+            server_args: Vec::new(),
+            proxies: Vec::new(),
         }
     }
 
@@ -199,6 +204,7 @@ impl Dozen {
         if !with_agent {
             cmd.arg("--no-agent");
         }
+        cmd.args(&self.server_args);
         self.server = Some(cmd.spawn().expect("spawn dozen server"));
         let port = self.port;
         eventually(Duration::from_secs(20), "server answers /healthz", || {
@@ -243,6 +249,39 @@ impl Dozen {
         pid
     }
 
+    /// Starts `dozen proxy` as its own process; returns its (public, internal) ports once it
+    /// has registered.
+    pub fn start_proxy(&mut self, id: &str) -> (u16, u16) {
+        let (public, internal) = (free_port(), free_port());
+        let child = Command::new(&self.bin)
+            .arg("proxy")
+            .arg("--server")
+            .arg(self.url())
+            .arg("--id")
+            .arg(id)
+            .arg("--proxy-listen")
+            .arg(format!("127.0.0.1:{public}"))
+            .arg("--proxy-internal-listen")
+            .arg(format!("127.0.0.1:{internal}"))
+            .env("DOZEN_TOKEN", self.token())
+            .stdin(Stdio::null())
+            .stdout(self.log_file(&format!("proxy-{id}.log")))
+            .stderr(self.log_file(&format!("proxy-{id}.log")))
+            .spawn()
+            .expect("spawn dozen proxy");
+        self.proxies.push(child);
+        let dozen = &*self;
+        eventually(Duration::from_secs(20), "proxy registers", || {
+            let p = dozen.json(&["proxies"]);
+            p["items"]
+                .as_array()?
+                .iter()
+                .any(|x| x["id"] == id)
+                .then_some(())
+        });
+        (public, internal)
+    }
+
     pub fn token(&self) -> String {
         std::fs::read_to_string(self.data_dir().join("token"))
             .expect("token file")
@@ -255,6 +294,13 @@ impl Dozen {
         if let Some(mut s) = self.server.take() {
             let _ = s.kill();
             let _ = s.wait();
+        }
+    }
+
+    pub fn kill_proxies(&mut self) {
+        for mut p in self.proxies.drain(..) {
+            let _ = p.kill();
+            let _ = p.wait();
         }
     }
 
@@ -388,6 +434,7 @@ impl Drop for Dozen {
     fn drop(&mut self) {
         self.kill_server();
         self.kill_agents();
+        self.kill_proxies();
         // Tasks outlive dozen by design: end them so tests leave nothing behind.
         for (shim, task) in self.shim_processes() {
             if let Some(t) = task {
