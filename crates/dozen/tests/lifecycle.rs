@@ -418,3 +418,40 @@ port = false
     let releases = d.json(&["releases", "static"]);
     assert_eq!(releases[2]["artifact_digest"].as_str().unwrap(), first);
 }
+
+#[test]
+fn logs_follow_streams_new_lines_as_tasks_write_them() {
+    use std::io::BufRead;
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        r#"
+name = "ticks"
+[services.ticker]
+command = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done"
+port = false
+"#,
+    );
+    d.ok(&["apply"]);
+    let mut follow = std::process::Command::new(DOZEN)
+        .args(["logs", "ticker", "-f", "--tail", "1"])
+        .env("DOZEN_SERVER", d.url())
+        .env("DOZEN_DATA_DIR", d.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut numbers = Vec::new();
+    while numbers.len() < 5 {
+        let line = lines.next().expect("a line").unwrap();
+        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        numbers.push(n);
+    }
+    follow.kill().unwrap();
+    let _ = follow.wait();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive lines, in order, as they are written: {numbers:?}"
+    );
+}
