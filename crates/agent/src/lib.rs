@@ -760,9 +760,14 @@ impl Runner {
         };
         let wait = driver.wait(&handle);
         tokio::pin!(wait);
+        let mut probes: u32 = 0;
         loop {
-            // Before the first pass, probe often so a new task takes traffic as soon as it can.
+            // Before the first pass, probe often so a new task takes traffic as soon as it can
+            // (most services listen within milliseconds of starting).
             let interval = match &check {
+                Some(c) if self.status.state == TaskState::Starting && probes < 5 => {
+                    c.interval_ms.min(20 << probes)
+                }
                 Some(c) if self.status.state == TaskState::Starting => c.interval_ms.min(200),
                 Some(c) => c.interval_ms,
                 None => 3_600_000,
@@ -782,6 +787,7 @@ impl Runner {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(interval.max(10))) => {
                     let Some(c) = &check else { continue };
+                    probes += 1;
                     let result = health::probe(&self.shared.http, c, self.record.port, &BTreeMap::new()).await;
                     match result {
                         Ok(()) => {

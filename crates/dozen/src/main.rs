@@ -54,9 +54,10 @@ pub struct Global {
     /// Format of dozen's own log lines (stderr).
     #[arg(long, global = true, env = "DOZEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter, e.g. `info` or `dozen_agent=debug`.
-    #[arg(long, global = true, env = "DOZEN_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `info` or `dozen_agent=debug`. Default: info (warn for `up`, whose
+    /// screen is for the tasks' own logs).
+    #[arg(long, global = true, env = "DOZEN_LOG")]
+    pub log: Option<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,8 +117,9 @@ enum Command {
     Shim { dir: PathBuf },
 }
 
-fn init_logging(global: &Global) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
+fn init_logging(global: &Global, default: &str) {
+    let wanted = global.log.as_deref().unwrap_or(default);
+    let filter = tracing_subscriber::EnvFilter::try_new(wanted)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -155,7 +157,12 @@ fn main() -> ExitCode {
         Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Proxy(_)
     );
     if daemon {
-        init_logging(&global);
+        let default = if matches!(cli.command, Command::Up(_)) {
+            "warn"
+        } else {
+            "info"
+        };
+        init_logging(&global, default);
     }
     let result = runtime.block_on(async move {
         match cli.command {
