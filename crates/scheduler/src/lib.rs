@@ -16,6 +16,10 @@ pub const CRASH_WINDOW_MS: u64 = 10_000;
 /// Backoff of the second consecutive crash; doubles each time after.
 pub const BACKOFF_BASE_MS: u64 = 500;
 pub const BACKOFF_MAX_MS: u64 = 30_000;
+/// A draining task waits at most this long past its deregistration delay for the proxies'
+/// acknowledgement: a proxy that holds its lease but no longer applies routes must not keep
+/// every scale-in waiting forever.
+pub const PROXY_ACK_TIMEOUT_MS: u64 = 30_000;
 
 /// Delay before restart number `restarts` (1 = the first restart after a crash).
 /// The first restart is immediate: a single crash should cost as little as possible.
@@ -205,7 +209,8 @@ pub fn reconcile(
             // deregistration delay has let its in-flight requests finish.
             let since = t.drain_since_ms.unwrap_or(0);
             let left = (since + service.deregistration_delay_ms).saturating_sub(clock.now_ms);
-            let proxies_done = clock.proxies_applied.is_none_or(|r| r >= t.mod_revision);
+            let proxies_done = clock.proxies_applied.is_none_or(|r| r >= t.mod_revision)
+                || clock.now_ms >= since + service.deregistration_delay_ms + PROXY_ACK_TIMEOUT_MS;
             if t.has_ended() {
                 decision.actions.push(Action::Remove {
                     task: t.task.clone(),
@@ -642,6 +647,10 @@ mod tests {
                 node: "a".into()
             }]
         );
+        // A proxy that never catches up delays the stop, but not forever.
+        let late = 11_000 + PROXY_ACK_TIMEOUT_MS;
+        let d = reconcile(&s, std::slice::from_ref(&draining), &[], &nodes, at(late, Some(49)));
+        assert!(matches!(d.actions[..], [Action::Stop { .. }]), "{:?}", d.actions);
         // A draining task does not count as capacity: a replacement starts at once.
         let mut one = s.clone();
         one.desired_replicas = 1;
