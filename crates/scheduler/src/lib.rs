@@ -649,8 +649,18 @@ mod tests {
         );
         // A proxy that never catches up delays the stop, but not forever.
         let late = 11_000 + PROXY_ACK_TIMEOUT_MS;
-        let d = reconcile(&s, std::slice::from_ref(&draining), &[], &nodes, at(late, Some(49)));
-        assert!(matches!(d.actions[..], [Action::Stop { .. }]), "{:?}", d.actions);
+        let d = reconcile(
+            &s,
+            std::slice::from_ref(&draining),
+            &[],
+            &nodes,
+            at(late, Some(49)),
+        );
+        assert!(
+            matches!(d.actions[..], [Action::Stop { .. }]),
+            "{:?}",
+            d.actions
+        );
         // A draining task does not count as capacity: a replacement starts at once.
         let mut one = s.clone();
         one.desired_replicas = 1;

@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 pub mod blob;
 pub mod conformance;
 pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod wal;
 
 pub type Revision = u64;
