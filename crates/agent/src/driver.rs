@@ -32,6 +32,8 @@ pub struct TaskHandle {
     pub shim_pid: u32,
     pub shim_start: u64,
     pub task_pid: Option<u32>,
+    /// The task's start time (with the pid, it names the process for good).
+    pub task_start: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,8 +108,11 @@ impl ProcessDriver {
     fn exit_of_dead_shim(handle: &TaskHandle) -> ExitInfo {
         Self::read_exit(&handle.dir).unwrap_or_else(|| {
             // The shim died without recording an exit (killed): make sure its task is gone too.
-            if let Some(pid) = handle.task_pid {
-                let _ = os::kill_group(pid, libc::SIGKILL);
+            // Only if that pid still names our task: after a reboot it may be anything.
+            if let (Some(pid), Some(start)) = (handle.task_pid, handle.task_start) {
+                if os::process_is(pid, start) {
+                    let _ = os::kill_group(pid, libc::SIGKILL);
+                }
             }
             ExitInfo {
                 code: None,
@@ -180,7 +185,7 @@ impl Driver for ProcessDriver {
         // The shim records the task's pid (or an exit record if it could not start it).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some((pid, _)) = shim::read_pid_file(&dir.join(shim::TASK_PID)) {
+            if let Some((pid, task_start)) = shim::read_pid_file(&dir.join(shim::TASK_PID)) {
                 let shim_start = shim::read_pid_file(&dir.join(shim::SHIM_PID))
                     .map(|(_, s)| s)
                     .or_else(|| os::process_start_time(shim_pid))
@@ -190,6 +195,7 @@ impl Driver for ProcessDriver {
                     shim_pid,
                     shim_start,
                     task_pid: Some(pid),
+                    task_start: Some(task_start),
                 });
             }
             if let Some(exit) = Self::read_exit(dir) {
@@ -240,12 +246,13 @@ impl Driver for ProcessDriver {
         let Some((shim_pid, shim_start)) = shim::read_pid_file(&dir.join(shim::SHIM_PID)) else {
             return Recovered::Nothing;
         };
-        let task_pid = shim::read_pid_file(&dir.join(shim::TASK_PID)).map(|(p, _)| p);
+        let task = shim::read_pid_file(&dir.join(shim::TASK_PID));
         let handle = TaskHandle {
             dir: dir.to_path_buf(),
             shim_pid,
             shim_start,
-            task_pid,
+            task_pid: task.map(|(p, _)| p),
+            task_start: task.map(|(_, s)| s),
         };
         if os::process_is(shim_pid, shim_start) {
             return Recovered::Running(handle);

@@ -811,12 +811,12 @@ impl Runner {
                             health.failures += 1;
                             if health.failures >= c.unhealthy_threshold && (self.status.healthy || self.status.state == TaskState::Starting) {
                                 tracing::warn!(task = %self.task, reason = %why, "task is unhealthy; stopping it so it is replaced");
-                                let state = self.status.state;
-                                self.set(state, false, Some(format!("unhealthy: {why}")));
-                                let sig = os::signal_number(&self.record.assignment.spec.stop_signal).unwrap_or(libc::SIGTERM);
-                                if let Some(pid) = handle.task_pid {
-                                    let _ = os::kill_group(pid, sig);
-                                }
+                                self.status.message = Some(format!("unhealthy: {why}"));
+                                // The stop protocol's signal, then SIGKILL after the timeout:
+                                // a hung task that ignores the signal still goes.
+                                self.stop_now("failed health checks").await;
+                                self.set(TaskState::Exited, false, Some(format!("stopped: unhealthy: {why}")));
+                                return true;
                             }
                         }
                     }

@@ -566,7 +566,7 @@ where
         })
         .into_response());
     }
-    let from = q.revision.unwrap_or(0) + 1;
+    let from = q.revision.unwrap_or(0).saturating_add(1);
     let mut store_watch = match s.store.watch(&prefix, from).await {
         Ok(w) => w,
         Err(StoreError::Compacted {
@@ -796,7 +796,7 @@ async fn routes(
 ) -> ApiResult<Json<dozen_model::RouteTable>> {
     if let Some(after) = q.after {
         let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(120_000));
-        if let Ok(mut watch) = s.store.watch(keys::ROOT, after + 1).await {
+        if let Ok(mut watch) = s.store.watch(keys::ROOT, after.saturating_add(1)).await {
             let _ = tokio::time::timeout(wait, async {
                 while let Some(msg) = watch.next().await {
                     match msg {

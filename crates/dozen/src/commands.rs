@@ -132,14 +132,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        total += match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86_400),
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
+            "d" => n.checked_mul(86_400).map(Duration::from_secs),
             _ => return Err(bad()),
         };
+        total = part.and_then(|p| total.checked_add(p)).ok_or_else(bad)?;
     }
     Ok(total)
 }
@@ -826,5 +827,7 @@ mod tests {
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("18446744073709551615s1s").is_err());
+        assert!(parse_duration("99999999999999999h").is_err());
     }
 }

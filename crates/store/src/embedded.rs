@@ -116,7 +116,11 @@ impl EmbeddedStore {
                     state.apply(revision, ops);
                 }
                 WalEntry::LeaseGrant { id, ttl_ms } => {
-                    state.restore_lease(id, ttl_ms, now);
+                    // Already in the snapshot (a crash between snapshot and log truncation):
+                    // keep it, with the keys attached to it.
+                    if !state.leases.contains_key(&id) {
+                        state.restore_lease(id, ttl_ms, now);
+                    }
                     state.next_lease = state.next_lease.max(id + 1);
                 }
                 WalEntry::LeaseRevoke { id } => {
