@@ -374,7 +374,10 @@ impl State {
             ops: ops.clone(),
         })?;
         self.apply(revision, ops);
-        self.maybe_snapshot()?;
+        // The write is durable and applied: a failed snapshot must not report it as failed.
+        if let Err(e) = self.maybe_snapshot() {
+            tracing::error!(error = %e, "store snapshot failed; the log keeps growing");
+        }
         Ok(revision)
     }
 

@@ -55,6 +55,8 @@ pub(crate) struct Wal {
     dir: PathBuf,
     file: File,
     pub entries_since_snapshot: u64,
+    /// A failed append could not be cut off: refuse further writes.
+    failed: bool,
 }
 
 const MAX_FRAME: u32 = 64 * 1024 * 1024;
@@ -135,17 +137,44 @@ impl Wal {
             dir: dir.to_path_buf(),
             file,
             entries_since_snapshot: entries.len() as u64,
+            failed: false,
         };
         Ok((wal, snapshot, entries))
     }
 
     /// Durable once this returns.
     pub fn append(&mut self, entry: &WalEntry) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Corrupt {
+                path: Self::wal_path(&self.dir).display().to_string(),
+                detail: "an earlier write could not be undone; restart to recover the log".into(),
+            });
+        }
         let payload = serde_json::to_vec(entry).map_err(|e| StoreError::Backend(e.to_string()))?;
         let frame = encode_frame(&payload);
         let path = Self::wal_path(&self.dir);
-        self.file.write_all(&frame).map_err(io_err(&path))?;
-        self.file.sync_data().map_err(io_err(&path))?;
+        use std::io::Seek;
+        let before = self
+            .file
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(io_err(&path))?;
+        let written = self
+            .file
+            .write_all(&frame)
+            .and_then(|_| self.file.sync_data());
+        if let Err(e) = written {
+            // Cut the failed frame off, so a later acknowledged write never lands behind a
+            // torn one (recovery would stop at it and drop everything after).
+            let undone = self
+                .file
+                .set_len(before)
+                .and_then(|_| self.file.seek(std::io::SeekFrom::Start(before)).map(|_| ()))
+                .and_then(|_| self.file.sync_data());
+            if undone.is_err() {
+                self.failed = true;
+            }
+            return Err(io_err(&path)(e));
+        }
         self.entries_since_snapshot += 1;
         Ok(())
     }
