@@ -342,7 +342,10 @@ async fn follow_assignments(shared: Arc<Shared>) {
                 continue;
             }
         };
-        while let Some(event) = stream.next().await {
+        // Bookmarks come every few seconds: silence longer than this is a dead connection.
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_secs(20), stream.next()).await
+        {
             let event: WatchEvent<Assignment> = match event {
                 Ok(e) => e,
                 Err(e) => {

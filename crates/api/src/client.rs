@@ -33,6 +33,10 @@ impl ApiError {
     }
 }
 
+/// Longest wait for a one-shot call (not a stream): a half-open connection must not hang a
+/// heartbeat or a status report forever.
+const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct Client {
     base: String,
@@ -115,7 +119,12 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
-        let resp = self.send(self.http.get(self.url(path)), path).await?;
+        let resp = self
+            .send(
+                self.http.get(self.url(path)).timeout(ONE_SHOT_TIMEOUT),
+                path,
+            )
+            .await?;
         self.json(resp, path).await
     }
 
@@ -136,7 +145,13 @@ impl Client {
         body: &B,
     ) -> Result<T, ApiError> {
         let resp = self
-            .send(self.http.post(self.url(path)).json(body), path)
+            .send(
+                self.http
+                    .post(self.url(path))
+                    .json(body)
+                    .timeout(ONE_SHOT_TIMEOUT),
+                path,
+            )
             .await?;
         self.json(resp, path).await
     }
@@ -148,7 +163,10 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<(), ApiError> {
-        let mut req = self.http.request(method, self.url(path));
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .timeout(ONE_SHOT_TIMEOUT);
         if let Some(body) = body {
             req = req.json(body);
         }
@@ -157,7 +175,12 @@ impl Client {
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
-        let resp = self.send(self.http.delete(self.url(path)), path).await?;
+        let resp = self
+            .send(
+                self.http.delete(self.url(path)).timeout(ONE_SHOT_TIMEOUT),
+                path,
+            )
+            .await?;
         self.json(resp, path).await
     }
 
