@@ -594,27 +594,26 @@ where
                 msg = store_watch.next() => match msg {
                     Some(WatchMessage::Events { revision, events }) => events
                         .into_iter()
-                        .map(|e| match e.kind {
-                            dozen_store::EventKind::Put => WatchEvent {
-                                kind: WatchEventType::Put,
-                                revision,
-                                object: decode::<T>(&e.kv.key, &e.kv.value).ok(),
-                                key: e.kv.key,
-                            },
-                            dozen_store::EventKind::Delete => WatchEvent {
-                                kind: WatchEventType::Delete,
-                                revision,
-                                key: e.kv.key,
-                                object: None,
-                            },
-                        })
+                        .map(|e| event_line::<T>(revision, e))
                         .collect(),
                     // Fell behind: end the stream; the client resumes and gets 410.
                     Some(WatchMessage::Compacted { .. }) | None => return,
                 },
                 _ = tick.tick() => {
+                    // Read the revision first, then send every event already queued: a bookmark
+                    // must never get ahead of an event the client has not seen.
                     let Ok(revision) = store.revision().await else { return };
-                    vec![WatchEvent { kind: WatchEventType::Bookmark, revision, key: String::new(), object: None }]
+                    let mut lines = Vec::new();
+                    while let Ok(msg) = store_watch.receiver.try_recv() {
+                        match msg {
+                            WatchMessage::Events { revision, events } => {
+                                lines.extend(events.into_iter().map(|e| event_line::<T>(revision, e)));
+                            }
+                            WatchMessage::Compacted { .. } => return,
+                        }
+                    }
+                    lines.push(WatchEvent { kind: WatchEventType::Bookmark, revision, key: String::new(), object: None });
+                    lines
                 }
                 _ = tx.closed() => return,
             };
@@ -632,6 +631,23 @@ where
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))
         .unwrap_or_default())
+}
+
+fn event_line<T: dozen_model::Record>(revision: u64, e: dozen_store::Event) -> WatchEvent<T> {
+    match e.kind {
+        dozen_store::EventKind::Put => WatchEvent {
+            kind: WatchEventType::Put,
+            revision,
+            object: decode::<T>(&e.kv.key, &e.kv.value).ok(),
+            key: e.kv.key,
+        },
+        dozen_store::EventKind::Delete => WatchEvent {
+            kind: WatchEventType::Delete,
+            revision,
+            key: e.kv.key,
+            object: None,
+        },
+    }
 }
 
 fn tokio_stream_from<T: Send + 'static>(

@@ -233,6 +233,31 @@ impl Controller {
         Ok(Pass { problems, wake })
     }
 
+    /// Writes a changed copy of a task's assignment, if nobody changed it since `snap`.
+    async fn rewrite(
+        &self,
+        leadership: &Leadership,
+        snap: &Snapshot,
+        task: &str,
+        change: impl FnOnce(&mut Assignment),
+    ) -> Result<()> {
+        let Some(current) = snap.assignments.get(task) else {
+            return Ok(());
+        };
+        let mut a = current.record.clone();
+        change(&mut a);
+        let key = keys::assignment(&a.node, task);
+        leadership
+            .txn(
+                self.store.as_ref(),
+                Txn::new()
+                    .when(Compare::mod_revision(&key, current.mod_revision))
+                    .then(Op::put(&key, encode(&a))),
+            )
+            .await?;
+        Ok(())
+    }
+
     async fn act(
         &self,
         leadership: &Leadership,
@@ -290,18 +315,11 @@ impl Controller {
             }
             Action::Restart {
                 task,
-                node,
                 generation,
                 restarts,
                 start_delay_ms,
+                ..
             } => {
-                let Some(current) = snap.assignments.get(task) else {
-                    return Ok(());
-                };
-                let mut a = current.record.clone();
-                a.generation = *generation;
-                a.restarts = *restarts;
-                a.start_delay_ms = *start_delay_ms;
                 tracing::info!(
                     service,
                     task,
@@ -310,49 +328,24 @@ impl Controller {
                     delay_ms = start_delay_ms,
                     "restarting crashed task"
                 );
-                let key = keys::assignment(node, task);
-                leadership
-                    .txn(
-                        store,
-                        Txn::new()
-                            .when(Compare::mod_revision(&key, current.mod_revision))
-                            .then(Op::put(&key, encode(&a))),
-                    )
-                    .await?;
+                self.rewrite(leadership, snap, task, |a| {
+                    a.generation = *generation;
+                    a.restarts = *restarts;
+                    a.start_delay_ms = *start_delay_ms;
+                })
+                .await?;
             }
             Action::Drain { task, node } => {
-                let Some(current) = snap.assignments.get(task) else {
-                    return Ok(());
-                };
-                let mut a = current.record.clone();
-                a.desired = DesiredState::Drain;
-                a.drain_since_ms = Some(wall_ms());
                 tracing::info!(service, task, node, "taking task out of routing");
-                let key = keys::assignment(node, task);
-                leadership
-                    .txn(
-                        store,
-                        Txn::new()
-                            .when(Compare::mod_revision(&key, current.mod_revision))
-                            .then(Op::put(&key, encode(&a))),
-                    )
-                    .await?;
+                self.rewrite(leadership, snap, task, |a| {
+                    a.desired = DesiredState::Drain;
+                    a.drain_since_ms = Some(wall_ms());
+                })
+                .await?;
             }
             Action::Stop { task, node } => {
-                let Some(current) = snap.assignments.get(task) else {
-                    return Ok(());
-                };
-                let mut a = current.record.clone();
-                a.desired = DesiredState::Stop;
                 tracing::info!(service, task, node, "stopping task");
-                let key = keys::assignment(node, task);
-                leadership
-                    .txn(
-                        store,
-                        Txn::new()
-                            .when(Compare::mod_revision(&key, current.mod_revision))
-                            .then(Op::put(&key, encode(&a))),
-                    )
+                self.rewrite(leadership, snap, task, |a| a.desired = DesiredState::Stop)
                     .await?;
             }
             Action::Remove { task, node } => {

@@ -392,16 +392,7 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
-    let token = match (&global.token, &args.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read token file {}", file.display()))?
-            .trim()
-            .to_string(),
-        (None, None) => bail!(
-            "the agent needs the server's API token: pass --token (DOZEN_TOKEN) or --token-file"
-        ),
-    };
+    let token = token_for(global, &args.token_file, "agent")?;
     let config = agent_config(
         &args.node,
         global.server.clone(),
