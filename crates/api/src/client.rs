@@ -1,5 +1,7 @@
 //! The API client used by the CLI, agents and (later) proxies.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,48 +39,78 @@ impl ApiError {
 /// heartbeat or a status report forever.
 const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A client of one or more API servers (`http://a:7700,http://b:7700`): any server answers
+/// any call, so a call that cannot connect to one is sent to the next, and the client stays
+/// with the server that last answered.
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    bases: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
     token: String,
     http: reqwest::Client,
 }
 
 impl Client {
-    pub fn new(base: &str, token: &str) -> Self {
+    pub fn new(servers: &str, token: &str) -> Self {
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
+        let bases: Vec<String> = servers
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
         Client {
-            base: base.trim_end_matches('/').to_string(),
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             token: token.to_string(),
             http,
         }
     }
 
+    /// The server calls go to now.
     pub fn base(&self) -> &str {
-        &self.base
+        let i = self.current.load(Ordering::Relaxed);
+        self.bases.get(i).map(String::as_str).unwrap_or("")
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+        format!("{}{}", self.base(), path)
     }
 
+    /// Sends the request `build` makes for a base URL, moving on to the next server while
+    /// one cannot be connected to (nothing reached it, so the call is safe to repeat).
     async fn send(
         &self,
-        req: reqwest::RequestBuilder,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
         path: &str,
     ) -> Result<reqwest::Response, ApiError> {
-        let resp =
-            req.bearer_auth(&self.token)
+        let first = self.current.load(Ordering::Relaxed);
+        let count = self.bases.len().max(1);
+        let mut attempt = 0;
+        let resp = loop {
+            let i = (first + attempt) % count;
+            let base = self.bases.get(i).map(String::as_str).unwrap_or("");
+            match build(&format!("{base}{path}"))
+                .bearer_auth(&self.token)
                 .send()
                 .await
-                .map_err(|e| ApiError::Unreachable {
-                    url: self.url(path),
-                    detail: root_cause(&e),
-                })?;
+            {
+                Ok(resp) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    break resp;
+                }
+                Err(e) if e.is_connect() && attempt + 1 < count => attempt += 1,
+                Err(e) => {
+                    return Err(ApiError::Unreachable {
+                        url: format!("{base}{path}"),
+                        detail: root_cause(&e),
+                    })
+                }
+            }
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -120,10 +152,7 @@ impl Client {
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let resp = self
-            .send(
-                self.http.get(self.url(path)).timeout(ONE_SHOT_TIMEOUT),
-                path,
-            )
+            .send(|url| self.http.get(url).timeout(ONE_SHOT_TIMEOUT), path)
             .await?;
         self.json(resp, path).await
     }
@@ -134,7 +163,7 @@ impl Client {
         query: &Q,
     ) -> Result<T, ApiError> {
         let resp = self
-            .send(self.http.get(self.url(path)).query(query), path)
+            .send(|url| self.http.get(url).query(query), path)
             .await?;
         self.json(resp, path).await
     }
@@ -146,10 +175,7 @@ impl Client {
     ) -> Result<T, ApiError> {
         let resp = self
             .send(
-                self.http
-                    .post(self.url(path))
-                    .json(body)
-                    .timeout(ONE_SHOT_TIMEOUT),
+                |url| self.http.post(url).json(body).timeout(ONE_SHOT_TIMEOUT),
                 path,
             )
             .await?;
@@ -163,23 +189,23 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<(), ApiError> {
-        let mut req = self
-            .http
-            .request(method, self.url(path))
-            .timeout(ONE_SHOT_TIMEOUT);
-        if let Some(body) = body {
-            req = req.json(body);
-        }
-        self.send(req, path).await?;
+        let build = |url: &str| {
+            let req = self
+                .http
+                .request(method.clone(), url)
+                .timeout(ONE_SHOT_TIMEOUT);
+            match body {
+                Some(body) => req.json(body),
+                None => req,
+            }
+        };
+        self.send(build, path).await?;
         Ok(())
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let resp = self
-            .send(
-                self.http.delete(self.url(path)).timeout(ONE_SHOT_TIMEOUT),
-                path,
-            )
+            .send(|url| self.http.delete(url).timeout(ONE_SHOT_TIMEOUT), path)
             .await?;
         self.json(resp, path).await
     }
@@ -188,12 +214,13 @@ impl Client {
     pub async fn upload_blob(&self, bytes: Vec<u8>) -> Result<String, ApiError> {
         let digest = dozen_store::blob::sha256_digest(&bytes);
         let path = format!("/v1/blobs/{digest}");
-        match self.send(self.http.head(self.url(&path)), &path).await {
+        match self.send(|url| self.http.head(url), &path).await {
             Ok(_) => return Ok(digest),
             Err(e) if e.status() == Some(404) => {}
             Err(e) => return Err(e),
         }
-        self.send(self.http.put(self.url(&path)).body(bytes), &path)
+        let bytes = Bytes::from(bytes);
+        self.send(|url| self.http.put(url).body(bytes.clone()), &path)
             .await?;
         Ok(digest)
     }
@@ -201,7 +228,7 @@ impl Client {
     /// Downloads a blob and checks that its content matches its digest.
     pub async fn download_blob(&self, digest: &str) -> Result<Vec<u8>, ApiError> {
         let path = format!("/v1/blobs/{digest}");
-        let resp = self.send(self.http.get(self.url(&path)), &path).await?;
+        let resp = self.send(|url| self.http.get(url), &path).await?;
         let bytes = resp.bytes().await.map_err(|e| ApiError::Unreachable {
             url: self.url(&path),
             detail: root_cause(&e),
@@ -223,7 +250,7 @@ impl Client {
         query: &Q,
     ) -> Result<impl Stream<Item = Result<T, ApiError>> + Send + Unpin, ApiError> {
         let resp = self
-            .send(self.http.get(self.url(path)).query(query), path)
+            .send(|url| self.http.get(url).query(query), path)
             .await?;
         Ok(ndjson_lines(resp.bytes_stream(), self.url(path)))
     }

@@ -64,6 +64,17 @@ pub struct ServiceSummary {
     pub problems: Vec<String>,
 }
 
+/// `GET /v1/cluster`: which server answered, and which one leads the controllers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Id of the server that answered.
+    pub server: String,
+    /// Id of the controller leader; none while an election is under way.
+    pub leader: Option<String>,
+    /// `embedded` or `etcd`.
+    pub store: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskInfo {
     pub task: String,

@@ -39,6 +39,10 @@ pub struct AppState {
     pub node_ttl: Duration,
     pub bookmark_every: Duration,
     pub http: reqwest::Client,
+    /// This server's id (the value the leader key holds when it leads).
+    pub server_id: String,
+    /// What `GET /v1/cluster` says the store is: `embedded` or `etcd`.
+    pub store_kind: String,
 }
 
 impl AppState {
@@ -60,6 +64,8 @@ impl AppState {
                 .connect_timeout(Duration::from_secs(3))
                 .build()
                 .unwrap_or_default(),
+            server_id: String::new(),
+            store_kind: "embedded".into(),
         }
     }
 }
@@ -96,6 +102,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/proxies", get(list_proxies))
         .route("/v1/proxies/{id}/register", post(register_proxy))
         .route("/v1/proxies/{id}/heartbeat", post(proxy_heartbeat))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}/register", post(register))
         .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
@@ -444,6 +451,19 @@ async fn remove_task(
 ) -> ApiResult<StatusCode> {
     desired::remove_oneoff(s.store.as_ref(), &task).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn cluster(State(s): State<Arc<AppState>>) -> ApiResult<Json<crate::ClusterInfo>> {
+    let leader = s
+        .store
+        .get(&dozen_control::leader::leader_key())
+        .await?
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    Ok(Json(crate::ClusterInfo {
+        server: s.server_id.clone(),
+        leader,
+        store: s.store_kind.clone(),
+    }))
 }
 
 async fn list_nodes(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<NodeInfo>>> {

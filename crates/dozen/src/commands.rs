@@ -75,6 +75,12 @@ pub struct ScaleArgs {
     /// SERVICE=COUNT pairs, e.g. web=4 worker=2.
     #[arg(required = true)]
     pub pairs: Vec<String>,
+    /// Return only when every service runs exactly COUNT tasks, all healthy.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest --wait before giving up (exit code 1).
+    #[arg(long, default_value = "120s", value_parser = parse_duration, requires = "wait")]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -524,7 +530,54 @@ pub async fn scale(global: &Global, args: ScaleArgs) -> anyhow::Result<i32> {
         .await?;
         println!("{service} scaled to {replicas}");
     }
+    if args.wait {
+        return wait_for_counts(&api, &wanted_after(&args.pairs), args.timeout).await;
+    }
     Ok(0)
+}
+
+fn wanted_after(pairs: &[String]) -> Vec<(String, u32)> {
+    pairs
+        .iter()
+        .filter_map(|p| p.split_once('='))
+        .filter_map(|(s, c)| Some((s.to_string(), c.parse().ok()?)))
+        .collect()
+}
+
+/// Polls until each service runs exactly its count of tasks, all healthy.
+async fn wait_for_counts(
+    api: &Client,
+    wanted: &[(String, u32)],
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        // A server may be gone mid-wait (the client moves on to another); keep polling.
+        if let Ok(services) = api.get::<Vec<ServiceSummary>>("/v1/services").await {
+            let mut pending = Vec::new();
+            for (service, replicas) in wanted {
+                match services.iter().find(|s| &s.name == service) {
+                    Some(s) if s.running == *replicas && s.healthy >= *replicas => {}
+                    Some(s) => pending.push(format!(
+                        "{service}: {} running, {} healthy of {replicas}",
+                        s.running, s.healthy
+                    )),
+                    None => pending.push(format!("{service}: gone")),
+                }
+            }
+            if pending.is_empty() {
+                println!("all scaled services are running and healthy");
+                return Ok(0);
+            }
+            last = pending.join("; ");
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!("gave up waiting after {timeout:?}: {last}");
+            return Ok(1);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn reqwest_method_post() -> dozen_api::client::Method {
@@ -811,6 +864,21 @@ pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
             &["NODE", "AGENT", "CPU", "MEMORY", "TASKS", "DRIVERS", "UP"],
             &rows,
         );
+    });
+    Ok(0)
+}
+
+pub async fn cluster(global: &Global) -> anyhow::Result<i32> {
+    let api = client(global)?;
+    let info: dozen_api::ClusterInfo = api.get("/v1/cluster").await?;
+    output::listing(global.output, &info, || {
+        println!("server: {} ({})", info.server, api.base());
+        match &info.leader {
+            Some(l) if *l == info.server => println!("leader: {l} (this server)"),
+            Some(l) => println!("leader: {l}"),
+            None => println!("leader: none (an election is under way)"),
+        }
+        println!("store:  {}", info.store);
     });
     Ok(0)
 }

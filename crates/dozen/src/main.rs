@@ -108,6 +108,8 @@ enum Command {
     Run(commands::RunArgs),
     /// List nodes.
     Nodes,
+    /// Which server answered, which one leads the controllers, and the store in use.
+    Cluster,
     /// List proxies and the route revision each serves.
     Proxies,
     /// Print the JSON Schema of the stack file.
@@ -182,6 +184,7 @@ fn main() -> ExitCode {
             Command::Rollback(a) => commands::rollback(&global, a).await,
             Command::Run(a) => commands::run(&global, a).await,
             Command::Nodes => commands::nodes(&global).await,
+            Command::Cluster => commands::cluster(&global).await,
             Command::Proxies => commands::proxies(&global).await,
             Command::Schema => {
                 println!(

@@ -20,6 +20,34 @@ pub struct ServerArgs {
     /// Address the API listens on. Plain HTTP: keep it on loopback.
     #[arg(long, env = "DOZEN_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
+    /// Where control records live: `embedded` (in <data-dir>/store; one server) or an etcd
+    /// cluster, `etcd://h1:2379,h2:2379,h3:2379` (`etcds://` for TLS). Give every server
+    /// of a cluster the same --store, token (--token-file) and root key.
+    #[arg(long, env = "DOZEN_STORE", default_value = "embedded")]
+    pub store: String,
+    /// CA certificate (PEM) that signed the etcd members' certificates (etcds://).
+    #[arg(long, env = "DOZEN_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members that require one (with --etcd-key).
+    #[arg(long, env = "DOZEN_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long, env = "DOZEN_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user name, when etcd authentication is on (password: --etcd-password-file).
+    #[arg(long, env = "DOZEN_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, env = "DOZEN_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// Read the operator token from this file (the same on every server of a cluster)
+    /// instead of <data-dir>/token.
+    #[arg(long, env = "DOZEN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Lease of the controller leader: when the leader dies, another server takes over
+    /// within this time (etcd rounds up to whole seconds and enforces its own minimum).
+    #[arg(long, env = "DOZEN_LEADER_TTL", default_value = "2s", value_parser = parse_duration)]
+    pub leader_ttl: Duration,
     /// Do not run a node agent in this process (run `dozen agent` separately).
     #[arg(long, env = "DOZEN_NO_AGENT")]
     pub no_agent: bool,
@@ -207,6 +235,106 @@ fn agent_config(
     })
 }
 
+/// Opens the store `--store` names.
+async fn open_store(data: &Path, args: &ServerArgs) -> anyhow::Result<Arc<dyn Store>> {
+    let spec = args.store.trim();
+    if spec == "embedded" {
+        let dir = data.join("store");
+        let store = EmbeddedStore::open(&dir)
+            .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+        return Ok(Arc::new(store));
+    }
+    let (scheme, hosts) = spec.split_once("://").with_context(|| {
+        format!("--store `{spec}`: write `embedded` or `etcd://host:2379,host:2379`")
+    })?;
+    let tls = match scheme {
+        "etcd" => false,
+        "etcds" => true,
+        other => bail!(
+            "--store `{spec}`: unknown store `{other}`; write `embedded`, `etcd://...` or `etcds://...`"
+        ),
+    };
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{}://{h}", if tls { "https" } else { "http" }))
+        .collect();
+    if endpoints.is_empty() {
+        bail!("--store `{spec}` names no etcd member; write `etcd://host:2379,host:2379`");
+    }
+    connect_etcd(endpoints, tls, args).await
+}
+
+#[cfg(feature = "etcd")]
+async fn connect_etcd(
+    endpoints: Vec<String>,
+    tls: bool,
+    args: &ServerArgs,
+) -> anyhow::Result<Arc<dyn Store>> {
+    use dozen_store::etcd::{EtcdOptions, EtcdStore, EtcdTls};
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    };
+    let tls = if tls {
+        Some(EtcdTls {
+            ca_pem: args
+                .etcd_ca
+                .as_ref()
+                .map(|p| read(p, "etcd CA (--etcd-ca)"))
+                .transpose()?,
+            identity_pem: match (&args.etcd_cert, &args.etcd_key) {
+                (Some(cert), Some(key)) => Some((
+                    read(cert, "etcd client certificate (--etcd-cert)")?,
+                    read(key, "etcd client key (--etcd-key)")?,
+                )),
+                _ => None,
+            },
+        })
+    } else {
+        if args.etcd_ca.is_some() || args.etcd_cert.is_some() {
+            bail!("--etcd-ca/--etcd-cert need TLS: write the store as etcds://...");
+        }
+        None
+    };
+    let user = match (&args.etcd_user, &args.etcd_password_file) {
+        (Some(user), Some(file)) => {
+            let password = std::fs::read_to_string(file).with_context(|| {
+                format!("cannot read the etcd password file {}", file.display())
+            })?;
+            Some((user.clone(), password.trim().to_string()))
+        }
+        _ => None,
+    };
+    let options = EtcdOptions {
+        endpoints,
+        tls,
+        user,
+    };
+    let store = EtcdStore::connect_with(&options)
+        .await
+        .with_context(|| format!("cannot connect to etcd at {}", options.endpoints.join(",")))?;
+    // Fail now, naming the cluster, rather than at the first request.
+    store
+        .revision()
+        .await
+        .with_context(|| format!("etcd at {} does not answer", options.endpoints.join(",")))?;
+    tracing::info!(endpoints = %options.endpoints.join(","), "store: etcd");
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn connect_etcd(
+    _endpoints: Vec<String>,
+    _tls: bool,
+    _args: &ServerArgs,
+) -> anyhow::Result<Arc<dyn Store>> {
+    bail!(
+        "this dozen was built without etcd support; build it with \
+         `cargo build --release --features etcd` (needs protoc: apt-get install protobuf-compiler)"
+    )
+}
+
 /// A running control plane (and agent) inside this process.
 pub struct Running {
     pub address: SocketAddr,
@@ -221,12 +349,18 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let data = &global.data_dir;
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create data dir {}", data.display()))?;
-    let token = read_or_create_secret(&data.join("token"), 32)?;
+    let token = match (&global.token, &args.token_file) {
+        (None, None) => read_or_create_secret(&data.join("token"), 32)?,
+        _ => token_for(global, &args.token_file, "server")?,
+    };
+    if token.len() < 16 {
+        bail!(
+            "the API token is too short ({} characters); use at least 16 random characters",
+            token.len()
+        );
+    }
     let server_id = read_or_create_secret(&data.join("server-id"), 8)?;
-    let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&data.join("store")).with_context(|| {
-            format!("cannot open the store in {}", data.join("store").display())
-        })?);
+    let store = open_store(data, args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -239,8 +373,8 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let (problems_tx, problems_rx) = watch::channel(Default::default());
     let controller = Controller {
         store: store.clone(),
-        server_id,
-        leader_ttl: Duration::from_secs(5),
+        server_id: server_id.clone(),
+        leader_ttl: args.leader_ttl,
         problems: problems_tx,
     };
     tokio::spawn(controller.run());
@@ -250,13 +384,21 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             data.join("blobs").display()
         )
     })?;
-    let state = Arc::new(dozen_api::server::AppState::new(
+    let mut state = dozen_api::server::AppState::new(
         store.clone(),
         Arc::new(blobs),
         token.clone(),
         problems_rx,
         args.node_ttl,
-    ));
+    );
+    state.server_id = server_id.clone();
+    state.store_kind = if args.store.trim() == "embedded" {
+        "embedded"
+    } else {
+        "etcd"
+    }
+    .into();
+    let state = Arc::new(state);
     tracing::info!(%address, data_dir = %data.display(), "dozen server listening");
     let api = tokio::spawn(dozen_api::server::serve(listener, state));
     let mut proxy_url = None;

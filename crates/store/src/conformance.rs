@@ -233,10 +233,11 @@ pub async fn leases_expire_and_keep_alive(store: Arc<dyn Store>) {
     }
     assert!(store.get("/l/dropped").await.unwrap().is_none());
     assert!(store.get("/l/kept").await.unwrap().is_some());
-    assert!(matches!(
-        store.keep_alive(dropped).await,
-        Err(StoreError::LeaseNotFound(_))
-    ));
+    let refreshed = store.keep_alive(dropped).await;
+    assert!(
+        matches!(refreshed, Err(StoreError::LeaseNotFound(_))),
+        "keeping an expired lease alive must fail with LeaseNotFound, got {refreshed:?}"
+    );
     // Writing under an expired lease is refused.
     let refused = store
         .txn(Txn::new().then(Op::Put {

@@ -5,6 +5,7 @@
 //! compacted revision is refused with `Compacted`, and leases are etcd leases (etcd counts TTLs
 //! in whole seconds and enforces its own minimum).
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +17,35 @@ use crate::{
     Store, StoreError, Txn, TxnResponse, Watch, WatchMessage,
 };
 
+/// How to reach an etcd cluster.
+#[derive(Clone, Default)]
+pub struct EtcdOptions {
+    /// `http://h1:2379` or `https://h1:2379`, one per member.
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+    /// User name and password for etcd's own authentication.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    // The password stays out of logs and error messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// The CA that signed the members' certificates (PEM); the system roots when absent.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its key (PEM), for members that require one.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 #[derive(Clone)]
 pub struct EtcdStore {
     client: ec::Client,
@@ -24,6 +54,11 @@ pub struct EtcdStore {
 
 fn backend(endpoints: &[String]) -> impl Fn(ec::Error) -> StoreError + '_ {
     move |e| StoreError::Backend(format!("etcd {}: {e}", endpoints.join(",")))
+}
+
+fn never_reached_a_member(e: &ec::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Unavailable") && text.contains("connect")
 }
 
 fn revision_of(header: Option<&ec::ResponseHeader>) -> Revision {
@@ -42,23 +77,87 @@ fn key_value(kv: &ec::KeyValue) -> KeyValue {
 }
 
 impl EtcdStore {
-    /// Connects to the cluster at `endpoints` (`http://h1:2379`, ...).
+    /// Connects to the cluster at `endpoints` (`http://h1:2379`, ...) without TLS or auth.
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let options = ec::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
+        Self::connect_with(&EtcdOptions {
+            endpoints: endpoints.to_vec(),
+            ..EtcdOptions::default()
+        })
+        .await
+    }
+
+    /// Connects with TLS (a CA, and a client certificate when etcd asks for one) and user
+    /// authentication as `options` say.
+    pub async fn connect_with(options: &EtcdOptions) -> Result<Self, StoreError> {
+        let endpoints = &options.endpoints;
+        let mut connect = ec::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let client = ec::Client::connect(endpoints, Some(options))
+        if let Some(tls) = &options.tls {
+            let mut config = ec::TlsOptions::new();
+            if let Some(ca) = &tls.ca_pem {
+                config = config.ca_certificate(ec::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity_pem {
+                config = config.identity(ec::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(config);
+        }
+        if let Some((user, password)) = &options.user {
+            connect = connect.with_user(user, password);
+        }
+        let client = ec::Client::connect(endpoints, Some(connect))
             .await
             .map_err(backend(endpoints))?;
         Ok(EtcdStore {
             client,
-            endpoints: endpoints.to_vec(),
+            endpoints: endpoints.clone(),
         })
+    }
+
+    /// Runs `call` again, on whichever member the balancer picks next, while the failure is a
+    /// connection that never reached a member: with one member down, its share of calls
+    /// fails that way, and such a call is safe to repeat because nothing was sent.
+    async fn call<T, Fut>(&self, mut call: impl FnMut(ec::Client) -> Fut) -> Result<T, ec::Error>
+    where
+        Fut: Future<Output = Result<T, ec::Error>>,
+    {
+        let mut attempt = 0u64;
+        loop {
+            match call(self.client.clone()).await {
+                Err(e) if attempt < 10 && never_reached_a_member(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn err(&self) -> impl Fn(ec::Error) -> StoreError + '_ {
         backend(&self.endpoints)
+    }
+
+    /// True when history at `revision` is gone: a read at a compacted revision is refused,
+    /// while one beyond the head is refused as a future revision (not compacted).
+    async fn is_compacted(&self, prefix: &str, revision: Revision) -> Result<bool, StoreError> {
+        let options = ec::GetOptions::new()
+            .with_prefix()
+            .with_revision(revision as i64)
+            .with_count_only();
+        let read = self
+            .call(|mut c| {
+                let options = options.clone();
+                async move { c.get(prefix, Some(options)).await }
+            })
+            .await;
+        match read {
+            Ok(_) => Ok(false),
+            Err(e) if e.to_string().contains("future revision") => Ok(false),
+            Err(e) if e.to_string().contains("compacted") => Ok(true),
+            Err(e) => Err(self.err()(e)),
+        }
     }
 
     fn compare(c: &crate::Compare) -> ec::Compare {
@@ -95,15 +194,19 @@ impl EtcdStore {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut client = self.client.clone();
-        let resp = client.get(key, None).await.map_err(self.err())?;
+        let resp = self
+            .call(|mut c| async move { c.get(key, None).await })
+            .await
+            .map_err(self.err())?;
         Ok(resp.kvs().first().map(key_value))
     }
 
     async fn range(&self, prefix: &str) -> Result<RangeResponse, StoreError> {
-        let mut client = self.client.clone();
-        let resp = client
-            .get(prefix, Some(ec::GetOptions::new().with_prefix()))
+        let resp = self
+            .call(|mut c| async move {
+                c.get(prefix, Some(ec::GetOptions::new().with_prefix()))
+                    .await
+            })
             .await
             .map_err(self.err())?;
         Ok(RangeResponse {
@@ -119,13 +222,13 @@ impl Store for EtcdStore {
                 lease: Some(lease), ..
             } = op
             {
-                let mut client = self.client.clone();
-                let ttl = client
-                    .lease_time_to_live(*lease as i64, None)
+                let lease = *lease as i64;
+                let ttl = self
+                    .call(|mut c| async move { c.lease_time_to_live(lease, None).await })
                     .await
                     .map_err(self.err())?;
                 if ttl.ttl() <= 0 {
-                    return Err(StoreError::LeaseNotFound(*lease));
+                    return Err(StoreError::LeaseNotFound(lease as u64));
                 }
             }
         }
@@ -133,8 +236,13 @@ impl Store for EtcdStore {
             .when(txn.compares.iter().map(Self::compare).collect::<Vec<_>>())
             .and_then(txn.success.iter().map(Self::op).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(Self::op).collect::<Vec<_>>());
-        let mut client = self.client.clone();
-        let resp = client.txn(request).await.map_err(self.err())?;
+        let resp = self
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.txn(request).await }
+            })
+            .await
+            .map_err(self.err())?;
         Ok(TxnResponse {
             succeeded: resp.succeeded(),
             revision: revision_of(resp.header()),
@@ -142,15 +250,31 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, start_revision: Revision) -> Result<Watch, StoreError> {
-        let mut client = self.client.clone();
+        let start_revision = start_revision.max(1);
+        let compacted = self.is_compacted(prefix, start_revision).await?;
         let options = ec::WatchOptions::new()
             .with_prefix()
-            .with_start_revision(start_revision.max(1) as i64);
-        let (watcher, mut stream) = client
-            .watch(prefix, Some(options))
+            .with_start_revision(start_revision as i64);
+        let (watcher, mut stream) = self
+            .call(|mut c| {
+                let options = options.clone();
+                async move { c.watch(prefix, Some(options)).await }
+            })
             .await
             .map_err(self.err())?;
-        let first = stream.message().await.map_err(self.err())?;
+        if compacted {
+            // etcd cancels a watch from compacted history right after creating it, and that
+            // cancellation is the only place it names the compaction revision.
+            let canceled = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+            let compact_revision = match canceled {
+                Ok(Ok(Some(resp))) if resp.compact_revision() > 0 => resp.compact_revision() as u64,
+                _ => start_revision,
+            };
+            return Err(StoreError::Compacted {
+                requested: start_revision,
+                compact_revision,
+            });
+        }
         let (sender, receiver) = mpsc::unbounded_channel();
         let forward = |resp: &ec::WatchResponse, sender: &mpsc::UnboundedSender<WatchMessage>| {
             let mut by_revision: Vec<(Revision, Vec<Event>)> = Vec::new();
@@ -183,24 +307,6 @@ impl Store for EtcdStore {
             }
             true
         };
-        match first {
-            Some(resp) if resp.canceled() && resp.compact_revision() > 0 => {
-                return Err(StoreError::Compacted {
-                    requested: start_revision,
-                    compact_revision: resp.compact_revision() as u64,
-                });
-            }
-            Some(resp) if resp.canceled() => {
-                return Err(StoreError::Backend(format!(
-                    "etcd refused the watch: {}",
-                    resp.cancel_reason()
-                )));
-            }
-            Some(resp) => {
-                forward(&resp, &sender);
-            }
-            None => return Err(StoreError::Closed),
-        }
         tokio::spawn(async move {
             let _watcher = watcher;
             loop {
@@ -228,28 +334,38 @@ impl Store for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        let mut client = self.client.clone();
         let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
-        let resp = client.lease_grant(secs, None).await.map_err(self.err())?;
+        let resp = self
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
+            .await
+            .map_err(self.err())?;
         Ok(resp.id() as u64)
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        let (mut keeper, mut stream) = client
-            .lease_keep_alive(lease as i64)
+        let not_found = |e: ec::Error| {
+            if e.to_string().contains("not found") {
+                StoreError::LeaseNotFound(lease)
+            } else {
+                self.err()(e)
+            }
+        };
+        let (mut keeper, mut stream) = self
+            .call(|mut c| async move { c.lease_keep_alive(lease as i64).await })
             .await
-            .map_err(self.err())?;
-        keeper.keep_alive().await.map_err(self.err())?;
-        match stream.message().await.map_err(self.err())? {
+            .map_err(not_found)?;
+        keeper.keep_alive().await.map_err(not_found)?;
+        match stream.message().await.map_err(not_found)? {
             Some(resp) if resp.ttl() > 0 => Ok(()),
             _ => Err(StoreError::LeaseNotFound(lease)),
         }
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        match client.lease_revoke(lease as i64).await {
+        let revoked = self
+            .call(|mut c| async move { c.lease_revoke(lease as i64).await })
+            .await;
+        match revoked {
             Ok(_) => Ok(()),
             Err(e) if e.to_string().contains("not found") => Err(StoreError::LeaseNotFound(lease)),
             Err(e) => Err(self.err()(e)),
@@ -257,14 +373,16 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        match client
-            .compact(
-                revision as i64,
-                Some(ec::CompactionOptions::new().with_physical()),
-            )
-            .await
-        {
+        let compacted = self
+            .call(|mut c| async move {
+                c.compact(
+                    revision as i64,
+                    Some(ec::CompactionOptions::new().with_physical()),
+                )
+                .await
+            })
+            .await;
+        match compacted {
             Ok(_) => Ok(()),
             // Compacting at or below the current floor is not an error for us.
             Err(e) if e.to_string().contains("compacted") => Ok(()),
@@ -273,10 +391,9 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<Revision, StoreError> {
-        let mut client = self.client.clone();
         // A range over one key that does not exist answers with the header alone.
-        let resp = client
-            .get("\0dozen-revision-probe", None)
+        let resp = self
+            .call(|mut c| async move { c.get("\0dozen-revision-probe", None).await })
             .await
             .map_err(self.err())?;
         Ok(revision_of(resp.header()))
