@@ -143,7 +143,13 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} for the agent API", config.listen))?;
-    let address = format!("http://{}", listener.local_addr()?);
+    // Listening on every interface: the server reaches the agent at its advertised host.
+    let local = listener.local_addr()?;
+    let address = if local.ip().is_unspecified() {
+        format!("http://{}:{}", config.host, local.port())
+    } else {
+        format!("http://{local}")
+    };
     let cgroups = cgroups::detect(&config.cgroup_root);
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {

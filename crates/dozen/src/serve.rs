@@ -97,6 +97,12 @@ pub struct AgentArgs {
     /// Read the API token from this file instead of --token.
     #[arg(long, env = "DOZEN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Also run this node's proxy in the same process (its internal listener becomes the
+    /// tasks' `<SERVICE>_URL`).
+    #[arg(long, env = "DOZEN_WITH_PROXY")]
+    pub with_proxy: bool,
+    #[command(flatten)]
+    pub proxy: ProxyListenArgs,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -535,8 +541,40 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
 
 pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
     let token = token_for(global, &args.token_file, "agent")?;
+    let mut node = args.node.clone();
+    if args.with_proxy {
+        let listeners =
+            dozen_proxy::Listeners::bind(args.proxy.proxy_listen, args.proxy.proxy_internal_listen)
+                .await
+                .with_context(|| {
+                    format!(
+                "cannot listen on {} / {} for the proxy (--proxy-listen, --proxy-internal-listen)",
+                args.proxy.proxy_listen, args.proxy.proxy_internal_listen
+            )
+                })?;
+        let internal = listeners.internal.local_addr()?;
+        node.proxy_internal_url = if internal.ip().is_unspecified() {
+            format!("http://127.0.0.1:{}", internal.port())
+        } else {
+            format!("http://{internal}")
+        };
+        let config = dozen_proxy::ProxyConfig {
+            id: node
+                .node_name
+                .clone()
+                .unwrap_or_else(dozen_agent::os::hostname),
+            server: global.server.clone(),
+            token: token.clone(),
+            upstream_timeout: args.proxy.proxy_timeout,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = dozen_proxy::run(config, listeners).await {
+                tracing::error!(error = %e, "proxy failed");
+            }
+        });
+    }
     let config = agent_config(
-        &args.node,
+        &node,
         global.server.clone(),
         token,
         global.data_dir.join("agent"),

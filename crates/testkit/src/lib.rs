@@ -93,8 +93,13 @@ impl HttpResponse {
 
 /// GET `path` with a Host header, over a fresh connection (30 s read timeout).
 pub fn http_request(port: u16, host: &str, path: &str) -> Option<HttpResponse> {
-    let raw = http_raw(
-        port,
+    http_request_at(&format!("127.0.0.1:{port}"), host, path)
+}
+
+/// GET `path` from `address` (`ip:port`, any host) with a Host header.
+pub fn http_request_at(address: &str, host: &str, path: &str) -> Option<HttpResponse> {
+    let raw = http_raw_at(
+        address,
         &format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
     )?;
     let (head, body) = raw.split_once("\r\n\r\n")?;
@@ -112,7 +117,12 @@ pub fn http_request(port: u16, host: &str, path: &str) -> Option<HttpResponse> {
 
 /// Sends `raw` bytes as they are and returns everything the server answers.
 pub fn http_raw(port: u16, raw: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_raw_at(&format!("127.0.0.1:{port}"), raw)
+}
+
+fn http_raw_at(address: &str, raw: &str) -> Option<String> {
+    let address: std::net::SocketAddr = address.parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&address, Duration::from_secs(5)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     s.write_all(raw.as_bytes()).ok()?;
     let mut buf = Vec::new();

@@ -1,0 +1,507 @@
+//! Cluster mode end to end, on a Docker network: a 3-member etcd cluster, two API servers and
+//! two agent nodes (each with its proxy), every one a container of a `FROM scratch` image.
+//! dozen is built statically for it; etcd is Debian's binary with the libraries `ldd` lists.
+//!
+//! The demo stack is applied across the nodes; every route is read through the proxy of each
+//! node and the logs of every service through the servers; then the leading server is killed
+//! and a scale request made after the kill must complete on the other one.
+//!
+//! Needs Docker and etcd-server: fails in CI without them, skips (saying so) elsewhere.
+#![cfg(feature = "etcd")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use dozen_testkit::{eventually, http_request_at};
+use serde_json::Value;
+
+fn missing(what: &str) -> bool {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is needed for the cluster test in CI");
+    }
+    eprintln!("SKIPPED: {what} is not available");
+    true
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = run(Command::new("docker").args(args));
+    assert!(
+        out.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Containers and the network of one run, removed when the test ends (pass or fail).
+struct Cluster {
+    prefix: String,
+    subnet: String,
+    network: String,
+    containers: Vec<String>,
+    token: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for c in &self.containers {
+                let logs = run(Command::new("docker").args(["logs", "--tail", "40", c]));
+                eprintln!(
+                    "--- last log lines of {c}:\n{}{}",
+                    String::from_utf8_lossy(&logs.stdout),
+                    String::from_utf8_lossy(&logs.stderr)
+                );
+            }
+        }
+        for c in &self.containers {
+            let _ = run(Command::new("docker").args(["rm", "-f", c]));
+        }
+        let _ = run(Command::new("docker").args(["network", "rm", &self.network]));
+    }
+}
+
+impl Cluster {
+    fn ip(&self, host: u8) -> String {
+        format!("{}.{host}", self.subnet)
+    }
+
+    fn start(&mut self, name: &str, ip: u8, image: &str, env: &[(&str, &str)], args: &[&str]) {
+        let container = format!("{}-{name}", self.prefix);
+        let ip = self.ip(ip);
+        let mut cmd: Vec<String> = vec![
+            "run".into(),
+            "-d".into(),
+            "--name".into(),
+            container.clone(),
+            "--hostname".into(),
+            name.into(),
+            "--network".into(),
+            self.network.clone(),
+            "--ip".into(),
+            ip,
+        ];
+        for (k, v) in env {
+            cmd.push("-e".into());
+            cmd.push(format!("{k}={v}"));
+        }
+        cmd.push(image.into());
+        cmd.extend(args.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        docker(&refs);
+        self.containers.push(container);
+    }
+
+    fn servers(&self) -> String {
+        format!("http://{}:7700,http://{}:7700", self.ip(21), self.ip(22))
+    }
+
+    /// Runs the host's dozen CLI against `server`.
+    fn cli(&self, server: &str, args: &[&str]) -> Output {
+        run(Command::new(env!("CARGO_BIN_EXE_dozen"))
+            .args(["--server", server])
+            .args(args)
+            .env("DOZEN_TOKEN", &self.token)
+            .env_remove("DOZEN_DATA_DIR")
+            .stdin(Stdio::null()))
+    }
+
+    fn json(&self, server: &str, args: &[&str]) -> Option<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cli(server, &all);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds dozen and the demo statically (glibc's static libc: no loader, no libraries),
+/// in a target dir of their own so the test build is not disturbed.
+fn build_static_binaries() -> PathBuf {
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("cluster-image");
+    let out = run(Command::new(option_env!("CARGO").unwrap_or("cargo"))
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--target",
+            &triple,
+            "--features",
+            "etcd",
+            "-p",
+            "dozen",
+        ])
+        .args(["--bin", "dozen", "--bin", "dozen-demo"])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_PROFILE_DEV_DEBUG", "0"));
+    assert!(
+        out.status.success(),
+        "static build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target_dir.join(triple).join("debug")
+}
+
+fn build_image(tag: &str, files: &[(PathBuf, &str)], entrypoint: &str) {
+    let context = tempfile::tempdir().unwrap();
+    let mut dockerfile = String::from("FROM scratch\n");
+    for (i, (src, dest)) in files.iter().enumerate() {
+        let name = format!("f{i}");
+        std::fs::copy(src, context.path().join(&name))
+            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", src.display()));
+        dockerfile.push_str(&format!("COPY {name} {dest}\n"));
+    }
+    std::fs::create_dir(context.path().join("tmp")).unwrap();
+    dockerfile.push_str("COPY tmp /tmp\n");
+    dockerfile.push_str(&format!("ENTRYPOINT [\"{entrypoint}\"]\n"));
+    std::fs::write(context.path().join("Dockerfile"), dockerfile).unwrap();
+    docker(&[
+        "build",
+        "-q",
+        "-t",
+        tag,
+        &context.path().display().to_string(),
+    ]);
+}
+
+/// etcd from Debian is linked against glibc: the image carries the libraries `ldd` lists.
+fn etcd_image_files(etcd: &Path) -> Vec<(PathBuf, &'static str)> {
+    let ldd = run(Command::new("ldd").arg(etcd));
+    let mut files = vec![(etcd.to_path_buf(), "/usr/bin/etcd")];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(path) = path {
+            let dest: &'static str = Box::leak(path.display().to_string().into_boxed_str());
+            files.push((path, dest));
+        }
+    }
+    files
+}
+
+fn random_byte() -> u8 {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .unwrap();
+    b[0]
+}
+
+/// Creates a network on a random private /24 (another run or network may hold one).
+fn create_network(prefix: &str) -> (String, String) {
+    let name = format!("{prefix}-net");
+    for _ in 0..10 {
+        let subnet = format!("172.30.{}", random_byte());
+        let out = run(Command::new("docker").args([
+            "network",
+            "create",
+            "--subnet",
+            &format!("{subnet}.0/24"),
+            &name,
+        ]));
+        if out.status.success() {
+            return (name, subnet);
+        }
+    }
+    panic!("cannot create a docker network for the cluster test");
+}
+
+#[test]
+fn demo_stack_across_nodes_survives_losing_the_leader() {
+    let docker_ok = run(Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]))
+        .status
+        .success();
+    if !docker_ok && missing("a running Docker Engine") {
+        return;
+    }
+    let etcd = PathBuf::from(std::env::var("DOZEN_ETCD_BIN").unwrap_or("/usr/bin/etcd".into()));
+    if !etcd.exists() && missing("etcd (apt-get install etcd-server)") {
+        return;
+    }
+
+    // Images.
+    let bin = build_static_binaries();
+    build_image(
+        "dozen-test/dozen:latest",
+        &[
+            (bin.join("dozen"), "/bin/dozen"),
+            (bin.join("dozen-demo"), "/bin/dozen-demo"),
+        ],
+        "/bin/dozen",
+    );
+    build_image(
+        "dozen-test/etcd:latest",
+        &etcd_image_files(&etcd),
+        "/usr/bin/etcd",
+    );
+
+    let prefix = format!("dozen-e2e-{}", std::process::id());
+    let (network, subnet) = create_network(&prefix);
+    let token = format!(
+        "{:032x}",
+        u128::from(random_byte()) << 100 | 0xfeed_beef_cafe
+    );
+    let mut cluster = Cluster {
+        prefix,
+        subnet,
+        network,
+        containers: Vec::new(),
+        token,
+    };
+
+    // etcd: three members, timeouts relaxed for 2 cores.
+    let initial: Vec<String> = (0..3)
+        .map(|i| format!("e{i}=http://{}:2380", cluster.ip(11 + i)))
+        .collect();
+    let initial = initial.join(",");
+    for i in 0..3u8 {
+        let ip = cluster.ip(11 + i);
+        let args = [
+            "--name".to_string(),
+            format!("e{i}"),
+            "--data-dir".into(),
+            "/data".into(),
+            "--listen-client-urls".into(),
+            "http://0.0.0.0:2379".into(),
+            "--advertise-client-urls".into(),
+            format!("http://{ip}:2379"),
+            "--listen-peer-urls".into(),
+            "http://0.0.0.0:2380".into(),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://{ip}:2380"),
+            "--initial-cluster".into(),
+            initial.clone(),
+            "--initial-cluster-state".into(),
+            "new".into(),
+            "--heartbeat-interval".into(),
+            "200".into(),
+            "--election-timeout".into(),
+            "2000".into(),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cluster.start(
+            &format!("etcd{i}"),
+            11 + i,
+            "dozen-test/etcd:latest",
+            &[],
+            &args,
+        );
+    }
+    let store = format!(
+        "etcd://{}:2379,{}:2379,{}:2379",
+        cluster.ip(11),
+        cluster.ip(12),
+        cluster.ip(13)
+    );
+
+    // Two servers. etcd's shortest lease here is 3 s (1.5 election timeouts).
+    let token = cluster.token.clone();
+    for (i, ip) in [(1, 21u8), (2, 22u8)] {
+        cluster.start(
+            &format!("server{i}"),
+            ip,
+            "dozen-test/dozen:latest",
+            &[("DOZEN_TOKEN", &token)],
+            &[
+                "server",
+                "--data-dir",
+                "/data",
+                "--store",
+                &store,
+                "--listen",
+                "0.0.0.0:7700",
+                "--no-agent",
+                "--no-proxy",
+                "--leader-ttl",
+                "3s",
+            ],
+        );
+    }
+    // Two nodes, each an agent with its proxy.
+    let servers = cluster.servers();
+    for (i, ip) in [(1, 31u8), (2, 32u8)] {
+        let advertise = cluster.ip(ip);
+        cluster.start(
+            &format!("node{i}"),
+            ip,
+            "dozen-test/dozen:latest",
+            &[("DOZEN_TOKEN", &token)],
+            &[
+                "--server",
+                &servers,
+                "agent",
+                "--data-dir",
+                "/data",
+                "--node-name",
+                &format!("node{i}"),
+                "--agent-listen",
+                "0.0.0.0:7701",
+                "--advertise-host",
+                &advertise,
+                "--with-proxy",
+                "--proxy-listen",
+                "0.0.0.0:7780",
+                "--proxy-internal-listen",
+                "127.0.0.1:7781",
+                "--port-range",
+                "20000-20999",
+            ],
+        );
+    }
+    eventually(Duration::from_secs(90), "both nodes registered", || {
+        let nodes = cluster.json(&servers, &["nodes"])?;
+        (nodes.as_array()?.len() == 2).then_some(())
+    });
+
+    // The demo stack, its binary inside the image (exec form: a scratch image has no shell).
+    let mut demo = std::fs::read_to_string(workspace_root().join("examples/demo/dozen.toml"))
+        .unwrap()
+        .replace("WORK_EVERY_MS = \"5000\"", "WORK_EVERY_MS = \"300\"");
+    for role in ["web", "catalog", "orders", "worker"] {
+        demo = demo.replace(
+            &format!("\"./target/release/dozen-demo {role}\""),
+            &format!("[\"/bin/dozen-demo\", \"{role}\"]"),
+        );
+    }
+    assert!(
+        !demo.contains("command = \"./target"),
+        "every command rewritten: {demo}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let stack = dir.path().join("dozen.toml");
+    std::fs::write(&stack, demo).unwrap();
+    let applied = cluster.cli(
+        &servers,
+        &[
+            "apply",
+            "-f",
+            &stack.display().to_string(),
+            "--timeout",
+            "120s",
+        ],
+    );
+    assert!(
+        applied.status.success(),
+        "apply failed: {}{}",
+        String::from_utf8_lossy(&applied.stdout),
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // Tasks run on both nodes.
+    let ps = cluster.json(&servers, &["ps"]).expect("ps");
+    let nodes: std::collections::BTreeSet<&str> = ps["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["node"].as_str())
+        .collect();
+    assert_eq!(nodes.len(), 2, "tasks should spread over both nodes: {ps}");
+
+    // Every route through the proxy of each node (web calls catalog and orders through the
+    // node's internal proxy, so its page crosses nodes too).
+    for node_ip in [cluster.ip(31), cluster.ip(32)] {
+        let proxy = format!("{node_ip}:7780");
+        for (path, expect) in [
+            ("/", "dozen demo shop"),
+            ("/api/catalog", "teapot"),
+            ("/api/orders", "open_orders"),
+        ] {
+            let what = format!("GET {path} through the proxy at {proxy}");
+            let body = eventually(Duration::from_secs(30), &what, || {
+                let r = http_request_at(&proxy, "demo.local", path)?;
+                (r.status == 200 && r.body.contains(expect)).then_some(r.body)
+            });
+            assert!(!body.is_empty(), "{what}: empty body");
+        }
+    }
+
+    // The logs of every service, fanned out through the agents of both nodes.
+    for service in ["web", "catalog", "orders", "worker"] {
+        eventually(
+            Duration::from_secs(30),
+            &format!("logs of {service}"),
+            || {
+                let out = cluster.cli(&servers, &["logs", service, "-o", "json"]);
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let lines: Vec<Value> = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                let wanted = if service == "worker" {
+                    "checked orders"
+                } else {
+                    ""
+                };
+                lines
+                    .iter()
+                    .any(|l| {
+                        l["service"] == service
+                            && l["line"].as_str().is_some_and(|s| s.contains(wanted))
+                    })
+                    .then_some(())
+            },
+        );
+    }
+
+    // Kill the leading server; a scale request made after the kill completes on the other.
+    let (leader_container, survivor) = eventually(Duration::from_secs(30), "a leader", || {
+        for (i, ip) in [(1, 21u8), (2, 22u8)] {
+            let url = format!("http://{}:7700", cluster.ip(ip));
+            let info = cluster.json(&url, &["cluster"])?;
+            if info["leader"] == info["server"] {
+                let other = if ip == 21 { 22 } else { 21 };
+                return Some((
+                    format!("{}-server{i}", cluster.prefix),
+                    format!("http://{}:7700", cluster.ip(other)),
+                ));
+            }
+        }
+        None
+    });
+    docker(&["kill", &leader_container]);
+    let scaled = cluster.cli(&survivor, &["scale", "web=3", "--wait", "--timeout", "60s"]);
+    assert!(
+        scaled.status.success(),
+        "scale after killing the leader did not complete: {}{}",
+        String::from_utf8_lossy(&scaled.stdout),
+        String::from_utf8_lossy(&scaled.stderr)
+    );
+    let info = cluster.json(&survivor, &["cluster"]).expect("cluster info");
+    assert_eq!(info["leader"], info["server"], "the survivor leads now");
+    // The new task serves through the proxies too.
+    for node_ip in [cluster.ip(31), cluster.ip(32)] {
+        let proxy = format!("{node_ip}:7780");
+        eventually(Duration::from_secs(30), "the shop after failover", || {
+            let r = http_request_at(&proxy, "demo.local", "/")?;
+            (r.status == 200).then_some(())
+        });
+    }
+}
