@@ -41,6 +41,8 @@ use driver::{Driver, ExitInfo, ProcessDriver, Recovered, TaskConfig, TaskHandle}
 pub struct AgentConfig {
     pub server: String,
     pub token: String,
+    /// For `https://` servers: the cluster CA and the node's certificate.
+    pub tls: Option<dozen_api::tls::ClientConfig>,
     pub data_dir: PathBuf,
     pub node_name: String,
     /// Where the agent serves logs to the API server.
@@ -153,7 +155,7 @@ pub async fn run(
     let cgroups = cgroups::detect(&config.cgroup_root);
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
-        client: Client::new(&config.server, &config.token),
+        client: Client::with_tls(&config.server, &config.token, config.tls.clone()),
         driver: Arc::new(ProcessDriver {
             exe: config.exe.clone(),
         }),

@@ -259,7 +259,7 @@ pub fn main(dir: &Path) -> i32 {
     // The pipes close when the task exits, unless something it started keeps them open:
     // then do not wait for that forever.
     for _ in 0..readers {
-        if done_rx.recv_timeout(Duration::from_millis(500)).is_err() {
+        if done_rx.recv_timeout(Duration::from_secs(2)).is_err() {
             break;
         }
     }

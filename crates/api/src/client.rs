@@ -52,11 +52,19 @@ pub struct Client {
 
 impl Client {
     pub fn new(servers: &str, token: &str) -> Self {
-        let http = reqwest::Client::builder()
+        Self::with_tls(servers, token, None)
+    }
+
+    /// A client of `https://` servers: `tls` trusts the cluster CA (and, for a node,
+    /// presents its certificate).
+    pub fn with_tls(servers: &str, token: &str, tls: Option<rustls::ClientConfig>) -> Self {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let http = builder.build().unwrap_or_default();
         let bases: Vec<String> = servers
             .split(',')
             .map(|b| b.trim().trim_end_matches('/').to_string())

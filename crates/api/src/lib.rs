@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod client;
 pub mod server;
+pub mod tls;
 
 pub use client::{ApiError, Client};
 
@@ -62,6 +63,47 @@ pub struct ServiceSummary {
     pub stopped: bool,
     pub reproducible: bool,
     pub problems: Vec<String>,
+}
+
+/// `POST /v1/join-tokens` (operator).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenRequest {
+    /// How long the token may be used; default one hour, at most a day.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenResponse {
+    /// `<id>.<secret>`: good for one `dozen node join`.
+    pub token: String,
+    pub ttl_ms: u64,
+    /// `sha256:<hex>` of the cluster CA certificate, for the joining node to pin.
+    pub ca_hash: String,
+}
+
+/// `POST /v1/join` (no token: the join token in the body is the credential).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub node: String,
+    /// The node's certificate request (PEM); its key stays on the node.
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub serial: String,
+}
+
+/// `POST /v1/nodes/{node}/revoke` (operator).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    pub node: String,
+    /// Serials of the certificates revoked now.
+    pub serials: Vec<String>,
 }
 
 /// `GET /v1/cluster`: which server answered, and which one leads the controllers.

@@ -43,6 +43,8 @@ pub struct AppState {
     pub server_id: String,
     /// What `GET /v1/cluster` says the store is: `embedded` or `etcd`.
     pub store_kind: String,
+    /// The cluster CA, when this server signs the certificates of joining nodes.
+    pub ca: Option<Arc<crate::tls::Ca>>,
 }
 
 impl AppState {
@@ -66,6 +68,7 @@ impl AppState {
                 .unwrap_or_default(),
             server_id: String::new(),
             store_kind: "embedded".into(),
+            ca: None,
         }
     }
 }
@@ -73,6 +76,68 @@ impl AppState {
 /// Serves the API on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
     axum::serve(listener, router(state)).await
+}
+
+/// Who is on the other end of a TLS connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: std::net::SocketAddr,
+    /// Set when the client presented a certificate the cluster CA signed.
+    pub identity: Option<crate::tls::PeerIdentity>,
+}
+
+/// Serves the API over TLS. A client certificate, when presented, must be signed by the
+/// cluster CA (else the handshake fails, and the refusal is logged); whom it names travels
+/// with each request to the authorisation check.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    config: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let app = router(state);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "refused a TLS connection");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "refused a TLS connection: no handshake within 10s");
+                        return;
+                    }
+                };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| crate::tls::peer_identity(cert.as_ref()));
+            let app = app.layer(axum::Extension(ConnectionInfo { peer, identity }));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -108,9 +173,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
         .route("/v1/nodes/{node}/assignments", get(assignments))
         .route("/v1/nodes/{node}/status", put(report_status))
+        .route("/v1/join-tokens", post(create_join_token))
+        .route("/v1/nodes/{node}/revoke", post(revoke_node))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        // No token: the CA certificate is public, and a join carries its own credential.
+        .route("/v1/ca", get(ca_certificate))
+        .route("/v1/join", post(join))
         .merge(v1)
         .with_state(state)
 }
@@ -139,8 +209,31 @@ async fn authenticate(
     if token_matches(given.as_bytes(), state.token.as_bytes()) {
         return next.run(request).await;
     }
+    let connection = request.extensions().get::<ConnectionInfo>().cloned();
+    if let Some(ConnectionInfo {
+        peer,
+        identity: Some(node),
+    }) = connection.as_ref()
+    {
+        let path = request.uri().path().to_string();
+        return match node_may(&state, node, request.method(), &path).await {
+            Ok(()) => next.run(request).await,
+            Err(reason) => {
+                tracing::warn!(
+                    node = %node.name,
+                    serial = %node.serial,
+                    %peer,
+                    path,
+                    reason,
+                    "refused a node certificate"
+                );
+                error(StatusCode::FORBIDDEN, reason, None)
+            }
+        };
+    }
     tracing::warn!(
         path = %request.uri().path(),
+        peer = %connection.map(|c| c.peer.to_string()).unwrap_or_else(|| "local".into()),
         presented = !given.is_empty(),
         "refused request without a valid token"
     );
@@ -149,6 +242,42 @@ async fn authenticate(
         "missing or wrong API token".into(),
         Some("the CLI reads the token from --token / DOZEN_TOKEN or <data-dir>/token".into()),
     )
+}
+
+/// What a node's certificate allows: acting as that node (and its proxy), reading routes,
+/// blobs and cluster facts; never as another node or as an operator. A revoked certificate
+/// allows nothing, and neither does one whose revocation cannot be checked.
+async fn node_may(
+    state: &AppState,
+    node: &crate::tls::PeerIdentity,
+    method: &axum::http::Method,
+    path: &str,
+) -> Result<(), String> {
+    match state.store.get(&keys::revoked(&node.serial)).await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return Err(format!(
+                "the certificate of node `{}` (serial {}) is revoked; join again with a new token",
+                node.name, node.serial
+            ))
+        }
+        Err(e) => return Err(format!("cannot check revocation now: {e}")),
+    }
+    let acts_as_itself = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|rest| rest.split('/').next())
+            .is_some_and(|name| name == node.name)
+    };
+    let reads = method == axum::http::Method::GET
+        && (path == "/v1/routes" || path == "/v1/cluster" || path.starts_with("/v1/blobs/"));
+    if acts_as_itself("/v1/nodes/") || acts_as_itself("/v1/proxies/") || reads {
+        Ok(())
+    } else {
+        Err(format!(
+            "a node certificate (`{}`) may act only as that node; `{path}` needs an operator token",
+            node.name
+        ))
+    }
 }
 
 fn error(status: StatusCode, message: String, hint: Option<String>) -> Response {
@@ -1012,4 +1141,154 @@ async fn put_blob(
 /// Keeps the map of problems that `dozen services` shows when no controller runs here.
 pub fn no_problems() -> watch::Receiver<Problems> {
     watch::channel(BTreeMap::new()).1
+}
+
+fn unauthorized(message: String) -> ApiFailure {
+    ApiFailure::from_response(error(StatusCode::UNAUTHORIZED, message, None))
+}
+
+fn no_ca() -> ApiFailure {
+    ApiFailure::from_response(error(
+        StatusCode::NOT_FOUND,
+        "this server has no cluster CA, so nodes cannot join through it".into(),
+        Some("start the servers with --ca-dir (made by `dozen ca init`)".into()),
+    ))
+}
+
+async fn ca_certificate(State(s): State<Arc<AppState>>) -> ApiResult<String> {
+    let ca = s.ca.as_ref().ok_or_else(no_ca)?;
+    Ok(ca.cert_pem.clone())
+}
+
+const JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const JOIN_TOKEN_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+async fn create_join_token(
+    State(s): State<Arc<AppState>>,
+    Json(req): Json<crate::JoinTokenRequest>,
+) -> ApiResult<Json<crate::JoinTokenResponse>> {
+    let ca = s.ca.as_ref().ok_or_else(no_ca)?;
+    let ttl = req
+        .ttl_ms
+        .map(Duration::from_millis)
+        .unwrap_or(JOIN_TOKEN_TTL);
+    if ttl.is_zero() || ttl > JOIN_TOKEN_MAX_TTL {
+        return Err(bad_request(format!(
+            "a join token lives between 1 ms and 24 h, not {} ms",
+            ttl.as_millis()
+        )));
+    }
+    let random = |n| {
+        crate::tls::random_hex(n).map_err(|e| {
+            ApiFailure::from_response(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("no randomness: {e}"),
+                None,
+            ))
+        })
+    };
+    let (id, secret) = (random(6)?, random(24)?);
+    let lease = s.store.grant_lease(ttl).await?;
+    s.store
+        .txn(Txn::new().then(Op::Put {
+            key: keys::join_token(&id),
+            value: crate::tls::sha256_hex(secret.as_bytes()).into_bytes(),
+            lease: Some(lease),
+        }))
+        .await?;
+    tracing::info!(
+        token_id = id,
+        ttl_ms = ttl.as_millis() as u64,
+        "join token created"
+    );
+    Ok(Json(crate::JoinTokenResponse {
+        token: format!("{id}.{secret}"),
+        ttl_ms: ttl.as_millis() as u64,
+        ca_hash: ca.fingerprint().map_err(|e| bad_request(e.to_string()))?,
+    }))
+}
+
+async fn join(
+    State(s): State<Arc<AppState>>,
+    Json(req): Json<crate::JoinRequest>,
+) -> ApiResult<Json<crate::JoinResponse>> {
+    let ca = s.ca.as_ref().ok_or_else(no_ca)?;
+    check_node_name(&req.node)?;
+    let refuse = |why: &str| {
+        tracing::warn!(node = %req.node, reason = why, "refused a join");
+        unauthorized(format!(
+            "join refused: {why}; ask an operator for a new token (`dozen node token`)"
+        ))
+    };
+    let Some((id, secret)) = req.token.split_once('.') else {
+        return Err(refuse("the token is not of the form <id>.<secret>"));
+    };
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(refuse("the token id is not hex"));
+    }
+    let key = keys::join_token(id);
+    let Some(kv) = s.store.get(&key).await? else {
+        return Err(refuse("the token is unknown, used or expired"));
+    };
+    let presented = crate::tls::sha256_hex(secret.as_bytes());
+    if !token_matches(presented.as_bytes(), &kv.value) {
+        return Err(refuse("the token's secret does not match"));
+    }
+    // Sign before spending the token, so a bad request does not use it up.
+    let issued = ca
+        .sign_node(&req.csr_pem, &req.node)
+        .map_err(|e| bad_request(e.to_string()))?;
+    let spent = s
+        .store
+        .txn(
+            Txn::new()
+                .when(Compare::mod_revision(&key, kv.mod_revision))
+                .then(Op::delete(&key))
+                .then(Op::put(
+                    keys::node_cert(&req.node, &issued.serial),
+                    serde_json::to_vec(&serde_json::json!({
+                        "serial": issued.serial,
+                        "issued_at_ms": dozen_control::wall_ms(),
+                    }))
+                    .unwrap_or_default(),
+                )),
+        )
+        .await?;
+    if !spent.succeeded {
+        return Err(refuse("the token was used by another join just now"));
+    }
+    tracing::info!(node = %req.node, serial = %issued.serial, "node joined; certificate issued");
+    Ok(Json(crate::JoinResponse {
+        cert_pem: issued.cert_pem,
+        ca_pem: ca.cert_pem.clone(),
+        serial: issued.serial,
+    }))
+}
+
+async fn revoke_node(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+) -> ApiResult<Json<crate::RevokeResponse>> {
+    check_node_name(&node)?;
+    let issued = s.store.range(&keys::node_certs(&node)).await?;
+    if issued.kvs.is_empty() {
+        return Err(ApiFailure::from_response(error(
+            StatusCode::NOT_FOUND,
+            format!("no certificate was issued to node `{node}`"),
+            Some("`dozen nodes` lists the nodes; only nodes that joined with a token hold certificates".into()),
+        )));
+    }
+    let prefix = keys::node_certs(&node);
+    let serials: Vec<String> = issued
+        .kvs
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_string))
+        .collect();
+    let mut txn = Txn::new();
+    for serial in &serials {
+        txn = txn.then(Op::put(keys::revoked(serial), node.as_bytes().to_vec()));
+    }
+    s.store.txn(txn).await?;
+    tracing::warn!(node, serials = %serials.join(","), "node certificates revoked");
+    Ok(Json(crate::RevokeResponse { node, serials }))
 }

@@ -167,7 +167,8 @@ pub fn client(global: &Global) -> anyhow::Result<Client> {
                 })?
         }
     };
-    Ok(Client::new(&global.server, &token))
+    let tls = crate::identity::operator_tls(global)?;
+    Ok(Client::with_tls(global.server(), &token, tls))
 }
 
 pub fn load_stack(file: &FileArgs) -> anyhow::Result<dozen_spec::Stack> {

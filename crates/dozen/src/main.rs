@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod identity;
 mod output;
 mod serve;
 mod up;
@@ -34,14 +35,17 @@ struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// URL of the dozen API server.
-    #[arg(
-        long,
-        global = true,
-        env = "DOZEN_SERVER",
-        default_value = "http://127.0.0.1:7700"
-    )]
-    pub server: String,
+    /// URL of the dozen API server; several, comma-separated, for a cluster
+    /// (https://a:7700,https://b:7700). Default: the current context's, else
+    /// http://127.0.0.1:7700.
+    #[arg(long, global = true, env = "DOZEN_SERVER")]
+    pub server: Option<String>,
+    /// The cluster CA certificate to trust for https:// servers (made by `dozen ca init`).
+    #[arg(long, global = true, env = "DOZEN_CA")]
+    pub ca: Option<PathBuf>,
+    /// Use this saved context (server, CA, token file) instead of the current one.
+    #[arg(long, global = true, env = "DOZEN_CONTEXT")]
+    pub context: Option<String>,
     /// API token. Default: read from <data-dir>/token, where `dozen server` writes it.
     #[arg(long, global = true, env = "DOZEN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -58,6 +62,13 @@ pub struct Global {
     /// screen is for the tasks' own logs).
     #[arg(long, global = true, env = "DOZEN_LOG")]
     pub log: Option<String>,
+}
+
+impl Global {
+    /// The API server URL(s) to use.
+    pub fn server(&self) -> &str {
+        self.server.as_deref().unwrap_or("http://127.0.0.1:7700")
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +121,15 @@ enum Command {
     Nodes,
     /// Which server answered, which one leads the controllers, and the store in use.
     Cluster,
+    /// The cluster certificate authority.
+    #[command(subcommand)]
+    Ca(identity::CaCommand),
+    /// Nodes joining and leaving the cluster: join tokens, joining, revoking.
+    #[command(subcommand)]
+    Node(identity::NodeCommand),
+    /// Named connections to clusters (server URLs, CA, token file), like kubeconfig.
+    #[command(subcommand)]
+    Context(identity::ContextCommand),
     /// List proxies and the route revision each serves.
     Proxies,
     /// Print the JSON Schema of the stack file.
@@ -153,7 +173,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let global = cli.global.clone();
+    let mut global = cli.global.clone();
+    // A broken contexts file must not stop `dozen context` from fixing it.
+    if !matches!(cli.command, Command::Context(_)) {
+        if let Err(e) = identity::apply_context(&mut global) {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let daemon = matches!(
         cli.command,
         Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Proxy(_)
@@ -185,6 +212,15 @@ fn main() -> ExitCode {
             Command::Run(a) => commands::run(&global, a).await,
             Command::Nodes => commands::nodes(&global).await,
             Command::Cluster => commands::cluster(&global).await,
+            Command::Ca(identity::CaCommand::Init { dir }) => identity::ca_init(&global, dir),
+            Command::Node(identity::NodeCommand::Token { ttl }) => {
+                identity::node_token(&global, ttl).await
+            }
+            Command::Node(identity::NodeCommand::Join(a)) => identity::node_join(&global, a).await,
+            Command::Node(identity::NodeCommand::Revoke { node }) => {
+                identity::node_revoke(&global, &node).await
+            }
+            Command::Context(c) => identity::context(&global, c),
             Command::Proxies => commands::proxies(&global).await,
             Command::Schema => {
                 println!(

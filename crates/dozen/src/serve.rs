@@ -48,6 +48,15 @@ pub struct ServerArgs {
     /// within this time (etcd rounds up to whole seconds and enforces its own minimum).
     #[arg(long, env = "DOZEN_LEADER_TTL", default_value = "2s", value_parser = parse_duration)]
     pub leader_ttl: Duration,
+    /// Directory of the cluster CA (`ca.crt`, `ca.key`; made by `dozen ca init`). With it the
+    /// API is served over TLS with a certificate issued at start, nodes present
+    /// certificates, and `dozen node join` works. Required unless --listen is loopback.
+    #[arg(long, env = "DOZEN_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Another name or address clients use to reach this server (for its certificate);
+    /// repeat as needed. The host name, localhost and 127.0.0.1 are always in it.
+    #[arg(long = "tls-san", env = "DOZEN_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
     /// Do not run a node agent in this process (run `dozen agent` separately).
     #[arg(long, env = "DOZEN_NO_AGENT")]
     pub no_agent: bool,
@@ -218,6 +227,7 @@ fn agent_config(
     Ok(AgentConfig {
         server,
         token,
+        tls: None,
         data_dir,
         node_name: node
             .node_name
@@ -343,11 +353,57 @@ async fn connect_etcd(
 
 /// A running control plane (and agent) inside this process.
 pub struct Running {
-    pub address: SocketAddr,
+    /// Where this process reaches its own API (`http://` or `https://`, on loopback when the
+    /// server listens on every interface).
+    pub url: String,
+    /// Trust for `https://` (the cluster CA).
+    pub tls: Option<dozen_api::tls::ClientConfig>,
     pub token: String,
     /// The in-process proxy's public URL.
     pub proxy_url: Option<String>,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// The server's side of TLS: the CA it signs with, and its own serving configuration.
+struct ServerTls {
+    ca: Arc<dozen_api::tls::Ca>,
+    config: Arc<rustls::ServerConfig>,
+}
+
+fn server_tls(args: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
+    let Some(dir) = &args.ca_dir else {
+        if !args.listen.ip().is_loopback() {
+            bail!(
+                "--listen {}: plain HTTP is only for loopback. For other machines give the \
+                 cluster CA with --ca-dir (make one with `dozen ca init`), so the API is served \
+                 over TLS",
+                args.listen
+            );
+        }
+        return Ok(None);
+    };
+    let ca = dozen_api::tls::Ca::load(dir)
+        .with_context(|| format!("cannot load the cluster CA from {}", dir.display()))?;
+    let mut hosts = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        dozen_agent::os::hostname(),
+    ];
+    if !args.listen.ip().is_unspecified() {
+        hosts.push(args.listen.ip().to_string());
+    }
+    hosts.extend(args.tls_san.iter().cloned());
+    hosts.sort();
+    hosts.dedup();
+    let issued = ca
+        .issue_server(&hosts)
+        .context("cannot issue this server's certificate")?;
+    let config = dozen_api::tls::server_config(&issued.cert_pem, &issued.key_pem, &ca.cert_pem)?;
+    tracing::info!(names = %hosts.join(","), serial = %issued.serial, "serving the API over TLS");
+    Ok(Some(ServerTls {
+        ca: Arc::new(ca),
+        config,
+    }))
 }
 
 /// Opens the store, starts the controller, the API and (unless `no_agent`) an agent.
@@ -365,6 +421,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             token.len()
         );
     }
+    let tls = server_tls(args)?;
     let server_id = read_or_create_secret(&data.join("server-id"), 8)?;
     let store = open_store(data, args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -404,9 +461,31 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         "etcd"
     }
     .into();
+    state.ca = tls.as_ref().map(|t| t.ca.clone());
     let state = Arc::new(state);
-    tracing::info!(%address, data_dir = %data.display(), "dozen server listening");
-    let api = tokio::spawn(dozen_api::server::serve(listener, state));
+    let local = if address.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], address.port()))
+    } else {
+        address
+    };
+    let (url, client_tls, api) = match &tls {
+        Some(t) => (
+            format!("https://{local}"),
+            Some(dozen_api::tls::client_config(&t.ca.cert_pem, None)?),
+            tokio::spawn(dozen_api::server::serve_tls(
+                listener,
+                state,
+                t.config.clone(),
+            )),
+        ),
+        None => (
+            format!("http://{local}"),
+            None,
+            tokio::spawn(dozen_api::server::serve(listener, state)),
+        ),
+    };
+    tracing::info!(%address, %url, data_dir = %data.display(), "dozen server listening");
+    let mut node = args.agent.clone();
     let mut proxy_url = None;
     if !args.no_proxy {
         let listeners = dozen_proxy::Listeners::bind(
@@ -423,14 +502,16 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         let public = listeners.public.local_addr()?;
         let internal = listeners.internal.local_addr()?;
         proxy_url = Some(format!("http://{public}"));
+        // Tasks on this node reach other services through this proxy.
+        node.proxy_internal_url = format!("http://{internal}");
         let config = dozen_proxy::ProxyConfig {
-            id: args
-                .agent
+            id: node
                 .node_name
                 .clone()
                 .unwrap_or_else(dozen_agent::os::hostname),
-            server: format!("http://{address}"),
+            server: url.clone(),
             token: token.clone(),
+            tls: client_tls.clone(),
             upstream_timeout: args.proxy.proxy_timeout,
         };
         tokio::spawn(async move {
@@ -438,42 +519,10 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
                 tracing::error!(error = %e, "proxy failed");
             }
         });
-        // Tasks on this node reach other services through this proxy.
-        if !args.no_agent {
-            let mut agent = args.agent.clone();
-            agent.proxy_internal_url = format!("http://{internal}");
-            return finish_start(global, args, agent, address, token, api, proxy_url).await;
-        }
     }
-    finish_start(
-        global,
-        args,
-        args.agent.clone(),
-        address,
-        token,
-        api,
-        proxy_url,
-    )
-    .await
-}
-
-async fn finish_start(
-    global: &Global,
-    args: &ServerArgs,
-    node: NodeArgs,
-    address: SocketAddr,
-    token: String,
-    api: tokio::task::JoinHandle<std::io::Result<()>>,
-    proxy_url: Option<String>,
-) -> anyhow::Result<Running> {
-    let data = &global.data_dir;
     if !args.no_agent {
-        let config = agent_config(
-            &node,
-            format!("http://{address}"),
-            token.clone(),
-            data.join("agent"),
-        )?;
+        let mut config = agent_config(&node, url.clone(), token.clone(), data.join("agent"))?;
+        config.tls = client_tls.clone();
         tokio::spawn(async move {
             if let Err(e) = dozen_agent::run(config, std::future::pending()).await {
                 tracing::error!(error = %e, "agent failed");
@@ -481,7 +530,8 @@ async fn finish_start(
         });
     }
     Ok(Running {
-        address,
+        url,
+        tls: client_tls,
         token,
         api,
         proxy_url,
@@ -516,8 +566,56 @@ fn token_for(global: &Global, token_file: &Option<PathBuf>, what: &str) -> anyho
     })
 }
 
+/// The credentials of an agent or proxy: a node certificate from `dozen node join` (then no
+/// token is needed, and the node is named as the certificate says), else the token.
+struct NodeCredentials {
+    token: String,
+    tls: Option<dozen_api::tls::ClientConfig>,
+    certified_name: Option<String>,
+}
+
+fn node_credentials(
+    global: &Global,
+    token_file: &Option<PathBuf>,
+    what: &str,
+) -> anyhow::Result<NodeCredentials> {
+    let (tls, certified_name) = crate::identity::node_tls(global)?;
+    let token = match (&certified_name, token_for(global, token_file, what)) {
+        (_, Ok(token)) => token,
+        (Some(_), Err(_)) => String::new(),
+        (None, Err(e)) => {
+            if global.server().contains("https://") {
+                return Err(e.context(format!(
+                    "or join this machine first: `dozen node join --token ... --ca-hash ...` \
+                     (with the same --data-dir, {})",
+                    global.data_dir.display()
+                )));
+            }
+            return Err(e);
+        }
+    };
+    Ok(NodeCredentials {
+        token,
+        tls,
+        certified_name,
+    })
+}
+
+fn node_name(given: &Option<String>, credentials: &NodeCredentials) -> anyhow::Result<String> {
+    match (given, &credentials.certified_name) {
+        (Some(given), Some(cert)) if given != cert => bail!(
+            "--node-name {given}: this node's certificate names it `{cert}`; drop --node-name \
+             or join again under the new name"
+        ),
+        (Some(given), _) => Ok(given.clone()),
+        (None, Some(cert)) => Ok(cert.clone()),
+        (None, None) => Ok(dozen_agent::os::hostname()),
+    }
+}
+
 pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
-    let token = token_for(global, &args.token_file, "proxy")?;
+    let credentials = node_credentials(global, &args.token_file, "proxy")?;
+    let id = node_name(&args.id, &credentials)?;
     let listeners =
         dozen_proxy::Listeners::bind(args.listen.proxy_listen, args.listen.proxy_internal_listen)
             .await
@@ -528,9 +626,10 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
                 )
             })?;
     let config = dozen_proxy::ProxyConfig {
-        id: args.id.unwrap_or_else(dozen_agent::os::hostname),
-        server: global.server.clone(),
-        token,
+        id,
+        server: global.server().to_string(),
+        token: credentials.token,
+        tls: credentials.tls,
         upstream_timeout: args.listen.proxy_timeout,
     };
     tokio::select! {
@@ -540,8 +639,9 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
-    let token = token_for(global, &args.token_file, "agent")?;
+    let credentials = node_credentials(global, &args.token_file, "agent")?;
     let mut node = args.node.clone();
+    node.node_name = Some(node_name(&node.node_name, &credentials)?);
     if args.with_proxy {
         let listeners =
             dozen_proxy::Listeners::bind(args.proxy.proxy_listen, args.proxy.proxy_internal_listen)
@@ -559,12 +659,10 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
             format!("http://{internal}")
         };
         let config = dozen_proxy::ProxyConfig {
-            id: node
-                .node_name
-                .clone()
-                .unwrap_or_else(dozen_agent::os::hostname),
-            server: global.server.clone(),
-            token: token.clone(),
+            id: node.node_name.clone().unwrap_or_default(),
+            server: global.server().to_string(),
+            token: credentials.token.clone(),
+            tls: credentials.tls.clone(),
             upstream_timeout: args.proxy.proxy_timeout,
         };
         tokio::spawn(async move {
@@ -573,11 +671,12 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let config = agent_config(
+    let mut config = agent_config(
         &node,
-        global.server.clone(),
-        token,
+        global.server().to_string(),
+        credentials.token,
         global.data_dir.join("agent"),
     )?;
+    config.tls = credentials.tls;
     dozen_agent::run(config, shutdown_signal()).await
 }

@@ -126,7 +126,7 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
         return up_detached(global, &args, stack, file.as_ref()).await;
     }
     let running = start_server(global, &args.server).await?;
-    let api = Client::new(&format!("http://{}", running.address), &running.token);
+    let api = Client::with_tls(&running.url, &running.token, running.tls.clone());
     let (name, services) =
         apply_and_show(&api, stack, file.as_ref(), running.proxy_url.as_deref()).await?;
     println!("Ctrl-C stops the stack (a second Ctrl-C forces it).\n");

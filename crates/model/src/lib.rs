@@ -122,6 +122,21 @@ pub mod keys {
     pub fn proxy(id: &str) -> String {
         format!("{ROOT}proxies/{id}")
     }
+    /// One-time join tokens: the value is the SHA-256 of the secret; a lease ends them.
+    pub fn join_token(id: &str) -> String {
+        format!("{ROOT}pki/join/{id}")
+    }
+    /// Certificates issued to a node, one key per serial.
+    pub fn node_certs(node: &str) -> String {
+        format!("{ROOT}pki/certs/{node}/")
+    }
+    pub fn node_cert(node: &str, serial: &str) -> String {
+        format!("{ROOT}pki/certs/{node}/{serial}")
+    }
+    /// A revoked certificate serial; the value names the node it was issued to.
+    pub fn revoked(serial: &str) -> String {
+        format!("{ROOT}pki/revoked/{serial}")
+    }
     /// Controller bookkeeping the controllers alone write (e.g. the task id counter).
     pub fn controller(name: &str) -> String {
         format!("{ROOT}controller/{name}")

@@ -38,6 +38,8 @@ pub struct ProxyConfig {
     pub id: String,
     pub server: String,
     pub token: String,
+    /// For `https://` servers: the cluster CA and the node's certificate.
+    pub tls: Option<dozen_api::tls::ClientConfig>,
     pub upstream_timeout: Duration,
 }
 
@@ -112,7 +114,7 @@ async fn register(api: &Client, id: &str, req: &ProxyRegisterRequest) -> Registe
 
 /// Long-polls the route table and heartbeats the applied revision.
 async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegisterRequest) {
-    let api = Client::new(&config.server, &config.token);
+    let api = Client::with_tls(&config.server, &config.token, config.tls.clone());
     let lease = Arc::new(std::sync::atomic::AtomicU64::new(
         register(&api, &config.id, &me).await.lease,
     ));

@@ -1,0 +1,367 @@
+//! Identity on the wire, with real processes over TLS on loopback: a cluster CA, a server
+//! serving HTTPS, nodes joining with one-time tokens, and the refusals: a node whose
+//! certificate another CA signed, a revoked node, an operator without a token, plain HTTP
+//! off loopback. Each refusal is logged, and nothing else in the cluster is disturbed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use dozen_testkit::{eventually, free_port};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dozen");
+
+struct Site {
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Site {
+    fn new() -> Site {
+        Site {
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            // No user contexts file leaks into the test.
+            .env("DOZEN_CONFIG", self.path("contexts.json"))
+            .env_remove("DOZEN_SERVER")
+            .env_remove("DOZEN_TOKEN")
+            .env_remove("DOZEN_DATA_DIR")
+            .env_remove("DOZEN_CA")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run dozen")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "dozen {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn spawn(&mut self, args: &[&str], log: &str) {
+        let file = std::fs::File::create(self.path(log)).unwrap();
+        let child = self
+            .command(args)
+            .env("DOZEN_LOG", "info")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn dozen");
+        self.children.push(child);
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+}
+
+/// A CA, a token file and a TLS server on loopback; returns the server URL.
+fn start_server(site: &mut Site, name: &str) -> String {
+    let ca_dir = site.path(&format!("{name}-ca"));
+    site.ok(&["ca", "init", "--dir", ca_dir.to_str().unwrap()]);
+    std::fs::write(
+        site.path(&format!("{name}-token")),
+        format!("{name}-operator-token-0123456789abcdef"),
+    )
+    .unwrap();
+    let port = free_port();
+    let data = site.path(&format!("{name}-data"));
+    site.spawn(
+        &[
+            "server",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--token-file",
+            site.path(&format!("{name}-token")).to_str().unwrap(),
+            "--no-agent",
+            "--no-proxy",
+            "--node-ttl",
+            "3s",
+        ],
+        &format!("{name}.log"),
+    );
+    let url = format!("https://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), "the TLS server answers", || {
+        site.log(&format!("{name}.log"))
+            .contains("dozen server listening")
+            .then_some(())
+    });
+    url
+}
+
+fn operator(site: &Site, name: &str, url: &str, args: &[&str]) -> Output {
+    let ca = site.path(&format!("{name}-ca/ca.crt"));
+    let token = std::fs::read_to_string(site.path(&format!("{name}-token"))).unwrap();
+    let mut all = vec![
+        "--server",
+        url,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--token",
+        &token,
+    ];
+    all.extend_from_slice(args);
+    site.run(&all)
+}
+
+fn operator_json(site: &Site, name: &str, url: &str, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = operator(site, name, url, &all);
+    assert!(
+        out.status.success(),
+        "operator {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// `dozen node token` + `dozen node join` for `node`, with its own data dir.
+fn join(site: &Site, name: &str, url: &str, node: &str) -> PathBuf {
+    let made = operator_json(site, name, url, &["node", "token", "--ttl", "10m"]);
+    let data = site.path(&format!("{node}-data"));
+    site.ok(&[
+        "--server",
+        url,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "node",
+        "join",
+        "--token",
+        made["token"].as_str().unwrap(),
+        "--ca-hash",
+        made["ca_hash"].as_str().unwrap(),
+        "--node-name",
+        node,
+    ]);
+    data
+}
+
+fn start_agent(site: &mut Site, url: &str, data: &Path, node: &str) {
+    let range = {
+        let p = free_port();
+        format!("{p}-{}", p.saturating_add(20))
+    };
+    site.spawn(
+        &[
+            "--server",
+            url,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "agent",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--port-range",
+            &range,
+        ],
+        &format!("agent-{node}.log"),
+    );
+}
+
+fn node_names(site: &Site, name: &str, url: &str) -> Vec<String> {
+    operator_json(site, name, url, &["nodes"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node"]["name"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
+    let mut site = Site::new();
+    let url = start_server(&mut site, "main");
+
+    // Two nodes join and run their agents on certificates alone (no token given).
+    let n1 = join(&site, "main", &url, "n1");
+    let n2 = join(&site, "main", &url, "n2");
+    assert!(
+        !site.log("main.log").contains("-operator-token-"),
+        "the token never reaches the log"
+    );
+    start_agent(&mut site, &url, &n1, "n1");
+    start_agent(&mut site, &url, &n2, "n2");
+    eventually(Duration::from_secs(20), "both nodes registered", || {
+        let names = node_names(&site, "main", &url);
+        (names.contains(&"n1".to_string()) && names.contains(&"n2".to_string())).then_some(())
+    });
+
+    // A join token works once.
+    let made = operator_json(&site, "main", &url, &["node", "token"]);
+    let args = |data: &str| {
+        vec![
+            "--server".to_string(),
+            url.clone(),
+            "--data-dir".into(),
+            site.path(data).display().to_string(),
+            "node".into(),
+            "join".into(),
+            "--token".into(),
+            made["token"].as_str().unwrap().to_string(),
+            "--ca-hash".into(),
+            made["ca_hash"].as_str().unwrap().to_string(),
+        ]
+    };
+    let first: Vec<String> = args("once-a");
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    site.ok(&first);
+    let second: Vec<String> = args("once-b");
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    let again = site.run(&second);
+    assert!(!again.status.success(), "a join token is good for one join");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("unknown, used or expired"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // A wrong CA hash: the joining node refuses to send its token.
+    let mut wrong = first.clone();
+    let hash_at = wrong.len() - 1;
+    wrong[hash_at] = "sha256:00";
+    let out = site.run(&wrong);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the --ca-hash"));
+
+    // A node whose certificate another cluster's CA signed is refused at the handshake.
+    let other = start_server(&mut site, "other");
+    let stranger = join(&site, "other", &other, "stranger");
+    start_agent(&mut site, &url, &stranger, "stranger");
+    eventually(
+        Duration::from_secs(20),
+        "the stranger's refusal logged",
+        || {
+            site.log("main.log")
+                .contains("refused a TLS connection")
+                .then_some(())
+        },
+    );
+    assert!(!node_names(&site, "main", &url).contains(&"stranger".to_string()));
+
+    // An operator without a token, or with a wrong one, is refused, and that is logged.
+    let ca = site.path("main-ca/ca.crt");
+    let out = site.run(&["--server", &url, "--ca", ca.to_str().unwrap(), "nodes"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no API token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = site.run(&[
+        "--server",
+        &url,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--token",
+        "not-the-token-at-all",
+        "nodes",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing or wrong API token"));
+    assert!(site
+        .log("main.log")
+        .contains("refused request without a valid token"));
+
+    // Revoke n1: its agent is refused from its next call on; n2 and operators carry on.
+    let revoked = operator_json(&site, "main", &url, &["node", "revoke", "n1"]);
+    assert_eq!(revoked["serials"].as_array().unwrap().len(), 1);
+    eventually(Duration::from_secs(20), "n1's refusal logged", || {
+        let log = site.log("main.log");
+        log.lines()
+            .any(|l| l.contains("refused a node certificate") && l.contains("n1"))
+            .then_some(())
+    });
+    eventually(Duration::from_secs(20), "n1 gone, n2 still there", || {
+        let names = node_names(&site, "main", &url);
+        (!names.contains(&"n1".to_string()) && names.contains(&"n2".to_string())).then_some(())
+    });
+    let n2_log = site.log("agent-n2.log");
+    assert!(
+        !n2_log.contains("403") && !n2_log.contains("revoked"),
+        "n2 was not disturbed: {n2_log}"
+    );
+
+    // Plain HTTP off loopback is refused at start, naming the fix.
+    let out = site.run(&[
+        "server",
+        "--data-dir",
+        site.path("plain").to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+        "--no-agent",
+        "--no-proxy",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("plain HTTP is only for loopback"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_context_carries_server_ca_and_token_file() {
+    let mut site = Site::new();
+    let url = start_server(&mut site, "ctx");
+    let ca = site.path("ctx-ca/ca.crt");
+    let token = site.path("ctx-token");
+    site.ok(&[
+        "context",
+        "add",
+        "prod",
+        "--url",
+        &url,
+        "--ca-file",
+        ca.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let saved = std::fs::read_to_string(site.path("contexts.json")).unwrap();
+    assert!(
+        !saved.contains("operator-token"),
+        "a context keeps the token file's path, not the token: {saved}"
+    );
+    // No --server, --ca or --token: the current context supplies them.
+    let out = site.ok(&["cluster", "-o", "json"]);
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["store"], "embedded");
+    let listed = site.ok(&["context", "list"]);
+    assert!(listed.contains("* prod"), "{listed}");
+    let missing = site.run(&["--context", "staging", "cluster"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no context named `staging`"));
+}
