@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub token: String,
     /// For `https://` servers: the cluster CA and the node's certificate.
     pub tls: Option<dozen_api::tls::ClientConfig>,
+    /// The node's certificate (from `dozen node join`): with it, the agent serves its logs
+    /// over TLS, to servers only.
+    pub identity: Option<dozen_api::tls::NodeIdentity>,
     pub data_dir: PathBuf,
     pub node_name: String,
     /// Where the agent serves logs to the API server.
@@ -147,10 +150,22 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {} for the agent API", config.listen))?;
     // Listening on every interface: the server reaches the agent at its advertised host.
     let local = listener.local_addr()?;
-    let address = if local.ip().is_unspecified() {
-        format!("http://{}:{}", config.host, local.port())
+    let scheme = if config.identity.is_some() {
+        "https"
     } else {
-        format!("http://{local}")
+        "http"
+    };
+    let address = if local.ip().is_unspecified() {
+        format!("{scheme}://{}:{}", config.host, local.port())
+    } else {
+        format!("{scheme}://{local}")
+    };
+    let serving_tls = match &config.identity {
+        Some(id) => Some(
+            dozen_api::tls::server_config(&id.cert_pem, &id.key_pem, &id.ca_pem)
+                .context("cannot serve the agent API with the node certificate")?,
+        ),
+        None => None,
     };
     let cgroups = cgroups::detect(&config.cgroup_root);
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
@@ -176,7 +191,7 @@ pub async fn run(
         limits = %shared.cgroups.describe(),
         "agent starting"
     );
-    tokio::spawn(server::serve(listener, shared.clone()));
+    tokio::spawn(server::serve(listener, shared.clone(), serving_tls));
     // Re-adopt before anything else, so nothing already running is started again.
     adopt_existing(&shared);
     let registration = register(&shared, &address).await;

@@ -17,17 +17,39 @@ use tokio::sync::mpsc;
 
 use crate::{local_tasks, logs, shim, Shared};
 
-pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/agent/logs", get(agent_logs))
         .with_state(shared);
-    if let Err(e) = axum::serve(listener, app).await {
+    let served = match tls {
+        Some(config) => dozen_api::tls::serve(listener, app, config).await,
+        None => axum::serve(listener, app).await,
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "agent API stopped");
     }
 }
 
-fn authorised(shared: &Shared, headers: &HeaderMap) -> bool {
+/// A server's certificate (over TLS), or the token the agent was started with.
+fn authorised(
+    shared: &Shared,
+    headers: &HeaderMap,
+    connection: Option<&dozen_api::tls::ConnectionInfo>,
+) -> bool {
+    if connection
+        .and_then(|c| c.identity.as_ref())
+        .is_some_and(|id| id.name == dozen_api::tls::SERVER_CN)
+    {
+        return true;
+    }
+    if shared.config.token.is_empty() {
+        return false;
+    }
     let given = headers
         .get(dozen_api::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -64,10 +86,15 @@ fn encode(lines: &[LogLine]) -> Bytes {
 async fn agent_logs(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
+    connection: Option<axum::Extension<dozen_api::tls::ConnectionInfo>>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    if !authorised(&shared, &headers) {
-        tracing::warn!("refused a log request without a valid token");
+    if !authorised(&shared, &headers, connection.as_ref().map(|c| &c.0)) {
+        tracing::warn!(
+            peer = ?connection.as_ref().map(|c| c.peer),
+            client = ?connection.as_ref().and_then(|c| c.identity.as_ref()).map(|i| &i.name),
+            "refused a log request: neither a server's certificate nor the token"
+        );
         return (StatusCode::UNAUTHORIZED, "missing or wrong token\n").into_response();
     }
     let since = q.since_ms.unwrap_or(0);

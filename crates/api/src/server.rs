@@ -45,6 +45,9 @@ pub struct AppState {
     pub store_kind: String,
     /// The cluster CA, when this server signs the certificates of joining nodes.
     pub ca: Option<Arc<crate::tls::Ca>>,
+    /// How this server reaches `https://` agents: trusting the CA, presenting its own
+    /// certificate (agents serve logs only to servers).
+    pub agent_tls: Option<rustls::ClientConfig>,
 }
 
 impl AppState {
@@ -69,6 +72,7 @@ impl AppState {
             server_id: String::new(),
             store_kind: "embedded".into(),
             ca: None,
+            agent_tls: None,
         }
     }
 }
@@ -78,66 +82,15 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> s
     axum::serve(listener, router(state)).await
 }
 
-/// Who is on the other end of a TLS connection.
-#[derive(Debug, Clone)]
-pub struct ConnectionInfo {
-    pub peer: std::net::SocketAddr,
-    /// Set when the client presented a certificate the cluster CA signed.
-    pub identity: Option<crate::tls::PeerIdentity>,
-}
+pub use crate::tls::ConnectionInfo;
 
-/// Serves the API over TLS. A client certificate, when presented, must be signed by the
-/// cluster CA (else the handshake fails, and the refusal is logged); whom it names travels
-/// with each request to the authorisation check.
+/// Serves the API over TLS (see [`crate::tls::serve`]).
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     config: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let app = router(state);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of descriptors and the like: wait a little rather than spin.
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "refused a TLS connection");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, "refused a TLS connection: no handshake within 10s");
-                        return;
-                    }
-                };
-            let identity = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .and_then(|cert| crate::tls::peer_identity(cert.as_ref()));
-            let app = app.layer(axum::Extension(ConnectionInfo { peer, identity }));
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let served = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
+    crate::tls::serve(listener, router(state), config).await
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -936,10 +889,27 @@ async fn fetch_agent_logs(
     node: &NodeRecord,
     q: &LogQuery,
 ) -> Result<Vec<LogLine>, reqwest::Error> {
-    let body = s
-        .http
-        .get(format!("{}/v1/agent/logs", node.address))
-        .bearer_auth(&s.token)
+    let request = match (node.address.strip_prefix("https://"), &s.agent_tls) {
+        // The agent's certificate names the node: connect to its address, verify that name.
+        (Some(authority), Some(tls)) => {
+            let addr: Option<std::net::SocketAddr> = authority.parse().ok();
+            let mut builder = reqwest::Client::builder()
+                .use_preconfigured_tls(tls.clone())
+                .connect_timeout(Duration::from_secs(3));
+            if let Some(addr) = addr {
+                builder = builder.resolve(&node.name, addr);
+            }
+            let port = addr.map(|a| a.port()).unwrap_or(443);
+            builder
+                .build()?
+                .get(format!("https://{}:{port}/v1/agent/logs", node.name))
+        }
+        _ => s
+            .http
+            .get(format!("{}/v1/agent/logs", node.address))
+            .bearer_auth(&s.token),
+    };
+    let body = request
         .query(q)
         .timeout(Duration::from_secs(10))
         .send()

@@ -44,6 +44,9 @@ fn invalid(what: &str) -> impl Fn(String) -> TlsError + '_ {
     }
 }
 
+/// The common name of every API server's certificate: agents serve their logs only to it.
+pub const SERVER_CN: &str = "dozen server";
+
 pub const CA_CERT_FILE: &str = "ca.crt";
 pub const CA_KEY_FILE: &str = "ca.key";
 
@@ -204,7 +207,7 @@ impl Ca {
             .map_err(|e| invalid("server certificate names")(e.to_string()))?;
         params
             .distinguished_name
-            .push(DnType::CommonName, "dozen server");
+            .push(DnType::CommonName, SERVER_CN);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -223,13 +226,21 @@ impl Ca {
     }
 
     /// Signs a node's certificate request: the certificate names `node` whatever the request
-    /// asked for, and is good for client authentication only.
+    /// asked for (as its common name and its one DNS name: servers reach the agent's log
+    /// endpoint under that name).
     pub fn sign_node(&self, csr_pem: &str, node: &str) -> Result<Issued, TlsError> {
+        if node == SERVER_CN {
+            return Err(invalid("node name")(format!("`{node}` is reserved")));
+        }
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| invalid("certificate request")(e.to_string()))?;
-        let mut params = CertificateParams::default();
+        let mut params = CertificateParams::new(vec![node.to_string()])
+            .map_err(|e| invalid("node name")(e.to_string()))?;
         params.distinguished_name.push(DnType::CommonName, node);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let (serial, hex) = random_serial();
         params.serial_number = Some(serial);
@@ -458,5 +469,84 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server certificate"), "{e}");
+    }
+}
+
+/// Who is on the other end of a TLS connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: std::net::SocketAddr,
+    /// Set when the client presented a certificate the cluster CA signed.
+    pub identity: Option<PeerIdentity>,
+}
+
+/// Serves `app` over TLS on `listener`. A client certificate, when presented, must be signed
+/// by the cluster CA (else the handshake fails, and the refusal is logged); whom it names
+/// reaches every request as a [`ConnectionInfo`] extension.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    config: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    use std::time::Duration;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "refused a TLS connection");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "refused a TLS connection: no handshake within 10s");
+                        return;
+                    }
+                };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| peer_identity(cert.as_ref()));
+            let app = app.layer(axum::Extension(ConnectionInfo { peer, identity }));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// A node's identity on disk, as `dozen node join` left it.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("name", &peer_identity_pem(&self.cert_pem).map(|i| i.name))
+            .finish_non_exhaustive()
     }
 }

@@ -243,11 +243,19 @@ pub async fn node_revoke(global: &Global, node: &str) -> anyhow::Result<i32> {
 /// `dozen node join`), or, without one, the CA given by --ca (then the token authenticates).
 pub fn node_tls(
     global: &Global,
-) -> anyhow::Result<(Option<dozen_api::tls::ClientConfig>, Option<String>)> {
+) -> anyhow::Result<(
+    Option<dozen_api::tls::ClientConfig>,
+    Option<tls::NodeIdentity>,
+)> {
     let dir = node_dir(&global.data_dir);
-    if let Some((cert, key, ca)) = tls::load_node_identity(&dir)? {
-        let name = dozen_api::tls::peer_identity_pem(&cert).map(|id| id.name);
-        return Ok((Some(tls::client_config(&ca, Some((&cert, &key)))?), name));
+    if let Some((cert_pem, key_pem, ca_pem)) = tls::load_node_identity(&dir)? {
+        let config = tls::client_config(&ca_pem, Some((&cert_pem, &key_pem)))?;
+        let identity = tls::NodeIdentity {
+            cert_pem,
+            key_pem,
+            ca_pem,
+        };
+        return Ok((Some(config), Some(identity)));
     }
     Ok((operator_tls(global)?, None))
 }

@@ -228,6 +228,7 @@ fn agent_config(
         server,
         token,
         tls: None,
+        identity: None,
         data_dir,
         node_name: node
             .node_name
@@ -368,6 +369,8 @@ pub struct Running {
 struct ServerTls {
     ca: Arc<dozen_api::tls::Ca>,
     config: Arc<rustls::ServerConfig>,
+    /// Trust in the CA plus this server's certificate, for reaching agents.
+    agent_client: dozen_api::tls::ClientConfig,
 }
 
 fn server_tls(args: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
@@ -399,10 +402,13 @@ fn server_tls(args: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
         .issue_server(&hosts)
         .context("cannot issue this server's certificate")?;
     let config = dozen_api::tls::server_config(&issued.cert_pem, &issued.key_pem, &ca.cert_pem)?;
+    let agent_client =
+        dozen_api::tls::client_config(&ca.cert_pem, Some((&issued.cert_pem, &issued.key_pem)))?;
     tracing::info!(names = %hosts.join(","), serial = %issued.serial, "serving the API over TLS");
     Ok(Some(ServerTls {
         ca: Arc::new(ca),
         config,
+        agent_client,
     }))
 }
 
@@ -462,6 +468,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     }
     .into();
     state.ca = tls.as_ref().map(|t| t.ca.clone());
+    state.agent_tls = tls.as_ref().map(|t| t.agent_client.clone());
     let state = Arc::new(state);
     let local = if address.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], address.port()))
@@ -571,6 +578,7 @@ fn token_for(global: &Global, token_file: &Option<PathBuf>, what: &str) -> anyho
 struct NodeCredentials {
     token: String,
     tls: Option<dozen_api::tls::ClientConfig>,
+    identity: Option<dozen_api::tls::NodeIdentity>,
     certified_name: Option<String>,
 }
 
@@ -579,7 +587,11 @@ fn node_credentials(
     token_file: &Option<PathBuf>,
     what: &str,
 ) -> anyhow::Result<NodeCredentials> {
-    let (tls, certified_name) = crate::identity::node_tls(global)?;
+    let (tls, identity) = crate::identity::node_tls(global)?;
+    let certified_name = identity
+        .as_ref()
+        .and_then(|id| dozen_api::tls::peer_identity_pem(&id.cert_pem))
+        .map(|id| id.name);
     let token = match (&certified_name, token_for(global, token_file, what)) {
         (_, Ok(token)) => token,
         (Some(_), Err(_)) => String::new(),
@@ -597,6 +609,7 @@ fn node_credentials(
     Ok(NodeCredentials {
         token,
         tls,
+        identity,
         certified_name,
     })
 }
@@ -678,5 +691,6 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
         global.data_dir.join("agent"),
     )?;
     config.tls = credentials.tls;
+    config.identity = credentials.identity;
     dozen_agent::run(config, shutdown_signal()).await
 }

@@ -2,7 +2,8 @@
 //! two agent nodes (each with its proxy), every one a container of a `FROM scratch` image.
 //! dozen is built statically for it; etcd is Debian's binary with the libraries `ldd` lists.
 //!
-//! The demo stack is applied across the nodes; every route is read through the proxy of each
+//! The API is served over TLS: servers hold the cluster CA, nodes join with one-time tokens
+//! and then speak with their own certificates. The demo stack is applied across the nodes; every route is read through the proxy of each
 //! node and the logs of every service through the servers; then the leading server is killed
 //! and a scale request made after the kill must complete on the other one.
 //!
@@ -49,6 +50,8 @@ struct Cluster {
     network: String,
     containers: Vec<String>,
     token: String,
+    /// Host directory with the cluster CA (`ca.crt`, `ca.key`) and the nodes' data dirs.
+    work: tempfile::TempDir,
 }
 
 impl Drop for Cluster {
@@ -77,14 +80,39 @@ impl Cluster {
 
     fn start(&mut self, name: &str, ip: u8, image: &str, env: &[(&str, &str)], args: &[&str]) {
         let container = format!("{}-{name}", self.prefix);
+        self.run_container(&container, ip, image, env, &["-d"], args);
+        self.containers.push(container);
+    }
+
+    /// Runs a container to its end (`docker run --rm`), e.g. a `dozen node join`.
+    fn run_once(&self, name: &str, ip: u8, mounts: &[String], args: &[&str]) {
+        let container = format!("{}-{name}", self.prefix);
+        let mut extra = vec!["--rm"];
+        for m in mounts {
+            extra.extend(["-v", m.as_str()]);
+        }
+        self.run_container(&container, ip, "dozen-test/dozen:latest", &[], &extra, args);
+    }
+
+    fn run_container(
+        &self,
+        container: &str,
+        ip: u8,
+        image: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+        args: &[&str],
+    ) {
         let ip = self.ip(ip);
         let mut cmd: Vec<String> = vec![
             "run".into(),
-            "-d".into(),
             "--name".into(),
-            container.clone(),
+            container.to_string(),
             "--hostname".into(),
-            name.into(),
+            container
+                .strip_prefix(&format!("{}-", self.prefix))
+                .unwrap_or(container)
+                .to_string(),
             "--network".into(),
             self.network.clone(),
             "--ip".into(),
@@ -94,21 +122,28 @@ impl Cluster {
             cmd.push("-e".into());
             cmd.push(format!("{k}={v}"));
         }
+        cmd.extend(extra.iter().map(|a| a.to_string()));
         cmd.push(image.into());
         cmd.extend(args.iter().map(|a| a.to_string()));
         let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
         docker(&refs);
-        self.containers.push(container);
     }
 
     fn servers(&self) -> String {
-        format!("http://{}:7700,http://{}:7700", self.ip(21), self.ip(22))
+        format!("https://{}:7700,https://{}:7700", self.ip(21), self.ip(22))
     }
 
-    /// Runs the host's dozen CLI against `server`.
+    fn ca_dir(&self) -> PathBuf {
+        self.work.path().join("ca")
+    }
+
+    /// Runs the host's dozen CLI against `server`, trusting the cluster CA.
     fn cli(&self, server: &str, args: &[&str]) -> Output {
         run(Command::new(env!("CARGO_BIN_EXE_dozen"))
             .args(["--server", server])
+            .arg("--ca")
+            .arg(self.ca_dir().join("ca.crt"))
+            .env("DOZEN_CONFIG", self.work.path().join("contexts.json"))
             .args(args)
             .env("DOZEN_TOKEN", &self.token)
             .env_remove("DOZEN_DATA_DIR")
@@ -273,7 +308,19 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
         network,
         containers: Vec::new(),
         token,
+        work: tempfile::tempdir().unwrap(),
     };
+    // The cluster CA, made on the operator's machine and given to the servers.
+    let made = cluster.cli(
+        "https://unused:1",
+        &[
+            "ca",
+            "init",
+            "--dir",
+            &cluster.ca_dir().display().to_string(),
+        ],
+    );
+    assert!(made.status.success(), "ca init: {made:?}");
 
     // etcd: three members, timeouts relaxed for 2 cores.
     let initial: Vec<String> = (0..3)
@@ -322,16 +369,25 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
         cluster.ip(13)
     );
 
-    // Two servers. etcd's shortest lease here is 3 s (1.5 election timeouts).
+    // Two servers over TLS, each given the CA directory. etcd's shortest lease here is 3 s
+    // (1.5 election timeouts).
     let token = cluster.token.clone();
+    let ca_mount = format!("{}:/ca:ro", cluster.ca_dir().display());
     for (i, ip) in [(1, 21u8), (2, 22u8)] {
-        cluster.start(
-            &format!("server{i}"),
+        let container = format!("{}-server{i}", cluster.prefix);
+        let san = cluster.ip(ip);
+        cluster.run_container(
+            &container,
             ip,
             "dozen-test/dozen:latest",
             &[("DOZEN_TOKEN", &token)],
+            &["-d", "-v", &ca_mount],
             &[
                 "server",
+                "--ca-dir",
+                "/ca",
+                "--tls-san",
+                &san,
                 "--data-dir",
                 "/data",
                 "--store",
@@ -344,16 +400,54 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
                 "3s",
             ],
         );
+        cluster.containers.push(container);
     }
-    // Two nodes, each an agent with its proxy.
     let servers = cluster.servers();
+    eventually(Duration::from_secs(60), "both servers answer", || {
+        [21u8, 22]
+            .iter()
+            .all(|ip| {
+                let url = format!("https://{}:7700", cluster.ip(*ip));
+                cluster.json(&url, &["cluster"]).is_some()
+            })
+            .then_some(())
+    });
+    // Two nodes: each joins with a one-time token (its key never leaves it), then runs an
+    // agent with its proxy on its certificate alone: no operator token inside.
     for (i, ip) in [(1, 31u8), (2, 32u8)] {
         let advertise = cluster.ip(ip);
-        cluster.start(
-            &format!("node{i}"),
+        let node_data = cluster.work.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&node_data).unwrap();
+        let mount = format!("{}:/data", node_data.display());
+        let token = cluster
+            .json(&servers, &["node", "token"])
+            .expect("join token");
+        cluster.run_once(
+            &format!("join{i}"),
+            ip + 10,
+            std::slice::from_ref(&mount),
+            &[
+                "--server",
+                &servers,
+                "--data-dir",
+                "/data",
+                "node",
+                "join",
+                "--token",
+                token["token"].as_str().unwrap(),
+                "--ca-hash",
+                token["ca_hash"].as_str().unwrap(),
+                "--node-name",
+                &format!("node{i}"),
+            ],
+        );
+        let container = format!("{}-node{i}", cluster.prefix);
+        cluster.run_container(
+            &container,
             ip,
             "dozen-test/dozen:latest",
-            &[("DOZEN_TOKEN", &token)],
+            &[],
+            &["-d", "-v", &mount],
             &[
                 "--server",
                 &servers,
@@ -375,6 +469,7 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
                 "20000-20999",
             ],
         );
+        cluster.containers.push(container);
     }
     eventually(Duration::from_secs(90), "both nodes registered", || {
         let nodes = cluster.json(&servers, &["nodes"])?;
@@ -474,13 +569,13 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
     // Kill the leading server; a scale request made after the kill completes on the other.
     let (leader_container, survivor) = eventually(Duration::from_secs(30), "a leader", || {
         for (i, ip) in [(1, 21u8), (2, 22u8)] {
-            let url = format!("http://{}:7700", cluster.ip(ip));
+            let url = format!("https://{}:7700", cluster.ip(ip));
             let info = cluster.json(&url, &["cluster"])?;
             if info["leader"] == info["server"] {
                 let other = if ip == 21 { 22 } else { 21 };
                 return Some((
                     format!("{}-server{i}", cluster.prefix),
-                    format!("http://{}:7700", cluster.ip(other)),
+                    format!("https://{}:7700", cluster.ip(other)),
                 ));
             }
         }
