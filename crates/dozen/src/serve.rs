@@ -653,6 +653,13 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
 
 pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
     let credentials = node_credentials(global, &args.token_file, "agent")?;
+    if credentials.identity.is_none() && !args.node.agent_listen.ip().is_loopback() {
+        bail!(
+            "--agent-listen {}: without a node certificate the agent's log API is plain HTTP, \
+             which is only for loopback; join the cluster first (`dozen node join`)",
+            args.node.agent_listen
+        );
+    }
     let mut node = args.node.clone();
     node.node_name = Some(node_name(&node.node_name, &credentials)?);
     if args.with_proxy {

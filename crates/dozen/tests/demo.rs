@@ -20,6 +20,15 @@ fn demo_stack() -> String {
         .replace("./target/release/dozen-demo", DEMO)
 }
 
+/// `dozen up`'s own output, kept for the failure messages.
+fn up_log(d: &Dozen) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.dir.path().join("up.log"))
+        .expect("up.log")
+}
+
 fn start_up(d: &Dozen) -> Child {
     Command::new(DOZEN)
         .args(["up", "-f", "dozen.toml", "--node-name", "node-a"])
@@ -35,9 +44,10 @@ fn start_up(d: &Dozen) -> Child {
         ])
         .current_dir(d.dir.path())
         .env("DOZEN_DATA_DIR", d.data_dir())
+        .env("DOZEN_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(up_log(d))
+        .stderr(up_log(d))
         .spawn()
         .expect("spawn dozen up")
 }
@@ -126,6 +136,7 @@ fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
         .collect::<String>();
     assert!(
         orders_log.contains("stopped after serving"),
-        "graceful SIGTERM: {orders_log}"
+        "graceful SIGTERM: {orders_log}\n--- dozen up:\n{}",
+        std::fs::read_to_string(d.dir.path().join("up.log")).unwrap_or_default()
     );
 }

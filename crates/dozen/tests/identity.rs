@@ -331,6 +331,24 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // So is an agent that would serve logs off loopback without a node certificate.
+    let out = site.run(&[
+        "--server",
+        "http://127.0.0.1:1",
+        "--token",
+        "some-token-0123456789abcdef",
+        "--data-dir",
+        site.path("plain-agent").to_str().unwrap(),
+        "agent",
+        "--agent-listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("join the cluster first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -454,3 +454,87 @@ impl Drop for Dozen {
         }
     }
 }
+
+/// A 3-member etcd cluster on loopback (Debian's `etcd-server`; `DOZEN_ETCD_BIN` overrides),
+/// with timeouts relaxed for a 2-core machine. Killed when dropped.
+pub struct EtcdCluster {
+    pub members: Vec<Child>,
+    /// `http://127.0.0.1:PORT`, one per member.
+    pub endpoints: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+}
+
+impl EtcdCluster {
+    /// Starts the members (not waiting for a leader). Without an etcd binary: panics in CI,
+    /// and elsewhere says it skips and returns `None`.
+    pub fn start() -> Option<EtcdCluster> {
+        let bin = std::env::var("DOZEN_ETCD_BIN").ok().or_else(|| {
+            ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .map(String::from)
+        });
+        let Some(bin) = bin else {
+            if std::env::var_os("CI").is_some() {
+                panic!("etcd is not installed: CI must install etcd-server (see .ci/run)");
+            }
+            eprintln!("SKIPPED: no etcd binary (install etcd-server or set DOZEN_ETCD_BIN)");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let data = dir.path().join(format!("m{i}"));
+            let child = Command::new(&bin)
+                .args(["--name", &format!("m{i}")])
+                .args(["--data-dir", &data.display().to_string()])
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--heartbeat-interval", "200", "--election-timeout", "2000"])
+                .args(["--log-level", "error"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start etcd");
+            members.push(child);
+        }
+        let endpoints = ports
+            .iter()
+            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+            .collect();
+        Some(EtcdCluster {
+            members,
+            endpoints,
+            _dir: dir,
+        })
+    }
+}
