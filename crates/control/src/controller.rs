@@ -90,7 +90,11 @@ impl Controller {
                         continue;
                     }
                 };
-            match self.lead(&leadership).await {
+            let outcome = self.lead(&leadership).await;
+            // Whatever ended the term, end the lease with it: no keep-alive left behind, and
+            // the key free for whoever campaigns first (this server too).
+            leadership.resign(self.store.as_ref()).await;
+            match outcome {
                 Err(ControlError::LostLeadership) => {
                     tracing::warn!("controller lost leadership; campaigning again");
                 }

@@ -38,6 +38,15 @@ impl Leadership {
         self.lost.load(Ordering::SeqCst)
     }
 
+    /// Gives leadership up: stops refreshing the lease and revokes it, so the leader key goes
+    /// at once and another server can win without waiting for the lease to run out.
+    pub async fn resign(&self, store: &dyn Store) {
+        self.lost.store(true, Ordering::SeqCst);
+        if let Err(e) = store.revoke_lease(self.lease).await {
+            tracing::debug!(error = %e, "leader lease already gone");
+        }
+    }
+
     /// Runs a fenced transaction. `Ok(false)` means the other compares failed; losing the
     /// fence is `Err(LostLeadership)`.
     pub async fn txn(&self, store: &dyn Store, mut txn: Txn) -> Result<bool> {
@@ -118,10 +127,27 @@ async fn keep_leading(store: Arc<dyn Store>, leadership: Leadership, ttl: Durati
     let mut tick = tokio::time::interval(ttl / 3);
     loop {
         tick.tick().await;
+        if leadership.is_lost() {
+            return;
+        }
         if let Err(e) = store.keep_alive(leadership.lease).await {
             tracing::warn!(error = %e, "lost controller leadership");
             leadership.lost.store(true, Ordering::SeqCst);
             return;
+        }
+    }
+}
+
+/// Called when a server shuts down: if it leads, it resigns, so another server takes over at
+/// once instead of after the lease's time to live.
+pub async fn resign_if_leading(store: &dyn Store, server_id: &str) {
+    let Ok(Some(kv)) = store.get(&leader_key()).await else {
+        return;
+    };
+    if kv.value == server_id.as_bytes() {
+        if let Some(lease) = kv.lease {
+            let _ = store.revoke_lease(lease).await;
+            tracing::info!(server = server_id, "resigned controller leadership");
         }
     }
 }

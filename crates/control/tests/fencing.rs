@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dozen_control::leader::{campaign, leader_key};
+use dozen_control::leader::{campaign, leader_key, resign_if_leading};
 use dozen_control::ControlError;
 use dozen_store::{Op, Store, Txn};
 
@@ -41,11 +41,49 @@ async fn an_old_leaders_late_write_fails(store: Arc<dyn Store>) {
     assert_eq!(store.get(PROBE).await.unwrap().unwrap().value, b"b1");
 }
 
+/// A server shutting down hands over at once, long before its lease would run out.
+async fn a_resigning_leader_hands_over_at_once(store: Arc<dyn Store>) {
+    let long = Duration::from_secs(60);
+    let a = campaign(store.clone(), "server-a", long).await.unwrap();
+    resign_if_leading(store.as_ref(), "server-b").await;
+    assert_eq!(
+        store.get(&leader_key()).await.unwrap().unwrap().value,
+        b"server-a",
+        "only the leader itself resigns"
+    );
+    resign_if_leading(store.as_ref(), "server-a").await;
+    let b = tokio::time::timeout(
+        Duration::from_secs(10),
+        campaign(store.clone(), "server-b", long),
+    )
+    .await
+    .expect("B takes over without waiting for A's 60 s lease")
+    .unwrap();
+    assert!(b.revision > a.revision);
+    let late = a
+        .txn(
+            store.as_ref(),
+            Txn::new().then(Op::put(PROBE, b"a".to_vec())),
+        )
+        .await;
+    assert!(
+        matches!(late, Err(ControlError::LostLeadership)),
+        "{late:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = dozen_store::embedded::EmbeddedStore::open(dir.path()).unwrap();
     an_old_leaders_late_write_fails(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dozen_store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+    a_resigning_leader_hands_over_at_once(Arc::new(store)).await;
 }
 
 #[cfg(feature = "etcd")]
@@ -67,5 +105,9 @@ async fn fencing_on_etcd() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    an_old_leaders_late_write_fails(Arc::new(store)).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    an_old_leaders_late_write_fails(store.clone()).await;
+    // A fresh key for the next scenario: B resigns first.
+    resign_if_leading(store.as_ref(), "server-b").await;
+    a_resigning_leader_hands_over_at_once(store).await;
 }

@@ -363,6 +363,8 @@ pub struct Running {
     /// The in-process proxy's public URL.
     pub proxy_url: Option<String>,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
+    store: Arc<dyn Store>,
+    server_id: String,
 }
 
 /// The server's side of TLS: the CA it signs with, and its own serving configuration.
@@ -542,6 +544,8 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         token,
         api,
         proxy_url,
+        store,
+        server_id,
     })
 }
 
@@ -550,6 +554,8 @@ pub async fn server(global: &Global, args: ServerArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = shutdown_signal() => {
             tracing::info!("shutting down; tasks keep running (use `dozen down` to stop them)");
+            dozen_control::leader::resign_if_leading(running.store.as_ref(), &running.server_id)
+                .await;
         }
         r = running.api => {
             if let Ok(Err(e)) = r {
