@@ -598,9 +598,18 @@ impl Runner {
                     return;
                 }
                 Some(a) if a.desired == DesiredState::Stop => {
+                    let generation = a.generation;
                     self.record.assignment = a;
                     self.stop_now("told to stop").await;
-                    if !self.status.state.is_terminal() {
+                    // A generation that never started here (say, assigned while this agent
+                    // was down) is reported stopped in its own name, or the controller would
+                    // wait for it forever.
+                    if self.status.generation != generation {
+                        if self.generation != Some(generation) {
+                            self.generation = None;
+                        }
+                        self.set(TaskState::Stopped, false, None);
+                    } else if !self.status.state.is_terminal() {
                         self.set(TaskState::Stopped, false, None);
                     }
                     if self.rx.changed().await.is_err() {
@@ -618,8 +627,12 @@ impl Runner {
                         if !self.supervise().await {
                             return;
                         }
-                    } else if self.generation == Some(generation) {
-                        // This generation ran and ended; the controller decides what is next.
+                    } else if self.generation == Some(generation)
+                        || self.record.assignment.desired == DesiredState::Drain
+                    {
+                        // This generation ran and ended, or it is leaving service before it
+                        // started (drained during its crash backoff): the controller decides
+                        // what is next.
                         if self.rx.changed().await.is_err() {
                             return;
                         }
