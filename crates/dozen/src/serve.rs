@@ -252,6 +252,27 @@ fn agent_config(
     })
 }
 
+/// Binds the proxy's public and internal listeners, naming the flags when that fails.
+async fn bind_proxy(listen: &ProxyListenArgs) -> anyhow::Result<dozen_proxy::Listeners> {
+    dozen_proxy::Listeners::bind(listen.proxy_listen, listen.proxy_internal_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} / {} for the proxy (--proxy-listen, --proxy-internal-listen)",
+                listen.proxy_listen, listen.proxy_internal_listen
+            )
+        })
+}
+
+/// Where this process reaches a listener of its own: loopback when it listens everywhere.
+fn reachable(address: SocketAddr) -> SocketAddr {
+    if address.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], address.port()))
+    } else {
+        address
+    }
+}
+
 /// Opens the store `--store` names.
 async fn open_store(data: &Path, args: &ServerArgs) -> anyhow::Result<Arc<dyn Store>> {
     let spec = args.store.trim();
@@ -472,11 +493,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     state.ca = tls.as_ref().map(|t| t.ca.clone());
     state.agent_tls = tls.as_ref().map(|t| t.agent_client.clone());
     let state = Arc::new(state);
-    let local = if address.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], address.port()))
-    } else {
-        address
-    };
+    let local = reachable(address);
     let (url, client_tls, api) = match &tls {
         Some(t) => (
             format!("https://{local}"),
@@ -497,22 +514,14 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let mut node = args.agent.clone();
     let mut proxy_url = None;
     if !args.no_proxy {
-        let listeners = dozen_proxy::Listeners::bind(
-            args.proxy.proxy_listen,
-            args.proxy.proxy_internal_listen,
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} / {} for the proxy (--proxy-listen, --proxy-internal-listen, or --no-proxy)",
-                args.proxy.proxy_listen, args.proxy.proxy_internal_listen
-            )
-        })?;
+        let listeners = bind_proxy(&args.proxy)
+            .await
+            .context("or run without a proxy: --no-proxy")?;
         let public = listeners.public.local_addr()?;
         let internal = listeners.internal.local_addr()?;
         proxy_url = Some(format!("http://{public}"));
         // Tasks on this node reach other services through this proxy.
-        node.proxy_internal_url = format!("http://{internal}");
+        node.proxy_internal_url = format!("http://{}", reachable(internal));
         let config = dozen_proxy::ProxyConfig {
             id: node
                 .node_name
@@ -635,15 +644,7 @@ fn node_name(given: &Option<String>, credentials: &NodeCredentials) -> anyhow::R
 pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
     let credentials = node_credentials(global, &args.token_file, "proxy")?;
     let id = node_name(&args.id, &credentials)?;
-    let listeners =
-        dozen_proxy::Listeners::bind(args.listen.proxy_listen, args.listen.proxy_internal_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {} / {} (--proxy-listen, --proxy-internal-listen)",
-                    args.listen.proxy_listen, args.listen.proxy_internal_listen
-                )
-            })?;
+    let listeners = bind_proxy(&args.listen).await?;
     let config = dozen_proxy::ProxyConfig {
         id,
         server: global.server().to_string(),
@@ -669,21 +670,8 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
     let mut node = args.node.clone();
     node.node_name = Some(node_name(&node.node_name, &credentials)?);
     if args.with_proxy {
-        let listeners =
-            dozen_proxy::Listeners::bind(args.proxy.proxy_listen, args.proxy.proxy_internal_listen)
-                .await
-                .with_context(|| {
-                    format!(
-                "cannot listen on {} / {} for the proxy (--proxy-listen, --proxy-internal-listen)",
-                args.proxy.proxy_listen, args.proxy.proxy_internal_listen
-            )
-                })?;
-        let internal = listeners.internal.local_addr()?;
-        node.proxy_internal_url = if internal.ip().is_unspecified() {
-            format!("http://127.0.0.1:{}", internal.port())
-        } else {
-            format!("http://{internal}")
-        };
+        let listeners = bind_proxy(&args.proxy).await?;
+        node.proxy_internal_url = format!("http://{}", reachable(listeners.internal.local_addr()?));
         let config = dozen_proxy::ProxyConfig {
             id: node.node_name.clone().unwrap_or_default(),
             server: global.server().to_string(),
