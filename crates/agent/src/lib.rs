@@ -774,6 +774,8 @@ impl Runner {
                 uid,
                 gid,
                 cgroup_procs,
+                linger_ms: Some(a.spec.stop_timeout_ms),
+                stop_signal: os::signal_number(&a.spec.stop_signal),
             },
         };
         self.shared

@@ -41,7 +41,20 @@ pub struct Launch {
     pub gid: Option<u32>,
     /// `cgroup.procs` files the task joins before it execs (the shim stays outside).
     pub cgroup_procs: Vec<PathBuf>,
+    /// When the task itself exits, what it started is stopped like a task: `stop_signal`,
+    /// then SIGKILL once `linger_ms` (its stop timeout) is over. So a shell-form command's
+    /// `sh`, which dies at once on SIGTERM, does not cut short the graceful shutdown of the
+    /// program it started; and children left behind by a crash are not left running.
+    #[serde(default)]
+    pub linger_ms: Option<u64>,
+    #[serde(default)]
+    pub stop_signal: Option<i32>,
 }
+
+/// How long the rest of a task's process group may linger when the launch does not say.
+const DEFAULT_LINGER: Duration = Duration::from_secs(2);
+/// After the final SIGKILL, how long the pipes get to close.
+const FINAL_DRAIN: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExitRecord {
@@ -254,14 +267,27 @@ pub fn main(dir: &Path) -> i32 {
     // Everything is set up: give back the code pages start-up touched.
     os::trim_clean_file_pages();
     let status = child.wait();
-    // Whatever the task started dies with it: an orphan would keep its port and our pipes.
-    let _ = os::kill_group(child.id(), libc::SIGKILL);
-    // The pipes close when the task exits, unless something it started keeps them open:
-    // then do not wait for that forever.
-    for _ in 0..readers {
-        if done_rx.recv_timeout(Duration::from_secs(2)).is_err() {
+    // What the task started is stopped as the task would be (as systemd does with a unit's
+    // control group), and the pipes close once every process holding them has exited: until
+    // then the last lines may still come, so wait, within the linger time.
+    let _ = os::kill_group(child.id(), launch.stop_signal.unwrap_or(libc::SIGTERM));
+    let linger = launch
+        .linger_ms
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_LINGER);
+    let deadline = std::time::Instant::now() + linger;
+    let mut open_pipes = readers;
+    while open_pipes > 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
             break;
         }
+        open_pipes -= 1;
+    }
+    // Whatever the task started dies with it: an orphan would keep its port and our pipes.
+    let _ = os::kill_group(child.id(), libc::SIGKILL);
+    while open_pipes > 0 && done_rx.recv_timeout(FINAL_DRAIN).is_ok() {
+        open_pipes -= 1;
     }
     if let Ok(mut s) = sink.lock() {
         s.flush();

@@ -132,7 +132,14 @@ fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("orders-"))
-        .map(|e| std::fs::read_to_string(e.path().join("output.log")).unwrap_or_default())
+        .map(|e| {
+            // The exit record too: it tells a graceful exit from a kill when the line is missing.
+            format!(
+                "{}--- exit: {}\n",
+                std::fs::read_to_string(e.path().join("output.log")).unwrap_or_default(),
+                std::fs::read_to_string(e.path().join("exit.json")).unwrap_or_default()
+            )
+        })
         .collect::<String>();
     assert!(
         orders_log.contains("stopped after serving"),

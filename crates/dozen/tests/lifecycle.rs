@@ -455,3 +455,31 @@ port = false
         "consecutive lines, in order, as they are written: {numbers:?}"
     );
 }
+
+#[test]
+fn a_shell_form_programs_graceful_stop_is_not_cut_short() {
+    // The task's own process is `sh`, which dies at once on SIGTERM; the program it started
+    // takes half a second to say goodbye, well within its stop timeout.
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        r#"
+name = "grace"
+[services.polite]
+command = """sh -c 'trap "sleep 0.5; echo said goodbye; exit 0" TERM; echo ready; while true; do sleep 0.1; done'"""
+port = false
+stop_timeout = "10s"
+"#,
+    );
+    d.ok(&["apply"]);
+    eventually(Duration::from_secs(20), "the program is ready", || {
+        d.ok(&["logs", "polite"]).contains("ready").then_some(())
+    });
+    d.ok(&["stop", "polite"]);
+    eventually(Duration::from_secs(20), "its goodbye in the log", || {
+        d.ok(&["logs", "polite"])
+            .contains("said goodbye")
+            .then_some(())
+    });
+}
