@@ -48,6 +48,9 @@ pub struct Client {
     current: Arc<AtomicUsize>,
     token: String,
     http: reqwest::Client,
+    /// Why the HTTP client could not be built as asked; every call reports it rather than
+    /// going out without the TLS it was given.
+    broken: Option<Arc<str>>,
 }
 
 impl Client {
@@ -64,7 +67,13 @@ impl Client {
         if let Some(tls) = tls {
             builder = builder.use_preconfigured_tls(tls);
         }
-        let http = builder.build().unwrap_or_default();
+        let (http, broken) = match builder.build() {
+            Ok(http) => (http, None),
+            Err(e) => {
+                tracing::error!(error = %root_cause(&e), "cannot build the HTTP client");
+                (reqwest::Client::new(), Some(Arc::from(root_cause(&e))))
+            }
+        };
         let bases: Vec<String> = servers
             .split(',')
             .map(|b| b.trim().trim_end_matches('/').to_string())
@@ -75,6 +84,7 @@ impl Client {
             current: Arc::new(AtomicUsize::new(0)),
             token: token.to_string(),
             http,
+            broken,
         }
     }
 
@@ -95,6 +105,12 @@ impl Client {
         build: impl Fn(&str) -> reqwest::RequestBuilder,
         path: &str,
     ) -> Result<reqwest::Response, ApiError> {
+        if let Some(why) = &self.broken {
+            return Err(ApiError::Unreachable {
+                url: self.url(path),
+                detail: format!("cannot set up the HTTP client: {why}"),
+            });
+        }
         let first = self.current.load(Ordering::Relaxed);
         let count = self.bases.len().max(1);
         let mut attempt = 0;

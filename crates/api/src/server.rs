@@ -159,7 +159,9 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
+    let mut request = request;
     if token_matches(given.as_bytes(), state.token.as_bytes()) {
+        request.extensions_mut().insert(Caller::Operator);
         return next.run(request).await;
     }
     let connection = request.extensions().get::<ConnectionInfo>().cloned();
@@ -170,7 +172,12 @@ async fn authenticate(
     {
         let path = request.uri().path().to_string();
         return match node_may(&state, node, request.method(), &path).await {
-            Ok(()) => next.run(request).await,
+            Ok(()) => {
+                request
+                    .extensions_mut()
+                    .insert(Caller::Node(node.name.clone()));
+                next.run(request).await
+            }
             Err(reason) => {
                 tracing::warn!(
                     node = %node.name,
@@ -197,6 +204,15 @@ async fn authenticate(
     )
 }
 
+/// Who a request comes from, as [`authenticate`] established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Showed the API token.
+    Operator,
+    /// Showed a node certificate (and no token) naming this node.
+    Node(String),
+}
+
 /// What a node's certificate allows: acting as that node (and its proxy), reading routes,
 /// blobs and cluster facts; never as another node or as an operator. A revoked certificate
 /// allows nothing, and neither does one whose revocation cannot be checked.
@@ -216,20 +232,35 @@ async fn node_may(
         }
         Err(e) => return Err(format!("cannot check revocation now: {e}")),
     }
-    let acts_as_itself = |prefix: &str| {
-        path.strip_prefix(prefix)
-            .and_then(|rest| rest.split('/').next())
-            .is_some_and(|name| name == node.name)
-    };
-    let reads = method == axum::http::Method::GET
-        && (path == "/v1/routes" || path == "/v1/cluster" || path.starts_with("/v1/blobs/"));
-    if acts_as_itself("/v1/nodes/") || acts_as_itself("/v1/proxies/") || reads {
+    if node_route_allowed(&node.name, method, path) {
         Ok(())
     } else {
         Err(format!(
-            "a node certificate (`{}`) may act only as that node; `{path}` needs an operator token",
+            "a node certificate (`{}`) may act only as that node; {method} {path} needs an \
+             operator token",
             node.name
         ))
+    }
+}
+
+/// The routes a node certificate opens, each named with its method: a list, not a prefix, so
+/// a route added later is closed to nodes until it is added here.
+fn node_route_allowed(node: &str, method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    let segments: Vec<&str> = match path.strip_prefix('/') {
+        Some(rest) => rest.split('/').collect(),
+        None => return false,
+    };
+    // Raw segments: a name that only matches once percent-decoded does not match, which
+    // refuses rather than allows (node names never contain '%').
+    match (method, segments.as_slice()) {
+        (&Method::POST, ["v1", "nodes", name, "register" | "heartbeat"])
+        | (&Method::GET, ["v1", "nodes", name, "assignments"])
+        | (&Method::PUT, ["v1", "nodes", name, "status"])
+        | (&Method::POST, ["v1", "proxies", name, "register" | "heartbeat"]) => *name == node,
+        (&Method::GET, ["v1", "routes" | "cluster"]) => true,
+        (&Method::GET | &Method::HEAD, ["v1", "blobs", digest]) => !digest.is_empty(),
+        _ => false,
     }
 }
 
@@ -572,6 +603,8 @@ fn check_node_name(node: &str) -> ApiResult<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         || node.contains("..")
+        || node.starts_with(['.', '-'])
+        || node.ends_with(['.', '-'])
     {
         return Err(bad_request(format!(
             "node name `{node}` is not valid: use letters, digits, '-', '_' and '.'"
@@ -583,6 +616,7 @@ fn check_node_name(node: &str) -> ApiResult<()> {
 async fn register(
     State(s): State<Arc<AppState>>,
     Path(node): Path<String>,
+    caller: Option<axum::Extension<Caller>>,
     Json(req): Json<RegisterRequest>,
 ) -> ApiResult<Json<RegisterResponse>> {
     check_node_name(&node)?;
@@ -590,6 +624,16 @@ async fn register(
         return Err(bad_request(format!(
             "node record names `{}` but was sent for `{node}`",
             req.node.name
+        )));
+    }
+    // Servers call this address with their own certificate; only an operator (who holds the
+    // token anyway) may name a plain-HTTP one, which servers call with the token.
+    let by_certificate = matches!(caller.as_deref(), Some(Caller::Node(_)));
+    if by_certificate && !req.node.address.starts_with("https://") {
+        return Err(bad_request(format!(
+            "node `{node}` registered the address `{}`: a node with a certificate serves its \
+             agent API over https://",
+            req.node.address
         )));
     }
     let lease = s.store.grant_lease(s.node_ttl).await?;
@@ -851,9 +895,16 @@ async fn logs(State(s): State<Arc<AppState>>, Query(q): Query<LogQuery>) -> ApiR
         let s = s.clone();
         let q = q.clone();
         tokio::spawn(async move {
-            let url = format!("{}/v1/agent/logs", node.address);
-            let resp = s.http.get(url).bearer_auth(&s.token).query(&q).send().await;
-            let Ok(resp) = resp else { return };
+            let resp = match agent_logs_request(&s, &node).await {
+                Ok(request) => request.query(&q).send().await,
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "cannot follow logs of agent");
+                    return;
+                }
+            };
+            let Ok(resp) = resp.and_then(|r| r.error_for_status()) else {
+                return;
+            };
             let mut stream = resp.bytes_stream();
             // Forward whole lines only, so lines from different agents never interleave.
             let mut pending: Vec<u8> = Vec::new();
@@ -888,39 +939,66 @@ async fn fetch_agent_logs(
     s: &AppState,
     node: &NodeRecord,
     q: &LogQuery,
-) -> Result<Vec<LogLine>, reqwest::Error> {
-    let request = match (node.address.strip_prefix("https://"), &s.agent_tls) {
-        // The agent's certificate names the node: connect to its address, verify that name.
-        (Some(authority), Some(tls)) => {
-            let addr: Option<std::net::SocketAddr> = authority.parse().ok();
-            let mut builder = reqwest::Client::builder()
-                .use_preconfigured_tls(tls.clone())
-                .connect_timeout(Duration::from_secs(3));
-            if let Some(addr) = addr {
-                builder = builder.resolve(&node.name, addr);
-            }
-            let port = addr.map(|a| a.port()).unwrap_or(443);
-            builder
-                .build()?
-                .get(format!("https://{}:{port}/v1/agent/logs", node.name))
-        }
-        _ => s
-            .http
-            .get(format!("{}/v1/agent/logs", node.address))
-            .bearer_auth(&s.token),
-    };
-    let body = request
+) -> Result<Vec<LogLine>, String> {
+    let body = agent_logs_request(s, node)
+        .await?
         .query(q)
         .timeout(Duration::from_secs(10))
         .send()
-        .await?
-        .error_for_status()?
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| e.to_string())?
         .bytes()
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(body
         .split(|b| *b == b'\n')
         .filter_map(|l| serde_json::from_slice(l).ok())
         .collect())
+}
+
+/// A request to an agent's log endpoint. An `https://` agent is reached with this server's
+/// certificate and must show the certificate of the node it registered as; it never gets the
+/// token. A plain-HTTP agent gets the token, and only an operator can have registered one of
+/// those (see [`register`]).
+async fn agent_logs_request(
+    s: &AppState,
+    node: &NodeRecord,
+) -> Result<reqwest::RequestBuilder, String> {
+    let Some(authority) = node.address.strip_prefix("https://") else {
+        return Ok(s
+            .http
+            .get(format!("{}/v1/agent/logs", node.address))
+            .bearer_auth(&s.token));
+    };
+    let Some(tls) = &s.agent_tls else {
+        return Err(format!(
+            "agent address {} is https but this server has no CA (--ca-dir)",
+            node.address
+        ));
+    };
+    let authority = authority.trim_end_matches('/');
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    };
+    let addr = tokio::net::lookup_host(&with_port)
+        .await
+        .map_err(|e| format!("cannot resolve agent address {}: {e}", node.address))?
+        .next()
+        .ok_or_else(|| format!("agent address {} resolves to nothing", node.address))?;
+    let name = crate::tls::node_dns_name(&node.name);
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(tls.clone())
+        .connect_timeout(Duration::from_secs(3))
+        .resolve(&name, addr)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(client.get(format!("https://{name}:{}/v1/agent/logs", addr.port())))
 }
 
 /// The route table, long-polled by proxies: with `after`, the answer waits until something that
@@ -1261,4 +1339,55 @@ async fn revoke_node(
     s.store.txn(txn).await?;
     tracing::warn!(node, serials = %serials.join(","), "node certificates revoked");
     Ok(Json(crate::RevokeResponse { node, serials }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_route_allowed;
+    use axum::http::Method;
+
+    #[test]
+    fn a_node_certificate_opens_only_the_listed_routes_and_only_as_itself() {
+        let allowed = [
+            (Method::POST, "/v1/nodes/n1/register"),
+            (Method::POST, "/v1/nodes/n1/heartbeat"),
+            (Method::GET, "/v1/nodes/n1/assignments"),
+            (Method::PUT, "/v1/nodes/n1/status"),
+            (Method::POST, "/v1/proxies/n1/register"),
+            (Method::POST, "/v1/proxies/n1/heartbeat"),
+            (Method::GET, "/v1/routes"),
+            (Method::GET, "/v1/cluster"),
+            (Method::GET, "/v1/blobs/sha256:ab"),
+            (Method::HEAD, "/v1/blobs/sha256:ab"),
+        ];
+        for (method, path) in &allowed {
+            assert!(node_route_allowed("n1", method, path), "{method} {path}");
+        }
+        let refused = [
+            // Its own revocation, or anything else an operator does under its name.
+            (Method::POST, "/v1/nodes/n1/revoke"),
+            (Method::DELETE, "/v1/nodes/n1"),
+            (Method::GET, "/v1/nodes/n1"),
+            (Method::GET, "/v1/nodes/n1/assignments/extra"),
+            (Method::PUT, "/v1/nodes/n1/register"),
+            // Another node.
+            (Method::POST, "/v1/nodes/n2/register"),
+            (Method::GET, "/v1/nodes/n2/assignments"),
+            (Method::POST, "/v1/proxies/n2/heartbeat"),
+            (Method::POST, "/v1/nodes/n1%2f../n2/register"),
+            // Operator routes.
+            (Method::GET, "/v1/nodes"),
+            (Method::POST, "/v1/apply"),
+            (Method::POST, "/v1/join-tokens"),
+            (Method::GET, "/v1/logs"),
+            (Method::GET, "/v1/tasks"),
+            (Method::PUT, "/v1/blobs/sha256:ab"),
+            (Method::GET, "/v1/blobs/"),
+            (Method::GET, "/v1/routes/x"),
+            (Method::GET, "v1/routes"),
+        ];
+        for (method, path) in &refused {
+            assert!(!node_route_allowed("n1", method, path), "{method} {path}");
+        }
+    }
 }

@@ -6,6 +6,10 @@
 //! to every server) so they can issue their own serving certificate at start and sign the
 //! certificate requests of joining nodes. A node's private key never leaves the node: it sends
 //! a certificate request and gets back a certificate naming it (CN = node name).
+//!
+//! A node certificate can never pass for a server's: its one DNS name is
+//! `<node>.node.dozen.invalid` (a name no resolver answers and no operator types), and every
+//! client of the API also requires the server's common name, `dozen server`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -109,7 +113,8 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = now + time::Duration::days(days);
 }
 
-/// Writes `content` to `path` with `mode`, through a temporary file and a rename.
+/// Writes `content` to `path` with `mode`, through a temporary file of its own (created anew,
+/// so the mode holds even where an earlier run left one) and a rename.
 fn write_file(path: &Path, content: &str, mode: u32) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -117,17 +122,25 @@ fn write_file(path: &Path, content: &str, mode: u32) -> Result<(), TlsError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(content.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", random_hex(6).map_err(err)?));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(content.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }
 
 fn read_file(path: &Path) -> Result<String, TlsError> {
@@ -226,15 +239,15 @@ impl Ca {
     }
 
     /// Signs a node's certificate request: the certificate names `node` whatever the request
-    /// asked for (as its common name and its one DNS name: servers reach the agent's log
-    /// endpoint under that name).
+    /// asked for, as its common name and as its one DNS name, [`node_dns_name`] (servers reach
+    /// the agent's log endpoint under that name).
     pub fn sign_node(&self, csr_pem: &str, node: &str) -> Result<Issued, TlsError> {
         if node == SERVER_CN {
             return Err(invalid("node name")(format!("`{node}` is reserved")));
         }
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| invalid("certificate request")(e.to_string()))?;
-        let mut params = CertificateParams::new(vec![node.to_string()])
+        let mut params = CertificateParams::new(vec![node_dns_name(node)])
             .map_err(|e| invalid("node name")(e.to_string()))?;
         params.distinguished_name.push(DnType::CommonName, node);
         params.extended_key_usages = vec![
@@ -257,12 +270,22 @@ impl Ca {
     }
 }
 
-/// `sha256:<hex>` of the first certificate in `cert_pem`.
+/// The DNS name in a node's certificate, under which servers reach its agent.
+pub fn node_dns_name(node: &str) -> String {
+    format!("{node}.node.dozen.invalid")
+}
+
+/// `sha256:<hex>` of the one certificate in `cert_pem`. More than one is refused: a pin on
+/// the first would otherwise let the others ride along into the trust store.
 pub fn fingerprint(cert_pem: &str) -> Result<String, TlsError> {
-    let der = certs(cert_pem, "CA certificate")?
-        .into_iter()
-        .next()
-        .ok_or_else(|| invalid("CA certificate")("no certificate in it".into()))?;
+    let mut all = certs(cert_pem, "CA certificate")?;
+    if all.len() != 1 {
+        return Err(invalid("CA certificate")(format!(
+            "holds {} certificates; a cluster CA is exactly one",
+            all.len()
+        )));
+    }
+    let der = all.remove(0);
     let digest = Sha256::digest(der.as_ref());
     Ok(format!(
         "sha256:{}",
@@ -343,27 +366,108 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// A client's TLS: trust only the cluster CA; present `identity` (cert PEM, key PEM) when
-/// given (nodes do; operators use a token).
+/// A client of the API: trust only the cluster CA, and only a certificate whose common name
+/// is [`SERVER_CN`] (a node's certificate is signed by the same CA but is no server). Present
+/// `identity` (cert PEM, key PEM) when given (nodes do; operators use a token).
 pub fn client_config(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| invalid("server certificate verifier")(e.to_string()))?;
+    let verifier = Arc::new(ServerOnly { webpki });
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("TLS versions")(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    finish_client(builder, identity)
+}
+
+/// A server reaching an agent: trust only the cluster CA; the name it connects under
+/// ([`node_dns_name`]) picks the node. Presents the server's own certificate.
+pub fn agent_client_config(
+    ca_pem: &str,
+    identity: (&str, &str),
 ) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid("TLS versions")(e.to_string()))?
         .with_root_certificates(roots(ca_pem)?);
+    finish_client(builder, Some(identity))
+}
+
+fn finish_client(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    identity: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut config = match identity {
         Some((cert, key)) => builder
-            .with_client_auth_cert(
-                certs(cert, "node certificate")?,
-                private_key(key, "node key")?,
-            )
-            .map_err(|e| invalid("node certificate")(e.to_string()))?,
+            .with_client_auth_cert(certs(cert, "certificate")?, private_key(key, "key")?)
+            .map_err(|e| invalid("client certificate")(e.to_string()))?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// The usual WebPKI checks against the cluster CA, then: the certificate is a server's.
+#[derive(Debug)]
+struct ServerOnly {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match peer_identity(end_entity.as_ref()) {
+            Some(id) if id.name == SERVER_CN => Ok(verified),
+            other => Err(rustls::Error::General(format!(
+                "the certificate at {} names `{}`, not a dozen server",
+                server_name.to_str(),
+                other.map(|id| id.name).unwrap_or_default()
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 /// Whom a verified client certificate names.
@@ -458,6 +562,112 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// Runs a TLS handshake in memory; the client's error, if any.
+    fn handshake(
+        client: rustls::ClientConfig,
+        name: &str,
+        server: Arc<rustls::ServerConfig>,
+    ) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            let server_side = s.process_new_packets();
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+            server_side.map_err(|e| rustls::Error::General(format!("server: {e}")))?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    fn joined(ca: &Ca, node: &str) -> (String, String) {
+        let (csr, key) = node_request(node).unwrap();
+        (ca.sign_node(&csr, node).unwrap().cert_pem, key)
+    }
+
+    #[test]
+    fn a_node_certificate_cannot_pass_for_a_server() {
+        let ca = Ca::generate().unwrap();
+        // Even a node named like the host a client dials.
+        let (cert, key) = joined(&ca, "localhost");
+        let node_serving = server_config(&cert, &key, &ca.cert_pem).unwrap();
+        let api_client = client_config(&ca.cert_pem, None).unwrap();
+        let e = handshake(api_client.clone(), "localhost", node_serving.clone()).unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        // Dialled under the very name it carries, it is still no server.
+        let e = handshake(
+            api_client,
+            &node_dns_name("localhost"),
+            node_serving.clone(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a dozen server"), "{e}");
+        // Under its node name, as the server dials agents, the same certificate is fine...
+        let server = ca.issue_server(&["localhost".into()]).unwrap();
+        let to_agents =
+            agent_client_config(&ca.cert_pem, (&server.cert_pem, &server.key_pem)).unwrap();
+        handshake(
+            to_agents.clone(),
+            &node_dns_name("localhost"),
+            node_serving.clone(),
+        )
+        .unwrap();
+        // ...but not under another node's name.
+        let e = handshake(to_agents, &node_dns_name("other"), node_serving).unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        // And a real server's certificate passes the API client's check.
+        let api = server_config(&server.cert_pem, &server.key_pem, &ca.cert_pem).unwrap();
+        handshake(client_config(&ca.cert_pem, None).unwrap(), "localhost", api).unwrap();
+    }
+
+    #[test]
+    fn node_names_with_underscores_and_dots_get_a_usable_certificate() {
+        let ca = Ca::generate().unwrap();
+        let server = ca.issue_server(&["localhost".into()]).unwrap();
+        let to_agents =
+            agent_client_config(&ca.cert_pem, (&server.cert_pem, &server.key_pem)).unwrap();
+        for node in ["web_1", "rack2.node-7", "N1"] {
+            let (cert, key) = joined(&ca, node);
+            let serving = server_config(&cert, &key, &ca.cert_pem).unwrap();
+            handshake(to_agents.clone(), &node_dns_name(node), serving)
+                .unwrap_or_else(|e| panic!("{node}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_ca_bundle_cannot_ride_on_a_pin() {
+        let ca = Ca::generate().unwrap();
+        let other = Ca::generate().unwrap();
+        let bundle = format!("{}{}", ca.cert_pem, other.cert_pem);
+        let e = fingerprint(&bundle).unwrap_err().to_string();
+        assert!(e.contains("2 certificates"), "{e}");
+    }
+
+    #[test]
+    fn a_key_is_written_0600_even_over_a_stale_temporary_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // What an older version, or a crash, may have left behind, world-readable.
+        std::fs::write(dir.path().join("node.tmp"), "stale").unwrap();
+        std::fs::write(dir.path().join(".node.key.tmp"), "stale").unwrap();
+        write_file(&dir.path().join("node.key"), "KEY", 0o600).unwrap();
+        let meta = std::fs::metadata(dir.path().join("node.key")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("node.key")).unwrap(),
+            "KEY"
+        );
     }
 
     #[test]

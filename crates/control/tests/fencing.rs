@@ -37,6 +37,21 @@ async fn an_old_leaders_late_write_fails(store: Arc<dyn Store>) {
         "the old leader's write must fail: {late:?}"
     );
     assert_eq!(store.get(PROBE).await.unwrap().unwrap().value, b"a1");
+    // The refusal is the store's, not only A's own bookkeeping: A's fence, sent as is,
+    // fails in the store itself.
+    let raw = store
+        .txn(
+            Txn::new()
+                .when(a.fence())
+                .then(Op::put(PROBE, b"a3".to_vec())),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !raw.succeeded,
+        "the store must refuse a write under A's fence"
+    );
+    assert_eq!(store.get(PROBE).await.unwrap().unwrap().value, b"a1");
     assert!(b.txn(store.as_ref(), put("b1")).await.unwrap());
     assert_eq!(store.get(PROBE).await.unwrap().unwrap().value, b"b1");
 }

@@ -41,7 +41,8 @@ pub enum NodeCommand {
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
-    /// The token from `dozen node token`.
+    /// The token from `dozen node token`. Prefer the environment variable: a command line is
+    /// visible to every user of the machine.
     #[arg(long, env = "DOZEN_JOIN_TOKEN", hide_env_values = true)]
     pub token: String,
     /// `sha256:<hex>` of the cluster CA, printed by `dozen node token`: the server must prove
@@ -126,11 +127,12 @@ pub async fn node_token(global: &Global, ttl: Duration) -> anyhow::Result<i32> {
     }
     println!("join token (one use, {}):", humanize(made.ttl_ms));
     println!("  {}", made.token);
+    // The token goes in the environment, not argv: argv is visible to every local user.
     println!("on the new node:");
     println!(
-        "  dozen --server {} node join --token {} --ca-hash {}",
-        api.base(),
+        "  DOZEN_JOIN_TOKEN={} dozen --server {} node join --ca-hash {}",
         made.token,
+        api.base(),
         made.ca_hash
     );
     println!("  dozen --server {} agent --with-proxy", api.base());
@@ -204,8 +206,14 @@ pub async fn node_join(global: &Global, args: JoinArgs) -> anyhow::Result<i32> {
         );
     }
     let joined: JoinResponse = resp.json().await?;
+    if tls::fingerprint(&joined.ca_pem).ok().as_deref() != Some(actual.as_str()) {
+        bail!(
+            "the server at {server} answered the join with a CA other than {actual}: not joining"
+        );
+    }
     let dir = node_dir(&global.data_dir);
-    tls::save_node_identity(&dir, &joined.cert_pem, &key_pem, &joined.ca_pem)?;
+    // The pinned CA is what this node trusts from now on.
+    tls::save_node_identity(&dir, &joined.cert_pem, &key_pem, &ca_pem)?;
     if global.output == crate::Output::Json {
         output::json(&serde_json::json!({ "node": node, "serial": joined.serial, "dir": dir }));
         return Ok(0);

@@ -426,7 +426,7 @@ fn server_tls(args: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
         .context("cannot issue this server's certificate")?;
     let config = dozen_api::tls::server_config(&issued.cert_pem, &issued.key_pem, &ca.cert_pem)?;
     let agent_client =
-        dozen_api::tls::client_config(&ca.cert_pem, Some((&issued.cert_pem, &issued.key_pem)))?;
+        dozen_api::tls::agent_client_config(&ca.cert_pem, (&issued.cert_pem, &issued.key_pem))?;
     tracing::info!(names = %hosts.join(","), serial = %issued.serial, "serving the API over TLS");
     Ok(Some(ServerTls {
         ca: Arc::new(ca),

@@ -3,9 +3,10 @@
 //! dozen is built statically for it; etcd is Debian's binary with the libraries `ldd` lists.
 //!
 //! The API is served over TLS: servers hold the cluster CA, nodes join with one-time tokens
-//! and then speak with their own certificates. The demo stack is applied across the nodes; every route is read through the proxy of each
-//! node and the logs of every service through the servers; then the leading server is killed
-//! and a scale request made after the kill must complete on the other one.
+//! and then speak with their own certificates. The demo stack is applied across the nodes;
+//! every route is read through the proxy of each node, the logs of every service are read and
+//! followed through the servers; then the leading server is killed and a scale request made
+//! after the kill, by a CLI given both servers, must complete on the other one.
 //!
 //! Needs Docker and etcd-server: fails in CI without them, skips (saying so) elsewhere.
 #![cfg(feature = "etcd")]
@@ -137,17 +138,22 @@ impl Cluster {
         self.work.path().join("ca")
     }
 
-    /// Runs the host's dozen CLI against `server`, trusting the cluster CA.
-    fn cli(&self, server: &str, args: &[&str]) -> Output {
-        run(Command::new(env!("CARGO_BIN_EXE_dozen"))
-            .args(["--server", server])
+    /// The host's dozen CLI against `server`, trusting the cluster CA.
+    fn cli_command(&self, server: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dozen"));
+        cmd.args(["--server", server])
             .arg("--ca")
             .arg(self.ca_dir().join("ca.crt"))
             .env("DOZEN_CONFIG", self.work.path().join("contexts.json"))
             .args(args)
             .env("DOZEN_TOKEN", &self.token)
             .env_remove("DOZEN_DATA_DIR")
-            .stdin(Stdio::null()))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn cli(&self, server: &str, args: &[&str]) -> Output {
+        run(&mut self.cli_command(server, args))
     }
 
     fn json(&self, server: &str, args: &[&str]) -> Option<Value> {
@@ -566,23 +572,67 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
         );
     }
 
-    // Kill the leading server; a scale request made after the kill completes on the other.
-    let (leader_container, survivor) = eventually(Duration::from_secs(30), "a leader", || {
-        for (i, ip) in [(1, 21u8), (2, 22u8)] {
-            let url = format!("https://{}:7700", cluster.ip(ip));
-            let info = cluster.json(&url, &["cluster"])?;
-            if info["leader"] == info["server"] {
-                let other = if ip == 21 { 22 } else { 21 };
-                return Some((
-                    format!("{}-server{i}", cluster.prefix),
-                    format!("https://{}:7700", cluster.ip(other)),
-                ));
+    // Following logs: a line the worker writes after the command started reaches it, over
+    // mTLS from the agent of the worker's node.
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut follow = cluster.cli_command(&servers, &["logs", "worker", "-f", "-o", "json"]);
+    let mut follower = follow
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dozen logs -f");
+    let lines = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in lines.lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if line_tx.send(v).is_err() {
+                    return;
+                }
             }
         }
-        None
     });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = line_rx.recv_timeout(left) else {
+            let _ = follower.kill();
+            panic!("`dozen logs -f worker` showed no line written after it started within 30 s");
+        };
+        if line["service"] == "worker" && line["ts_ms"].as_u64() > Some(started_ms) {
+            break;
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    // Kill the leading server; a scale request made after the kill completes on the other,
+    // with the CLI given both servers, the dead one first.
+    let (leader_container, leader_url, survivor) =
+        eventually(Duration::from_secs(30), "a leader", || {
+            for (i, ip) in [(1, 21u8), (2, 22u8)] {
+                let url = format!("https://{}:7700", cluster.ip(ip));
+                let info = cluster.json(&url, &["cluster"])?;
+                if info["leader"] == info["server"] {
+                    let other = if ip == 21 { 22 } else { 21 };
+                    return Some((
+                        format!("{}-server{i}", cluster.prefix),
+                        url,
+                        format!("https://{}:7700", cluster.ip(other)),
+                    ));
+                }
+            }
+            None
+        });
     docker(&["kill", &leader_container]);
-    let scaled = cluster.cli(&survivor, &["scale", "web=3", "--wait", "--timeout", "60s"]);
+    let scaled = cluster.cli(
+        &format!("{leader_url},{survivor}"),
+        &["scale", "web=3", "--wait", "--timeout", "60s"],
+    );
     assert!(
         scaled.status.success(),
         "scale after killing the leader did not complete: {}{}",

@@ -150,25 +150,66 @@ fn operator_json(site: &Site, name: &str, url: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
-/// `dozen node token` + `dozen node join` for `node`, with its own data dir.
-fn join(site: &Site, name: &str, url: &str, node: &str) -> PathBuf {
+/// `dozen node token` + `dozen node join` for `node`, with its own data dir; the token goes
+/// through the environment, as `dozen node token` says. Returns the data dir and the token.
+fn join(site: &Site, name: &str, url: &str, node: &str) -> (PathBuf, String) {
     let made = operator_json(site, name, url, &["node", "token", "--ttl", "10m"]);
+    let token = made["token"].as_str().unwrap().to_string();
     let data = site.path(&format!("{node}-data"));
-    site.ok(&[
-        "--server",
-        url,
-        "--data-dir",
-        data.to_str().unwrap(),
-        "node",
-        "join",
-        "--token",
-        made["token"].as_str().unwrap(),
-        "--ca-hash",
-        made["ca_hash"].as_str().unwrap(),
-        "--node-name",
-        node,
-    ]);
-    data
+    let out = site
+        .command(&[
+            "--server",
+            url,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "node",
+            "join",
+            "--ca-hash",
+            made["ca_hash"].as_str().unwrap(),
+            "--node-name",
+            node,
+        ])
+        .env("DOZEN_JOIN_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "join {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (data, token)
+}
+
+/// Calls the API as a node: its certificate from `dozen node join`, no token.
+fn as_node(data: &Path, url: &str, method: &str, path: &str, body: Option<Value>) -> u16 {
+    let read = |file: &str| std::fs::read_to_string(data.join("node").join(file)).unwrap();
+    let tls = dozen_api::tls::client_config(
+        &read("ca.crt"),
+        Some((&read("node.crt"), &read("node.key"))),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = client.request(method, format!("{url}{path}"));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request
+            .send()
+            .await
+            .expect("the server answers")
+            .status()
+            .as_u16()
+    })
 }
 
 fn start_agent(site: &mut Site, url: &str, data: &Path, node: &str) {
@@ -206,19 +247,66 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
     let mut site = Site::new();
     let url = start_server(&mut site, "main");
 
-    // Two nodes join and run their agents on certificates alone (no token given).
-    let n1 = join(&site, "main", &url, "n1");
-    let n2 = join(&site, "main", &url, "n2");
+    // `dozen node token` prints a join command that keeps the token out of argv.
+    let printed = operator(&site, "main", &url, &["node", "token"]);
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
     assert!(
-        !site.log("main.log").contains("-operator-token-"),
-        "the token never reaches the log"
+        printed.contains("DOZEN_JOIN_TOKEN=") && !printed.contains("--token"),
+        "{printed}"
     );
+
+    // Two nodes join and run their agents on certificates alone (no token given).
+    let (n1, n1_token) = join(&site, "main", &url, "n1");
+    let (n2, n2_token) = join(&site, "main", &url, "n2");
     start_agent(&mut site, &url, &n1, "n1");
     start_agent(&mut site, &url, &n2, "n2");
     eventually(Duration::from_secs(20), "both nodes registered", || {
         let names = node_names(&site, "main", &url);
         (names.contains(&"n1".to_string()) && names.contains(&"n2".to_string())).then_some(())
     });
+
+    // A node's certificate opens its own routes only: not another node's, not an operator's,
+    // not its own revocation; and it cannot point servers at a plain-HTTP address (where they
+    // would have to show a token).
+    assert_eq!(
+        as_node(&n2, &url, "GET", "/v1/nodes/n2/assignments", None),
+        200
+    );
+    for (method, path) in [
+        ("GET", "/v1/nodes/n1/assignments"),
+        ("POST", "/v1/nodes/n1/heartbeat"),
+        ("POST", "/v1/nodes/n2/revoke"),
+        ("GET", "/v1/nodes"),
+        ("POST", "/v1/join-tokens"),
+        ("GET", "/v1/logs"),
+    ] {
+        let body = (method == "POST").then(|| serde_json::json!({}));
+        assert_eq!(
+            as_node(&n2, &url, method, path, body),
+            403,
+            "n2's certificate on {method} {path}"
+        );
+    }
+    let mut record = operator_json(&site, "main", &url, &["nodes"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"]["name"] == "n2")
+        .unwrap()["node"]
+        .clone();
+    record["address"] = Value::from("http://127.0.0.1:1");
+    let body = serde_json::json!({ "node": record });
+    assert_eq!(
+        as_node(&n2, &url, "POST", "/v1/nodes/n2/register", Some(body)),
+        400
+    );
+    let log = site.log("main.log");
+    assert!(
+        log.lines().any(|l| l.contains("refused a node certificate")
+            && l.contains("node=n2")
+            && l.contains("/v1/nodes/n1/assignments")),
+        "{log}"
+    );
 
     // A join token works once.
     let made = operator_json(&site, "main", &url, &["node", "token"]);
@@ -257,16 +345,23 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not the --ca-hash"));
 
-    // A node whose certificate another cluster's CA signed is refused at the handshake.
+    // A node whose certificate another cluster's CA signed is refused at the handshake, by
+    // the server, for its certificate: it trusts main's CA, so nothing else stops it.
     let other = start_server(&mut site, "other");
-    let stranger = join(&site, "other", &other, "stranger");
+    let (stranger, _) = join(&site, "other", &other, "stranger");
+    std::fs::copy(
+        site.path("main-ca/ca.crt"),
+        stranger.join("node").join("ca.crt"),
+    )
+    .unwrap();
     start_agent(&mut site, &url, &stranger, "stranger");
     eventually(
         Duration::from_secs(20),
         "the stranger's refusal logged",
         || {
             site.log("main.log")
-                .contains("refused a TLS connection")
+                .lines()
+                .any(|l| l.contains("refused a TLS connection") && l.contains("peer certificate"))
                 .then_some(())
         },
     );
@@ -302,7 +397,7 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
     eventually(Duration::from_secs(20), "n1's refusal logged", || {
         let log = site.log("main.log");
         log.lines()
-            .any(|l| l.contains("refused a node certificate") && l.contains("n1"))
+            .any(|l| l.contains("refused a node certificate") && l.contains("node=n1"))
             .then_some(())
     });
     eventually(Duration::from_secs(20), "n1 gone, n2 still there", || {
@@ -314,6 +409,19 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
         !n2_log.contains("403") && !n2_log.contains("revoked"),
         "n2 was not disturbed: {n2_log}"
     );
+
+    // No secret reached a log: not the operator token, not a join token's secret.
+    for log in ["main.log", "agent-n1.log", "agent-n2.log"] {
+        let text = site.log(log);
+        assert!(
+            !text.contains("-operator-token-"),
+            "operator token in {log}"
+        );
+        for token in [&n1_token, &n2_token] {
+            let secret = token.split_once('.').unwrap().1;
+            assert!(!text.contains(secret), "a join secret in {log}");
+        }
+    }
 
     // Plain HTTP off loopback is refused at start, naming the fix.
     let out = site.run(&[

@@ -56,9 +56,18 @@ fn backend(endpoints: &[String]) -> impl Fn(ec::Error) -> StoreError + '_ {
     move |e| StoreError::Backend(format!("etcd {}: {e}", endpoints.join(",")))
 }
 
+/// True only for a failure to open a connection (tonic reports those as `Unavailable` with the
+/// connector's message, and drops the source): nothing was sent, so even a txn may be sent
+/// again. A connection lost after the request went out is not this, and is not retried.
 fn never_reached_a_member(e: &ec::Error) -> bool {
-    let text = e.to_string();
-    text.contains("Unavailable") && text.contains("connect")
+    let ec::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    let message = status.message();
+    status.to_string().starts_with("status: Unavailable")
+        && (message.contains("tcp connect error")
+            || message.contains("error trying to connect")
+            || message.contains("dns error"))
 }
 
 fn revision_of(header: Option<&ec::ResponseHeader>) -> Revision {
@@ -314,9 +323,18 @@ impl Store for EtcdStore {
                     msg = stream.message() => match msg {
                         Ok(Some(resp)) => {
                             if resp.canceled() {
-                                let _ = sender.send(WatchMessage::Compacted {
-                                    compact_revision: resp.compact_revision().max(0) as u64,
-                                });
+                                if resp.compact_revision() > 0 {
+                                    let _ = sender.send(WatchMessage::Compacted {
+                                        compact_revision: resp.compact_revision() as u64,
+                                    });
+                                } else {
+                                    // Not history lost (a member shutting down, an auth
+                                    // change): end the stream, the consumer watches again.
+                                    tracing::warn!(
+                                        reason = resp.cancel_reason(),
+                                        "etcd cancelled a watch"
+                                    );
+                                }
                                 return;
                             }
                             if !forward(&resp, &sender) {

@@ -70,4 +70,13 @@ async fn a_member_down_does_not_stop_the_store() {
     };
     assert!(r2 > r);
     assert_eq!(store.get("/m/a").await.unwrap().unwrap().value, b"1");
+    // With quorum back, no caller sees the dead member: the calls the balancer sends its way
+    // fail to connect and go to another member.
+    for i in 0..40 {
+        store.get("/m/a").await.expect("read with a member down");
+        store
+            .put(&format!("/m/n{i}"), b"1".to_vec())
+            .await
+            .expect("write with a member down");
+    }
 }
