@@ -29,7 +29,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 now_ms() { date +%s%3N; }
 PIDS=()
 cleanup() {
-  DOZEN_SERVER="$SERVERS" DOZEN_TOKEN_FILE="$WORK/token" "$BIN" --token "$(cat "$WORK/token")" down failover >/dev/null 2>&1 || true
+  DOZEN_SERVER="$SERVERS" DOZEN_TOKEN="$(cat "$WORK/token" 2>/dev/null)" "$BIN" down failover >/dev/null 2>&1 || true
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
   for f in "$WORK"/agent/agent/tasks/*/task.pid; do
     [ -f "$f" ] && kill -9 -- "-$(cut -d' ' -f1 "$f")" 2>/dev/null || true
