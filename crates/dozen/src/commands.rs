@@ -651,14 +651,24 @@ pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A server that `dozen up -d` started in the background goes with its stack.
+    // Only while the pid still names that server (same start time): after a reboot or a crash
+    // it may name anything.
     let pid_file = global.data_dir.join("server.pid");
-    if let Some(pid) = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-    {
-        let _ = dozen_agent::os::kill_pid(pid, libc::SIGTERM);
+    if let Some((pid, start)) = dozen_agent::shim::read_pid_file(&pid_file) {
+        if dozen_agent::os::process_is(pid, start) {
+            let _ = dozen_agent::os::kill_pid(pid, libc::SIGTERM);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while dozen_agent::os::process_is(pid, start) && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if dozen_agent::os::process_is(pid, start) {
+                eprintln!("the background server (pid {pid}) is still shutting down");
+            } else {
+                println!("stopped the background server (pid {pid})");
+            }
+        }
         let _ = std::fs::remove_file(&pid_file);
-        println!("stopped the background server (pid {pid})");
     }
     Ok(0)
 }

@@ -260,7 +260,9 @@ async fn up_detached(
     let child = cmd
         .spawn()
         .context("cannot start `dozen server` in the background")?;
-    std::fs::write(data.join("server.pid"), child.id().to_string())?;
+    // With its start time: `dozen down` signals it only while the pid still names it.
+    dozen_agent::shim::write_pid_file(&data.join("server.pid"), child.id())
+        .with_context(|| format!("cannot write {}", data.join("server.pid").display()))?;
     let server = format!("http://{}", s.listen);
     let health = format!("{server}/healthz");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

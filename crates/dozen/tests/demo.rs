@@ -147,3 +147,69 @@ fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
         std::fs::read_to_string(d.dir.path().join("up.log")).unwrap_or_default()
     );
 }
+
+/// Kills a background server left behind by a failed assertion.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn up_d_runs_in_the_background_and_down_stops_that_server_and_never_a_stranger() {
+    let d = Dozen::new(DOZEN);
+    d.write(
+        "dozen.toml",
+        "name = \"bg\"\n[services.ticker]\ncommand = \"while true; do echo tick; sleep 1; done\"\nport = false\n",
+    );
+    let out = Command::new(DOZEN)
+        .args(["up", "-d", "-f", "dozen.toml"])
+        .args(["--listen", &format!("127.0.0.1:{}", d.port)])
+        .args(["--proxy-listen", &format!("127.0.0.1:{}", d.proxy_port)])
+        .args([
+            "--proxy-internal-listen",
+            &format!("127.0.0.1:{}", d.proxy_internal_port),
+        ])
+        .current_dir(d.dir.path())
+        .env("DOZEN_DATA_DIR", d.data_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "up -d: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid_file = d.data_dir().join("server.pid");
+    let recorded = std::fs::read_to_string(&pid_file).unwrap();
+    let mut fields = recorded.split_whitespace();
+    let pid: u32 = fields.next().unwrap().parse().unwrap();
+    let start: u64 = fields.next().expect("pid and start time").parse().unwrap();
+    let _guard = KillOnDrop(pid);
+    assert!(process_alive(pid));
+
+    // The pid file names another process (same pid, another start time: the pid was reused):
+    // `down` removes the stack but signals no one.
+    std::fs::write(&pid_file, format!("{pid} {}\n", start + 1)).unwrap();
+    let said = d.ok(&["down", "bg"]);
+    assert!(!said.contains("stopped the background server"), "{said}");
+    assert!(
+        process_alive(pid),
+        "a process the pid file does not name was signalled"
+    );
+
+    // With the real record, `down` stops that server and waits for it.
+    std::fs::write(&pid_file, &recorded).unwrap();
+    d.ok(&["apply"]);
+    let said = d.ok(&["down", "bg"]);
+    assert!(said.contains("stopped the background server"), "{said}");
+    assert!(
+        !process_alive(pid),
+        "the background server is gone when down returns"
+    );
+    assert!(!pid_file.exists());
+}
