@@ -12,6 +12,7 @@ use dozen_model::{DesiredState, NodeRecord, TaskKind, TaskState, TaskStatus};
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod peers;
 pub mod server;
 pub mod tls;
 

@@ -48,6 +48,9 @@ pub struct AppState {
     /// How this server reaches `https://` agents: trusting the CA, presenting its own
     /// certificate (agents serve logs only to servers).
     pub agent_tls: Option<rustls::ClientConfig>,
+    /// How this server reaches `https://` peers (fetching blobs): trusting the CA, requiring a
+    /// server certificate, presenting its own.
+    pub peer_client: Option<reqwest::Client>,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             store_kind: "embedded".into(),
             ca: None,
             agent_tls: None,
+            peer_client: None,
         }
     }
 }
@@ -1163,7 +1167,24 @@ async fn get_blob(
 ) -> ApiResult<Response> {
     let blobs = s.blobs.clone();
     let name = digest.clone();
-    match blocking(move || blobs.get(&name)).await? {
+    let bytes = match blocking(move || blobs.get(&name)).await? {
+        Some(bytes) => Some(bytes),
+        // Uploaded to another server: fetch it from there, check it, keep it.
+        None => match crate::peers::fetch_blob(&s, &digest).await {
+            Some(bytes) => {
+                let (blobs, name, copy) = (s.blobs.clone(), digest.clone(), bytes.clone());
+                match blocking(move || blobs.put(&name, &copy)).await {
+                    Ok(()) => Some(bytes),
+                    Err(_) => {
+                        tracing::warn!(digest, "a peer's copy of a blob does not match its digest");
+                        None
+                    }
+                }
+            }
+            None => None,
+        },
+    };
+    match bytes {
         Some(bytes) => Ok(Response::builder()
             .header("content-type", "application/octet-stream")
             .body(Body::from(bytes))

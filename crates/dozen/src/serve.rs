@@ -57,6 +57,11 @@ pub struct ServerArgs {
     /// repeat as needed. The host name, localhost and 127.0.0.1 are always in it.
     #[arg(long = "tls-san", env = "DOZEN_TLS_SAN", value_delimiter = ',')]
     pub tls_san: Vec<String>,
+    /// The URL the other servers use to reach this one (to fetch a blob a client uploaded
+    /// here). Default: the listen address if it is a specific one, else the first --tls-san,
+    /// else the host name; with the listen port.
+    #[arg(long, env = "DOZEN_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Do not run a node agent in this process (run `dozen agent` separately).
     #[arg(long, env = "DOZEN_NO_AGENT")]
     pub no_agent: bool,
@@ -265,6 +270,27 @@ async fn bind_proxy(listen: &ProxyListenArgs) -> anyhow::Result<dozen_proxy::Lis
 }
 
 /// Where this process reaches a listener of its own: loopback when it listens everywhere.
+/// The URL the other servers use to reach this one: --advertise-url, else the listen address
+/// when it is a specific one, else the first --tls-san, else the host name.
+fn advertised_url(args: &ServerArgs, address: SocketAddr, tls: bool) -> String {
+    if let Some(url) = &args.advertise_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    let scheme = if tls { "https" } else { "http" };
+    if !address.ip().is_unspecified() {
+        return format!("{scheme}://{address}");
+    }
+    let host = args
+        .tls_san
+        .first()
+        .cloned()
+        .unwrap_or_else(dozen_agent::os::hostname);
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => format!("{scheme}://{}", SocketAddr::new(ip, address.port())),
+        Err(_) => format!("{scheme}://{host}:{}", address.port()),
+    }
+}
+
 fn reachable(address: SocketAddr) -> SocketAddr {
     if address.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], address.port()))
@@ -394,6 +420,8 @@ struct ServerTls {
     config: Arc<rustls::ServerConfig>,
     /// Trust in the CA plus this server's certificate, for reaching agents.
     agent_client: dozen_api::tls::ClientConfig,
+    /// The same, requiring a server certificate on the other end, for reaching peers.
+    peer_client: dozen_api::tls::ClientConfig,
 }
 
 fn server_tls(args: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
@@ -427,11 +455,14 @@ fn server_tls(args: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
     let config = dozen_api::tls::server_config(&issued.cert_pem, &issued.key_pem, &ca.cert_pem)?;
     let agent_client =
         dozen_api::tls::agent_client_config(&ca.cert_pem, (&issued.cert_pem, &issued.key_pem))?;
+    let peer_client =
+        dozen_api::tls::client_config(&ca.cert_pem, Some((&issued.cert_pem, &issued.key_pem)))?;
     tracing::info!(names = %hosts.join(","), serial = %issued.serial, "serving the API over TLS");
     Ok(Some(ServerTls {
         ca: Arc::new(ca),
         config,
         agent_client,
+        peer_client,
     }))
 }
 
@@ -492,7 +523,23 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     .into();
     state.ca = tls.as_ref().map(|t| t.ca.clone());
     state.agent_tls = tls.as_ref().map(|t| t.agent_client.clone());
+    state.peer_client = match &tls {
+        Some(t) => Some(
+            reqwest::Client::builder()
+                .use_preconfigured_tls(t.peer_client.clone())
+                .connect_timeout(Duration::from_secs(3))
+                .build()
+                .context("cannot set up the client for peer servers")?,
+        ),
+        None => None,
+    };
     let state = Arc::new(state);
+    let advertised = advertised_url(args, address, tls.is_some());
+    tokio::spawn(dozen_api::peers::register(
+        store.clone(),
+        server_id.clone(),
+        advertised.clone(),
+    ));
     let local = reachable(address);
     let (url, client_tls, api) = match &tls {
         Some(t) => (
@@ -510,7 +557,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             tokio::spawn(dozen_api::server::serve(listener, state)),
         ),
     };
-    tracing::info!(%address, %url, data_dir = %data.display(), "dozen server listening");
+    tracing::info!(%address, %url, %advertised, data_dir = %data.display(), "dozen server listening");
     let mut node = args.agent.clone();
     let mut proxy_url = None;
     if !args.no_proxy {

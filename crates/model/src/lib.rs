@@ -133,6 +133,14 @@ pub mod keys {
     pub fn node_cert(node: &str, serial: &str) -> String {
         format!("{ROOT}pki/certs/{node}/{serial}")
     }
+    /// API servers, leased: how the others reach each one (a server fetches from its peers a
+    /// blob a client uploaded elsewhere).
+    pub fn servers() -> String {
+        format!("{ROOT}servers/")
+    }
+    pub fn server(id: &str) -> String {
+        format!("{ROOT}servers/{id}")
+    }
     /// A revoked certificate serial; the value names the node it was issued to.
     pub fn revoked(serial: &str) -> String {
         format!("{ROOT}pki/revoked/{serial}")
@@ -256,6 +264,16 @@ pub struct ProxyRecord {
     pub internal_address: String,
 }
 record!(ProxyRecord, "proxy");
+
+/// An API server, leased: it exists while the server runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerRecord {
+    pub schema: u32,
+    pub id: String,
+    /// Where the other servers reach its API (`https://` in a cluster).
+    pub url: String,
+}
+record!(ServerRecord, "server");
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

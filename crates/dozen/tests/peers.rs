@@ -1,0 +1,178 @@
+//! Two API servers over one etcd cluster, with TLS, on loopback: a blob uploaded to one is
+//! served by the other (fetched from its peer with the server's own certificate, checked and
+//! kept), and still served after the first server is gone.
+//!
+//! Needs etcd-server: fails in CI without it, skips (saying so) elsewhere.
+#![cfg(feature = "etcd")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dozen_testkit::{eventually, free_port, EtcdCluster};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dozen");
+const TOKEN: &str = "peers-operator-token-0123456789abcdef";
+
+struct Server {
+    child: Child,
+    url: String,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(work: &Path, name: &str, store: &str) -> Server {
+    let port = free_port();
+    let data = work.join(name);
+    let log = work.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .args(["server", "--store", store])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--ca-dir")
+        .arg(work.join("ca"))
+        .arg("--token-file")
+        .arg(work.join("token"))
+        .args(["--no-agent", "--no-proxy"])
+        .env("DOZEN_LOG", "info")
+        .env_remove("DOZEN_SERVER")
+        .env_remove("DOZEN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("start dozen server");
+    let server = Server {
+        child,
+        url: format!("https://127.0.0.1:{port}"),
+        data,
+        log,
+    };
+    eventually(Duration::from_secs(30), &format!("{name} listens"), || {
+        std::fs::read_to_string(&server.log)
+            .ok()?
+            .contains("dozen server listening")
+            .then_some(())
+    });
+    server
+}
+
+fn operator(work: &Path) -> reqwest::Client {
+    let ca = std::fs::read_to_string(work.join("ca/ca.crt")).unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(dozen_api::tls::client_config(&ca, None).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_uploaded_to_one_server_is_served_by_the_other() {
+    let Some(etcd) = EtcdCluster::start() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["ca", "init", "--dir"])
+        .arg(work.path().join("ca"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(work.path().join("token"), TOKEN).unwrap();
+    let store = format!(
+        "etcd://{}",
+        etcd.endpoints
+            .iter()
+            .map(|e| e.trim_start_matches("http://"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut a = start_server(work.path(), "a", &store);
+    let b = start_server(work.path(), "b", &store);
+
+    let bundle: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = dozen_store::blob::sha256_digest(&bundle);
+    let client = operator(work.path());
+    let put = client
+        .put(format!("{}/v1/blobs/{digest}", a.url))
+        .bearer_auth(TOKEN)
+        .body(bundle.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+
+    // B never saw the upload; an agent talking to B still gets the bundle.
+    let get = |url: String| {
+        let client = client.clone();
+        let digest = digest.clone();
+        async move {
+            let resp = client
+                .get(format!("{url}/v1/blobs/{digest}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
+        }
+    };
+    let start = std::time::Instant::now();
+    let served = loop {
+        let (status, body) = get(b.url.clone()).await;
+        if status == 200 {
+            break body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "B never served the blob uploaded to A (last status {status}); B's log:\n{}",
+            std::fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(served == bundle, "B served other bytes than were uploaded");
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert!(
+        b.data.join("blobs").join(format!("sha256-{hex}")).exists(),
+        "B keeps its copy"
+    );
+
+    // A goes; B serves its own copy.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let (status, body) = get(b.url.clone()).await;
+    assert_eq!(status, 200);
+    assert!(body == bundle);
+
+    // A blob no server holds is a plain 404 (the dead peer is skipped, not waited on forever).
+    let missing = dozen_store::blob::sha256_digest(b"nobody uploaded this");
+    let resp = client
+        .get(format!("{}/v1/blobs/{missing}", b.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // Peers spoke with certificates: the token never reached a log.
+    for server in [&a, &b] {
+        let log = std::fs::read_to_string(&server.log).unwrap();
+        assert!(
+            !log.contains(TOKEN),
+            "the token in {}",
+            server.log.display()
+        );
+    }
+}
