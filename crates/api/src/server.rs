@@ -1,7 +1,6 @@
 //! The API server: stateless over the store. Validates, authorises, writes desired state, and
 //! serves list-then-watch to agents.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
-use dozen_control::controller::Problems;
 use dozen_control::snapshot::Snapshot;
 use dozen_control::{desired, ControlError};
 use dozen_model::{decode, encode, keys, Assignment, NodeRecord, TaskStatus, SCHEMA};
@@ -22,7 +20,7 @@ use dozen_store::blob::{BlobError, BlobStore};
 use dozen_store::{Compare, Op, Store, StoreError, Txn, WatchMessage};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::{
     ApplyRequest, ErrorBody, HeartbeatRequest, ListResponse, LogLine, LogQuery, NodeInfo,
@@ -34,7 +32,6 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub blobs: Arc<dyn BlobStore>,
     pub token: String,
-    pub problems: watch::Receiver<Problems>,
     /// How long a node stays alive without a heartbeat.
     pub node_ttl: Duration,
     pub bookmark_every: Duration,
@@ -58,14 +55,12 @@ impl AppState {
         store: Arc<dyn Store>,
         blobs: Arc<dyn BlobStore>,
         token: String,
-        problems: watch::Receiver<Problems>,
         node_ttl: Duration,
     ) -> Self {
         AppState {
             store,
             blobs,
             token,
-            problems,
             node_ttl,
             bookmark_every: Duration::from_secs(5),
             http: reqwest::Client::builder()
@@ -402,7 +397,7 @@ async fn down(
 
 async fn list_services(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<ServiceSummary>>> {
     let snap = Snapshot::read(s.store.as_ref()).await?;
-    let problems = s.problems.borrow().clone();
+    let problems = dozen_control::controller::read_problems(s.store.as_ref()).await?;
     let mut out = Vec::new();
     for (name, svc) in &snap.services {
         let release = snap.current_release(name);
@@ -1205,11 +1200,6 @@ async fn put_blob(
     let blobs = s.blobs.clone();
     blocking(move || blobs.put(&digest, &body)).await?;
     Ok(StatusCode::CREATED)
-}
-
-/// Keeps the map of problems that `dozen services` shows when no controller runs here.
-pub fn no_problems() -> watch::Receiver<Problems> {
-    watch::channel(BTreeMap::new()).1
 }
 
 fn unauthorized(message: String) -> ApiFailure {

@@ -12,7 +12,6 @@ use std::time::Duration;
 use dozen_model::{encode, keys, Assignment, DesiredState, TaskKind, SCHEMA};
 use dozen_scheduler::{Action, Clock, NodeView, ServiceView, StatusView, TaskView};
 use dozen_store::{Compare, Op, Store, Txn, WatchMessage};
-use tokio::sync::watch;
 
 use crate::leader::{campaign, Leadership};
 use crate::snapshot::Snapshot;
@@ -74,7 +73,23 @@ pub struct Controller {
     pub store: Arc<dyn Store>,
     pub server_id: String,
     pub leader_ttl: Duration,
-    pub problems: watch::Sender<Problems>,
+}
+
+/// The problems of the last pass, where every server reads them (`dozen services` may ask any
+/// server, not only the leader). Written only when they change.
+pub fn problems_key() -> String {
+    keys::controller("problems")
+}
+
+/// The problems the leading controller published last (none when nothing was published).
+pub async fn read_problems(store: &dyn Store) -> Result<Problems> {
+    let key = problems_key();
+    match store.get(&key).await? {
+        Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| {
+            ControlError::Invalid(format!("unreadable controller problems at {key}: {e}"))
+        }),
+        None => Ok(Problems::new()),
+    }
 }
 
 impl Controller {
@@ -109,13 +124,24 @@ impl Controller {
 
     async fn lead(&self, leadership: &Leadership) -> Result<()> {
         let mut watch: Option<dozen_store::Watch> = None;
+        // Each term publishes once, then on change only: nothing per pass reaches the store.
+        let mut published: Option<Problems> = None;
         loop {
             let snap = Snapshot::read(self.store.as_ref()).await?;
             if watch.is_none() {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
             }
             let pass = self.pass(leadership, &snap).await?;
-            self.problems.send_replace(pass.problems);
+            if published.as_ref() != Some(&pass.problems) {
+                let value = serde_json::to_vec(&pass.problems).unwrap_or_default();
+                leadership
+                    .txn(
+                        self.store.as_ref(),
+                        Txn::new().then(Op::put(problems_key(), value)),
+                    )
+                    .await?;
+                published = Some(pass.problems);
+            }
             let tick = pass
                 .wake
                 .map(|ms| Duration::from_millis(ms.max(10)))

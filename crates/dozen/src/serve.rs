@@ -11,7 +11,6 @@ use dozen_agent::AgentConfig;
 use dozen_control::controller::Controller;
 use dozen_store::embedded::EmbeddedStore;
 use dozen_store::Store;
-use tokio::sync::watch;
 
 use crate::Global;
 
@@ -493,12 +492,10 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             )
         })?;
     let address = listener.local_addr()?;
-    let (problems_tx, problems_rx) = watch::channel(Default::default());
     let controller = Controller {
         store: store.clone(),
         server_id: server_id.clone(),
         leader_ttl: args.leader_ttl,
-        problems: problems_tx,
     };
     tokio::spawn(controller.run());
     let blobs = dozen_store::blob::FsBlobStore::new(data.join("blobs")).with_context(|| {
@@ -511,7 +508,6 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         store.clone(),
         Arc::new(blobs),
         token.clone(),
-        problems_rx,
         args.node_ttl,
     );
     state.server_id = server_id.clone();

@@ -1,6 +1,7 @@
 //! Two API servers over one etcd cluster, with TLS, on loopback: a blob uploaded to one is
 //! served by the other (fetched from its peer with the server's own certificate, checked and
-//! kept), and still served after the first server is gone.
+//! kept), and still served after the first server is gone; the leading controller's problems
+//! are seen through either server (`dozen ps`).
 //!
 //! Needs etcd-server: fails in CI without it, skips (saying so) elsewhere.
 #![cfg(feature = "etcd")]
@@ -76,7 +77,7 @@ fn operator(work: &Path) -> reqwest::Client {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blob_uploaded_to_one_server_is_served_by_the_other() {
+async fn two_servers_share_blobs_and_what_the_controller_found() {
     let Some(etcd) = EtcdCluster::start() else {
         return;
     };
@@ -148,6 +149,49 @@ async fn a_blob_uploaded_to_one_server_is_served_by_the_other() {
         b.data.join("blobs").join(format!("sha256-{hex}")).exists(),
         "B keeps its copy"
     );
+
+    // What the leading controller finds wrong is seen through either server (`dozen ps`). here, a service
+    // with no node to run on.
+    std::fs::write(
+        work.path().join("dozen.toml"),
+        "name = \"nowhere\"\n[services.lonely]\ncommand = \"sleep 1000\"\nport = false\n",
+    )
+    .unwrap();
+    let cli = |url: &str, args: &[&str]| {
+        Command::new(BIN)
+            .args(["--server", url, "--ca"])
+            .arg(work.path().join("ca/ca.crt"))
+            .args(args)
+            .env("DOZEN_TOKEN", TOKEN)
+            .env("DOZEN_CONFIG", work.path().join("contexts.json"))
+            .current_dir(work.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let applied = cli(&a.url, &["apply", "--no-wait"]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    for server in [&a, &b] {
+        let start = std::time::Instant::now();
+        loop {
+            let out = cli(&server.url, &["ps", "-o", "json"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains("cannot place") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no placement problem through {}: {text}{}",
+                server.url,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 
     // A goes; B serves its own copy.
     let _ = a.child.kill();
