@@ -58,13 +58,28 @@ struct State {
     leases: HashMap<LeaseId, LeaseState>,
     next_lease: LeaseId,
     watchers: Vec<Watcher>,
+}
+
+/// The log, and with it the right to write.
+struct Log {
     wal: Wal,
     snapshot_every: u64,
 }
 
+/// Two locks, taken in this order: `log` then `state`. A writer holds `log` from its compares
+/// to its apply, so what it compared still holds when it applies; it takes `state` only for
+/// the moments it reads or changes memory, never across an fsync. Readers take `state` alone,
+/// so a read never waits for a write to reach the disk (or for a snapshot to be written).
 struct Inner {
     state: Mutex<State>,
+    log: Mutex<Log>,
     path: PathBuf,
+}
+
+/// A writer: holds the log; reaches memory through short `state` locks.
+struct Writer<'a> {
+    log: MutexGuard<'a, Log>,
+    inner: &'a Inner,
 }
 
 #[derive(Clone)]
@@ -94,8 +109,6 @@ impl EmbeddedStore {
             leases: HashMap::new(),
             next_lease: snapshot.next_lease.max(1),
             watchers: Vec::new(),
-            wal,
-            snapshot_every: options.snapshot_every.max(1),
         };
         for (id, ttl_ms) in snapshot.leases {
             state.restore_lease(id, ttl_ms, now);
@@ -141,6 +154,10 @@ impl EmbeddedStore {
         );
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
+            log: Mutex::new(Log {
+                wal,
+                snapshot_every: options.snapshot_every.max(1),
+            }),
             path: dir.to_path_buf(),
         });
         tokio::spawn(expire_leases(Arc::downgrade(&inner)));
@@ -155,12 +172,13 @@ impl EmbeddedStore {
         &self.inner.path
     }
 
+    /// Runs a write on a blocking thread (it fsyncs), holding the log.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut State) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&mut lock(&inner)))
+        tokio::task::spawn_blocking(move || f(&mut Writer::new(&inner)))
             .await
             .map_err(|_| StoreError::Closed)?
     }
@@ -172,24 +190,131 @@ fn lock(inner: &Inner) -> MutexGuard<'_, State> {
     inner.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl<'a> Writer<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        Writer {
+            log: inner.log.lock().unwrap_or_else(|p| p.into_inner()),
+            inner,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'a, State> {
+        lock(self.inner)
+    }
+
+    /// Logs then applies a write; returns the new revision (unchanged if `ops` is empty).
+    fn write(&mut self, ops: Vec<AppliedOp>) -> Result<Revision, StoreError> {
+        if ops.is_empty() {
+            return Ok(self.state().revision);
+        }
+        let revision = self.state().revision + 1;
+        self.log.wal.append(&WalEntry::Write {
+            revision,
+            ops: ops.clone(),
+        })?;
+        self.state().apply(revision, ops);
+        // The write is durable and applied: a failed snapshot must not report it as failed.
+        if let Err(e) = self.maybe_snapshot() {
+            tracing::error!(error = %e, "store snapshot failed; the log keeps growing");
+        }
+        Ok(revision)
+    }
+
+    fn revoke(&mut self, id: LeaseId) -> Result<(), StoreError> {
+        let ops: Vec<AppliedOp> = {
+            let state = self.state();
+            let Some(lease) = state.leases.get(&id) else {
+                return Err(StoreError::LeaseNotFound(id));
+            };
+            lease
+                .keys
+                .iter()
+                .map(|k| AppliedOp::Delete { key: k.clone() })
+                .collect()
+        };
+        // Log the deletes first: if we crash between the two entries the lease comes back with
+        // a fresh TTL and no keys, and simply expires again.
+        let deletes = if ops.is_empty() {
+            None
+        } else {
+            let revision = self.state().revision + 1;
+            self.log.wal.append(&WalEntry::Write {
+                revision,
+                ops: ops.clone(),
+            })?;
+            Some((revision, ops))
+        };
+        let revoked = self.log.wal.append(&WalEntry::LeaseRevoke { id });
+        {
+            // One step for readers: once a watcher sees the keys go, the lease is gone too.
+            let mut state = self.state();
+            if let Some((revision, ops)) = deletes {
+                state.apply(revision, ops);
+            }
+            if revoked.is_ok() {
+                state.leases.remove(&id);
+            }
+        }
+        if let Err(e) = self.maybe_snapshot() {
+            tracing::error!(error = %e, "store snapshot failed; the log keeps growing");
+        }
+        revoked
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), StoreError> {
+        if self.log.wal.entries_since_snapshot < self.log.snapshot_every {
+            return Ok(());
+        }
+        // Memory cannot run ahead of the log while we hold it: this copy is what the log holds.
+        let snapshot = {
+            let state = self.state();
+            Snapshot {
+                revision: state.revision,
+                compact_revision: state.compact_revision,
+                kvs: state.kvs.values().cloned().collect(),
+                leases: state
+                    .leases
+                    .iter()
+                    .map(|(id, l)| (*id, l.ttl.as_millis() as u64))
+                    .collect(),
+                next_lease: state.next_lease,
+            }
+        };
+        self.log.wal.write_snapshot(&snapshot)
+    }
+}
+
 async fn expire_leases(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let Some(inner) = inner.upgrade() else { return };
         let result = tokio::task::spawn_blocking(move || {
-            let mut state = lock(&inner);
             let now = Instant::now();
-            let expired: Vec<LeaseId> = state
-                .leases
-                .iter()
-                .filter(|(_, l)| l.deadline <= now)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                tracing::info!(lease = id, "lease expired");
-                state.revoke(id)?;
+            let expired = |state: &State, id: &LeaseId| {
+                state.leases.get(id).is_some_and(|l| l.deadline <= now)
+            };
+            let candidates: Vec<LeaseId> = {
+                let state = lock(&inner);
+                state
+                    .leases
+                    .keys()
+                    .filter(|id| expired(&state, id))
+                    .copied()
+                    .collect()
+            };
+            if candidates.is_empty() {
+                return Ok::<(), StoreError>(());
             }
-            Ok::<(), StoreError>(())
+            let mut writer = Writer::new(&inner);
+            for id in candidates {
+                // A keep-alive may have come in since the list was made.
+                if !expired(&writer.state(), &id) {
+                    continue;
+                }
+                tracing::info!(lease = id, "lease expired");
+                writer.revoke(id)?;
+            }
+            Ok(())
         })
         .await;
         match result {
@@ -362,59 +487,6 @@ impl State {
                 .is_ok()
         });
     }
-
-    /// Logs then applies a write; returns the new revision (unchanged if `ops` is empty).
-    fn write(&mut self, ops: Vec<AppliedOp>) -> Result<Revision, StoreError> {
-        if ops.is_empty() {
-            return Ok(self.revision);
-        }
-        let revision = self.revision + 1;
-        self.wal.append(&WalEntry::Write {
-            revision,
-            ops: ops.clone(),
-        })?;
-        self.apply(revision, ops);
-        // The write is durable and applied: a failed snapshot must not report it as failed.
-        if let Err(e) = self.maybe_snapshot() {
-            tracing::error!(error = %e, "store snapshot failed; the log keeps growing");
-        }
-        Ok(revision)
-    }
-
-    fn revoke(&mut self, id: LeaseId) -> Result<(), StoreError> {
-        let Some(lease) = self.leases.get(&id) else {
-            return Err(StoreError::LeaseNotFound(id));
-        };
-        let ops: Vec<AppliedOp> = lease
-            .keys
-            .iter()
-            .map(|k| AppliedOp::Delete { key: k.clone() })
-            .collect();
-        // Delete the keys first: if we crash between the two entries the lease comes back with
-        // a fresh TTL and no keys, and simply expires again.
-        self.write(ops)?;
-        self.wal.append(&WalEntry::LeaseRevoke { id })?;
-        self.leases.remove(&id);
-        Ok(())
-    }
-
-    fn maybe_snapshot(&mut self) -> Result<(), StoreError> {
-        if self.wal.entries_since_snapshot < self.snapshot_every {
-            return Ok(());
-        }
-        let snapshot = Snapshot {
-            revision: self.revision,
-            compact_revision: self.compact_revision,
-            kvs: self.kvs.values().cloned().collect(),
-            leases: self
-                .leases
-                .iter()
-                .map(|(id, l)| (*id, l.ttl.as_millis() as u64))
-                .collect(),
-            next_lease: self.next_lease,
-        };
-        self.wal.write_snapshot(&snapshot)
-    }
 }
 
 #[async_trait]
@@ -438,15 +510,18 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        self.blocking(move |state| {
-            let succeeded = txn.compares.iter().all(|c| state.compare(c));
-            let ops = if succeeded {
-                &txn.success
-            } else {
-                &txn.failure
+        self.blocking(move |writer| {
+            let (succeeded, applied) = {
+                let state = writer.state();
+                let succeeded = txn.compares.iter().all(|c| state.compare(c));
+                let ops = if succeeded {
+                    &txn.success
+                } else {
+                    &txn.failure
+                };
+                (succeeded, state.resolve(ops)?)
             };
-            let applied = state.resolve(ops)?;
-            let revision = state.write(applied)?;
+            let revision = writer.write(applied)?;
             Ok(TxnResponse {
                 succeeded,
                 revision,
@@ -486,10 +561,14 @@ impl Store for EmbeddedStore {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.blocking(move |state| {
-            let id = state.next_lease;
+        self.blocking(move |writer| {
+            let id = writer.state().next_lease;
             let ttl_ms = ttl.as_millis().max(1) as u64;
-            state.wal.append(&WalEntry::LeaseGrant { id, ttl_ms })?;
+            writer
+                .log
+                .wal
+                .append(&WalEntry::LeaseGrant { id, ttl_ms })?;
+            let mut state = writer.state();
             state.next_lease += 1;
             state.restore_lease(id, ttl_ms, Instant::now());
             Ok(id)
@@ -508,16 +587,21 @@ impl Store for EmbeddedStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.blocking(move |state| state.revoke(lease)).await
+        self.blocking(move |writer| writer.revoke(lease)).await
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.blocking(move |state| {
-            let revision = revision.min(state.revision);
-            if revision <= state.compact_revision {
-                return Ok(());
-            }
-            state.wal.append(&WalEntry::Compact { revision })?;
+        self.blocking(move |writer| {
+            let revision = {
+                let state = writer.state();
+                let revision = revision.min(state.revision);
+                if revision <= state.compact_revision {
+                    return Ok(());
+                }
+                revision
+            };
+            writer.log.wal.append(&WalEntry::Compact { revision })?;
+            let mut state = writer.state();
             state.compact_revision = revision;
             state.trim_history();
             // Watchers behind the new floor cannot be served any more.
@@ -528,5 +612,60 @@ impl Store for EmbeddedStore {
 
     async fn revision(&self) -> Result<Revision, StoreError> {
         Ok(self.lock().revision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_do_not_wait_for_a_write_on_its_way_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.put("/k", b"1".to_vec()).await.unwrap();
+
+        // A writer in the middle of its fsync (or of a snapshot) holds the log, and only that.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let inner = store.inner.clone();
+        let holder = std::thread::spawn(move || {
+            let _log = inner.log.lock().unwrap();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        held_rx.recv().unwrap();
+
+        let reads = async {
+            (
+                store.get("/k").await.unwrap(),
+                store.range("/").await.unwrap(),
+                store.revision().await.unwrap(),
+            )
+        };
+        let (got, range, revision) = tokio::time::timeout(Duration::from_secs(5), reads)
+            .await
+            .expect("reads answer while a write holds the log");
+        assert_eq!(got.unwrap().value, b"1");
+        assert_eq!(range.kvs.len(), 1);
+        assert_eq!(revision, 1);
+
+        // A write waits its turn, and is not visible before it is durable.
+        let writer = store.clone();
+        let write = tokio::spawn(async move { writer.put("/k", b"2".to_vec()).await });
+        let watched = store.watch("/", 2).await.unwrap();
+        assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"1");
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(write.await.unwrap().unwrap(), 2);
+        assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"2");
+        let mut watched = watched;
+        match tokio::time::timeout(Duration::from_secs(5), watched.next()).await {
+            Ok(Some(WatchMessage::Events { revision, events })) => {
+                assert_eq!(revision, 2);
+                assert_eq!(events[0].kv.value, b"2");
+            }
+            other => panic!("the watcher sees the write: {other:?}"),
+        }
     }
 }
