@@ -152,6 +152,7 @@ pub fn main(dir: &Path) -> i32 {
     // Leave the agent's session and process group: a Ctrl-C or kill aimed at the agent's group
     // must not reach the shim or its task.
     let _ = os::setsid();
+    os::one_malloc_arena();
     if write_pid_file(&dir.join(SHIM_PID), std::process::id()).is_err() {
         return 1;
     }
