@@ -169,6 +169,16 @@ pub struct ListResponse<T> {
     pub revision: u64,
 }
 
+/// A proxy as `GET /v1/proxies` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProxyInfo {
+    #[serde(flatten)]
+    pub record: dozen_model::ProxyRecord,
+    /// Nothing that routes depend on changed since the table it applied (its own heartbeat
+    /// and other writes that do not touch routes leave it current).
+    pub current: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum WatchEventType {

@@ -1036,12 +1036,58 @@ async fn routes(
 
 async fn list_proxies(
     State(s): State<Arc<AppState>>,
-) -> ApiResult<Json<ListResponse<dozen_model::ProxyRecord>>> {
+) -> ApiResult<Json<ListResponse<crate::ProxyInfo>>> {
     let snap = Snapshot::read(s.store.as_ref()).await?;
+    let mut items = Vec::with_capacity(snap.proxies.len());
+    for proxy in snap.proxies.into_values() {
+        let current = routes_unchanged(
+            s.store.as_ref(),
+            proxy.record.applied_revision,
+            snap.revision,
+        )
+        .await;
+        items.push(crate::ProxyInfo {
+            record: proxy.record,
+            current,
+        });
+    }
     Ok(Json(ListResponse {
-        items: snap.proxies.into_values().map(|p| p.record).collect(),
+        items,
         revision: snap.revision,
     }))
+}
+
+/// Whether nothing that routes depend on changed after revision `applied`, up to `head`: read
+/// from the store's history (false when that history is compacted away, or slow to come).
+async fn routes_unchanged(store: &dyn Store, applied: u64, head: u64) -> bool {
+    if applied >= head {
+        return true;
+    }
+    let Ok(mut watch) = store.watch(keys::ROOT, applied + 1).await else {
+        return false;
+    };
+    let scanned = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(message) = watch.next().await {
+            match message {
+                WatchMessage::Events { revision, .. } if revision > head => return true,
+                WatchMessage::Events { revision, events } => {
+                    if events
+                        .iter()
+                        .any(|e| dozen_control::routes::affects_routes(&e.kv.key))
+                    {
+                        return false;
+                    }
+                    if revision == head {
+                        return true;
+                    }
+                }
+                WatchMessage::Compacted { .. } => return false,
+            }
+        }
+        false
+    })
+    .await;
+    scanned.unwrap_or(false)
 }
 
 async fn register_proxy(

@@ -830,22 +830,29 @@ fn print_run_line(line: &LogLine, output: Output) {
 
 pub async fn proxies(global: &Global) -> anyhow::Result<i32> {
     let api = client(global)?;
-    let list: dozen_api::ListResponse<dozen_model::ProxyRecord> = api.get("/v1/proxies").await?;
+    let list: dozen_api::ListResponse<dozen_api::ProxyInfo> = api.get("/v1/proxies").await?;
     output::listing(global.output, &list, || {
         let rows: Vec<Vec<String>> = list
             .items
             .iter()
             .map(|p| {
                 vec![
-                    p.id.clone(),
-                    p.public_address.clone(),
-                    p.internal_address.clone(),
-                    p.applied_revision.to_string(),
+                    p.record.id.clone(),
+                    p.record.public_address.clone(),
+                    p.record.internal_address.clone(),
+                    p.record.applied_revision.to_string(),
+                    if p.current { "yes" } else { "catching up" }.to_string(),
                 ]
             })
             .collect();
         table(
-            &["PROXY", "PUBLIC", "INTERNAL", "ROUTES AT REVISION"],
+            &[
+                "PROXY",
+                "PUBLIC",
+                "INTERNAL",
+                "ROUTES AT REVISION",
+                "CURRENT",
+            ],
             &rows,
         );
         println!("\nstore revision now: {}", list.revision);

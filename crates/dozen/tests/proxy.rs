@@ -59,20 +59,15 @@ fn task_of(body: &str) -> String {
     body.trim().trim_start_matches("hello from ").to_string()
 }
 
-/// Waits until every live proxy serves a route table at least as new as the store is now.
+/// Waits until every live proxy serves the current route table.
 fn proxies_caught_up(d: &Dozen) {
-    let now = d.json(&["proxies"])["revision"].as_u64().unwrap();
     eventually(
         Duration::from_secs(10),
         "proxies apply the latest routes",
         || {
             let p = d.json(&["proxies"]);
             let items = p["items"].as_array()?;
-            (!items.is_empty()
-                && items
-                    .iter()
-                    .all(|x| x["applied_revision"].as_u64() >= Some(now)))
-            .then_some(())
+            (!items.is_empty() && items.iter().all(|x| x["current"] == true)).then_some(())
         },
     );
 }
@@ -272,4 +267,52 @@ fn a_standalone_proxy_routes_too_and_slow_targets_get_504() {
         "{}",
         r.body
     );
+}
+
+#[test]
+fn a_target_that_closes_without_answering_gets_a_get_retried_but_not_a_post() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    let markers = d.dir.path().join("markers");
+    std::fs::create_dir(&markers).unwrap();
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "flaky"
+[services.api]
+command = ["{APP}"]
+replicas = 2
+[services.api.env]
+CLOSE_ONCE_DIR = "{}"
+[[services.api.routes]]
+path = "/api"
+[services.api.health]
+http = "/healthz"
+interval = "200ms"
+timeout = "100ms"
+"#,
+            markers.display()
+        ),
+    );
+    d.ok(&["apply", "--no-wait"]);
+    d.wait_ready("api", 2);
+    proxies_caught_up(&d);
+
+    // The first target to see it closes the connection; the GET goes to the other one.
+    let r = http_request(d.proxy_port, "x", "/api/close-once/get").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "answered"), "{}", r.body);
+    assert!(
+        markers.join("get").exists(),
+        "the first attempt was refused"
+    );
+
+    // A POST may have been acted on: not sent again, the client hears of the failure.
+    let r = http_raw(
+        d.proxy_port,
+        "POST /api/close-once/post HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    assert!(markers.join("post").exists());
 }

@@ -263,6 +263,33 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Methods that may be sent twice (RFC 9110 §9.2.2): only these are retried once the request
+/// went out.
+fn is_idempotent(method: &hyper::Method) -> bool {
+    matches!(
+        *method,
+        hyper::Method::GET
+            | hyper::Method::HEAD
+            | hyper::Method::OPTIONS
+            | hyper::Method::PUT
+            | hyper::Method::DELETE
+    )
+}
+
+/// The target closed the connection before any answer: it was leaving (a stopping task may
+/// drop the connections it still accepts) or it died. Whether it acted on the request is not
+/// known, so only a method that may be sent twice goes to another target.
+fn closed_without_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message();
+        }
+        source = err.source();
+    }
+    false
+}
+
 fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
@@ -383,8 +410,13 @@ async fn handle(
                 }
                 return Response::from_parts(rparts, rbody.boxed());
             }
-            Ok(Err(e)) if e.is_connect() && !retried && retry.is_some() => {
-                tracing::info!(service = %route.service, target = attempt_target, request_id = %id, "connect failed; retrying on another target");
+            Ok(Err(e))
+                if !retried
+                    && retry.is_some()
+                    && (e.is_connect()
+                        || (is_idempotent(&parts.method) && closed_without_answer(&e))) =>
+            {
+                tracing::info!(service = %route.service, target = attempt_target, request_id = %id, error = %e, "target failed before answering; retrying on another target");
                 attempt_target = retry.unwrap_or(target);
                 retried = true;
             }

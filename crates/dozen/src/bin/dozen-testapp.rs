@@ -116,6 +116,19 @@ fn answer(mut stream: TcpStream) {
         headers
     } else if path.ends_with("/pid") {
         std::process::id().to_string()
+    } else if let Some((_, name)) = path.split_once("/close-once/") {
+        // The first request for `name` (across every replica: a marker file in
+        // $CLOSE_ONCE_DIR) gets its connection closed without an answer; later ones an answer.
+        let dir = std::env::var("CLOSE_ONCE_DIR").unwrap_or_else(|_| ".".into());
+        let first = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(std::path::Path::new(&dir).join(name))
+            .is_ok();
+        if first {
+            return;
+        }
+        "answered".to_string()
     } else if let Some((_, ms)) = path.split_once("/sleep/") {
         std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
         "slept".to_string()
