@@ -10,6 +10,10 @@ use dozen_store::{Op, Store, Txn};
 
 use crate::server::AppState;
 
+/// Sent by a server asking a peer for a blob: answer from what you hold, do not ask your own
+/// peers (else two servers that both lack a blob would ask each other forever).
+pub const LOCAL_ONLY: &str = "x-dozen-local-only";
+
 /// How long a server's record outlives it.
 pub const SERVER_TTL: Duration = Duration::from_secs(10);
 /// Longest wait for a peer's copy of a blob (bundles are up to a few hundred MiB).
@@ -83,6 +87,7 @@ pub async fn fetch_blob(s: &AppState, digest: &str) -> Option<Vec<u8>> {
         };
         let answer = async {
             let resp = request
+                .header(LOCAL_ONLY, "1")
                 .timeout(FETCH_TIMEOUT)
                 .send()
                 .await?

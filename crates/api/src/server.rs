@@ -1205,21 +1205,30 @@ async fn has_blob(
 async fn get_blob(
     State(s): State<Arc<AppState>>,
     Path(digest): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let blobs = s.blobs.clone();
     let name = digest.clone();
+    let local_only = headers.contains_key(crate::peers::LOCAL_ONLY);
     let bytes = match blocking(move || blobs.get(&name)).await? {
         Some(bytes) => Some(bytes),
+        None if local_only => None,
         // Uploaded to another server: fetch it from there, check it, keep it.
         None => match crate::peers::fetch_blob(&s, &digest).await {
             Some(bytes) => {
                 let (blobs, name, copy) = (s.blobs.clone(), digest.clone(), bytes.clone());
-                match blocking(move || blobs.put(&name, &copy)).await {
-                    Ok(()) => Some(bytes),
-                    Err(_) => {
+                match tokio::task::spawn_blocking(move || blobs.put(&name, &copy)).await {
+                    Ok(Ok(())) => Some(bytes),
+                    Ok(Err(BlobError::Mismatch { .. })) => {
                         tracing::warn!(digest, "a peer's copy of a blob does not match its digest");
                         None
                     }
+                    Ok(Err(e)) => {
+                        // Checked, just not kept: serve it anyway.
+                        tracing::warn!(digest, error = %e, "cannot keep a blob fetched from a peer");
+                        Some(bytes)
+                    }
+                    Err(_) => None,
                 }
             }
             None => None,

@@ -150,6 +150,21 @@ async fn two_servers_share_blobs_and_what_the_controller_found() {
         "B keeps its copy"
     );
 
+    // A blob no server holds is a plain 404, from each server, while both are up: a server
+    // asked by a peer answers from what it holds and never asks back.
+    let missing = dozen_store::blob::sha256_digest(b"nobody uploaded this");
+    for server in [&a, &b] {
+        let started = std::time::Instant::now();
+        let resp = client
+            .get(format!("{}/v1/blobs/{missing}", server.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("an answer, not a loop between the servers");
+        assert_eq!(resp.status(), 404);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
     // What the leading controller finds wrong is seen through either server (`dozen ps`). here, a service
     // with no node to run on.
     std::fs::write(
@@ -199,9 +214,7 @@ async fn two_servers_share_blobs_and_what_the_controller_found() {
     let (status, body) = get(b.url.clone()).await;
     assert_eq!(status, 200);
     assert!(body == bundle);
-
-    // A blob no server holds is a plain 404 (the dead peer is skipped, not waited on forever).
-    let missing = dozen_store::blob::sha256_digest(b"nobody uploaded this");
+    // With A dead, a miss is still a prompt 404: the dead peer is skipped.
     let resp = client
         .get(format!("{}/v1/blobs/{missing}", b.url))
         .bearer_auth(TOKEN)
