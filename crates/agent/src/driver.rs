@@ -156,7 +156,7 @@ impl Driver for ProcessDriver {
     async fn start(&self, config: &TaskConfig) -> Result<TaskHandle, DriverError> {
         let dir = &config.dir;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        for stale in [shim::EXIT, shim::TASK_PID, shim::SHIM_PID] {
+        for stale in [shim::EXIT, shim::TASK_PID, shim::SHIM_PID, shim::STOPPING] {
             match std::fs::remove_file(dir.join(stale)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -220,6 +220,8 @@ impl Driver for ProcessDriver {
     }
 
     async fn stop(&self, handle: &TaskHandle, signal: i32, timeout: Duration) -> ExitInfo {
+        // Tells the shim this signal came from us: it must not send the group another.
+        let _ = std::fs::write(handle.dir.join(shim::STOPPING), b"");
         if let Some(pid) = handle.task_pid {
             let _ = os::kill_group(pid, signal);
         }

@@ -243,6 +243,64 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Waits until `pid` (a child) has exited, leaving it a zombie: its pid, and the process group
+/// id it leads, stay reserved until it is reaped, so signals sent to that group meanwhile
+/// cannot reach a stranger that got the number.
+pub fn wait_exit_keep_zombie(pid: u32) -> io::Result<()> {
+    loop {
+        // SAFETY: waitid writes into the zeroed siginfo we own; no other memory is involved.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Whether any process other than `except` (a zombie leader) is alive in process group `pgid`.
+pub fn group_has_others(pgid: u32, except: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == except {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        // Fields 3 (state) and 5 (process group) of /proc/PID/stat.
+        let mut fields = after.split_whitespace();
+        let state = fields.next();
+        let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+        if group == Some(pgid) && !matches!(state, Some("Z") | Some("X")) {
+            return true;
+        }
+    }
+    false
+}
+
 /// One malloc arena for the whole process: glibc gives each new thread an arena of its own,
 /// and each touches pages of its own; the shim's three small threads do not need them.
 pub fn one_malloc_arena() {

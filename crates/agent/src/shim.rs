@@ -10,6 +10,7 @@
 //! - `shim.pid`, `task.pid`: `PID STARTTIME`, so a reused pid is never mistaken for ours
 //! - `output.log`: `MILLIS o|e TEXT` lines
 //! - `exit.json`: how the task ended (or why it never started)
+//! - `stopping` (written by the agent): the agent has sent the stop signal itself
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -55,6 +56,8 @@ pub struct Launch {
 const DEFAULT_LINGER: Duration = Duration::from_secs(2);
 /// After the final SIGKILL, how long the pipes get to close.
 const FINAL_DRAIN: Duration = Duration::from_millis(500);
+/// How often the shim looks whether the rest of the task's process group has gone.
+const GROUP_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExitRecord {
@@ -69,6 +72,8 @@ pub struct ExitRecord {
 pub const LAUNCH: &str = "launch.json";
 pub const SHIM_PID: &str = "shim.pid";
 pub const TASK_PID: &str = "task.pid";
+/// Written by the agent before it sends the stop signal: the task is being stopped.
+pub const STOPPING: &str = "stopping";
 pub const EXIT: &str = "exit.json";
 pub const LOG: &str = "output.log";
 
@@ -267,26 +272,42 @@ pub fn main(dir: &Path) -> i32 {
     }
     // Everything is set up: give back the code pages start-up touched.
     os::trim_clean_file_pages();
-    let status = child.wait();
+    // Wait without reaping: until the final SIGKILL below, the task's pid (its process group
+    // id) stays ours, so no signal to the group can reach a process that reused the number.
+    let task_pid = child.id();
+    let waited = os::wait_exit_keep_zombie(task_pid);
     // What the task started is stopped as the task would be (as systemd does with a unit's
-    // control group), and the pipes close once every process holding them has exited: until
-    // then the last lines may still come, so wait, within the linger time.
-    let _ = os::kill_group(child.id(), launch.stop_signal.unwrap_or(libc::SIGTERM));
+    // control group): the stop signal, unless the agent is stopping the task and so has sent
+    // it already (a second one tells many programs to give up on a graceful shutdown), then
+    // SIGKILL once the linger time is over. Until the group is empty and the pipes closed, the
+    // last lines may still come.
+    if !dir.join(STOPPING).exists() {
+        let _ = os::kill_group(task_pid, launch.stop_signal.unwrap_or(libc::SIGTERM));
+    }
     let linger = launch
         .linger_ms
         .map(Duration::from_millis)
         .unwrap_or(DEFAULT_LINGER);
     let deadline = std::time::Instant::now() + linger;
     let mut open_pipes = readers;
-    while open_pipes > 0 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
+    loop {
+        while open_pipes > 0 && done_rx.try_recv().is_ok() {
+            open_pipes -= 1;
+        }
+        if waited.is_err()
+            || (open_pipes == 0 && !os::group_has_others(task_pid, task_pid))
+            || std::time::Instant::now() >= deadline
+        {
             break;
         }
-        open_pipes -= 1;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if done_rx.recv_timeout(left.min(GROUP_POLL)).is_ok() {
+            open_pipes -= 1;
+        }
     }
     // Whatever the task started dies with it: an orphan would keep its port and our pipes.
-    let _ = os::kill_group(child.id(), libc::SIGKILL);
+    let _ = os::kill_group(task_pid, libc::SIGKILL);
+    let status = child.wait();
     while open_pipes > 0 && done_rx.recv_timeout(FINAL_DRAIN).is_ok() {
         open_pipes -= 1;
     }

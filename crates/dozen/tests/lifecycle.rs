@@ -458,28 +458,45 @@ port = false
 
 #[test]
 fn a_shell_form_programs_graceful_stop_is_not_cut_short() {
-    // The task's own process is `sh`, which dies at once on SIGTERM; the program it started
-    // takes half a second to say goodbye, well within its stop timeout.
+    // The task's own process is `sh`, which dies at once on SIGTERM. `polite`, the program it
+    // started, takes half a second to say goodbye and counts the SIGTERMs it gets: one. `quiet`
+    // writes nowhere near our pipes (so their closing says nothing) and leaves a mark when it
+    // has finished.
     let mut d = Dozen::new(DOZEN);
     d.start_server(true);
+    let mark = d.dir.path().join("quiet-finished");
     d.write(
         "dozen.toml",
-        r#"
+        &format!(
+            r#"
 name = "grace"
 [services.polite]
-command = """sh -c 'trap "sleep 0.5; echo said goodbye; exit 0" TERM; echo ready; while true; do sleep 0.1; done'"""
+command = """sh -c 'stopping=0; trap "echo got TERM; stopping=1" TERM; echo ready; while [ $stopping = 0 ]; do sleep 0.1; done; i=0; while [ $i -lt 5 ]; do sleep 0.1; i=$((i+1)); done; echo said goodbye'"""
+port = false
+stop_timeout = "10s"
+
+[services.quiet]
+command = """sh -c 'trap "sleep 0.5; echo bye > {}; exit 0" TERM; exec >/dev/null 2>&1; while true; do sleep 0.1; done'"""
 port = false
 stop_timeout = "10s"
 "#,
+            mark.display()
+        ),
     );
     d.ok(&["apply"]);
     eventually(Duration::from_secs(20), "the program is ready", || {
         d.ok(&["logs", "polite"]).contains("ready").then_some(())
     });
-    d.ok(&["stop", "polite"]);
-    eventually(Duration::from_secs(20), "its goodbye in the log", || {
-        d.ok(&["logs", "polite"])
-            .contains("said goodbye")
+    d.ok(&["stop", "polite", "quiet"]);
+    let log = eventually(Duration::from_secs(20), "its goodbye in the log", || {
+        let log = d.ok(&["logs", "polite"]);
+        log.contains("said goodbye").then_some(log)
+    });
+    assert_eq!(log.matches("got TERM").count(), 1, "one stop signal: {log}");
+    eventually(Duration::from_secs(20), "quiet finished its shutdown", || {
+        std::fs::read_to_string(&mark)
+            .ok()?
+            .contains("bye")
             .then_some(())
     });
 }
