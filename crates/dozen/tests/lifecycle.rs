@@ -493,10 +493,14 @@ stop_timeout = "10s"
         log.contains("said goodbye").then_some(log)
     });
     assert_eq!(log.matches("got TERM").count(), 1, "one stop signal: {log}");
-    eventually(Duration::from_secs(20), "quiet finished its shutdown", || {
-        std::fs::read_to_string(&mark)
-            .ok()?
-            .contains("bye")
-            .then_some(())
-    });
+    eventually(
+        Duration::from_secs(20),
+        "quiet finished its shutdown",
+        || {
+            std::fs::read_to_string(&mark)
+                .ok()?
+                .contains("bye")
+                .then_some(())
+        },
+    );
 }

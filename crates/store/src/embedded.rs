@@ -42,6 +42,8 @@ struct LeaseState {
     ttl: Duration,
     deadline: Instant,
     keys: BTreeSet<String>,
+    /// A writer is revoking it (between its log writes): keep-alives fail from now on.
+    revoking: bool,
 }
 
 struct Watcher {
@@ -220,12 +222,21 @@ impl<'a> Writer<'a> {
         Ok(revision)
     }
 
-    fn revoke(&mut self, id: LeaseId) -> Result<(), StoreError> {
+    /// Revokes lease `id`; with `expired_at`, only if it had expired by then (checked in the
+    /// same step that stops keep-alives, so one that came in meanwhile wins).
+    fn revoke(&mut self, id: LeaseId, expired_at: Option<Instant>) -> Result<(), StoreError> {
         let ops: Vec<AppliedOp> = {
-            let state = self.state();
-            let Some(lease) = state.leases.get(&id) else {
+            let mut state = self.state();
+            let Some(lease) = state.leases.get_mut(&id) else {
                 return Err(StoreError::LeaseNotFound(id));
             };
+            if let Some(at) = expired_at {
+                if lease.deadline > at {
+                    return Ok(());
+                }
+                tracing::info!(lease = id, "lease expired");
+            }
+            lease.revoking = true;
             lease
                 .keys
                 .iter()
@@ -238,10 +249,17 @@ impl<'a> Writer<'a> {
             None
         } else {
             let revision = self.state().revision + 1;
-            self.log.wal.append(&WalEntry::Write {
+            let logged = self.log.wal.append(&WalEntry::Write {
                 revision,
                 ops: ops.clone(),
-            })?;
+            });
+            if let Err(e) = logged {
+                // Nothing changed: the lease lives on.
+                if let Some(lease) = self.state().leases.get_mut(&id) {
+                    lease.revoking = false;
+                }
+                return Err(e);
+            }
             Some((revision, ops))
         };
         let revoked = self.log.wal.append(&WalEntry::LeaseRevoke { id });
@@ -307,12 +325,8 @@ async fn expire_leases(inner: Weak<Inner>) {
             }
             let mut writer = Writer::new(&inner);
             for id in candidates {
-                // A keep-alive may have come in since the list was made.
-                if !expired(&writer.state(), &id) {
-                    continue;
-                }
-                tracing::info!(lease = id, "lease expired");
-                writer.revoke(id)?;
+                // A keep-alive may have come in since the list was made: revoke checks again.
+                writer.revoke(id, Some(now))?;
             }
             Ok(())
         })
@@ -334,6 +348,7 @@ impl State {
                 ttl,
                 deadline: now + ttl,
                 keys: BTreeSet::new(),
+                revoking: false,
             },
         );
     }
@@ -581,13 +596,15 @@ impl Store for EmbeddedStore {
         let l = state
             .leases
             .get_mut(&lease)
+            .filter(|l| !l.revoking)
             .ok_or(StoreError::LeaseNotFound(lease))?;
         l.deadline = Instant::now() + l.ttl;
         Ok(())
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.blocking(move |writer| writer.revoke(lease)).await
+        self.blocking(move |writer| writer.revoke(lease, None))
+            .await
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
@@ -667,5 +684,52 @@ mod tests {
             }
             other => panic!("the watcher sees the write: {other:?}"),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_being_revoked_cannot_be_kept_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        store
+            .txn(Txn::new().then(Op::Put {
+                key: "/l".into(),
+                value: b"v".to_vec(),
+                lease: Some(lease),
+            }))
+            .await
+            .unwrap();
+        // A writer has begun revoking it (its deletes are on their way to the disk) when a
+        // keep-alive comes in: it must not be told the lease lives on.
+        let inner = store.inner.clone();
+        let (marked_tx, marked_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let revoker = std::thread::spawn(move || {
+            let mut writer = Writer::new(&inner);
+            writer.state().leases.get_mut(&lease).unwrap().revoking = true;
+            marked_tx.send(()).unwrap();
+            let _ = go_rx.recv();
+            writer.revoke(lease, None)
+        });
+        marked_rx.recv().unwrap();
+        assert!(matches!(
+            store.keep_alive(lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        go_tx.send(()).unwrap();
+        revoker.join().unwrap().unwrap();
+        assert!(store.get("/l").await.unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expiry_spares_a_lease_kept_alive_after_the_list_was_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        // Expiry decided at a moment before the lease's deadline: nothing is revoked.
+        let mut writer = Writer::new(&store.inner);
+        writer.revoke(lease, Some(Instant::now())).unwrap();
+        drop(writer);
+        store.keep_alive(lease).await.unwrap();
     }
 }
