@@ -1038,27 +1038,28 @@ async fn list_proxies(
     State(s): State<Arc<AppState>>,
 ) -> ApiResult<Json<ListResponse<crate::ProxyInfo>>> {
     let snap = Snapshot::read(s.store.as_ref()).await?;
-    let mut items = Vec::with_capacity(snap.proxies.len());
-    for proxy in snap.proxies.into_values() {
-        let current = routes_unchanged(
-            s.store.as_ref(),
-            proxy.record.applied_revision,
-            snap.revision,
-        )
-        .await;
-        items.push(crate::ProxyInfo {
-            record: proxy.record,
-            current,
-        });
-    }
+    let head = snap.revision;
+    let checks = snap.proxies.into_values().map(|proxy| {
+        let store = s.store.clone();
+        async move {
+            let current =
+                routes_unchanged(store.as_ref(), proxy.record.applied_revision, head).await;
+            crate::ProxyInfo {
+                record: proxy.record,
+                current,
+            }
+        }
+    });
     Ok(Json(ListResponse {
-        items,
-        revision: snap.revision,
+        items: futures_util::future::join_all(checks).await,
+        revision: head,
     }))
 }
 
 /// Whether nothing that routes depend on changed after revision `applied`, up to `head`: read
-/// from the store's history (false when that history is compacted away, or slow to come).
+/// from the store's history (false when that history is compacted away). A watch from a past
+/// revision replays what it has at once, so once it falls quiet there is no more (on an etcd
+/// shared with others, revision `head` itself may hold no dozen key).
 async fn routes_unchanged(store: &dyn Store, applied: u64, head: u64) -> bool {
     if applied >= head {
         return true;
@@ -1066,28 +1067,24 @@ async fn routes_unchanged(store: &dyn Store, applied: u64, head: u64) -> bool {
     let Ok(mut watch) = store.watch(keys::ROOT, applied + 1).await else {
         return false;
     };
-    let scanned = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(message) = watch.next().await {
-            match message {
-                WatchMessage::Events { revision, .. } if revision > head => return true,
-                WatchMessage::Events { revision, events } => {
-                    if events
-                        .iter()
-                        .any(|e| dozen_control::routes::affects_routes(&e.kv.key))
-                    {
-                        return false;
-                    }
-                    if revision == head {
-                        return true;
-                    }
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), watch.next()).await {
+            Err(_) => return true,
+            Ok(None) | Ok(Some(WatchMessage::Compacted { .. })) => return false,
+            Ok(Some(WatchMessage::Events { revision, .. })) if revision > head => return true,
+            Ok(Some(WatchMessage::Events { revision, events })) => {
+                if events
+                    .iter()
+                    .any(|e| dozen_control::routes::affects_routes(&e.kv.key))
+                {
+                    return false;
                 }
-                WatchMessage::Compacted { .. } => return false,
+                if revision == head {
+                    return true;
+                }
             }
         }
-        false
-    })
-    .await;
-    scanned.unwrap_or(false)
+    }
 }
 
 async fn register_proxy(

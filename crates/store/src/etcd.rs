@@ -64,7 +64,7 @@ fn never_reached_a_member(e: &ec::Error) -> bool {
         return false;
     };
     let message = status.message();
-    status.to_string().starts_with("status: Unavailable")
+    status.code() == tonic::Code::Unavailable
         && (message.contains("tcp connect error")
             || message.contains("error trying to connect")
             || message.contains("dns error"))
