@@ -94,15 +94,16 @@ fn start_server(site: &mut Site, name: &str) -> String {
         format!("{name}-operator-token-0123456789abcdef"),
     )
     .unwrap();
-    let port = free_port();
     let data = site.path(&format!("{name}-data"));
     site.spawn(
         &[
             "server",
             "--data-dir",
             data.to_str().unwrap(),
+            // Port 0: the server picks a free one and logs it, so no other test can take it
+            // between our choosing and its binding.
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--ca-dir",
             ca_dir.to_str().unwrap(),
             "--token-file",
@@ -114,13 +115,18 @@ fn start_server(site: &mut Site, name: &str) -> String {
         ],
         &format!("{name}.log"),
     );
-    let url = format!("https://127.0.0.1:{port}");
     eventually(Duration::from_secs(20), "the TLS server answers", || {
-        site.log(&format!("{name}.log"))
-            .contains("dozen server listening")
-            .then_some(())
-    });
-    url
+        listening_url(&site.log(&format!("{name}.log")))
+    })
+}
+
+/// The URL a server logged when it started listening.
+fn listening_url(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("dozen server listening"))?;
+    let url = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("url="))?;
+    Some(url.trim_matches('"').to_string())
 }
 
 fn operator(site: &Site, name: &str, url: &str, args: &[&str]) -> Output {

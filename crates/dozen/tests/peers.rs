@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dozen_testkit::{eventually, free_port, EtcdCluster};
+use dozen_testkit::{eventually, EtcdCluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dozen");
 const TOKEN: &str = "peers-operator-token-0123456789abcdef";
@@ -30,7 +30,6 @@ impl Drop for Server {
 }
 
 fn start_server(work: &Path, name: &str, store: &str) -> Server {
-    let port = free_port();
     let data = work.join(name);
     let log = work.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).unwrap();
@@ -38,7 +37,8 @@ fn start_server(work: &Path, name: &str, store: &str) -> Server {
         .args(["server", "--store", store])
         .arg("--data-dir")
         .arg(&data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        // Port 0: the server picks a free one and logs it.
+        .args(["--listen", "127.0.0.1:0"])
         .arg("--ca-dir")
         .arg(work.join("ca"))
         .arg("--token-file")
@@ -52,17 +52,19 @@ fn start_server(work: &Path, name: &str, store: &str) -> Server {
         .stderr(file)
         .spawn()
         .expect("start dozen server");
-    let server = Server {
+    let mut server = Server {
         child,
-        url: format!("https://127.0.0.1:{port}"),
+        url: String::new(),
         data,
         log,
     };
-    eventually(Duration::from_secs(30), &format!("{name} listens"), || {
-        std::fs::read_to_string(&server.log)
-            .ok()?
-            .contains("dozen server listening")
-            .then_some(())
+    server.url = eventually(Duration::from_secs(30), &format!("{name} listens"), || {
+        let log = std::fs::read_to_string(&server.log).ok()?;
+        let line = log.lines().find(|l| l.contains("dozen server listening"))?;
+        let url = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("url="))?;
+        Some(url.trim_matches('"').to_string())
     });
     server
 }
