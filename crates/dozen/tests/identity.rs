@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use dozen_testkit::{eventually, free_port};
+use dozen_testkit::{eventually, free_port, listening_url};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dozen");
@@ -118,15 +118,6 @@ fn start_server(site: &mut Site, name: &str) -> String {
     eventually(Duration::from_secs(20), "the TLS server answers", || {
         listening_url(&site.log(&format!("{name}.log")))
     })
-}
-
-/// The URL a server logged when it started listening.
-fn listening_url(log: &str) -> Option<String> {
-    let line = log.lines().find(|l| l.contains("dozen server listening"))?;
-    let url = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("url="))?;
-    Some(url.trim_matches('"').to_string())
 }
 
 fn operator(site: &Site, name: &str, url: &str, args: &[&str]) -> Output {

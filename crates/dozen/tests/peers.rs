@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dozen_testkit::{eventually, EtcdCluster};
+use dozen_testkit::{eventually, listening_url, EtcdCluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dozen");
 const TOKEN: &str = "peers-operator-token-0123456789abcdef";
@@ -59,12 +59,7 @@ fn start_server(work: &Path, name: &str, store: &str) -> Server {
         log,
     };
     server.url = eventually(Duration::from_secs(30), &format!("{name} listens"), || {
-        let log = std::fs::read_to_string(&server.log).ok()?;
-        let line = log.lines().find(|l| l.contains("dozen server listening"))?;
-        let url = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("url="))?;
-        Some(url.trim_matches('"').to_string())
+        listening_url(&std::fs::read_to_string(&server.log).ok()?)
     });
     server
 }

@@ -53,6 +53,16 @@ pub fn signal_group(pgid: u32, sig: &str) {
         .status();
 }
 
+/// The URL in a `dozen server` log's "dozen server listening" line (a server started with
+/// `--listen 127.0.0.1:0` says there which port it got).
+pub fn listening_url(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("dozen server listening"))?;
+    let url = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("url="))?;
+    Some(url.trim_matches('"').to_string())
+}
+
 pub fn process_alive(pid: u32) -> bool {
     // A zombie counts as dead.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
