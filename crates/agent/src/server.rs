@@ -1,48 +1,76 @@
 //! The agent's own small HTTP API: logs of the tasks on this node, for the API server to merge.
+//! Plain hyper (the agent links no web framework); the route comes from `dozen_api::paths`.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use bytes::Bytes;
-use dozen_api::{LogLine, LogQuery};
+use dozen_api::tls::ConnectionInfo;
+use dozen_api::{bearer_token, paths, token_matches, LogLine, LogQuery, AUTHORIZATION};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::{local_tasks, logs, shim, Shared};
+
+type Body = BoxBody<Bytes, Infallible>;
 
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/v1/agent/logs", get(agent_logs))
-        .with_state(shared);
+    let service = move |connection: ConnectionInfo| {
+        let shared = shared.clone();
+        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let (shared, connection) = (shared.clone(), connection.clone());
+            async move { Ok::<_, Infallible>(route(&shared, &connection, request)) }
+        })
+    };
     let served = match tls {
-        Some(config) => dozen_api::tls::serve(listener, app, config).await,
-        None => axum::serve(listener, app).await,
+        Some(config) => dozen_api::tls::serve(listener, service, config).await,
+        None => dozen_api::tls::serve_plain(listener, service).await,
     };
     if let Err(e) = served {
         tracing::error!(error = %e, "agent API stopped");
     }
 }
 
+fn route(
+    shared: &Arc<Shared>,
+    connection: &ConnectionInfo,
+    request: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    if request.method() != Method::GET {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match request.uri().path() {
+        paths::HEALTHZ => plain(StatusCode::OK, "ok\n"),
+        paths::AGENT_LOGS => {
+            let query = request.uri().query().unwrap_or("");
+            match serde_urlencoded::from_str::<LogQuery>(query) {
+                Ok(q) => agent_logs(shared.clone(), &request, connection, q),
+                Err(_) => plain(StatusCode::BAD_REQUEST, "bad log query\n"),
+            }
+        }
+        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
 /// A server's certificate (over TLS), or the token the agent was started with.
 fn authorised(
     shared: &Shared,
-    headers: &HeaderMap,
-    connection: Option<&dozen_api::tls::ConnectionInfo>,
+    request: &Request<hyper::body::Incoming>,
+    connection: &ConnectionInfo,
 ) -> bool {
     if connection
-        .and_then(|c| c.identity.as_ref())
+        .identity
+        .as_ref()
         .is_some_and(|id| id.name == dozen_api::tls::SERVER_CN)
     {
         return true;
@@ -50,18 +78,8 @@ fn authorised(
     if shared.config.token.is_empty() {
         return false;
     }
-    let given = headers
-        .get(dozen_api::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let expected = shared.config.token.as_bytes();
-    given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    let given = bearer_token(request.headers().get(AUTHORIZATION).map(|v| v.as_bytes()));
+    token_matches(given.as_bytes(), shared.config.token.as_bytes())
 }
 
 fn matching(shared: &Shared, q: &LogQuery) -> Vec<(PathBuf, String, String)> {
@@ -83,19 +101,19 @@ fn encode(lines: &[LogLine]) -> Bytes {
     Bytes::from(out)
 }
 
-async fn agent_logs(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    connection: Option<axum::Extension<dozen_api::tls::ConnectionInfo>>,
-    Query(q): Query<LogQuery>,
-) -> Response {
-    if !authorised(&shared, &headers, connection.as_ref().map(|c| &c.0)) {
+fn agent_logs(
+    shared: Arc<Shared>,
+    request: &Request<hyper::body::Incoming>,
+    connection: &ConnectionInfo,
+    q: LogQuery,
+) -> Response<Body> {
+    if !authorised(&shared, request, connection) {
         tracing::warn!(
-            peer = ?connection.as_ref().map(|c| c.peer),
-            client = ?connection.as_ref().and_then(|c| c.identity.as_ref()).map(|i| &i.name),
+            peer = %connection.peer,
+            client = ?connection.identity.as_ref().map(|i| &i.name),
             "refused a log request: neither a server's certificate nor the token"
         );
-        return (StatusCode::UNAUTHORIZED, "missing or wrong token\n").into_response();
+        return plain(StatusCode::UNAUTHORIZED, "missing or wrong token\n");
     }
     let since = q.since_ms.unwrap_or(0);
     let mut offsets: HashMap<PathBuf, u64> = HashMap::new();
@@ -113,10 +131,11 @@ async fn agent_logs(
         first.drain(..skip);
     }
     if !q.follow {
-        return Response::builder()
-            .header("content-type", "application/x-ndjson")
-            .body(Body::from(encode(&first)))
-            .unwrap_or_default();
+        return ndjson(
+            Full::new(encode(&first))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
@@ -161,10 +180,26 @@ async fn agent_logs(
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_default()
+    ndjson(StreamBody::new(stream).boxed())
+}
+
+fn ndjson(body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
 }

@@ -1,4 +1,5 @@
-//! The API client used by the CLI, agents and (later) proxies.
+//! The typed API client of the CLI, agents and proxies: one method per route, so no caller
+//! builds a path or a request by hand.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -6,11 +7,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-pub use reqwest::Method;
+use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{ErrorBody, WatchEvent};
+use crate::paths::{self, fill};
+use crate::{
+    ApplyOutcome, ApplyRequest, ClusterInfo, ErrorBody, HeartbeatRequest, JoinRequest,
+    JoinResponse, JoinTokenRequest, JoinTokenResponse, ListResponse, LogLine, LogQuery, NodeInfo,
+    ProxyHeartbeat, ProxyInfo, ProxyRegisterRequest, RegisterRequest, RegisterResponse,
+    RevokeResponse, RollbackRequest, RouteQuery, RunRequest, ScaleRequest, ServiceSummary,
+    StatusReport, TaskInfo, WatchEvent,
+};
+use dozen_model::{Assignment, Release, RouteTable, StackRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -135,28 +144,7 @@ impl Client {
                 }
             }
         };
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let body = resp.bytes().await.unwrap_or_default();
-        let (message, hint) = match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(b) => (b.error, b.hint),
-            Err(_) => (
-                format!(
-                    "{} {}: {}",
-                    status,
-                    path,
-                    String::from_utf8_lossy(&body).trim()
-                ),
-                None,
-            ),
-        };
-        Err(ApiError::Status {
-            status,
-            message,
-            hint,
-        })
+        answer(resp, path).await
     }
 
     async fn json<T: DeserializeOwned>(
@@ -174,14 +162,14 @@ impl Client {
         })
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let resp = self
             .send(|url| self.http.get(url).timeout(ONE_SHOT_TIMEOUT), path)
             .await?;
         self.json(resp, path).await
     }
 
-    pub async fn get_query<T: DeserializeOwned, Q: Serialize>(
+    async fn get_query<T: DeserializeOwned, Q: Serialize>(
         &self,
         path: &str,
         query: &Q,
@@ -192,7 +180,7 @@ impl Client {
         self.json(resp, path).await
     }
 
-    pub async fn post<T: DeserializeOwned, B: Serialize>(
+    async fn post<T: DeserializeOwned, B: Serialize>(
         &self,
         path: &str,
         body: &B,
@@ -207,7 +195,7 @@ impl Client {
     }
 
     /// POST/PUT/DELETE whose answer has no body.
-    pub async fn call<B: Serialize>(
+    async fn call<B: Serialize>(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -227,7 +215,7 @@ impl Client {
         Ok(())
     }
 
-    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let resp = self
             .send(|url| self.http.delete(url).timeout(ONE_SHOT_TIMEOUT), path)
             .await?;
@@ -236,8 +224,8 @@ impl Client {
 
     /// Uploads an artifact bundle unless the server has it already; returns its digest.
     pub async fn upload_blob(&self, bytes: Vec<u8>) -> Result<String, ApiError> {
-        let digest = dozen_store::blob::sha256_digest(&bytes);
-        let path = format!("/v1/blobs/{digest}");
+        let digest = dozen_digest::sha256_digest(&bytes);
+        let path = fill(paths::BLOB, &[&digest]);
         match self.send(|url| self.http.head(url), &path).await {
             Ok(_) => return Ok(digest),
             Err(e) if e.status() == Some(404) => {}
@@ -251,24 +239,25 @@ impl Client {
 
     /// Downloads a blob and checks that its content matches its digest.
     pub async fn download_blob(&self, digest: &str) -> Result<Vec<u8>, ApiError> {
-        let path = format!("/v1/blobs/{digest}");
+        let path = fill(paths::BLOB, &[digest]);
+        dozen_digest::check(digest).map_err(|e| ApiError::Protocol {
+            url: self.url(&path),
+            detail: e.to_string(),
+        })?;
         let resp = self.send(|url| self.http.get(url), &path).await?;
         let bytes = resp.bytes().await.map_err(|e| ApiError::Unreachable {
             url: self.url(&path),
             detail: root_cause(&e),
         })?;
-        let actual = dozen_store::blob::sha256_digest(&bytes);
-        if actual != digest {
-            return Err(ApiError::Protocol {
-                url: self.url(&path),
-                detail: format!("blob content hashes to {actual}"),
-            });
-        }
+        dozen_digest::verify(digest, &bytes).map_err(|e| ApiError::Protocol {
+            url: self.url(&path),
+            detail: e.to_string(),
+        })?;
         Ok(bytes.to_vec())
     }
 
     /// A stream of newline-delimited JSON values from `path`.
-    pub async fn ndjson<T: DeserializeOwned + Send + 'static, Q: Serialize>(
+    async fn ndjson<T: DeserializeOwned + Send + 'static, Q: Serialize>(
         &self,
         path: &str,
         query: &Q,
@@ -281,7 +270,7 @@ impl Client {
 
     /// Watches a list-then-watch endpoint from `revision` (the list's revision).
     /// A 410 answer surfaces as `ApiError::Status { status: 410, .. }`: list again.
-    pub async fn watch<T: DeserializeOwned + Send + 'static>(
+    async fn watch<T: DeserializeOwned + Send + 'static>(
         &self,
         path: &str,
         revision: u64,
@@ -295,6 +284,227 @@ impl Client {
         )
         .await
     }
+
+    // One method per route.
+
+    pub async fn plan(&self, req: &ApplyRequest) -> Result<dozen_spec::Plan, ApiError> {
+        self.post(paths::PLAN, req).await
+    }
+
+    pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyOutcome, ApiError> {
+        self.post(paths::APPLY, req).await
+    }
+
+    pub async fn stacks(&self) -> Result<Vec<StackRecord>, ApiError> {
+        self.get(paths::STACKS).await
+    }
+
+    /// Removes a stack; returns the services it removed.
+    pub async fn down(&self, stack: &str) -> Result<Vec<String>, ApiError> {
+        self.delete(&fill(paths::STACK, &[stack])).await
+    }
+
+    pub async fn services(&self) -> Result<Vec<ServiceSummary>, ApiError> {
+        self.get(paths::SERVICES).await
+    }
+
+    pub async fn releases(&self, service: &str) -> Result<Vec<Release>, ApiError> {
+        self.get(&fill(paths::SERVICE_RELEASES, &[service])).await
+    }
+
+    pub async fn scale(&self, service: &str, replicas: u32) -> Result<(), ApiError> {
+        let path = fill(paths::SERVICE_SCALE, &[service]);
+        self.call(Method::POST, &path, Some(&ScaleRequest { replicas }))
+            .await
+    }
+
+    pub async fn restart(&self, service: &str) -> Result<(), ApiError> {
+        let path = fill(paths::SERVICE_RESTART, &[service]);
+        self.call::<()>(Method::POST, &path, None).await
+    }
+
+    pub async fn stop(&self, service: &str) -> Result<(), ApiError> {
+        let path = fill(paths::SERVICE_STOP, &[service]);
+        self.call::<()>(Method::POST, &path, None).await
+    }
+
+    /// Rolls back to release `to`, or the one before the current; returns the release now
+    /// current.
+    pub async fn rollback(&self, service: &str, to: Option<u64>) -> Result<Release, ApiError> {
+        let path = fill(paths::SERVICE_ROLLBACK, &[service]);
+        self.post(&path, &RollbackRequest { to }).await
+    }
+
+    /// Starts a one-off task of `service`'s current release.
+    pub async fn run(&self, service: &str, argv: Vec<String>) -> Result<TaskInfo, ApiError> {
+        let path = fill(paths::SERVICE_RUN, &[service]);
+        self.post(&path, &RunRequest { argv }).await
+    }
+
+    /// Every task, or those of one service.
+    pub async fn tasks(&self, service: Option<&str>) -> Result<Vec<TaskInfo>, ApiError> {
+        match service {
+            Some(service) => self.get_query(paths::TASKS, &[("service", service)]).await,
+            None => self.get(paths::TASKS).await,
+        }
+    }
+
+    pub async fn task(&self, task: &str) -> Result<TaskInfo, ApiError> {
+        self.get(&fill(paths::TASK, &[task])).await
+    }
+
+    /// Removes a finished one-off task.
+    pub async fn remove_task(&self, task: &str) -> Result<(), ApiError> {
+        let path = fill(paths::TASK, &[task]);
+        self.call::<()>(Method::DELETE, &path, None).await
+    }
+
+    /// Log lines of every node, merged; with `follow`, a stream that stays open.
+    pub async fn logs(
+        &self,
+        query: &LogQuery,
+    ) -> Result<impl Stream<Item = Result<LogLine, ApiError>> + Send + Unpin, ApiError> {
+        self.ndjson(paths::LOGS, query).await
+    }
+
+    /// The route table; with `after`, once it may have changed after that revision.
+    pub async fn routes(&self, query: &RouteQuery) -> Result<RouteTable, ApiError> {
+        self.get_query(paths::ROUTES, query).await
+    }
+
+    pub async fn proxies(&self) -> Result<ListResponse<ProxyInfo>, ApiError> {
+        self.get(paths::PROXIES).await
+    }
+
+    pub async fn register_proxy(
+        &self,
+        id: &str,
+        req: &ProxyRegisterRequest,
+    ) -> Result<RegisterResponse, ApiError> {
+        self.post(&fill(paths::PROXY_REGISTER, &[id]), req).await
+    }
+
+    pub async fn proxy_heartbeat(&self, id: &str, hb: &ProxyHeartbeat) -> Result<(), ApiError> {
+        let path = fill(paths::PROXY_HEARTBEAT, &[id]);
+        self.call(Method::POST, &path, Some(hb)).await
+    }
+
+    pub async fn cluster(&self) -> Result<ClusterInfo, ApiError> {
+        self.get(paths::CLUSTER).await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {
+        self.get(paths::NODES).await
+    }
+
+    pub async fn register_node(
+        &self,
+        node: &str,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, ApiError> {
+        self.post(&fill(paths::NODE_REGISTER, &[node]), req).await
+    }
+
+    pub async fn node_heartbeat(&self, node: &str, lease: u64) -> Result<(), ApiError> {
+        let path = fill(paths::NODE_HEARTBEAT, &[node]);
+        self.call(Method::POST, &path, Some(&HeartbeatRequest { lease }))
+            .await
+    }
+
+    pub async fn list_assignments(&self, node: &str) -> Result<ListResponse<Assignment>, ApiError> {
+        self.get(&fill(paths::NODE_ASSIGNMENTS, &[node])).await
+    }
+
+    /// Watches a node's assignments from `revision` (the list's). A 410 answer surfaces as
+    /// `ApiError::Status { status: 410, .. }`: list again.
+    pub async fn watch_assignments(
+        &self,
+        node: &str,
+        revision: u64,
+    ) -> Result<impl Stream<Item = Result<WatchEvent<Assignment>, ApiError>> + Send + Unpin, ApiError>
+    {
+        self.watch(&fill(paths::NODE_ASSIGNMENTS, &[node]), revision)
+            .await
+    }
+
+    pub async fn report_status(&self, node: &str, report: &StatusReport) -> Result<(), ApiError> {
+        let path = fill(paths::NODE_STATUS, &[node]);
+        self.call(Method::PUT, &path, Some(report)).await
+    }
+
+    pub async fn create_join_token(
+        &self,
+        req: &JoinTokenRequest,
+    ) -> Result<JoinTokenResponse, ApiError> {
+        self.post(paths::JOIN_TOKENS, req).await
+    }
+
+    pub async fn revoke_node(&self, node: &str) -> Result<RevokeResponse, ApiError> {
+        self.post(&fill(paths::NODE_REVOKE, &[node]), &serde_json::json!({}))
+            .await
+    }
+
+    /// The OpenAPI 3 document of this API.
+    pub async fn openapi(&self) -> Result<serde_json::Value, ApiError> {
+        self.get(paths::OPENAPI).await
+    }
+
+    /// Answers once the server is up and this client's token is accepted.
+    pub async fn check_access(&self) -> Result<(), ApiError> {
+        self.get::<serde_json::Value>(paths::NODES)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// The CA certificate `server` serves, fetched without trusting anyone yet: the caller must
+/// check it against a pin before it trusts it.
+pub async fn fetch_ca_unverified(server: &str) -> Result<String, ApiError> {
+    let url = format!("{}{}", server.trim_end_matches('/'), paths::CA);
+    let unreachable = |e: reqwest::Error| ApiError::Unreachable {
+        url: url.clone(),
+        detail: root_cause(&e),
+    };
+    let insecure = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(unreachable)?;
+    let resp = insecure.get(&url).send().await.map_err(unreachable)?;
+    let resp = answer(resp, paths::CA).await?;
+    resp.text().await.map_err(unreachable)
+}
+
+/// Joins the cluster at `server`, trusting only `ca_pem` (already checked against a pin).
+pub async fn join(
+    server: &str,
+    tls: rustls::ClientConfig,
+    req: &JoinRequest,
+) -> Result<JoinResponse, ApiError> {
+    let url = format!("{}{}", server.trim_end_matches('/'), paths::JOIN);
+    let unreachable = |e: reqwest::Error| ApiError::Unreachable {
+        url: url.clone(),
+        detail: root_cause(&e),
+    };
+    let trusted = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(unreachable)?;
+    let resp = trusted
+        .post(&url)
+        .json(req)
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let resp = answer(resp, paths::JOIN).await?;
+    let bytes = resp.bytes().await.map_err(unreachable)?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol {
+        url: url.clone(),
+        detail: e.to_string(),
+    })
 }
 
 fn ndjson_lines<T: DeserializeOwned + Send + 'static>(
@@ -334,6 +544,32 @@ fn ndjson_lines<T: DeserializeOwned + Send + 'static>(
             }
         },
     ))
+}
+
+/// The response when it succeeded, else the server's error (its message and hint).
+async fn answer(resp: reqwest::Response, path: &str) -> Result<reqwest::Response, ApiError> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.unwrap_or_default();
+    let (message, hint) = match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(b) => (b.error, b.hint),
+        Err(_) => (
+            format!(
+                "{} {}: {}",
+                status,
+                path,
+                String::from_utf8_lossy(&body).trim()
+            ),
+            None,
+        ),
+    };
+    Err(ApiError::Status {
+        status,
+        message,
+        hint,
+    })
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

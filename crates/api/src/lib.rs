@@ -1,7 +1,9 @@
-//! The HTTP/JSON API: wire types, the server and the client.
+//! The HTTP/JSON API as its callers see it: wire types, every route path, the typed client and
+//! the TLS identity they present. The server lives in `dozen-server`; this crate links no
+//! store, no controller and no web framework, so agents and proxies stay small.
 //!
-//! Everything outside the control plane (CLI, agents, later proxies and the console) talks to it
-//! only through this API. Lists return items with the store revision; a watch from that revision
+//! Everything outside the control plane (CLI, agents, proxies and later the console) talks to
+//! it only through this API. Lists return items with the store revision; a watch from that revision
 //! streams newline-delimited JSON events with periodic bookmarks; a compacted revision answers
 //! 410 Gone and the client lists again.
 #![forbid(unsafe_code)]
@@ -12,11 +14,17 @@ use dozen_model::{DesiredState, NodeRecord, TaskKind, TaskState, TaskStatus};
 use serde::{Deserialize, Serialize};
 
 pub mod client;
-pub mod peers;
-pub mod server;
+pub mod lease;
+pub mod paths;
+pub mod serving;
 pub mod tls;
 
 pub use client::{ApiError, Client};
+pub use dozen_model::{ApplyOutcome, ReleaseChange};
+
+/// Sent by a server asking a peer for a blob: answer from what you hold, do not ask your own
+/// peers (else two servers that both lack a blob would ask each other forever).
+pub const LOCAL_ONLY: &str = "x-dozen-local-only";
 
 /// Header carrying the operator or node token.
 pub const AUTHORIZATION: &str = "authorization";
@@ -276,4 +284,23 @@ pub struct RouteQuery {
     pub after: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_ms: Option<u64>,
+}
+
+/// Compares in constant time, so a token cannot be guessed byte by byte. The one comparison
+/// of secrets in dozen: the server's, the agent's and the join's.
+pub fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The token of an `authorization: Bearer <token>` header value ("" when there is none).
+pub fn bearer_token(header: Option<&[u8]>) -> &str {
+    header
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
 }

@@ -21,6 +21,8 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// What agents and proxies are given to reach `https://` servers.
 pub use rustls::ClientConfig;
+
+pub use crate::serving::{serve, serve_plain, ConnectionInfo};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -679,68 +681,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server certificate"), "{e}");
-    }
-}
-
-/// Who is on the other end of a TLS connection.
-#[derive(Debug, Clone)]
-pub struct ConnectionInfo {
-    pub peer: std::net::SocketAddr,
-    /// Set when the client presented a certificate the cluster CA signed.
-    pub identity: Option<PeerIdentity>,
-}
-
-/// Serves `app` over TLS on `listener`. A client certificate, when presented, must be signed
-/// by the cluster CA (else the handshake fails, and the refusal is logged); whom it names
-/// reaches every request as a [`ConnectionInfo`] extension.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    config: Arc<rustls::ServerConfig>,
-) -> std::io::Result<()> {
-    use std::time::Duration;
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of descriptors and the like: wait a little rather than spin.
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "refused a TLS connection");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, "refused a TLS connection: no handshake within 10s");
-                        return;
-                    }
-                };
-            let identity = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .and_then(|cert| peer_identity(cert.as_ref()));
-            let app = app.layer(axum::Extension(ConnectionInfo { peer, identity }));
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let served = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
     }
 }
 

@@ -23,6 +23,7 @@ pub fn node_views(snap: &Snapshot) -> Vec<NodeView> {
         .map(|n| NodeView {
             name: n.record.name.clone(),
             capacity: n.record.resources.clone(),
+            drivers: n.record.drivers.clone(),
             // The node record is leased: it exists only while heartbeats arrive.
             alive: true,
         })
@@ -207,6 +208,7 @@ impl Controller {
                 stopped: svc.record.stopped,
                 cpu_millis: release.spec.resources.cpu_millis,
                 memory_bytes: release.spec.resources.memory_bytes,
+                driver: release.spec.driver().to_string(),
                 routed: release.spec.port,
                 deregistration_delay_ms: release.spec.deregistration_delay_ms,
             };

@@ -9,25 +9,50 @@ use dozen_model::{
 };
 use dozen_spec::{LiveService, Plan, PlanAction, Stack};
 use dozen_store::{Compare, Op, Store, Txn};
-use serde::{Deserialize, Serialize};
 
 use crate::snapshot::Snapshot;
 use crate::{wall_ms, ControlError, Result};
 
 const ATTEMPTS: usize = 5;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReleaseChange {
-    pub service: String,
-    pub release: u64,
-}
+pub use dozen_model::{ApplyOutcome, ReleaseChange};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApplyOutcome {
-    pub plan: Plan,
-    /// Releases this apply created.
-    pub releases: Vec<ReleaseChange>,
-    pub revision: u64,
+/// Re-checks a stack that arrived over the wire: the CLI validated the file, but the API is
+/// also for scripts. `plan` and `apply` call it first.
+pub fn check_stack(stack: &Stack) -> Result<()> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 63
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !n.starts_with('-')
+            && !n.ends_with('-')
+    };
+    if !valid_name(&stack.name) {
+        return Err(ControlError::Invalid(format!(
+            "stack name `{}` is not valid: use lowercase letters, digits and '-'",
+            stack.name
+        )));
+    }
+    for (name, svc) in &stack.services {
+        if !valid_name(name) {
+            return Err(ControlError::Invalid(format!(
+                "service name `{name}` is not valid: use lowercase letters, digits and '-'"
+            )));
+        }
+        if svc.command.is_none() && svc.image.is_none() {
+            return Err(ControlError::Invalid(format!(
+                "service `{name}` has neither command nor image"
+            )));
+        }
+        if svc.replicas.is_some_and(|r| r > dozen_spec::MAX_REPLICAS) {
+            return Err(ControlError::Invalid(format!(
+                "service `{name}`: replicas out of range 0..={}",
+                dozen_spec::MAX_REPLICAS
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Services that belong to `stack` in the store, as `plan` wants them.
@@ -68,6 +93,7 @@ pub async fn plan(
     stack: &Stack,
     artifacts: &BTreeMap<String, String>,
 ) -> Result<Plan> {
+    check_stack(stack)?;
     let snap = Snapshot::read(store).await?;
     check_ownership(&snap, stack)?;
     Ok(plan_against(&snap, stack, artifacts))
@@ -100,6 +126,7 @@ pub async fn apply(
     stack: &Stack,
     artifacts: &BTreeMap<String, String>,
 ) -> Result<ApplyOutcome> {
+    check_stack(stack)?;
     for _ in 0..ATTEMPTS {
         let snap = Snapshot::read(store).await?;
         check_ownership(&snap, stack)?;
@@ -412,18 +439,18 @@ pub async fn run_oneoff(store: &dyn Store, service: &str, argv: Vec<String>) -> 
     let tasks = crate::controller::task_views(&snap);
     let all: Vec<&dozen_scheduler::TaskView> = tasks.iter().collect();
     let used = dozen_scheduler::usage(&all);
-    let node = dozen_scheduler::place(
-        &nodes,
-        &used,
-        &BTreeMap::new(),
-        release.spec.resources.cpu_millis,
-        release.spec.resources.memory_bytes,
-    )
-    .ok_or_else(|| {
-        ControlError::Conflict(format!(
-            "no live node has room for a one-off task of `{service}`"
-        ))
-    })?;
+    let needs = dozen_scheduler::Needs {
+        driver: release.spec.driver(),
+        cpu_millis: release.spec.resources.cpu_millis,
+        memory_bytes: release.spec.resources.memory_bytes,
+    };
+    let node =
+        dozen_scheduler::place(&nodes, &used, &BTreeMap::new(), &needs).ok_or_else(|| {
+            ControlError::Conflict(format!(
+                "cannot run a one-off task of `{service}`: {}",
+                dozen_scheduler::why_unplaceable(&nodes, &needs)
+            ))
+        })?;
     let task = format!("{service}-run-{}", crate::random_suffix());
     let assignment = Assignment {
         schema: SCHEMA,

@@ -5,12 +5,19 @@
 //! - [`leader`]: leadership through a leased key, and fenced writes.
 //! - [`controller`]: the service controller loop: read a snapshot, ask the pure scheduler what to
 //!   do, write it as fenced transactions, repeat on every change.
+//! - [`nodes`], [`proxies`], [`servers`], [`pki`]: the leased records of nodes, proxies and
+//!   servers, task status reports, join tokens and revocations. The API server's handlers
+//!   parse and authorise, then call one of these.
 #![forbid(unsafe_code)]
 
 pub mod controller;
 pub mod desired;
 pub mod leader;
+pub mod nodes;
+pub mod pki;
+pub mod proxies;
 pub mod routes;
+pub mod servers;
 pub mod snapshot;
 
 use dozen_model::ModelError;
@@ -24,6 +31,9 @@ pub enum ControlError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// A heartbeat for a lease the record no longer holds: register again.
+    #[error("{0}")]
+    LeaseLost(String),
     #[error("this server is not the leader any more")]
     LostLeadership,
     #[error(transparent)]

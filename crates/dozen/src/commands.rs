@@ -7,11 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use dozen_api::{
-    ApplyRequest, Client, LogLine, LogQuery, LogStream, NodeInfo, RollbackRequest, RunRequest,
-    ScaleRequest, ServiceSummary, TaskInfo,
-};
-use dozen_control::desired::ApplyOutcome;
+use dozen_api::ApplyOutcome;
+use dozen_api::{ApplyRequest, Client, LogLine, LogQuery, LogStream, ServiceSummary, TaskInfo};
 use dozen_model::{DesiredState, Release, TaskState};
 use dozen_spec::{Plan, PlanAction};
 use futures_util::StreamExt;
@@ -207,7 +204,7 @@ pub async fn artifacts(
         })?;
         let digest = match api {
             Some(api) => api.upload_blob(bytes).await?,
-            None => dozen_store::blob::sha256_digest(&bytes),
+            None => dozen_digest::sha256_digest(&bytes),
         };
         out.insert(name.clone(), digest);
     }
@@ -257,9 +254,7 @@ pub async fn plan(global: &Global, args: FileArgs) -> anyhow::Result<i32> {
     let stack = load_stack(&args)?;
     let api = client(global)?;
     let artifacts = artifacts(&args, &stack, None).await?;
-    let plan: Plan = api
-        .post("/v1/plan", &ApplyRequest { stack, artifacts })
-        .await?;
+    let plan: Plan = api.plan(&ApplyRequest { stack, artifacts }).await?;
     output::listing(global.output, &plan, || print_plan(&plan));
     Ok(0)
 }
@@ -269,9 +264,7 @@ pub async fn apply(global: &Global, args: ApplyArgs) -> anyhow::Result<i32> {
     let api = client(global)?;
     let services: Vec<String> = stack.services.keys().cloned().collect();
     let artifacts = artifacts(&args.file, &stack, Some(&api)).await?;
-    let outcome: ApplyOutcome = api
-        .post("/v1/apply", &ApplyRequest { stack, artifacts })
-        .await?;
+    let outcome: ApplyOutcome = api.apply(&ApplyRequest { stack, artifacts }).await?;
     if global.output == Output::Table {
         print_plan(&outcome.plan);
         for r in &outcome.releases {
@@ -305,8 +298,8 @@ pub async fn wait_converged(
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     loop {
-        let summaries: Vec<ServiceSummary> = api.get("/v1/services").await?;
-        let tasks: Vec<TaskInfo> = api.get("/v1/tasks").await?;
+        let summaries: Vec<ServiceSummary> = api.services().await?;
+        let tasks: Vec<TaskInfo> = api.tasks(None).await?;
         let mut done = true;
         let mut progress = Vec::new();
         let mut problems = Vec::new();
@@ -381,10 +374,10 @@ struct PsOutput {
 
 pub async fn ps(global: &Global, args: PsArgs) -> anyhow::Result<i32> {
     let api = client(global)?;
-    let mut services: Vec<ServiceSummary> = api.get("/v1/services").await?;
+    let mut services: Vec<ServiceSummary> = api.services().await?;
     let mut tasks: Vec<TaskInfo> = match &args.service {
-        Some(s) => api.get_query("/v1/tasks", &[("service", s)]).await?,
-        None => api.get("/v1/tasks").await?,
+        Some(s) => api.tasks(Some(s)).await?,
+        None => api.tasks(None).await?,
     };
     if let Some(s) = &args.service {
         services.retain(|x| &x.name == s);
@@ -499,11 +492,11 @@ pub async fn logs(global: &Global, args: LogsArgs) -> anyhow::Result<i32> {
         task: args.task.clone(),
         since_ms: args
             .since
-            .map(|d| dozen_control::wall_ms().saturating_sub(d.as_millis() as u64)),
+            .map(|d| dozen_agent::shim::wall_ms().saturating_sub(d.as_millis() as u64)),
         tail: args.tail,
         follow: args.follow,
     };
-    let mut stream = api.ndjson::<LogLine, _>("/v1/logs", &query).await?;
+    let mut stream = api.logs(&query).await?;
     while let Some(line) = stream.next().await {
         print_log_line(&line?, global.output);
     }
@@ -523,12 +516,7 @@ pub async fn scale(global: &Global, args: ScaleArgs) -> anyhow::Result<i32> {
         wanted.push((service.to_string(), replicas));
     }
     for (service, replicas) in wanted {
-        api.call(
-            reqwest_method_post(),
-            &format!("/v1/services/{service}/scale"),
-            Some(&ScaleRequest { replicas }),
-        )
-        .await?;
+        api.scale(&service, replicas).await?;
         println!("{service} scaled to {replicas}");
     }
     if args.wait {
@@ -555,7 +543,7 @@ async fn wait_for_counts(
     let mut last = String::new();
     loop {
         // A server may be gone mid-wait (the client moves on to another); keep polling.
-        if let Ok(services) = api.get::<Vec<ServiceSummary>>("/v1/services").await {
+        if let Ok(services) = api.services().await {
             let mut pending = Vec::new();
             for (service, replicas) in wanted {
                 match services.iter().find(|s| &s.name == service) {
@@ -581,18 +569,9 @@ async fn wait_for_counts(
     }
 }
 
-fn reqwest_method_post() -> dozen_api::client::Method {
-    dozen_api::client::Method::POST
-}
-
 pub async fn restart(global: &Global, args: ServiceArg) -> anyhow::Result<i32> {
     let api = client(global)?;
-    api.call::<()>(
-        reqwest_method_post(),
-        &format!("/v1/services/{}/restart", args.service),
-        None,
-    )
-    .await?;
+    api.restart(&args.service).await?;
     println!("{}: replacing every task (new before old)", args.service);
     Ok(0)
 }
@@ -600,12 +579,7 @@ pub async fn restart(global: &Global, args: ServiceArg) -> anyhow::Result<i32> {
 pub async fn stop(global: &Global, args: ServicesArg) -> anyhow::Result<i32> {
     let api = client(global)?;
     for s in &args.services {
-        api.call::<()>(
-            reqwest_method_post(),
-            &format!("/v1/services/{s}/stop"),
-            None,
-        )
-        .await?;
+        api.stop(s).await?;
         println!("{s}: stopping (`dozen restart {s}` starts it again)");
     }
     Ok(0)
@@ -616,7 +590,7 @@ pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
     let stack = match args.stack {
         Some(s) => s,
         None => {
-            let stacks: Vec<dozen_model::StackRecord> = api.get("/v1/stacks").await?;
+            let stacks: Vec<dozen_model::StackRecord> = api.stacks().await?;
             match stacks.as_slice() {
                 [] => {
                     println!("nothing to remove: no stacks");
@@ -634,14 +608,14 @@ pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
             }
         }
     };
-    let removed: Vec<String> = api.delete(&format!("/v1/stacks/{stack}")).await?;
+    let removed: Vec<String> = api.down(&stack).await?;
     println!(
         "removed stack {stack} ({}); stopping its tasks",
         removed.join(", ")
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let tasks: Vec<TaskInfo> = api.get("/v1/tasks").await?;
+        let tasks: Vec<TaskInfo> = api.tasks(None).await?;
         if !tasks.iter().any(|t| t.stack == stack) {
             break;
         }
@@ -675,10 +649,8 @@ pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
 
 pub async fn releases(global: &Global, args: ServiceArg) -> anyhow::Result<i32> {
     let api = client(global)?;
-    let releases: Vec<Release> = api
-        .get(&format!("/v1/services/{}/releases", args.service))
-        .await?;
-    let services: Vec<ServiceSummary> = api.get("/v1/services").await?;
+    let releases: Vec<Release> = api.releases(&args.service).await?;
+    let services: Vec<ServiceSummary> = api.services().await?;
     let current = services
         .iter()
         .find(|s| s.name == args.service)
@@ -723,180 +695,12 @@ pub async fn releases(global: &Global, args: ServiceArg) -> anyhow::Result<i32> 
 
 pub async fn rollback(global: &Global, args: RollbackArgs) -> anyhow::Result<i32> {
     let api = client(global)?;
-    let release: Release = api
-        .post(
-            &format!("/v1/services/{}/rollback", args.service),
-            &RollbackRequest { to: args.to },
-        )
-        .await?;
+    let release: Release = api.rollback(&args.service, args.to).await?;
     output::listing(global.output, &release, || {
         println!(
             "{}: release #{} ({}) is now current",
             args.service, release.number, release.cause
         );
-    });
-    Ok(0)
-}
-
-pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<i32> {
-    let api = client(global)?;
-    let task: TaskInfo = api
-        .post(
-            &format!("/v1/services/{}/run", args.service),
-            &RunRequest {
-                argv: args.command.clone(),
-            },
-        )
-        .await?;
-    let id = task.task.clone();
-    let output = global.output;
-    let query = LogQuery {
-        task: Some(id.clone()),
-        follow: true,
-        ..LogQuery::default()
-    };
-    // Print output as it comes; after the task ends, print whatever the stream had not yet.
-    let printed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let follower = {
-        let api = api.clone();
-        let printed = printed.clone();
-        tokio::spawn(async move {
-            let Ok(mut stream) = api.ndjson::<LogLine, _>("/v1/logs", &query).await else {
-                return;
-            };
-            while let Some(Ok(line)) = stream.next().await {
-                print_run_line(&line, output);
-                printed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        })
-    };
-    let finished = loop {
-        let t: TaskInfo = api.get(&format!("/v1/tasks/{id}")).await?;
-        if let Some(st) = t.status.as_ref().filter(|s| s.state.is_terminal()) {
-            break st.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    follower.abort();
-    let _ = follower.await;
-    let all: Vec<LogLine> = {
-        let q = LogQuery {
-            task: Some(id.clone()),
-            ..LogQuery::default()
-        };
-        let mut s = api.ndjson::<LogLine, _>("/v1/logs", &q).await?;
-        let mut v = Vec::new();
-        while let Some(l) = s.next().await {
-            v.push(l?);
-        }
-        v
-    };
-    for line in all
-        .iter()
-        .skip(printed.load(std::sync::atomic::Ordering::SeqCst))
-    {
-        print_run_line(line, output);
-    }
-    let _ = api
-        .call::<()>(
-            dozen_api::client::Method::DELETE,
-            &format!("/v1/tasks/{id}"),
-            None,
-        )
-        .await;
-    let code = match (finished.exit_code, finished.signal) {
-        (Some(c), _) => c,
-        (None, Some(sig)) => 128 + sig,
-        (None, None) => {
-            eprintln!(
-                "error: {}",
-                finished
-                    .message
-                    .unwrap_or_else(|| "the task ended without an exit status".into())
-            );
-            1
-        }
-    };
-    Ok(code)
-}
-
-fn print_run_line(line: &LogLine, output: Output) {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string(line).unwrap_or_default()),
-        Output::Table if line.stream == LogStream::Stderr => eprintln!("{}", line.line),
-        Output::Table => println!("{}", line.line),
-    }
-}
-
-pub async fn proxies(global: &Global) -> anyhow::Result<i32> {
-    let api = client(global)?;
-    let list: dozen_api::ListResponse<dozen_api::ProxyInfo> = api.get("/v1/proxies").await?;
-    output::listing(global.output, &list, || {
-        let rows: Vec<Vec<String>> = list
-            .items
-            .iter()
-            .map(|p| {
-                vec![
-                    p.record.id.clone(),
-                    p.record.public_address.clone(),
-                    p.record.internal_address.clone(),
-                    p.record.applied_revision.to_string(),
-                    if p.current { "yes" } else { "catching up" }.to_string(),
-                ]
-            })
-            .collect();
-        table(
-            &[
-                "PROXY",
-                "PUBLIC",
-                "INTERNAL",
-                "ROUTES AT REVISION",
-                "CURRENT",
-            ],
-            &rows,
-        );
-        println!("\nstore revision now: {}", list.revision);
-    });
-    Ok(0)
-}
-
-pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
-    let api = client(global)?;
-    let nodes: Vec<NodeInfo> = api.get("/v1/nodes").await?;
-    output::listing(global.output, &nodes, || {
-        let rows: Vec<Vec<String>> = nodes
-            .iter()
-            .map(|n| {
-                vec![
-                    n.node.name.clone(),
-                    n.node.address.clone(),
-                    format!("{}m", n.node.resources.cpu_millis),
-                    format!("{} MiB", n.node.resources.memory_bytes / (1024 * 1024)),
-                    n.tasks.to_string(),
-                    n.node.drivers.join(","),
-                    age(Some(n.node.registered_at_ms)),
-                ]
-            })
-            .collect();
-        table(
-            &["NODE", "AGENT", "CPU", "MEMORY", "TASKS", "DRIVERS", "UP"],
-            &rows,
-        );
-    });
-    Ok(0)
-}
-
-pub async fn cluster(global: &Global) -> anyhow::Result<i32> {
-    let api = client(global)?;
-    let info: dozen_api::ClusterInfo = api.get("/v1/cluster").await?;
-    output::listing(global.output, &info, || {
-        println!("server: {} ({})", info.server, api.base());
-        match &info.leader {
-            Some(l) if *l == info.server => println!("leader: {l} (this server)"),
-            Some(l) => println!("leader: {l}"),
-            None => println!("leader: none (an election is under way)"),
-        }
-        println!("store:  {}", info.store);
     });
     Ok(0)
 }

@@ -114,12 +114,9 @@ pub fn ca_init(global: &Global, dir: Option<PathBuf>) -> anyhow::Result<i32> {
 pub async fn node_token(global: &Global, ttl: Duration) -> anyhow::Result<i32> {
     let api = crate::commands::client(global)?;
     let made: JoinTokenResponse = api
-        .post(
-            "/v1/join-tokens",
-            &JoinTokenRequest {
-                ttl_ms: Some(ttl.as_millis() as u64),
-            },
-        )
+        .create_join_token(&JoinTokenRequest {
+            ttl_ms: Some(ttl.as_millis() as u64),
+        })
         .await?;
     if global.output == crate::Output::Json {
         output::json(&made);
@@ -158,19 +155,9 @@ pub async fn node_join(global: &Global, args: JoinArgs) -> anyhow::Result<i32> {
         .unwrap_or_else(dozen_agent::os::hostname);
     // Fetch the CA without trusting anyone yet, then accept it only if it is the one the
     // operator named: the token is sent only to a server that holds that CA.
-    let insecure = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let ca_pem = insecure
-        .get(format!("{server}/v1/ca"))
-        .send()
+    let ca_pem = dozen_api::client::fetch_ca_unverified(&server)
         .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("cannot fetch the cluster CA from {server}"))?
-        .text()
-        .await?;
+        .with_context(|| format!("cannot fetch the cluster CA from {server}"))?;
     let actual = tls::fingerprint(&ca_pem)?;
     if actual != args.ca_hash.trim() {
         bail!(
@@ -180,32 +167,27 @@ pub async fn node_join(global: &Global, args: JoinArgs) -> anyhow::Result<i32> {
         );
     }
     let (csr_pem, key_pem) = tls::node_request(&node)?;
-    let trusted = reqwest::Client::builder()
-        .use_preconfigured_tls(tls::client_config(&ca_pem, None)?)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let resp = trusted
-        .post(format!("{server}/v1/join"))
-        .json(&JoinRequest {
-            token: args.token.clone(),
-            node: node.clone(),
-            csr_pem,
-        })
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {server} to join"))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body: serde_json::Value = resp.json().await.unwrap_or_default();
-        bail!(
-            "{} ({status})",
-            body["error"]
-                .as_str()
-                .unwrap_or("the server refused the join")
-        );
-    }
-    let joined: JoinResponse = resp.json().await?;
+    let request = JoinRequest {
+        token: args.token.clone(),
+        node: node.clone(),
+        csr_pem,
+    };
+    let joined: JoinResponse = match dozen_api::client::join(
+        &server,
+        tls::client_config(&ca_pem, None)?,
+        &request,
+    )
+    .await
+    {
+        Ok(joined) => joined,
+        Err(e @ dozen_api::ApiError::Unreachable { .. }) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot reach {server} to join")))
+        }
+        Err(dozen_api::ApiError::Status {
+            status, message, ..
+        }) => bail!("{message} ({status})"),
+        Err(e) => return Err(e.into()),
+    };
     if tls::fingerprint(&joined.ca_pem).ok().as_deref() != Some(actual.as_str()) {
         bail!(
             "the server at {server} answered the join with a CA other than {actual}: not joining"
@@ -233,9 +215,7 @@ pub async fn node_join(global: &Global, args: JoinArgs) -> anyhow::Result<i32> {
 
 pub async fn node_revoke(global: &Global, node: &str) -> anyhow::Result<i32> {
     let api = crate::commands::client(global)?;
-    let revoked: RevokeResponse = api
-        .post(&format!("/v1/nodes/{node}/revoke"), &serde_json::json!({}))
-        .await?;
+    let revoked: RevokeResponse = api.revoke_node(node).await?;
     output::listing(global.output, &revoked, || {
         println!(
             "revoked {} certificate(s) of node `{}`: {}",

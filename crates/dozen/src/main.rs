@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
 mod identity;
+mod inventory;
+mod oneoff;
 mod output;
 mod serve;
 mod up;
@@ -213,9 +215,9 @@ fn main() -> ExitCode {
             Command::Down(a) => commands::down(&global, a).await,
             Command::Releases(a) => commands::releases(&global, a).await,
             Command::Rollback(a) => commands::rollback(&global, a).await,
-            Command::Run(a) => commands::run(&global, a).await,
-            Command::Nodes => commands::nodes(&global).await,
-            Command::Cluster => commands::cluster(&global).await,
+            Command::Run(a) => oneoff::run(&global, a).await,
+            Command::Nodes => inventory::nodes(&global).await,
+            Command::Cluster => inventory::cluster(&global).await,
             Command::Ca(identity::CaCommand::Init { dir }) => identity::ca_init(&global, dir),
             Command::Node(identity::NodeCommand::Token { ttl }) => {
                 identity::node_token(&global, ttl).await
@@ -225,7 +227,7 @@ fn main() -> ExitCode {
                 identity::node_revoke(&global, &node).await
             }
             Command::Context(c) => identity::context(&global, c),
-            Command::Proxies => commands::proxies(&global).await,
+            Command::Proxies => inventory::proxies(&global).await,
             Command::Schema => {
                 println!(
                     "{}",

@@ -50,7 +50,7 @@ pub fn age(since_ms: Option<u64>) -> String {
     let Some(since) = since_ms else {
         return "-".into();
     };
-    let now = dozen_control::wall_ms();
+    let now = dozen_agent::shim::wall_ms();
     let s = now.saturating_sub(since) / 1000;
     match s {
         0..=59 => format!("{s}s"),

@@ -504,12 +504,8 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             data.join("blobs").display()
         )
     })?;
-    let mut state = dozen_api::server::AppState::new(
-        store.clone(),
-        Arc::new(blobs),
-        token.clone(),
-        args.node_ttl,
-    );
+    let mut state =
+        dozen_server::AppState::new(store.clone(), Arc::new(blobs), token.clone(), args.node_ttl);
     state.server_id = server_id.clone();
     state.store_kind = if args.store.trim() == "embedded" {
         "embedded"
@@ -531,7 +527,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     };
     let state = Arc::new(state);
     let advertised = advertised_url(args, address, tls.is_some());
-    tokio::spawn(dozen_api::peers::register(
+    tokio::spawn(dozen_server::register_with_peers(
         store.clone(),
         server_id.clone(),
         advertised.clone(),
@@ -541,16 +537,12 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         Some(t) => (
             format!("https://{local}"),
             Some(dozen_api::tls::client_config(&t.ca.cert_pem, None)?),
-            tokio::spawn(dozen_api::server::serve_tls(
-                listener,
-                state,
-                t.config.clone(),
-            )),
+            tokio::spawn(dozen_server::serve_tls(listener, state, t.config.clone())),
         ),
         None => (
             format!("http://{local}"),
             None,
-            tokio::spawn(dozen_api::server::serve(listener, state)),
+            tokio::spawn(dozen_server::serve(listener, state)),
         ),
     };
     tracing::info!(%address, %url, %advertised, data_dir = %data.display(), "dozen server listening");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use dozen_api::{ApplyRequest, Client, LogLine, LogQuery, LogStream, TaskInfo};
+use dozen_api::{ApplyRequest, Client, LogQuery, LogStream, TaskInfo};
 use futures_util::StreamExt;
 
 use crate::serve::{shutdown_signal, start_server, ServerArgs};
@@ -92,11 +92,9 @@ async fn apply_and_show(
         Some(f) => crate::commands::artifacts(f, &stack, Some(api)).await?,
         None => Default::default(),
     };
-    let _: dozen_control::desired::ApplyOutcome = api
-        .post("/v1/apply", &ApplyRequest { stack, artifacts })
-        .await?;
+    let _: dozen_api::ApplyOutcome = api.apply(&ApplyRequest { stack, artifacts }).await?;
     crate::commands::wait_converged(api, &services, Duration::from_secs(120), true).await?;
-    let tasks: Vec<TaskInfo> = api.get("/v1/tasks").await?;
+    let tasks: Vec<TaskInfo> = api.tasks(None).await?;
     println!("\nstack `{name}` is up");
     if let Some(url) = proxy_url {
         println!("  open:   {url}/   (the proxy serves every public route)");
@@ -142,7 +140,7 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
                 tail: Some(0),
                 ..LogQuery::default()
             };
-            let Ok(mut stream) = api.ndjson::<LogLine, _>("/v1/logs", &q).await else {
+            let Ok(mut stream) = api.logs(&q).await else {
                 return;
             };
             while let Some(Ok(l)) = stream.next().await {
@@ -168,10 +166,10 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
     logs.abort();
     eprintln!("\nstopping stack `{name}` (Ctrl-C again to force)...");
     let graceful = async {
-        let _: Vec<String> = api.delete(&format!("/v1/stacks/{name}")).await?;
+        let _: Vec<String> = api.down(&name).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let tasks: Vec<TaskInfo> = api.get("/v1/tasks").await?;
+            let tasks: Vec<TaskInfo> = api.tasks(None).await?;
             if tasks.is_empty() {
                 return Ok::<bool, anyhow::Error>(true);
             }
@@ -264,13 +262,13 @@ async fn up_detached(
     dozen_agent::shim::write_pid_file(&data.join("server.pid"), child.id())
         .with_context(|| format!("cannot write {}", data.join("server.pid").display()))?;
     let server = format!("http://{}", s.listen);
-    let health = format!("{server}/healthz");
+    let health = format!("{server}{}", dozen_api::paths::HEALTHZ);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let token = std::fs::read_to_string(data.join("token")).unwrap_or_default();
         if !token.is_empty() {
             let api = Client::new(&server, token.trim());
-            if api.get::<serde_json::Value>("/v1/nodes").await.is_ok() {
+            if api.check_access().await.is_ok() {
                 break;
             }
         }

@@ -225,6 +225,23 @@ pub struct Release {
 }
 record!(Release, "release");
 
+/// A release an `apply` created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReleaseChange {
+    pub service: String,
+    pub release: u64,
+}
+
+/// What an `apply` did: not a stored record, the answer the API returns as the control plane
+/// gave it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyOutcome {
+    pub plan: dozen_spec::Plan,
+    /// Releases this apply created.
+    pub releases: Vec<ReleaseChange>,
+    pub revision: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeResources {
     pub cpu_millis: u64,

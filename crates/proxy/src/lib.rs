@@ -12,8 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dozen_api::{Client, ProxyHeartbeat, ProxyRegisterRequest, RegisterResponse, RouteQuery};
-use dozen_model::RouteTable;
+use dozen_api::lease::Registration;
+use dozen_api::{Client, ProxyHeartbeat, ProxyRegisterRequest, RouteQuery};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, HOST};
@@ -95,61 +95,45 @@ pub async fn run(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<()
     Ok(())
 }
 
-async fn register(api: &Client, id: &str, req: &ProxyRegisterRequest) -> RegisterResponse {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match api
-            .post::<RegisterResponse, _>(&format!("/v1/proxies/{id}/register"), req)
-            .await
-        {
-            Ok(r) => return r,
-            Err(e) => {
-                tracing::warn!(error = %e, "proxy cannot register yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
 /// Long-polls the route table and heartbeats the applied revision.
 async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegisterRequest) {
     let api = Client::with_tls(&config.server, &config.token, config.tls.clone());
-    let lease = Arc::new(std::sync::atomic::AtomicU64::new(
-        register(&api, &config.id, &me).await.lease,
-    ));
+    let registration = {
+        let (api, api2, shared) = (api.clone(), api.clone(), shared.clone());
+        let (id, id2) = (config.id.clone(), config.id.clone());
+        Registration {
+            what: "proxy",
+            register: Box::new(move || {
+                let (api, id, me) = (api.clone(), id.clone(), me.clone());
+                Box::pin(async move { api.register_proxy(&id, &me).await })
+            }),
+            heartbeat: Box::new(move |lease| {
+                let (api, id) = (api2.clone(), id2.clone());
+                let applied_revision = shared.table.read().map(|t| t.revision).unwrap_or(0);
+                Box::pin(async move {
+                    api.proxy_heartbeat(
+                        &id,
+                        &ProxyHeartbeat {
+                            lease,
+                            applied_revision,
+                        },
+                    )
+                    .await
+                })
+            }),
+        }
+    };
+    let mut held = registration.register().await;
     let applied = Arc::new(Notify::new());
     {
-        let (api, shared, lease, applied, id) = (
-            api.clone(),
-            shared.clone(),
-            lease.clone(),
-            applied.clone(),
-            config.id.clone(),
-        );
+        let applied = applied.clone();
         tokio::spawn(async move {
-            let path = format!("/v1/proxies/{id}/heartbeat");
             loop {
                 // Heartbeat on a timer, and at once when a new table is applied: the
                 // controller is waiting for that acknowledgement to stop draining tasks.
                 let _ = tokio::time::timeout(Duration::from_secs(2), applied.notified()).await;
-                let revision = shared.table.read().map(|t| t.revision).unwrap_or(0);
-                let hb = ProxyHeartbeat {
-                    lease: lease.load(std::sync::atomic::Ordering::SeqCst),
-                    applied_revision: revision,
-                };
-                match api
-                    .call(dozen_api::client::Method::POST, &path, Some(&hb))
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(e) if e.status() == Some(404) => {
-                        tracing::warn!("proxy lease lost; registering again");
-                        let r = register(&api, &id, &me).await;
-                        lease.store(r.lease, std::sync::atomic::Ordering::SeqCst);
-                        applied.notify_one();
-                    }
-                    Err(e) => tracing::warn!(error = %e, "proxy heartbeat failed"),
+                if registration.heartbeat(&mut held).await {
+                    applied.notify_one();
                 }
             }
         });
@@ -160,7 +144,7 @@ async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegist
             after,
             wait_ms: Some(25_000),
         };
-        match api.get_query::<RouteTable, _>("/v1/routes", &query).await {
+        match api.routes(&query).await {
             Ok(t) => {
                 let changed = after != Some(t.revision);
                 after = Some(t.revision);

@@ -35,6 +35,8 @@ pub fn backoff_ms(restarts: u32) -> u64 {
 pub struct NodeView {
     pub name: String,
     pub capacity: NodeResources,
+    /// The drivers the node's agent can run tasks with (its fingerprint).
+    pub drivers: Vec<String>,
     /// Holds a live lease (heartbeats arrive).
     pub alive: bool,
 }
@@ -94,6 +96,8 @@ pub struct ServiceView {
     pub stopped: bool,
     pub cpu_millis: u32,
     pub memory_bytes: u64,
+    /// The driver its tasks need (`process`, `docker`).
+    pub driver: String,
     /// Reachable through the proxy: its tasks leave routing before they stop.
     pub routed: bool,
     pub deregistration_delay_ms: u64,
@@ -148,30 +152,63 @@ pub fn usage(tasks: &[&TaskView]) -> BTreeMap<String, NodeResources> {
     used
 }
 
-/// Picks the node for one new task: it must be alive and have room; among those, the one with
-/// the fewest replicas of this service (spread), then the most free memory, then by name so the
-/// choice is stable. O(nodes).
+/// What one new task needs of its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs<'a> {
+    pub driver: &'a str,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+}
+
+/// Picks the node for one new task: it must be alive, run the task's driver and have room;
+/// among those, the one with the fewest replicas of this service (spread), then the most free
+/// memory, then by name so the choice is stable. O(nodes).
 pub fn place<'a>(
     nodes: &'a [NodeView],
     used: &BTreeMap<String, NodeResources>,
     replicas_on: &BTreeMap<String, usize>,
-    cpu_millis: u32,
-    memory_bytes: u64,
+    needs: &Needs,
 ) -> Option<&'a NodeView> {
     nodes
         .iter()
-        .filter(|n| n.alive)
+        .filter(|n| n.alive && n.drivers.iter().any(|d| d == needs.driver))
         .filter_map(|n| {
             let u = used.get(&n.name).cloned().unwrap_or_default();
             let free_cpu = n.capacity.cpu_millis.checked_sub(u.cpu_millis)?;
             let free_mem = n.capacity.memory_bytes.checked_sub(u.memory_bytes)?;
-            (free_cpu >= u64::from(cpu_millis) && free_mem >= memory_bytes).then(|| {
+            (free_cpu >= u64::from(needs.cpu_millis) && free_mem >= needs.memory_bytes).then(|| {
                 let spread = replicas_on.get(&n.name).copied().unwrap_or(0);
                 (spread, std::cmp::Reverse(free_mem), n)
             })
         })
         .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then(a.2.name.cmp(&b.2.name)))
         .map(|(_, _, n)| n)
+}
+
+/// Why [`place`] found no node for `needs`: no live node, no live node with the driver, or
+/// none with room. Shown to the user (`ps`, a failed `run`), so it names what is missing.
+pub fn why_unplaceable(nodes: &[NodeView], needs: &Needs) -> String {
+    let live: Vec<&NodeView> = nodes.iter().filter(|n| n.alive).collect();
+    if live.is_empty() {
+        return "no live node: start an agent (`dozen agent`) or check `dozen nodes`".into();
+    }
+    if !live
+        .iter()
+        .any(|n| n.drivers.iter().any(|d| d == needs.driver))
+    {
+        return format!(
+            "no live node has the `{}` driver ({} live node(s); `dozen nodes` shows each \
+             node's drivers)",
+            needs.driver,
+            live.len()
+        );
+    }
+    format!(
+        "cannot place a task needing {}m cpu and {} MiB memory: {} live node(s), none with room",
+        needs.cpu_millis,
+        needs.memory_bytes / (1024 * 1024),
+        live.len()
+    )
 }
 
 /// One step of the service controller for one service.
@@ -301,14 +338,13 @@ pub fn reconcile(
         for t in &active {
             *replicas_on.entry(t.node.clone()).or_default() += 1;
         }
+        let needs = Needs {
+            driver: &service.driver,
+            cpu_millis: service.cpu_millis,
+            memory_bytes: service.memory_bytes,
+        };
         for _ in current.len()..desired {
-            match place(
-                nodes,
-                &used,
-                &replicas_on,
-                service.cpu_millis,
-                service.memory_bytes,
-            ) {
+            match place(nodes, &used, &replicas_on, &needs) {
                 Some(node) => {
                     let u = used.entry(node.name.clone()).or_default();
                     u.cpu_millis += u64::from(service.cpu_millis);
@@ -319,13 +355,10 @@ pub fn reconcile(
                     });
                 }
                 None => {
-                    let live = nodes.iter().filter(|n| n.alive).count();
                     decision.problems.push(format!(
-                        "{}: cannot place a task needing {}m cpu and {} MiB memory: {} live node(s), none with room",
+                        "{}: {}",
                         service.name,
-                        service.cpu_millis,
-                        service.memory_bytes / (1024 * 1024),
-                        live
+                        why_unplaceable(nodes, &needs)
                     ));
                     break;
                 }
@@ -357,6 +390,7 @@ mod tests {
                 cpu_millis: 4000,
                 memory_bytes: 8 << 30,
             },
+            drivers: vec!["process".into()],
             alive,
         }
     }
@@ -370,6 +404,7 @@ mod tests {
             stopped: false,
             cpu_millis: 100,
             memory_bytes: 128 << 20,
+            driver: "process".into(),
             routed: false,
             deregistration_delay_ms: 1000,
         }
@@ -436,6 +471,28 @@ mod tests {
         assert_eq!(creates(&d).len(), 2);
         assert_eq!(d.problems.len(), 1);
         assert!(d.problems[0].contains("cannot place"), "{:?}", d.problems);
+    }
+
+    #[test]
+    fn a_task_whose_driver_no_node_has_stays_pending_and_says_so() {
+        let nodes = [node("a", true), node("b", true)];
+        let mut images = svc(2);
+        images.driver = "docker".into();
+        let d = reconcile(&images, &[], &[], &nodes, Clock::default());
+        assert!(creates(&d).is_empty(), "{:?}", d.actions);
+        assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+        assert!(
+            d.problems[0].contains("no live node has the `docker` driver"),
+            "{:?}",
+            d.problems
+        );
+        // Once a node reports the driver, the tasks go there and nowhere else.
+        let mut with_docker = node("c", true);
+        with_docker.drivers.push("docker".into());
+        let nodes = [node("a", true), with_docker];
+        let d = reconcile(&images, &[], &[], &nodes, Clock::default());
+        assert_eq!(creates(&d), ["c", "c"]);
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
     }
 
     #[test]

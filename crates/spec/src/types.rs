@@ -42,6 +42,23 @@ pub struct Service {
     pub uses: Vec<String>,
 }
 
+/// The driver that runs host commands (under a shim).
+pub const PROCESS_DRIVER: &str = "process";
+/// The driver that runs container images.
+pub const DOCKER_DRIVER: &str = "docker";
+
+impl Service {
+    /// The driver a task of this service needs: `docker` for an image, `process` for a host
+    /// command. The scheduler places a task only on a node that reports this driver.
+    pub fn driver(&self) -> &'static str {
+        if self.image.is_some() {
+            DOCKER_DRIVER
+        } else {
+            PROCESS_DRIVER
+        }
+    }
+}
+
 fn default_deregistration_delay() -> u64 {
     DEFAULT_DEREGISTRATION_DELAY_MS
 }

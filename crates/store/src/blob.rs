@@ -4,12 +4,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
+pub use dozen_digest::sha256_digest;
+use dozen_digest::DigestError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
-    #[error("`{0}` is not a blob digest: expected sha256: followed by 64 lowercase hex digits")]
-    BadDigest(String),
+    #[error(transparent)]
+    BadDigest(DigestError),
     #[error("blob content hashes to {actual}, not {expected}")]
     Mismatch { expected: String, actual: String },
     #[error("blob store {path}: {source}")]
@@ -19,28 +20,13 @@ pub enum BlobError {
     },
 }
 
-/// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
-    let mut out = String::with_capacity(71);
-    out.push_str("sha256:");
-    for b in hash {
-        out.push_str(&format!("{b:02x}"));
+impl From<DigestError> for BlobError {
+    fn from(e: DigestError) -> Self {
+        match e {
+            DigestError::Mismatch { expected, actual } => BlobError::Mismatch { expected, actual },
+            malformed => BlobError::BadDigest(malformed),
+        }
     }
-    out
-}
-
-/// Checks the form of a digest (it becomes a file name: nothing else may pass).
-pub fn check_digest(digest: &str) -> Result<&str, BlobError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| {
-            h.len() == 64
-                && h.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
-        .ok_or_else(|| BlobError::BadDigest(digest.to_string()))?;
-    Ok(hex)
 }
 
 pub trait BlobStore: Send + Sync + 'static {
@@ -64,7 +50,9 @@ impl FsBlobStore {
     }
 
     fn path(&self, digest: &str) -> Result<PathBuf, BlobError> {
-        Ok(self.dir.join(format!("sha256-{}", check_digest(digest)?)))
+        Ok(self
+            .dir
+            .join(format!("sha256-{}", dozen_digest::check(digest)?)))
     }
 }
 
@@ -75,13 +63,7 @@ impl BlobStore for FsBlobStore {
 
     fn put(&self, digest: &str, bytes: &[u8]) -> Result<(), BlobError> {
         let path = self.path(digest)?;
-        let actual = sha256_digest(bytes);
-        if actual != digest {
-            return Err(BlobError::Mismatch {
-                expected: digest.to_string(),
-                actual,
-            });
-        }
+        dozen_digest::verify(digest, bytes)?;
         if path.exists() {
             return Ok(());
         }

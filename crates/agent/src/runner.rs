@@ -1,0 +1,444 @@
+//! One runner per task: starts each generation through the driver (after its crash backoff),
+//! health-checks it, stops it with the stop protocol, and reports every change of state.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dozen_model::{Assignment, DesiredState, TaskKind, TaskState, TaskStatus, SCHEMA};
+use tokio::sync::watch;
+
+use crate::driver::{ExitInfo, Recovered, TaskConfig, TaskHandle};
+use crate::{
+    artifacts, discovery_var, health, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD,
+};
+
+/// Health bookkeeping of one running generation.
+struct HealthState {
+    successes: u32,
+    failures: u32,
+    started: tokio::time::Instant,
+    /// Fast probes while starting must not use up the failure budget faster than the
+    /// configured interval would: at most one failure counts per interval.
+    last_counted_failure: Option<tokio::time::Instant>,
+}
+
+pub(crate) struct Runner {
+    shared: Arc<Shared>,
+    task: String,
+    dir: PathBuf,
+    rx: watch::Receiver<Option<Assignment>>,
+    record: TaskRecord,
+    handle: Option<TaskHandle>,
+    /// The generation `handle` runs, or the last one that ended.
+    generation: Option<u64>,
+    status: TaskStatus,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        record: TaskRecord,
+        recovered: Recovered,
+        rx: watch::Receiver<Option<Assignment>>,
+    ) -> Self {
+        let task = record.assignment.task.clone();
+        let dir = shared.tasks_dir().join(&task);
+        let status = TaskStatus {
+            schema: SCHEMA,
+            task: task.clone(),
+            node: shared.config.node_name.clone(),
+            generation: record.assignment.generation,
+            state: TaskState::Pending,
+            healthy: false,
+            pid: None,
+            host_port: record.port,
+            exit_code: None,
+            signal: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+            message: None,
+            agent_instance: shared.instance.clone(),
+            adopted: false,
+        };
+        let mut runner = Runner {
+            shared,
+            task,
+            dir,
+            rx,
+            generation: None,
+            handle: None,
+            record,
+            status,
+        };
+        match recovered {
+            Recovered::Running(handle) => {
+                runner.generation = Some(runner.record.assignment.generation);
+                runner.status.pid = handle.task_pid;
+                runner.status.adopted = true;
+                runner.status.started_at_ms = std::fs::metadata(handle.dir.join(shim::TASK_PID))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_millis() as u64);
+                // It was running before the restart: keep serving it as it was.
+                runner.set(TaskState::Running, true, None);
+                runner.handle = Some(handle);
+            }
+            Recovered::Exited(exit) => {
+                runner.generation = Some(runner.record.assignment.generation);
+                runner.finish(TaskState::Exited, &exit);
+            }
+            Recovered::Nothing => {}
+        }
+        runner
+    }
+
+    fn set(&mut self, state: TaskState, healthy: bool, message: Option<String>) {
+        self.status.state = state;
+        self.status.healthy = healthy;
+        self.status.message = message;
+        self.status.generation = self.generation.unwrap_or(self.record.assignment.generation);
+        let _ = self.shared.reports.send(self.status.clone());
+    }
+
+    fn finish(&mut self, state: TaskState, exit: &ExitInfo) {
+        self.status.exit_code = exit.code;
+        self.status.signal = exit.signal;
+        self.status.finished_at_ms = Some(exit.finished_at_ms);
+        if exit.started_at_ms.is_some() {
+            self.status.started_at_ms = exit.started_at_ms;
+        }
+        let state = if exit.error.is_some() && exit.started_at_ms.is_none() {
+            TaskState::Failed
+        } else {
+            state
+        };
+        self.set(state, false, exit.error.clone());
+    }
+
+    fn save_record(&self) {
+        let bytes = serde_json::to_vec(&self.record).unwrap_or_default();
+        if let Err(e) = std::fs::create_dir_all(&self.dir)
+            .and_then(|_| os::write_atomic(&self.dir.join(TASK_RECORD), &bytes))
+        {
+            tracing::error!(task = %self.task, error = %e, "cannot record task on disk");
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        loop {
+            let desired = self.rx.borrow_and_update().clone();
+            match desired {
+                None => {
+                    self.stop_now("assignment removed").await;
+                    self.cleanup();
+                    return;
+                }
+                Some(a) if a.desired == DesiredState::Stop => {
+                    let generation = a.generation;
+                    self.record.assignment = a;
+                    self.stop_now("told to stop").await;
+                    // A generation that never started here (say, assigned while this agent
+                    // was down) is reported stopped in its own name, or the controller would
+                    // wait for it forever.
+                    if self.status.generation != generation {
+                        if self.generation != Some(generation) {
+                            self.generation = None;
+                        }
+                        self.set(TaskState::Stopped, false, None);
+                    } else if !self.status.state.is_terminal() {
+                        self.set(TaskState::Stopped, false, None);
+                    }
+                    if self.rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Some(a) => {
+                    let generation = a.generation;
+                    self.record.assignment = a;
+                    if self.handle.is_some() && self.generation != Some(generation) {
+                        // A newer generation replaces whatever still runs.
+                        self.stop_now("replaced by a newer generation").await;
+                    }
+                    if self.handle.is_some() {
+                        if !self.supervise().await {
+                            return;
+                        }
+                    } else if self.generation == Some(generation)
+                        || self.record.assignment.desired == DesiredState::Drain
+                    {
+                        // This generation ran and ended, or it is leaving service before it
+                        // started (drained during its crash backoff): the controller decides
+                        // what is next.
+                        if self.rx.changed().await.is_err() {
+                            return;
+                        }
+                    } else if !self.start_generation().await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits the start delay (unless the assignment changes), then starts the generation.
+    /// Returns false when the runner should end.
+    async fn start_generation(&mut self) -> bool {
+        let a = self.record.assignment.clone();
+        if a.start_delay_ms > 0 {
+            self.generation = None;
+            self.status.generation = a.generation;
+            self.set(
+                TaskState::Pending,
+                false,
+                Some(format!(
+                    "restarting in {} ms (crash backoff)",
+                    a.start_delay_ms
+                )),
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(a.start_delay_ms)) => {}
+                changed = self.rx.changed() => {
+                    return changed.is_ok();
+                }
+            }
+        }
+        self.generation = Some(a.generation);
+        self.status.exit_code = None;
+        self.status.signal = None;
+        self.status.finished_at_ms = None;
+        self.status.adopted = false;
+        match self.launch().await {
+            Ok(handle) => {
+                self.status.pid = handle.task_pid;
+                self.status.started_at_ms = Some(shim::wall_ms());
+                let healthy = a.spec.health.is_none();
+                let state = if healthy {
+                    TaskState::Running
+                } else {
+                    TaskState::Starting
+                };
+                tracing::info!(task = %self.task, generation = a.generation, pid = ?handle.task_pid, port = ?self.record.port, "task started");
+                self.handle = Some(handle);
+                self.set(state, healthy, None);
+            }
+            Err(message) => {
+                tracing::warn!(task = %self.task, error = %message, "task failed to start");
+                self.status.pid = None;
+                let now = shim::wall_ms();
+                self.status.started_at_ms = Some(now);
+                self.status.finished_at_ms = Some(now);
+                self.set(TaskState::Failed, false, Some(message));
+            }
+        }
+        true
+    }
+
+    async fn launch(&mut self) -> Result<TaskHandle, String> {
+        let a = &self.record.assignment;
+        let spec = &a.spec;
+        let (argv, wants_port) = match &a.kind {
+            TaskKind::OneOff { argv } => (argv.clone(), false),
+            TaskKind::Service => (
+                spec.command.as_ref().map(|c| c.argv()).ok_or(
+                    "this agent runs commands only: the docker driver is not available yet",
+                )?,
+                spec.port,
+            ),
+        };
+        if wants_port && self.record.port.is_none() {
+            self.record.port = Some(
+                self.shared
+                    .ports
+                    .allocate()
+                    .ok_or("no free host port in the agent's port range")?,
+            );
+        }
+        self.status.host_port = self.record.port;
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert(
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+        let (mut uid, mut gid) = (None, None);
+        if let Some(user) = &spec.user {
+            let (u, g, home) = os::lookup_user(user).ok_or_else(|| {
+                format!(
+                    "user `{user}` does not exist on node `{}`",
+                    self.shared.config.node_name
+                )
+            })?;
+            uid = Some(u);
+            gid = Some(g);
+            env.insert("HOME".into(), home);
+            env.insert("USER".into(), user.clone());
+        }
+        env.extend(spec.env.clone());
+        if let Some(port) = self.record.port {
+            env.insert("PORT".into(), port.to_string());
+        }
+        // Service discovery: the services this one names, reached through the local proxy.
+        for other in &spec.uses {
+            env.insert(
+                discovery_var(other),
+                format!(
+                    "{}/_/{other}",
+                    self.shared.config.proxy_internal_url.trim_end_matches('/')
+                ),
+            );
+        }
+        env.insert("DOZEN_SERVICE".into(), a.service.clone());
+        env.insert("DOZEN_TASK".into(), a.task.clone());
+        env.insert("DOZEN_RELEASE".into(), a.release.to_string());
+        let cgroup_procs = match self.shared.cgroups.prepare(&self.task, &spec.resources) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(task = %self.task, error = %e, "cannot set resource limits; running without");
+                Vec::new()
+            }
+        };
+        let cwd = match &a.artifact_digest {
+            Some(digest) => Some(
+                artifacts::unpacked(&self.shared.client, &self.shared.config.data_dir, digest)
+                    .await?,
+            ),
+            None => None,
+        };
+        self.save_record();
+        let config = TaskConfig {
+            dir: self.dir.clone(),
+            launch: shim::Launch {
+                argv,
+                env,
+                cwd,
+                uid,
+                gid,
+                cgroup_procs,
+                linger_ms: Some(a.spec.stop_timeout_ms),
+                stop_signal: os::signal_number(&a.spec.stop_signal),
+            },
+        };
+        self.shared
+            .driver
+            .start(&config)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Watches the running generation: its exit, health, and changes to the assignment.
+    /// Returns false when the runner should end.
+    async fn supervise(&mut self) -> bool {
+        let Some(handle) = self.handle.clone() else {
+            return true;
+        };
+        let driver = self.shared.driver.clone();
+        let check = self.record.assignment.spec.health.clone();
+        let mut health = HealthState {
+            successes: 0,
+            failures: 0,
+            started: tokio::time::Instant::now(),
+            last_counted_failure: None,
+        };
+        let wait = driver.wait(&handle);
+        tokio::pin!(wait);
+        let mut probes: u32 = 0;
+        loop {
+            // Before the first pass, probe often so a new task takes traffic as soon as it can
+            // (most services listen within milliseconds of starting).
+            let interval = match &check {
+                Some(c) if self.status.state == TaskState::Starting && probes < 5 => {
+                    c.interval_ms.min(20 << probes)
+                }
+                Some(c) if self.status.state == TaskState::Starting => c.interval_ms.min(200),
+                Some(c) => c.interval_ms,
+                None => 3_600_000,
+            };
+            tokio::select! {
+                exit = &mut wait => {
+                    self.handle = None;
+                    tracing::info!(task = %self.task, code = ?exit.code, signal = ?exit.signal, "task exited");
+                    self.finish(TaskState::Exited, &exit);
+                    return true;
+                }
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                    return true;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(interval.max(10))) => {
+                    let Some(c) = &check else { continue };
+                    probes += 1;
+                    let result = health::probe(&self.shared.http, c, self.record.port, &BTreeMap::new()).await;
+                    match result {
+                        Ok(()) => {
+                            health.successes += 1;
+                            health.failures = 0;
+                            if !self.status.healthy && health.successes >= c.healthy_threshold {
+                                self.set(TaskState::Running, true, None);
+                            }
+                        }
+                        Err(why) => {
+                            health.successes = 0;
+                            let in_grace = health.started.elapsed() < Duration::from_millis(c.grace_period_ms);
+                            if in_grace {
+                                continue;
+                            }
+                            let since_start_or_last = health.last_counted_failure.unwrap_or(health.started).elapsed();
+                            if since_start_or_last < Duration::from_millis(c.interval_ms) {
+                                continue;
+                            }
+                            health.last_counted_failure = Some(tokio::time::Instant::now());
+                            health.failures += 1;
+                            if health.failures >= c.unhealthy_threshold && (self.status.healthy || self.status.state == TaskState::Starting) {
+                                tracing::warn!(task = %self.task, reason = %why, "task is unhealthy; stopping it so it is replaced");
+                                self.status.message = Some(format!("unhealthy: {why}"));
+                                // The stop protocol's signal, then SIGKILL after the timeout:
+                                // a hung task that ignores the signal still goes.
+                                self.stop_now("failed health checks").await;
+                                self.set(TaskState::Exited, false, Some(format!("stopped: unhealthy: {why}")));
+                                return true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the running generation, if any, with the service's signal and timeout.
+    async fn stop_now(&mut self, why: &str) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let spec = &self.record.assignment.spec;
+        let signal = os::signal_number(&spec.stop_signal).unwrap_or(libc::SIGTERM);
+        let timeout = Duration::from_millis(spec.stop_timeout_ms);
+        tracing::info!(task = %self.task, reason = why, "stopping task");
+        self.set(TaskState::Stopping, false, None);
+        let exit = self.shared.driver.stop(&handle, signal, timeout).await;
+        self.finish(TaskState::Stopped, &exit);
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(port) = self.record.port.take() {
+            self.shared.ports.release(port);
+        }
+        self.shared.cgroups.remove(&self.task);
+        let _ = std::fs::write(self.dir.join(REMOVED_MARKER), shim::wall_ms().to_string());
+        let mut runners = self
+            .shared
+            .runners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Only remove our own entry: a new runner for the same task name may exist.
+        if runners
+            .get(&self.task)
+            .is_some_and(|tx| tx.borrow().is_none())
+        {
+            runners.remove(&self.task);
+        }
+    }
+}

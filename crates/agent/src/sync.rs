@@ -1,0 +1,268 @@
+//! Keeping the node in step with the control plane: registration and heartbeats, status
+//! reports in batches, list-then-watch of the node's assignments (one runner per task), the
+//! re-adoption of tasks already running when the agent starts, and the removal of old task
+//! directories.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dozen_api::lease::{heartbeat_interval, Registration};
+use dozen_api::{RegisterRequest, RegisterResponse, StatusReport, WatchEvent, WatchEventType};
+use dozen_model::{Assignment, NodeRecord, NodeResources, TaskStatus, SCHEMA};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::driver::Recovered;
+use crate::runner::Runner;
+use crate::{shim, Shared, TaskRecord, KEEP_REMOVED, REMOVED_MARKER, TASK_RECORD};
+
+pub(crate) fn adopt_existing(shared: &Arc<Shared>) {
+    let Ok(entries) = std::fs::read_dir(shared.tasks_dir()) else {
+        return;
+    };
+    let mut adopted = 0;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if dir.join(REMOVED_MARKER).exists() {
+            continue;
+        }
+        let Some(record) = std::fs::read(dir.join(TASK_RECORD))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<TaskRecord>(&b).ok())
+        else {
+            continue;
+        };
+        if let Some(port) = record.port {
+            shared.ports.reserve(port);
+        }
+        let recovered = shared.driver.recover(&dir);
+        if matches!(recovered, Recovered::Running(_)) {
+            adopted += 1;
+        }
+        spawn_runner(shared, record, recovered);
+    }
+    if adopted > 0 {
+        tracing::info!(adopted, "re-attached to running shims");
+    }
+}
+
+/// This node's registration: its record (resources, drivers, address) under a lease.
+pub(crate) fn registration(shared: &Arc<Shared>, address: &str) -> Registration {
+    let node = NodeRecord {
+        schema: SCHEMA,
+        name: shared.config.node_name.clone(),
+        address: address.to_string(),
+        host: shared.config.host.clone(),
+        resources: NodeResources {
+            cpu_millis: shared.config.cpu_millis,
+            memory_bytes: shared.config.memory_bytes,
+        },
+        labels: BTreeMap::new(),
+        drivers: vec![shared.driver.fingerprint().name],
+        agent_instance: shared.instance.clone(),
+        registered_at_ms: shim::wall_ms(),
+    };
+    let (client, name) = (shared.client.clone(), shared.config.node_name.clone());
+    let (client2, name2) = (client.clone(), name.clone());
+    Registration {
+        what: "node",
+        register: Box::new(move || {
+            let (client, name, node) = (client.clone(), name.clone(), node.clone());
+            Box::pin(async move { client.register_node(&name, &RegisterRequest { node }).await })
+        }),
+        heartbeat: Box::new(move |lease| {
+            let (client, name) = (client2.clone(), name2.clone());
+            Box::pin(async move { client.node_heartbeat(&name, lease).await })
+        }),
+    }
+}
+
+pub(crate) async fn heartbeat_loop(
+    shared: Arc<Shared>,
+    address: String,
+    mut held: RegisterResponse,
+) {
+    let registration = registration(&shared, &address);
+    loop {
+        tokio::time::sleep(heartbeat_interval(&held)).await;
+        registration.heartbeat(&mut held).await;
+    }
+}
+
+/// Sends status changes in batches; keeps the newest per task until the server has it.
+pub(crate) async fn report_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<TaskStatus>) {
+    let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(s) => {
+                    pending.insert(s.task.clone(), s);
+                }
+                None => return,
+            }
+        }
+        // Gather what arrives together into one request.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        while let Ok(s) = rx.try_recv() {
+            pending.insert(s.task.clone(), s);
+        }
+        let report = StatusReport {
+            statuses: pending.values().cloned().collect(),
+        };
+        match shared
+            .client
+            .report_status(&shared.config.node_name, &report)
+            .await
+        {
+            Ok(()) => pending.clear(),
+            Err(e) => {
+                tracing::warn!(error = %e, pending = pending.len(), "status report failed; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+/// List, then watch from the list's revision; on 410 list again. Runs forever.
+pub(crate) async fn follow_assignments(shared: Arc<Shared>) {
+    let node = shared.config.node_name.clone();
+    let mut revision: Option<u64> = None;
+    loop {
+        let rev = match revision {
+            Some(r) => r,
+            None => match shared.client.list_assignments(&node).await {
+                Ok(list) => {
+                    sync_all(&shared, list.items);
+                    list.revision
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list assignments; retrying");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+            },
+        };
+        revision = Some(rev);
+        let stream = shared.client.watch_assignments(&node, rev).await;
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) if e.status() == Some(410) => {
+                revision = None;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "assignment watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        // Bookmarks come every few seconds: silence longer than this is a dead connection.
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_secs(20), stream.next()).await
+        {
+            let event: WatchEvent<Assignment> = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "assignment watch broke; resuming");
+                    break;
+                }
+            };
+            revision = Some(event.revision);
+            match event.kind {
+                WatchEventType::Put => {
+                    if let Some(a) = event.object {
+                        update_runner(&shared, a);
+                    }
+                }
+                WatchEventType::Delete => {
+                    if let Some(task) = event.key.rsplit('/').next() {
+                        remove_runner(&shared, task);
+                    }
+                }
+                WatchEventType::Bookmark => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub(crate) fn sync_all(shared: &Arc<Shared>, items: Vec<Assignment>) {
+    let wanted: std::collections::HashSet<String> = items.iter().map(|a| a.task.clone()).collect();
+    let existing: Vec<String> = shared
+        .runners
+        .lock()
+        .map(|r| r.keys().cloned().collect())
+        .unwrap_or_default();
+    for task in existing.iter().filter(|t| !wanted.contains(*t)) {
+        remove_runner(shared, task);
+    }
+    for a in items {
+        update_runner(shared, a);
+    }
+}
+
+pub(crate) fn update_runner(shared: &Arc<Shared>, assignment: Assignment) {
+    if assignment.node != shared.config.node_name {
+        return;
+    }
+    {
+        let runners = shared.runners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = runners.get(&assignment.task) {
+            tx.send_if_modified(|cur| {
+                // Never go back to an older generation (a stale event after a resync).
+                let newer = cur.as_ref().is_none_or(|c| {
+                    c.generation < assignment.generation
+                        || (c.generation == assignment.generation && *c != assignment)
+                });
+                if newer {
+                    *cur = Some(assignment.clone());
+                }
+                newer
+            });
+            return;
+        }
+    }
+    let record = TaskRecord {
+        assignment,
+        port: None,
+    };
+    spawn_runner(shared, record, Recovered::Nothing);
+}
+
+pub(crate) fn remove_runner(shared: &Arc<Shared>, task: &str) {
+    let runners = shared.runners.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(tx) = runners.get(task) {
+        let _ = tx.send(None);
+    }
+}
+
+pub(crate) fn spawn_runner(shared: &Arc<Shared>, record: TaskRecord, recovered: Recovered) {
+    let (tx, rx) = watch::channel(Some(record.assignment.clone()));
+    shared
+        .runners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(record.assignment.task.clone(), tx);
+    let runner = Runner::new(shared.clone(), record, recovered, rx);
+    tokio::spawn(runner.run());
+}
+
+pub(crate) async fn gc_loop(shared: Arc<Shared>) {
+    loop {
+        if let Ok(entries) = std::fs::read_dir(shared.tasks_dir()) {
+            for entry in entries.flatten() {
+                let marker = entry.path().join(REMOVED_MARKER);
+                let old = std::fs::metadata(&marker)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > KEEP_REMOVED);
+                if old {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+}

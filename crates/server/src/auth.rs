@@ -1,0 +1,189 @@
+//! Who is calling: the operator token, or a node certificate that may act only as its node.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use dozen_api::tls::PeerIdentity;
+use dozen_api::{bearer_token, token_matches, AUTHORIZATION};
+use dozen_control::pki;
+
+use crate::error::error;
+use crate::{AppState, ConnectionInfo};
+
+pub(crate) async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = bearer_token(headers.get(AUTHORIZATION).map(|v| v.as_bytes()));
+    let mut request = request;
+    if token_matches(given.as_bytes(), state.token.as_bytes()) {
+        request.extensions_mut().insert(Caller::Operator);
+        return next.run(request).await;
+    }
+    let connection = request.extensions().get::<ConnectionInfo>().cloned();
+    if let Some(ConnectionInfo {
+        peer,
+        identity: Some(node),
+    }) = connection.as_ref()
+    {
+        let path = request.uri().path().to_string();
+        return match node_may(&state, node, request.method(), &path).await {
+            Ok(()) => {
+                request
+                    .extensions_mut()
+                    .insert(Caller::Node(node.name.clone()));
+                next.run(request).await
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    node = %node.name,
+                    serial = %node.serial,
+                    %peer,
+                    path,
+                    reason,
+                    "refused a node certificate"
+                );
+                error(StatusCode::FORBIDDEN, reason, None)
+            }
+        };
+    }
+    tracing::warn!(
+        path = %request.uri().path(),
+        peer = %connection.map(|c| c.peer.to_string()).unwrap_or_else(|| "local".into()),
+        presented = !given.is_empty(),
+        "refused request without a valid token"
+    );
+    error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong API token".into(),
+        Some("the CLI reads the token from --token / DOZEN_TOKEN or <data-dir>/token".into()),
+    )
+}
+/// Who a request comes from, as [`authenticate`] established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Showed the API token.
+    Operator,
+    /// Showed a node certificate (and no token) naming this node.
+    Node(String),
+}
+/// What a node's certificate allows: acting as that node (and its proxy), reading routes,
+/// blobs and cluster facts; never as another node or as an operator. A revoked certificate
+/// allows nothing, and neither does one whose revocation cannot be checked.
+async fn node_may(
+    state: &AppState,
+    node: &PeerIdentity,
+    method: &axum::http::Method,
+    path: &str,
+) -> Result<(), String> {
+    match pki::is_revoked(state.store.as_ref(), &node.serial).await {
+        Ok(false) => {}
+        Ok(true) => {
+            return Err(format!(
+                "the certificate of node `{}` (serial {}) is revoked; join again with a new token",
+                node.name, node.serial
+            ))
+        }
+        Err(e) => return Err(format!("cannot check revocation now: {e}")),
+    }
+    if node_route_allowed(&node.name, method, path) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a node certificate (`{}`) may act only as that node; {method} {path} needs an \
+             operator token",
+            node.name
+        ))
+    }
+}
+/// The routes a node certificate opens, each named with its method: a list, not a prefix, so
+/// a route added later is closed to nodes until it is added here.
+fn node_route_allowed(node: &str, method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    use dozen_api::paths;
+    // (method, route, whether its one parameter must name the calling node)
+    const OPEN_TO_NODES: &[(Method, &str, bool)] = &[
+        (Method::POST, paths::NODE_REGISTER, true),
+        (Method::POST, paths::NODE_HEARTBEAT, true),
+        (Method::GET, paths::NODE_ASSIGNMENTS, true),
+        (Method::PUT, paths::NODE_STATUS, true),
+        (Method::POST, paths::PROXY_REGISTER, true),
+        (Method::POST, paths::PROXY_HEARTBEAT, true),
+        (Method::GET, paths::ROUTES, false),
+        (Method::GET, paths::CLUSTER, false),
+        (Method::GET, paths::BLOB, false),
+        (Method::HEAD, paths::BLOB, false),
+    ];
+    // Raw segments: a name that only matches once percent-decoded does not match, which
+    // refuses rather than allows (node names never contain '%').
+    OPEN_TO_NODES.iter().any(|(m, route, own)| {
+        m == method
+            && paths::parameters(route, path).is_some_and(|values| {
+                values.iter().all(|v| !v.is_empty()) && (!own || values == [node])
+            })
+    })
+}
+#[cfg(test)]
+mod tests {
+    use super::node_route_allowed;
+    use axum::http::Method;
+    use dozen_api::paths::{self, fill};
+
+    #[test]
+    fn a_node_certificate_opens_only_the_listed_routes_and_only_as_itself() {
+        let allowed = [
+            (Method::POST, fill(paths::NODE_REGISTER, &["n1"])),
+            (Method::POST, fill(paths::NODE_HEARTBEAT, &["n1"])),
+            (Method::GET, fill(paths::NODE_ASSIGNMENTS, &["n1"])),
+            (Method::PUT, fill(paths::NODE_STATUS, &["n1"])),
+            (Method::POST, fill(paths::PROXY_REGISTER, &["n1"])),
+            (Method::POST, fill(paths::PROXY_HEARTBEAT, &["n1"])),
+            (Method::GET, String::from(paths::ROUTES)),
+            (Method::GET, String::from(paths::CLUSTER)),
+            (Method::GET, fill(paths::BLOB, &["sha256:ab"])),
+            (Method::HEAD, fill(paths::BLOB, &["sha256:ab"])),
+        ];
+        for (method, path) in &allowed {
+            let path: &str = path;
+            assert!(node_route_allowed("n1", method, path), "{method} {path}");
+        }
+        let refused = [
+            // Its own revocation, or anything else an operator does under its name.
+            (Method::POST, fill(paths::NODE_REVOKE, &["n1"])),
+            (Method::DELETE, format!("{}/n1", paths::NODES)),
+            (Method::GET, format!("{}/n1", paths::NODES)),
+            (
+                Method::GET,
+                format!("{}/extra", fill(paths::NODE_ASSIGNMENTS, &["n1"])),
+            ),
+            (Method::PUT, fill(paths::NODE_REGISTER, &["n1"])),
+            // Another node.
+            (Method::POST, fill(paths::NODE_REGISTER, &["n2"])),
+            (Method::GET, fill(paths::NODE_ASSIGNMENTS, &["n2"])),
+            (Method::POST, fill(paths::PROXY_HEARTBEAT, &["n2"])),
+            (Method::POST, fill(paths::NODE_REGISTER, &["n1/../n2"])),
+            // Operator routes.
+            (Method::GET, String::from(paths::NODES)),
+            (Method::POST, String::from(paths::APPLY)),
+            (Method::POST, String::from(paths::JOIN_TOKENS)),
+            (Method::GET, String::from(paths::LOGS)),
+            (Method::GET, String::from(paths::TASKS)),
+            (Method::PUT, fill(paths::BLOB, &["sha256:ab"])),
+            (Method::GET, fill(paths::BLOB, &[""])),
+            (Method::GET, format!("{}/x", paths::ROUTES)),
+            (
+                Method::GET,
+                String::from(paths::ROUTES.trim_start_matches('/')),
+            ),
+        ];
+        for (method, path) in &refused {
+            let path: &str = path;
+            assert!(!node_route_allowed("n1", method, path), "{method} {path}");
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Nodes: registration, heartbeats, their assignments (list-then-watch) and status reports,
+//! the node list and which server leads.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+use dozen_api::{
+    ClusterInfo, HeartbeatRequest, NodeInfo, RegisterRequest, RegisterResponse, StatusReport,
+};
+use dozen_control::nodes;
+use dozen_control::snapshot::Snapshot;
+use dozen_model::{keys, Assignment};
+
+use crate::auth::Caller;
+use crate::error::ApiResult;
+use crate::watch::{list_or_watch, WatchQuery};
+use crate::AppState;
+
+pub(crate) async fn cluster(State(s): State<Arc<AppState>>) -> ApiResult<Json<ClusterInfo>> {
+    let leader = s
+        .store
+        .get(&dozen_control::leader::leader_key())
+        .await?
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    Ok(Json(ClusterInfo {
+        server: s.server_id.clone(),
+        leader,
+        store: s.store_kind.clone(),
+    }))
+}
+pub(crate) async fn list_nodes(State(s): State<Arc<AppState>>) -> ApiResult<Json<Vec<NodeInfo>>> {
+    let snap = Snapshot::read(s.store.as_ref()).await?;
+    Ok(Json(
+        snap.nodes
+            .values()
+            .map(|n| NodeInfo {
+                tasks: snap
+                    .assignments
+                    .values()
+                    .filter(|a| a.record.node == n.record.name)
+                    .count() as u32,
+                node: n.record.clone(),
+            })
+            .collect(),
+    ))
+}
+
+pub(crate) async fn register(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    caller: Option<axum::Extension<Caller>>,
+    Json(req): Json<RegisterRequest>,
+) -> ApiResult<Json<RegisterResponse>> {
+    let by_certificate = matches!(caller.as_deref(), Some(Caller::Node(_)));
+    let lease = nodes::register(
+        s.store.as_ref(),
+        &node,
+        req.node,
+        s.node_ttl,
+        by_certificate,
+    )
+    .await?;
+    Ok(Json(RegisterResponse {
+        lease,
+        ttl_ms: s.node_ttl.as_millis() as u64,
+    }))
+}
+
+pub(crate) async fn heartbeat(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Json(req): Json<HeartbeatRequest>,
+) -> ApiResult<StatusCode> {
+    nodes::heartbeat(s.store.as_ref(), &node, req.lease).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn assignments(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Query(q): Query<WatchQuery>,
+) -> ApiResult<Response> {
+    nodes::check_name(&node)?;
+    list_or_watch::<Assignment>(s, keys::assignments(&node), q).await
+}
+
+pub(crate) async fn report_status(
+    State(s): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Json(report): Json<StatusReport>,
+) -> ApiResult<StatusCode> {
+    nodes::report_status(s.store.as_ref(), &node, &report.statuses).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
