@@ -1,39 +1,87 @@
-//! Task drivers. A driver starts, waits for, stops, measures and re-adopts tasks of one kind.
-//! The `process` driver runs each task under a shim (see [`crate::shim`]); a `docker` driver
-//! comes with container support.
+//! Task drivers. A driver starts, waits for, stops, measures and re-adopts tasks of one kind;
+//! the agent holds a registry of them and never looks inside one. `process` runs host
+//! commands under a shim ([`process`]); a second driver (containers) is one more module and
+//! one more line in [`Drivers::for_node`].
+//!
+//! What a driver gets is driver-neutral ([`TaskConfig`]: a command or an image, environment,
+//! port, resources, user, stop signal and timeout, mounts, where its output goes). What it
+//! gives back is opaque to the agent ([`TaskHandle`]): the agent persists it with the driver's
+//! name beside the task, so after a restart each task is recovered through its own driver.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::os;
-use crate::shim::{self, ExitRecord, Launch};
+pub mod process;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+pub use process::ProcessDriver;
+
+/// A driver's fingerprint: whether it can run tasks on this node, and what it found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DriverInfo {
     pub name: String,
     pub available: bool,
     pub detail: String,
 }
 
-/// What the agent needs to run one task generation.
-#[derive(Debug, Clone)]
-pub struct TaskConfig {
-    pub dir: PathBuf,
-    pub launch: Launch,
+/// What a task runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// A host command, argv form.
+    Command(Vec<String>),
+    /// A container image; `args` replaces its command when set.
+    Image {
+        image: String,
+        args: Option<Vec<String>>,
+    },
 }
 
-/// A running (or adopted) task.
+/// A host path made visible to the task.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskHandle {
+pub struct Mount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// What a driver needs to run one task generation, whatever the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskConfig {
+    pub task: String,
+    /// The task's own directory: the driver keeps its state here.
     pub dir: PathBuf,
-    pub shim_pid: u32,
-    pub shim_start: u64,
-    pub task_pid: Option<u32>,
-    /// The task's start time (with the pid, it names the process for good).
-    pub task_start: Option<u64>,
+    pub workload: Workload,
+    /// The whole environment the task sees (see [`crate::env::task_env`]).
+    pub env: BTreeMap<String, String>,
+    /// The host port the task serves on (`PORT`), when it has one.
+    pub port: Option<u16>,
+    pub resources: dozen_spec::Resources,
+    /// Run as this user; `None`: as the agent's user.
+    pub user: Option<String>,
+    /// Normalised signal name, e.g. `SIGTERM`.
+    pub stop_signal: String,
+    pub stop_timeout: Duration,
+    /// The working directory (an unpacked artifact bundle).
+    pub cwd: Option<PathBuf>,
+    pub mounts: Vec<Mount>,
+    /// Where the task's stdout and stderr go (`MILLIS o|e TEXT` lines, read by `dozen logs`).
+    pub log: PathBuf,
+}
+
+/// A running (or adopted) task as its driver knows it. `state` is the driver's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskHandle {
+    pub driver: String,
+    /// The task's main process, when the driver has one to show (status, `ps`).
+    pub pid: Option<u32>,
+    /// When the task started (ms since the epoch), when known.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    pub state: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,10 +93,11 @@ pub struct ExitInfo {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskStats {
     pub rss_kib: Option<u64>,
-    pub shim_rss_kib: Option<u64>,
+    /// What supervising the task costs beside it (the process driver's shim).
+    pub overhead_rss_kib: Option<u64>,
 }
 
 /// What a task directory holds after an agent restart.
@@ -66,199 +115,71 @@ pub enum DriverError {
     Io { dir: String, source: std::io::Error },
     #[error("{0}")]
     Start(String),
+    #[error("the `{driver}` driver cannot run this task: {why}")]
+    Unsupported { driver: &'static str, why: String },
 }
 
 #[async_trait]
 pub trait Driver: Send + Sync + 'static {
+    /// The name tasks ask for (`process`, `docker`) and nodes report.
+    fn name(&self) -> &'static str;
     fn fingerprint(&self) -> DriverInfo;
     async fn start(&self, config: &TaskConfig) -> Result<TaskHandle, DriverError>;
     /// Resolves when the task has ended.
     async fn wait(&self, handle: &TaskHandle) -> ExitInfo;
-    /// `signal`, then SIGKILL after `timeout`; resolves when the task has ended.
-    async fn stop(&self, handle: &TaskHandle, signal: i32, timeout: Duration) -> ExitInfo;
+    /// `signal` (a name such as `SIGTERM`), then a kill after `timeout`; resolves when the
+    /// task has ended.
+    async fn stop(&self, handle: &TaskHandle, signal: &str, timeout: Duration) -> ExitInfo;
     fn stats(&self, handle: &TaskHandle) -> TaskStats;
-    fn recover(&self, dir: &Path) -> Recovered;
+    /// What became of the task in `dir` (last seen as `handle`, when the agent kept one)
+    /// while no agent watched it.
+    fn recover(&self, dir: &Path, handle: Option<&TaskHandle>) -> Recovered;
+    /// The task is gone for good: free what the driver keeps for it (limits, groups).
+    fn release(&self, _task: &str) {}
 }
 
-pub struct ProcessDriver {
-    /// The dozen binary, run as `EXE shim DIR`.
-    pub exe: PathBuf,
+/// The drivers of this agent, by name.
+#[derive(Clone, Default)]
+pub struct Drivers {
+    by_name: BTreeMap<&'static str, Arc<dyn Driver>>,
 }
 
-fn io_err(dir: &Path) -> impl FnOnce(std::io::Error) -> DriverError + '_ {
-    move |source| DriverError::Io {
-        dir: dir.display().to_string(),
-        source,
-    }
-}
-
-impl ProcessDriver {
-    fn read_exit(dir: &Path) -> Option<ExitInfo> {
-        let bytes = std::fs::read(dir.join(shim::EXIT)).ok()?;
-        let r: ExitRecord = serde_json::from_slice(&bytes).ok()?;
-        Some(ExitInfo {
-            code: r.code,
-            signal: r.signal,
-            started_at_ms: r.started_at_ms,
-            finished_at_ms: r.finished_at_ms,
-            error: r.error,
-        })
+impl Drivers {
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    fn exit_of_dead_shim(handle: &TaskHandle) -> ExitInfo {
-        Self::read_exit(&handle.dir).unwrap_or_else(|| {
-            // The shim died without recording an exit (killed): make sure its task is gone too.
-            // Only if that pid still names our task: after a reboot it may be anything.
-            if let (Some(pid), Some(start)) = (handle.task_pid, handle.task_start) {
-                if os::process_is(pid, start) {
-                    let _ = os::kill_group(pid, libc::SIGKILL);
-                }
-            }
-            ExitInfo {
-                code: None,
-                signal: None,
-                started_at_ms: None,
-                finished_at_ms: shim::wall_ms(),
-                error: Some("the task's shim was killed; exit status unknown".into()),
-            }
-        })
+    pub fn with(mut self, driver: impl Driver) -> Self {
+        self.by_name.insert(driver.name(), Arc::new(driver));
+        self
     }
-}
 
-/// Waits until process `pid` (which started at `start`) has exited.
-async fn wait_for_exit(pid: u32, start: u64) {
-    if let Ok(fd) = os::pidfd_open(pid) {
-        // pidfd_open succeeded, but the pid may have been reused between our check and now.
-        if os::process_is(pid, start) {
-            if os::pidfd_wait(fd).await.is_ok() {
-                return;
-            }
-        } else {
-            return;
+    /// Every driver this node can have: one line per driver.
+    pub fn for_node(exe: &Path, cgroups: Box<dyn crate::cgroups::Cgroups>) -> Self {
+        Drivers::new().with(ProcessDriver::new(exe.to_path_buf(), cgroups))
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Driver>> {
+        self.by_name.get(name).cloned()
+    }
+
+    pub fn fingerprints(&self) -> Vec<DriverInfo> {
+        self.by_name.values().map(|d| d.fingerprint()).collect()
+    }
+
+    /// The names of the drivers that can run tasks here now (what the node reports).
+    pub fn available(&self) -> Vec<String> {
+        self.fingerprints()
+            .into_iter()
+            .filter(|f| f.available)
+            .map(|f| f.name)
+            .collect()
+    }
+
+    /// Frees what every driver keeps for `task`.
+    pub fn release(&self, task: &str) {
+        for driver in self.by_name.values() {
+            driver.release(task);
         }
-    }
-    // No pidfd (old kernel): poll.
-    while os::process_is(pid, start) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[async_trait]
-impl Driver for ProcessDriver {
-    fn fingerprint(&self) -> DriverInfo {
-        DriverInfo {
-            name: "process".into(),
-            available: self.exe.exists(),
-            detail: format!("shim: {} shim DIR", self.exe.display()),
-        }
-    }
-
-    async fn start(&self, config: &TaskConfig) -> Result<TaskHandle, DriverError> {
-        let dir = &config.dir;
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        for stale in [shim::EXIT, shim::TASK_PID, shim::SHIM_PID, shim::STOPPING] {
-            match std::fs::remove_file(dir.join(stale)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(dir)(e)),
-            }
-        }
-        let launch = serde_json::to_vec(&config.launch).unwrap_or_default();
-        os::write_atomic(&dir.join(shim::LAUNCH), &launch).map_err(io_err(dir))?;
-        let mut child = tokio::process::Command::new(&self.exe)
-            .arg("shim")
-            .arg(dir)
-            .env_clear()
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| {
-                DriverError::Start(format!("cannot start shim {}: {e}", self.exe.display()))
-            })?;
-        let shim_pid = child.id().unwrap_or(0);
-        // Reap the shim when it exits (it is our child while we live).
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        // The shim records the task's pid (or an exit record if it could not start it).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some((pid, task_start)) = shim::read_pid_file(&dir.join(shim::TASK_PID)) {
-                let shim_start = shim::read_pid_file(&dir.join(shim::SHIM_PID))
-                    .map(|(_, s)| s)
-                    .or_else(|| os::process_start_time(shim_pid))
-                    .unwrap_or(0);
-                return Ok(TaskHandle {
-                    dir: dir.clone(),
-                    shim_pid,
-                    shim_start,
-                    task_pid: Some(pid),
-                    task_start: Some(task_start),
-                });
-            }
-            if let Some(exit) = Self::read_exit(dir) {
-                return Err(DriverError::Start(
-                    exit.error
-                        .unwrap_or_else(|| "the task ended before it started".into()),
-                ));
-            }
-            if tokio::time::Instant::now() > deadline {
-                let _ = os::kill_pid(shim_pid, libc::SIGKILL);
-                return Err(DriverError::Start(
-                    "the shim did not start the task within 10s".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn wait(&self, handle: &TaskHandle) -> ExitInfo {
-        wait_for_exit(handle.shim_pid, handle.shim_start).await;
-        Self::exit_of_dead_shim(handle)
-    }
-
-    async fn stop(&self, handle: &TaskHandle, signal: i32, timeout: Duration) -> ExitInfo {
-        // Tells the shim this signal came from us: it must not send the group another.
-        let _ = std::fs::write(handle.dir.join(shim::STOPPING), b"");
-        if let Some(pid) = handle.task_pid {
-            let _ = os::kill_group(pid, signal);
-        }
-        if tokio::time::timeout(timeout, self.wait(handle))
-            .await
-            .is_err()
-        {
-            tracing::warn!(dir = %handle.dir.display(), "task ignored its stop signal; killing it");
-            if let Some(pid) = handle.task_pid {
-                let _ = os::kill_group(pid, libc::SIGKILL);
-            }
-        }
-        self.wait(handle).await
-    }
-
-    fn stats(&self, handle: &TaskHandle) -> TaskStats {
-        TaskStats {
-            rss_kib: handle.task_pid.and_then(os::rss_kib),
-            shim_rss_kib: os::rss_kib(handle.shim_pid),
-        }
-    }
-
-    fn recover(&self, dir: &Path) -> Recovered {
-        let Some((shim_pid, shim_start)) = shim::read_pid_file(&dir.join(shim::SHIM_PID)) else {
-            return Recovered::Nothing;
-        };
-        let task = shim::read_pid_file(&dir.join(shim::TASK_PID));
-        let handle = TaskHandle {
-            dir: dir.to_path_buf(),
-            shim_pid,
-            shim_start,
-            task_pid: task.map(|(p, _)| p),
-            task_start: task.map(|(_, s)| s),
-        };
-        if os::process_is(shim_pid, shim_start) {
-            return Recovered::Running(handle);
-        }
-        Recovered::Exited(Self::exit_of_dead_shim(&handle))
     }
 }

@@ -5,6 +5,36 @@ use std::time::Duration;
 
 use dozen_spec::{HealthCheck, HealthKind};
 
+/// Runs health checks. Behind a trait so the runner's state machine can be driven by scripted
+/// answers in tests (with paused time), and so a driver can run `command` checks its own way.
+#[async_trait::async_trait]
+pub trait Prober: Send + Sync + 'static {
+    /// One probe. `Err` carries what failed, for the task's status message.
+    async fn probe(
+        &self,
+        check: &HealthCheck,
+        port: Option<u16>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), String>;
+}
+
+/// Probes for real: HTTP and TCP on loopback, commands on the host.
+pub struct HostProber {
+    pub http: reqwest::Client,
+}
+
+#[async_trait::async_trait]
+impl Prober for HostProber {
+    async fn probe(
+        &self,
+        check: &HealthCheck,
+        port: Option<u16>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        probe(&self.http, check, port, env).await
+    }
+}
+
 /// One probe. `Err` carries what failed, for the task's status message.
 pub async fn probe(
     http: &reqwest::Client,

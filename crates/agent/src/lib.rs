@@ -23,6 +23,7 @@ mod artifacts;
 pub mod bundle;
 pub mod cgroups;
 pub mod driver;
+pub mod env;
 pub mod health;
 pub mod logs;
 pub mod os;
@@ -31,8 +32,12 @@ mod runner;
 mod server;
 pub mod shim;
 mod sync;
+#[cfg(test)]
+mod testing;
 
-use driver::{Driver, ProcessDriver};
+pub use env::discovery_var;
+
+use driver::{Drivers, TaskHandle};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -65,6 +70,19 @@ pub struct AgentConfig {
 pub(crate) struct TaskRecord {
     pub(crate) assignment: Assignment,
     pub(crate) port: Option<u16>,
+    /// The running generation's handle, as its driver gave it (with the driver's name).
+    #[serde(default)]
+    pub(crate) handle: Option<TaskHandle>,
+}
+
+impl TaskRecord {
+    /// The driver that runs (or will run) this task.
+    pub(crate) fn driver(&self) -> &str {
+        match &self.handle {
+            Some(handle) => &handle.driver,
+            None => self.assignment.spec.driver(),
+        }
+    }
 }
 
 pub(crate) const TASK_RECORD: &str = "task.json";
@@ -75,13 +93,12 @@ pub(crate) const KEEP_REMOVED: Duration = Duration::from_secs(3600);
 pub(crate) struct Shared {
     pub(crate) config: AgentConfig,
     pub(crate) client: Client,
-    pub(crate) driver: Arc<dyn Driver>,
+    pub(crate) drivers: Drivers,
+    pub(crate) prober: Arc<dyn health::Prober>,
     pub(crate) ports: ports::PortAllocator,
-    pub(crate) cgroups: Box<dyn cgroups::Cgroups>,
     pub(crate) instance: String,
     pub(crate) runners: Mutex<HashMap<String, watch::Sender<Option<Assignment>>>>,
     pub(crate) reports: mpsc::UnboundedSender<TaskStatus>,
-    pub(crate) http: reqwest::Client,
 }
 
 impl Shared {
@@ -127,28 +144,27 @@ pub async fn run(
         ),
         None => None,
     };
-    let cgroups = cgroups::detect(&config.cgroup_root);
+    let drivers = Drivers::for_node(&config.exe, cgroups::detect(&config.cgroup_root));
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         client: Client::with_tls(&config.server, &config.token, config.tls.clone()),
-        driver: Arc::new(ProcessDriver {
-            exe: config.exe.clone(),
+        drivers,
+        prober: Arc::new(health::HostProber {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap_or_default(),
         }),
         ports: ports::PortAllocator::new(config.port_range.clone()),
         instance: random_id(),
         runners: Mutex::new(HashMap::new()),
         reports: reports_tx,
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap_or_default(),
-        cgroups,
         config,
     });
     tracing::info!(
         node = %shared.config.node_name,
         instance = %shared.instance,
-        limits = %shared.cgroups.describe(),
+        drivers = ?shared.drivers.fingerprints(),
         "agent starting"
     );
     tokio::spawn(server::serve(listener, shared.clone(), serving_tls));
@@ -164,11 +180,6 @@ pub async fn run(
     }
     tracing::info!("agent stopped; its tasks keep running under their shims");
     Ok(())
-}
-
-/// `orders` -> `ORDERS_URL`, `order-api` -> `ORDER_API_URL`.
-pub fn discovery_var(service: &str) -> String {
-    format!("{}_URL", service.to_ascii_uppercase().replace('-', "_"))
 }
 
 /// Reads the task records under an agent data dir (for `dozen logs` on this node).

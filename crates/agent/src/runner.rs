@@ -9,10 +9,8 @@ use std::time::Duration;
 use dozen_model::{Assignment, DesiredState, TaskKind, TaskState, TaskStatus, SCHEMA};
 use tokio::sync::watch;
 
-use crate::driver::{ExitInfo, Recovered, TaskConfig, TaskHandle};
-use crate::{
-    artifacts, discovery_var, health, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD,
-};
+use crate::driver::{Driver, ExitInfo, Recovered, TaskConfig, TaskHandle, Workload};
+use crate::{artifacts, env, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD};
 
 /// Health bookkeeping of one running generation.
 struct HealthState {
@@ -75,13 +73,9 @@ impl Runner {
         match recovered {
             Recovered::Running(handle) => {
                 runner.generation = Some(runner.record.assignment.generation);
-                runner.status.pid = handle.task_pid;
+                runner.status.pid = handle.pid;
                 runner.status.adopted = true;
-                runner.status.started_at_ms = std::fs::metadata(handle.dir.join(shim::TASK_PID))
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_millis() as u64);
+                runner.status.started_at_ms = handle.started_at_ms;
                 // It was running before the restart: keep serving it as it was.
                 runner.set(TaskState::Running, true, None);
                 runner.handle = Some(handle);
@@ -212,7 +206,7 @@ impl Runner {
         self.status.adopted = false;
         match self.launch().await {
             Ok(handle) => {
-                self.status.pid = handle.task_pid;
+                self.status.pid = handle.pid;
                 self.status.started_at_ms = Some(shim::wall_ms());
                 let healthy = a.spec.health.is_none();
                 let state = if healthy {
@@ -220,7 +214,7 @@ impl Runner {
                 } else {
                     TaskState::Starting
                 };
-                tracing::info!(task = %self.task, generation = a.generation, pid = ?handle.task_pid, port = ?self.record.port, "task started");
+                tracing::info!(task = %self.task, generation = a.generation, pid = ?handle.pid, port = ?self.record.port, "task started");
                 self.handle = Some(handle);
                 self.set(state, healthy, None);
             }
@@ -236,15 +230,44 @@ impl Runner {
         true
     }
 
+    /// The driver this task needs, if this node has it.
+    fn driver(&self) -> Result<Arc<dyn Driver>, String> {
+        let name = self.record.driver();
+        self.shared.drivers.get(name).ok_or_else(|| {
+            format!(
+                "the `{name}` driver is not available on node `{}`",
+                self.shared.config.node_name
+            )
+        })
+    }
+
     async fn launch(&mut self) -> Result<TaskHandle, String> {
+        let driver = self.driver()?;
         let a = &self.record.assignment;
         let spec = &a.spec;
-        let (argv, wants_port) = match &a.kind {
-            TaskKind::OneOff { argv } => (argv.clone(), false),
-            TaskKind::Service => (
-                spec.command.as_ref().map(|c| c.argv()).ok_or(
-                    "this agent runs commands only: the docker driver is not available yet",
-                )?,
+        let (workload, wants_port) = match (&a.kind, &spec.image) {
+            (TaskKind::OneOff { argv }, None) => (Workload::Command(argv.clone()), false),
+            (TaskKind::OneOff { argv }, Some(image)) => (
+                Workload::Image {
+                    image: image.clone(),
+                    args: Some(argv.clone()),
+                },
+                false,
+            ),
+            (TaskKind::Service, Some(image)) => (
+                Workload::Image {
+                    image: image.clone(),
+                    args: spec.command.as_ref().map(|c| c.argv()),
+                },
+                spec.port,
+            ),
+            (TaskKind::Service, None) => (
+                Workload::Command(
+                    spec.command
+                        .as_ref()
+                        .map(|c| c.argv())
+                        .ok_or("the service has neither a command nor an image")?,
+                ),
                 spec.port,
             ),
         };
@@ -257,48 +280,7 @@ impl Runner {
             );
         }
         self.status.host_port = self.record.port;
-        let mut env: BTreeMap<String, String> = BTreeMap::new();
-        env.insert(
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        );
-        let (mut uid, mut gid) = (None, None);
-        if let Some(user) = &spec.user {
-            let (u, g, home) = os::lookup_user(user).ok_or_else(|| {
-                format!(
-                    "user `{user}` does not exist on node `{}`",
-                    self.shared.config.node_name
-                )
-            })?;
-            uid = Some(u);
-            gid = Some(g);
-            env.insert("HOME".into(), home);
-            env.insert("USER".into(), user.clone());
-        }
-        env.extend(spec.env.clone());
-        if let Some(port) = self.record.port {
-            env.insert("PORT".into(), port.to_string());
-        }
-        // Service discovery: the services this one names, reached through the local proxy.
-        for other in &spec.uses {
-            env.insert(
-                discovery_var(other),
-                format!(
-                    "{}/_/{other}",
-                    self.shared.config.proxy_internal_url.trim_end_matches('/')
-                ),
-            );
-        }
-        env.insert("DOZEN_SERVICE".into(), a.service.clone());
-        env.insert("DOZEN_TASK".into(), a.task.clone());
-        env.insert("DOZEN_RELEASE".into(), a.release.to_string());
-        let cgroup_procs = match self.shared.cgroups.prepare(&self.task, &spec.resources) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(task = %self.task, error = %e, "cannot set resource limits; running without");
-                Vec::new()
-            }
-        };
+        let env = env::task_env(a, self.record.port, &self.shared.config.proxy_internal_url);
         let cwd = match &a.artifact_digest {
             Some(digest) => Some(
                 artifacts::unpacked(&self.shared.client, &self.shared.config.data_dir, digest)
@@ -306,25 +288,27 @@ impl Runner {
             ),
             None => None,
         };
-        self.save_record();
         let config = TaskConfig {
+            task: self.task.clone(),
             dir: self.dir.clone(),
-            launch: shim::Launch {
-                argv,
-                env,
-                cwd,
-                uid,
-                gid,
-                cgroup_procs,
-                linger_ms: Some(a.spec.stop_timeout_ms),
-                stop_signal: os::signal_number(&a.spec.stop_signal),
-            },
+            workload,
+            env,
+            port: self.record.port,
+            resources: spec.resources,
+            user: spec.user.clone(),
+            stop_signal: spec.stop_signal.clone(),
+            stop_timeout: Duration::from_millis(spec.stop_timeout_ms),
+            cwd,
+            mounts: Vec::new(),
+            log: self.dir.join(shim::LOG),
         };
-        self.shared
-            .driver
-            .start(&config)
-            .await
-            .map_err(|e| e.to_string())
+        self.record.handle = None;
+        self.save_record();
+        let handle = driver.start(&config).await.map_err(|e| e.to_string())?;
+        // With the handle on disk, a restarted agent recovers the task through its driver.
+        self.record.handle = Some(handle.clone());
+        self.save_record();
+        Ok(handle)
     }
 
     /// Watches the running generation: its exit, health, and changes to the assignment.
@@ -333,7 +317,14 @@ impl Runner {
         let Some(handle) = self.handle.clone() else {
             return true;
         };
-        let driver = self.shared.driver.clone();
+        let driver = match self.driver() {
+            Ok(driver) => driver,
+            Err(why) => {
+                self.handle = None;
+                self.set(TaskState::Failed, false, Some(why));
+                return true;
+            }
+        };
         let check = self.record.assignment.spec.health.clone();
         let mut health = HealthState {
             successes: 0,
@@ -371,7 +362,7 @@ impl Runner {
                 _ = tokio::time::sleep(Duration::from_millis(interval.max(10))) => {
                     let Some(c) = &check else { continue };
                     probes += 1;
-                    let result = health::probe(&self.shared.http, c, self.record.port, &BTreeMap::new()).await;
+                    let result = self.shared.prober.probe(c, self.record.port, &BTreeMap::new()).await;
                     match result {
                         Ok(()) => {
                             health.successes += 1;
@@ -414,11 +405,22 @@ impl Runner {
             return;
         };
         let spec = &self.record.assignment.spec;
-        let signal = os::signal_number(&spec.stop_signal).unwrap_or(libc::SIGTERM);
-        let timeout = Duration::from_millis(spec.stop_timeout_ms);
+        let (signal, timeout) = (
+            spec.stop_signal.clone(),
+            Duration::from_millis(spec.stop_timeout_ms),
+        );
         tracing::info!(task = %self.task, reason = why, "stopping task");
         self.set(TaskState::Stopping, false, None);
-        let exit = self.shared.driver.stop(&handle, signal, timeout).await;
+        let exit = match self.driver() {
+            Ok(driver) => driver.stop(&handle, &signal, timeout).await,
+            Err(why) => ExitInfo {
+                code: None,
+                signal: None,
+                started_at_ms: None,
+                finished_at_ms: shim::wall_ms(),
+                error: Some(why),
+            },
+        };
         self.finish(TaskState::Stopped, &exit);
     }
 
@@ -426,7 +428,7 @@ impl Runner {
         if let Some(port) = self.record.port.take() {
             self.shared.ports.release(port);
         }
-        self.shared.cgroups.remove(&self.task);
+        self.shared.drivers.release(&self.task);
         let _ = std::fs::write(self.dir.join(REMOVED_MARKER), shim::wall_ms().to_string());
         let mut runners = self
             .shared
@@ -442,3 +444,6 @@ impl Runner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,7 +13,7 @@ use dozen_model::{Assignment, NodeRecord, NodeResources, TaskStatus, SCHEMA};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::driver::Recovered;
+use crate::driver::{ExitInfo, Recovered};
 use crate::runner::Runner;
 use crate::{shim, Shared, TaskRecord, KEEP_REMOVED, REMOVED_MARKER, TASK_RECORD};
 
@@ -36,7 +36,20 @@ pub(crate) fn adopt_existing(shared: &Arc<Shared>) {
         if let Some(port) = record.port {
             shared.ports.reserve(port);
         }
-        let recovered = shared.driver.recover(&dir);
+        // Each task through its own driver, with the handle that driver gave.
+        let recovered = match shared.drivers.get(record.driver()) {
+            Some(driver) => driver.recover(&dir, record.handle.as_ref()),
+            None => Recovered::Exited(ExitInfo {
+                code: None,
+                signal: None,
+                started_at_ms: None,
+                finished_at_ms: shim::wall_ms(),
+                error: Some(format!(
+                    "the `{}` driver that ran this task is not available on this node now",
+                    record.driver()
+                )),
+            }),
+        };
         if matches!(recovered, Recovered::Running(_)) {
             adopted += 1;
         }
@@ -59,7 +72,7 @@ pub(crate) fn registration(shared: &Arc<Shared>, address: &str) -> Registration 
             memory_bytes: shared.config.memory_bytes,
         },
         labels: BTreeMap::new(),
-        drivers: vec![shared.driver.fingerprint().name],
+        drivers: shared.drivers.available(),
         agent_instance: shared.instance.clone(),
         registered_at_ms: shim::wall_ms(),
     };
@@ -226,6 +239,7 @@ pub(crate) fn update_runner(shared: &Arc<Shared>, assignment: Assignment) {
     let record = TaskRecord {
         assignment,
         port: None,
+        handle: None,
     };
     spawn_runner(shared, record, Recovered::Nothing);
 }

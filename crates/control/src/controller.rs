@@ -132,7 +132,7 @@ impl Controller {
             if watch.is_none() {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
             }
-            let pass = self.pass(leadership, &snap).await?;
+            let pass = self.pass(leadership, &snap, wall_ms()).await?;
             if published.as_ref() != Some(&pass.problems) {
                 let value = serde_json::to_vec(&pass.problems).unwrap_or_default();
                 leadership
@@ -179,8 +179,14 @@ impl Controller {
         }
     }
 
-    /// One reconcile pass over every service.
-    pub async fn pass(&self, leadership: &Leadership, snap: &Snapshot) -> Result<Pass> {
+    /// One reconcile pass over every service, at wall time `now_ms` (the one clock the
+    /// controller reads: deregistration delays are persisted wall times).
+    pub async fn pass(
+        &self,
+        leadership: &Leadership,
+        snap: &Snapshot,
+        now_ms: u64,
+    ) -> Result<Pass> {
         let nodes = node_views(snap);
         let tasks = task_views(snap);
         let mut by_service: BTreeMap<&str, Vec<TaskView>> = BTreeMap::new();
@@ -193,7 +199,7 @@ impl Controller {
         let mut problems = Problems::new();
         let mut wake: Option<u64> = None;
         let clock = Clock {
-            now_ms: wall_ms(),
+            now_ms,
             proxies_applied: snap.proxies_applied(),
         };
         for (name, svc) in &snap.services {
@@ -221,7 +227,7 @@ impl Controller {
                 problems.insert(name.clone(), decision.problems);
             }
             for action in decision.actions {
-                self.act(leadership, snap, name, &action).await?;
+                self.act(leadership, snap, name, &action, now_ms).await?;
             }
         }
         // Tasks whose service is gone (removed from the file, or `down`): stop, then remove.
@@ -245,7 +251,7 @@ impl Controller {
                         }
                     }
                 };
-                self.act(leadership, snap, name, &action).await?;
+                self.act(leadership, snap, name, &action, now_ms).await?;
             }
         }
         // Status records without an assignment (written late by an agent): clean up.
@@ -296,6 +302,7 @@ impl Controller {
         snap: &Snapshot,
         service: &str,
         action: &Action,
+        now_ms: u64,
     ) -> Result<()> {
         let store = self.store.as_ref();
         match action {
@@ -320,7 +327,7 @@ impl Controller {
                     restart_generation: svc.record.restart_generation,
                     spec: release.spec.clone(),
                     artifact_digest: release.artifact_digest.clone(),
-                    created_at_ms: wall_ms(),
+                    created_at_ms: now_ms,
                     drain_since_ms: None,
                 };
                 let key = keys::assignment(node, &task);
@@ -371,7 +378,7 @@ impl Controller {
                 tracing::info!(service, task, node, "taking task out of routing");
                 self.rewrite(leadership, snap, task, |a| {
                     a.desired = DesiredState::Drain;
-                    a.drain_since_ms = Some(wall_ms());
+                    a.drain_since_ms = Some(now_ms);
                 })
                 .await?;
             }

@@ -1,0 +1,325 @@
+//! The `process` driver: each task runs under a shim (see [`crate::shim`]) as a host process
+//! group, in its cgroups when the node has them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Driver, DriverError, DriverInfo, ExitInfo, Recovered, TaskConfig, TaskHandle, TaskStats,
+    Workload,
+};
+use crate::cgroups::Cgroups;
+use crate::os;
+use crate::shim::{self, ExitRecord, Launch};
+
+pub const NAME: &str = "process";
+
+/// The process driver's part of a [`TaskHandle`]: the shim and the task, each named by pid and
+/// start time so a reused pid is never taken for them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Shimmed {
+    dir: PathBuf,
+    shim_pid: u32,
+    shim_start: u64,
+    task_pid: Option<u32>,
+    task_start: Option<u64>,
+}
+
+impl Shimmed {
+    fn of(handle: &TaskHandle) -> Option<Shimmed> {
+        serde_json::from_value(handle.state.clone()).ok()
+    }
+
+    fn handle(&self) -> TaskHandle {
+        TaskHandle {
+            driver: NAME.into(),
+            pid: self.task_pid,
+            started_at_ms: std::fs::metadata(self.dir.join(shim::TASK_PID))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64),
+            state: serde_json::to_value(self).unwrap_or_default(),
+        }
+    }
+}
+
+/// The PATH a task gets when its environment names none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub struct ProcessDriver {
+    /// The dozen binary, run as `EXE shim DIR`.
+    exe: PathBuf,
+    cgroups: Box<dyn Cgroups>,
+}
+
+fn io_err(dir: &Path) -> impl FnOnce(std::io::Error) -> DriverError + '_ {
+    move |source| DriverError::Io {
+        dir: dir.display().to_string(),
+        source,
+    }
+}
+
+impl ProcessDriver {
+    pub fn new(exe: PathBuf, cgroups: Box<dyn Cgroups>) -> Self {
+        ProcessDriver { exe, cgroups }
+    }
+
+    /// What the shim is told to run: the neutral config made concrete for a host process.
+    fn launch(&self, config: &TaskConfig) -> Result<Launch, DriverError> {
+        let argv = match &config.workload {
+            Workload::Command(argv) => argv.clone(),
+            Workload::Image { image, .. } => {
+                return Err(DriverError::Unsupported {
+                    driver: NAME,
+                    why: format!("`{image}` is an image; this node runs host commands only"),
+                })
+            }
+        };
+        let mut env = config.env.clone();
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
+        let (mut uid, mut gid) = (None, None);
+        if let Some(user) = &config.user {
+            let (u, g, home) = os::lookup_user(user).ok_or_else(|| {
+                DriverError::Start(format!(
+                    "user `{user}` does not exist on node `{}`",
+                    os::hostname()
+                ))
+            })?;
+            uid = Some(u);
+            gid = Some(g);
+            env.insert("HOME".into(), home);
+            env.insert("USER".into(), user.clone());
+        }
+        let cgroup_procs = match self.cgroups.prepare(&config.task, &config.resources) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(task = %config.task, error = %e, "cannot set resource limits; running without");
+                Vec::new()
+            }
+        };
+        Ok(Launch {
+            argv,
+            env,
+            cwd: config.cwd.clone(),
+            uid,
+            gid,
+            cgroup_procs,
+            linger_ms: Some(config.stop_timeout.as_millis() as u64),
+            stop_signal: os::signal_number(&config.stop_signal),
+        })
+    }
+
+    fn read_exit(dir: &Path) -> Option<ExitInfo> {
+        let bytes = std::fs::read(dir.join(shim::EXIT)).ok()?;
+        let r: ExitRecord = serde_json::from_slice(&bytes).ok()?;
+        Some(ExitInfo {
+            code: r.code,
+            signal: r.signal,
+            started_at_ms: r.started_at_ms,
+            finished_at_ms: r.finished_at_ms,
+            error: r.error,
+        })
+    }
+
+    fn exit_of_dead_shim(handle: &Shimmed) -> ExitInfo {
+        Self::read_exit(&handle.dir).unwrap_or_else(|| {
+            // The shim died without recording an exit (killed): make sure its task is gone too.
+            // Only if that pid still names our task: after a reboot it may be anything.
+            if let (Some(pid), Some(start)) = (handle.task_pid, handle.task_start) {
+                if os::process_is(pid, start) {
+                    let _ = os::kill_group(pid, libc::SIGKILL);
+                }
+            }
+            ExitInfo {
+                code: None,
+                signal: None,
+                started_at_ms: None,
+                finished_at_ms: shim::wall_ms(),
+                error: Some("the task's shim was killed; exit status unknown".into()),
+            }
+        })
+    }
+}
+
+/// Waits until process `pid` (which started at `start`) has exited.
+async fn wait_for_exit(pid: u32, start: u64) {
+    if let Ok(fd) = os::pidfd_open(pid) {
+        // pidfd_open succeeded, but the pid may have been reused between our check and now.
+        if os::process_is(pid, start) {
+            if os::pidfd_wait(fd).await.is_ok() {
+                return;
+            }
+        } else {
+            return;
+        }
+    }
+    // No pidfd (old kernel): poll.
+    while os::process_is(pid, start) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[async_trait]
+impl Driver for ProcessDriver {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn fingerprint(&self) -> DriverInfo {
+        DriverInfo {
+            name: NAME.into(),
+            available: self.exe.exists(),
+            detail: format!(
+                "shim: {} shim DIR; limits: {}",
+                self.exe.display(),
+                self.cgroups.describe()
+            ),
+        }
+    }
+
+    async fn start(&self, config: &TaskConfig) -> Result<TaskHandle, DriverError> {
+        let launch = self.launch(config)?;
+        let dir = &config.dir;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        for stale in [shim::EXIT, shim::TASK_PID, shim::SHIM_PID, shim::STOPPING] {
+            match std::fs::remove_file(dir.join(stale)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(dir)(e)),
+            }
+        }
+        let launch = serde_json::to_vec(&launch).unwrap_or_default();
+        os::write_atomic(&dir.join(shim::LAUNCH), &launch).map_err(io_err(dir))?;
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg("shim")
+            .arg(dir)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| {
+                DriverError::Start(format!("cannot start shim {}: {e}", self.exe.display()))
+            })?;
+        let shim_pid = child.id().unwrap_or(0);
+        // Reap the shim when it exits (it is our child while we live).
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        // The shim records the task's pid (or an exit record if it could not start it).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((pid, task_start)) = shim::read_pid_file(&dir.join(shim::TASK_PID)) {
+                let shim_start = shim::read_pid_file(&dir.join(shim::SHIM_PID))
+                    .map(|(_, s)| s)
+                    .or_else(|| os::process_start_time(shim_pid))
+                    .unwrap_or(0);
+                return Ok(Shimmed {
+                    dir: dir.clone(),
+                    shim_pid,
+                    shim_start,
+                    task_pid: Some(pid),
+                    task_start: Some(task_start),
+                }
+                .handle());
+            }
+            if let Some(exit) = Self::read_exit(dir) {
+                return Err(DriverError::Start(
+                    exit.error
+                        .unwrap_or_else(|| "the task ended before it started".into()),
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = os::kill_pid(shim_pid, libc::SIGKILL);
+                return Err(DriverError::Start(
+                    "the shim did not start the task within 10s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait(&self, handle: &TaskHandle) -> ExitInfo {
+        let Some(shimmed) = Shimmed::of(handle) else {
+            return not_ours(handle);
+        };
+        wait_for_exit(shimmed.shim_pid, shimmed.shim_start).await;
+        Self::exit_of_dead_shim(&shimmed)
+    }
+
+    async fn stop(&self, handle: &TaskHandle, signal: &str, timeout: Duration) -> ExitInfo {
+        let Some(shimmed) = Shimmed::of(handle) else {
+            return not_ours(handle);
+        };
+        let signal = os::signal_number(signal).unwrap_or(libc::SIGTERM);
+        // Tells the shim this signal came from us: it must not send the group another.
+        let _ = std::fs::write(shimmed.dir.join(shim::STOPPING), b"");
+        if let Some(pid) = shimmed.task_pid {
+            let _ = os::kill_group(pid, signal);
+        }
+        if tokio::time::timeout(timeout, self.wait(handle))
+            .await
+            .is_err()
+        {
+            tracing::warn!(dir = %shimmed.dir.display(), "task ignored its stop signal; killing it");
+            if let Some(pid) = shimmed.task_pid {
+                let _ = os::kill_group(pid, libc::SIGKILL);
+            }
+        }
+        self.wait(handle).await
+    }
+
+    fn stats(&self, handle: &TaskHandle) -> TaskStats {
+        let Some(shimmed) = Shimmed::of(handle) else {
+            return TaskStats::default();
+        };
+        TaskStats {
+            rss_kib: shimmed.task_pid.and_then(os::rss_kib),
+            overhead_rss_kib: os::rss_kib(shimmed.shim_pid),
+        }
+    }
+
+    /// The shim's pid files are the truth (the shim writes them; the agent may have died
+    /// before it saved a handle), so the saved handle is not needed.
+    fn recover(&self, dir: &Path, _handle: Option<&TaskHandle>) -> Recovered {
+        let Some((shim_pid, shim_start)) = shim::read_pid_file(&dir.join(shim::SHIM_PID)) else {
+            return Recovered::Nothing;
+        };
+        let task = shim::read_pid_file(&dir.join(shim::TASK_PID));
+        let shimmed = Shimmed {
+            dir: dir.to_path_buf(),
+            shim_pid,
+            shim_start,
+            task_pid: task.map(|(p, _)| p),
+            task_start: task.map(|(_, s)| s),
+        };
+        if os::process_is(shim_pid, shim_start) {
+            return Recovered::Running(shimmed.handle());
+        }
+        Recovered::Exited(Self::exit_of_dead_shim(&shimmed))
+    }
+
+    fn release(&self, task: &str) {
+        self.cgroups.remove(task);
+    }
+}
+
+/// A handle another driver made, given to this one: nothing to wait for.
+fn not_ours(handle: &TaskHandle) -> ExitInfo {
+    ExitInfo {
+        code: None,
+        signal: None,
+        started_at_ms: None,
+        finished_at_ms: shim::wall_ms(),
+        error: Some(format!(
+            "the process driver was given a `{}` task handle",
+            handle.driver
+        )),
+    }
+}

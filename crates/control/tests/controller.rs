@@ -1,0 +1,325 @@
+//! The service controller's pass, step by step in virtual time: scale out and in, the stop
+//! protocol waiting for the proxies, crash restarts with backoff, and a leader that lost its
+//! lease. The store is the real embedded one in a temp dir; the pass is given the wall time
+//! it decides at, so no wall clock is read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dozen_control::controller::{Controller, Pass};
+use dozen_control::leader::{campaign, Leadership};
+use dozen_control::snapshot::Snapshot;
+use dozen_control::{desired, nodes, proxies, ControlError};
+use dozen_model::{
+    Assignment, DesiredState, NodeRecord, NodeResources, TaskState, TaskStatus, SCHEMA,
+};
+use dozen_scheduler::PROXY_ACK_TIMEOUT_MS;
+use dozen_store::embedded::EmbeddedStore;
+use dozen_store::Store;
+
+/// An arbitrary wall time the tests decide at.
+const T: u64 = 1_700_000_000_000;
+
+struct World {
+    store: Arc<dyn Store>,
+    controller: Controller,
+    leadership: Leadership,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new(nodes: &[&str]) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        for name in nodes {
+            let record = NodeRecord {
+                schema: SCHEMA,
+                name: name.to_string(),
+                address: format!("http://{name}.test:1"),
+                host: "127.0.0.1".into(),
+                resources: NodeResources {
+                    cpu_millis: 4000,
+                    memory_bytes: 8 << 30,
+                },
+                labels: Default::default(),
+                drivers: vec!["process".into()],
+                agent_instance: "a1".into(),
+                registered_at_ms: T,
+            };
+            nodes::register(
+                store.as_ref(),
+                name,
+                record,
+                Duration::from_secs(3600),
+                false,
+            )
+            .await
+            .unwrap();
+        }
+        let leadership = campaign(store.clone(), "server-a", Duration::from_secs(2))
+            .await
+            .unwrap();
+        let controller = Controller {
+            store: store.clone(),
+            server_id: "server-a".into(),
+            leader_ttl: Duration::from_secs(2),
+        };
+        World {
+            store,
+            controller,
+            leadership,
+            _dir: dir,
+        }
+    }
+
+    async fn apply(&self, toml: &str) {
+        let stack = dozen_spec::parse_str(toml, "dozen.toml", dozen_spec::Format::Toml, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        desired::apply(self.store.as_ref(), &stack, &Default::default())
+            .await
+            .unwrap();
+    }
+
+    async fn pass(&self, now_ms: u64) -> Pass {
+        let snap = Snapshot::read(self.store.as_ref()).await.unwrap();
+        self.controller
+            .pass(&self.leadership, &snap, now_ms)
+            .await
+            .unwrap()
+    }
+
+    async fn tasks(&self) -> Vec<Assignment> {
+        let snap = Snapshot::read(self.store.as_ref()).await.unwrap();
+        snap.assignments.into_values().map(|a| a.record).collect()
+    }
+
+    async fn with(&self, desired: DesiredState) -> Vec<Assignment> {
+        let mut tasks = self.tasks().await;
+        tasks.retain(|a| a.desired == desired);
+        tasks
+    }
+
+    /// Reports what the task's agent would: `state` for its current generation.
+    async fn report(&self, a: &Assignment, state: TaskState, started: u64, finished: Option<u64>) {
+        let status = TaskStatus {
+            schema: SCHEMA,
+            task: a.task.clone(),
+            node: a.node.clone(),
+            generation: a.generation,
+            state,
+            healthy: state == TaskState::Running,
+            pid: Some(1),
+            host_port: Some(30_000),
+            exit_code: finished.map(|_| 1),
+            signal: None,
+            started_at_ms: Some(started),
+            finished_at_ms: finished,
+            message: None,
+            agent_instance: "a1".into(),
+            adopted: false,
+        };
+        nodes::report_status(self.store.as_ref(), &a.node, &[status])
+            .await
+            .unwrap();
+    }
+
+    async fn all_running(&self) {
+        for a in self.tasks().await {
+            self.report(&a, TaskState::Running, T - 60_000, None).await;
+        }
+    }
+}
+
+const WEB: &str = r#"
+name = "shop"
+[services.web]
+command = "./web"
+replicas = 4
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn scale_out_spreads_tasks_over_the_nodes_once() {
+    let w = World::new(&["n1", "n2"]).await;
+    w.apply(WEB).await;
+    w.pass(T).await;
+    let tasks = w.tasks().await;
+    assert_eq!(tasks.len(), 4);
+    for node in ["n1", "n2"] {
+        assert_eq!(
+            tasks.iter().filter(|a| a.node == node).count(),
+            2,
+            "{tasks:?}"
+        );
+    }
+    assert!(tasks.iter().all(|a| a.created_at_ms == T));
+    // A second pass over the same state decides nothing new.
+    w.pass(T + 1).await;
+    assert_eq!(w.tasks().await.len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scale_in_drains_first_and_stops_after_the_deregistration_delay() {
+    let w = World::new(&["n1"]).await;
+    w.apply(WEB).await;
+    w.pass(T).await;
+    w.all_running().await;
+    desired::scale(w.store.as_ref(), "web", 1).await.unwrap();
+
+    w.pass(T).await;
+    let draining = w.with(DesiredState::Drain).await;
+    assert_eq!(draining.len(), 3);
+    assert!(draining.iter().all(|a| a.drain_since_ms == Some(T)));
+    // Out of routing, still running while requests finish: no proxy runs, so only the delay.
+    w.pass(T + 999).await;
+    assert_eq!(w.with(DesiredState::Drain).await.len(), 3);
+    w.pass(T + 1000).await;
+    let stopping = w.with(DesiredState::Stop).await;
+    assert_eq!(stopping.len(), 3);
+    // Once their agents report them stopped, their records go.
+    for a in &stopping {
+        w.report(a, TaskState::Stopped, T - 60_000, Some(T + 1100))
+            .await;
+    }
+    w.pass(T + 1200).await;
+    let left = w.tasks().await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].desired, DesiredState::Run);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_waits_for_every_live_proxy_to_apply_it() {
+    let w = World::new(&["n1"]).await;
+    w.apply(WEB).await;
+    w.pass(T).await;
+    w.all_running().await;
+    let lease = proxies::register(
+        w.store.as_ref(),
+        "p1",
+        "http://127.0.0.1:7780".into(),
+        "http://127.0.0.1:7781".into(),
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let before = w.store.revision().await.unwrap();
+    proxies::heartbeat(w.store.as_ref(), "p1", lease, before)
+        .await
+        .unwrap();
+    desired::scale(w.store.as_ref(), "web", 2).await.unwrap();
+    w.pass(T).await;
+    assert_eq!(w.with(DesiredState::Drain).await.len(), 2);
+
+    // The delay is over, but the proxy still serves the table from before the drain.
+    w.pass(T + 5_000).await;
+    assert_eq!(w.with(DesiredState::Drain).await.len(), 2);
+    assert!(w.with(DesiredState::Stop).await.is_empty());
+
+    // It applies the new table and says so: now they stop.
+    let now = w.store.revision().await.unwrap();
+    proxies::heartbeat(w.store.as_ref(), "p1", lease, now)
+        .await
+        .unwrap();
+    w.pass(T + 5_000).await;
+    assert_eq!(w.with(DesiredState::Stop).await.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proxy_that_never_acknowledges_holds_a_drain_only_until_the_ack_timeout() {
+    let w = World::new(&["n1"]).await;
+    w.apply(WEB).await;
+    w.pass(T).await;
+    w.all_running().await;
+    proxies::register(
+        w.store.as_ref(),
+        "stuck",
+        "http://127.0.0.1:7780".into(),
+        "http://127.0.0.1:7781".into(),
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    desired::scale(w.store.as_ref(), "web", 3).await.unwrap();
+    w.pass(T).await;
+    assert_eq!(w.with(DesiredState::Drain).await.len(), 1);
+    let delay = 1_000;
+    w.pass(T + delay + PROXY_ACK_TIMEOUT_MS - 1).await;
+    assert_eq!(w.with(DesiredState::Drain).await.len(), 1);
+    w.pass(T + delay + PROXY_ACK_TIMEOUT_MS).await;
+    assert_eq!(w.with(DesiredState::Stop).await.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashing_task_is_restarted_at_once_then_with_growing_backoff() {
+    let w = World::new(&["n1"]).await;
+    w.apply(
+        r#"
+name = "shop"
+[services.worker]
+command = "./work"
+replicas = 1
+"#,
+    )
+    .await;
+    w.pass(T).await;
+    let mut delays = Vec::new();
+    for crash in 0..4 {
+        let a = w.tasks().await.remove(0);
+        // Ran for a moment and crashed: a crash, for backoff.
+        let started = T + crash * 1000;
+        w.report(&a, TaskState::Exited, started, Some(started + 100))
+            .await;
+        w.pass(started + 200).await;
+        let next = w.tasks().await.remove(0);
+        assert_eq!(next.generation, a.generation + 1);
+        delays.push(next.start_delay_ms);
+    }
+    assert_eq!(delays, [0, 500, 1000, 2000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_whose_driver_no_node_has_stays_pending_and_says_why() {
+    let w = World::new(&["n1", "n2"]).await;
+    w.apply(
+        r#"
+name = "shop"
+[services.web]
+image = "shop/web:1"
+replicas = 2
+"#,
+    )
+    .await;
+    let pass = w.pass(T).await;
+    assert!(w.tasks().await.is_empty());
+    let problems = &pass.problems["web"];
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("no live node has the `docker` driver")),
+        "{problems:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_controller_that_lost_its_lease_writes_nothing() {
+    let w = World::new(&["n1"]).await;
+    w.apply(WEB).await;
+    // Its lease ends (a long pause, a partition); another server is elected.
+    w.store.revoke_lease(w.leadership.lease).await.unwrap();
+    let other = tokio::time::timeout(
+        Duration::from_secs(20),
+        campaign(w.store.clone(), "server-b", Duration::from_secs(2)),
+    )
+    .await
+    .expect("server-b elected")
+    .unwrap();
+    assert_eq!(other.server_id, "server-b");
+
+    let snap = Snapshot::read(w.store.as_ref()).await.unwrap();
+    let late = w.controller.pass(&w.leadership, &snap, T).await;
+    assert!(
+        matches!(late, Err(ControlError::LostLeadership)),
+        "{:?}",
+        late.map(|p| p.problems)
+    );
+    assert!(w.tasks().await.is_empty(), "the old leader placed tasks");
+}
