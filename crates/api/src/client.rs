@@ -17,7 +17,7 @@ use crate::{
     JoinResponse, JoinTokenRequest, JoinTokenResponse, ListResponse, LogLine, LogQuery, NodeInfo,
     ProxyHeartbeat, ProxyInfo, ProxyRegisterRequest, RegisterRequest, RegisterResponse,
     RevokeResponse, RollbackRequest, RouteQuery, RunRequest, ScaleRequest, ServiceSummary,
-    StatusReport, TaskInfo, WatchEvent,
+    StatusReport, TaskInfo, TaskQuery, WatchEvent, WatchQuery,
 };
 use dozen_model::{Assignment, Release, RouteTable, StackRecord};
 
@@ -275,14 +275,11 @@ impl Client {
         path: &str,
         revision: u64,
     ) -> Result<impl Stream<Item = Result<WatchEvent<T>, ApiError>> + Send + Unpin, ApiError> {
-        self.ndjson(
-            path,
-            &[
-                ("watch", "true".to_string()),
-                ("revision", revision.to_string()),
-            ],
-        )
-        .await
+        let query = WatchQuery {
+            watch: true,
+            revision: Some(revision),
+        };
+        self.ndjson(path, &query).await
     }
 
     // One method per route.
@@ -344,7 +341,12 @@ impl Client {
     /// Every task, or those of one service.
     pub async fn tasks(&self, service: Option<&str>) -> Result<Vec<TaskInfo>, ApiError> {
         match service {
-            Some(service) => self.get_query(paths::TASKS, &[("service", service)]).await,
+            Some(service) => {
+                let query = TaskQuery {
+                    service: Some(service.to_string()),
+                };
+                self.get_query(paths::TASKS, &query).await
+            }
             None => self.get(paths::TASKS).await,
         }
     }

@@ -29,14 +29,14 @@ pub const LOCAL_ONLY: &str = "x-dozen-local-only";
 /// Header carrying the operator or node token.
 pub const AUTHORIZATION: &str = "authorization";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplyRequest {
     pub stack: dozen_spec::Stack,
     /// service -> artifact bundle digest (already uploaded).
@@ -44,22 +44,22 @@ pub struct ApplyRequest {
     pub artifacts: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScaleRequest {
     pub replicas: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct RollbackRequest {
     pub to: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRequest {
     pub argv: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceSummary {
     pub name: String,
     pub stack: String,
@@ -75,14 +75,14 @@ pub struct ServiceSummary {
 }
 
 /// `POST /v1/join-tokens` (operator).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinTokenRequest {
     /// How long the token may be used; default one hour, at most a day.
     #[serde(default)]
     pub ttl_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinTokenResponse {
     /// `<id>.<secret>`: good for one `dozen node join`.
     pub token: String,
@@ -92,7 +92,7 @@ pub struct JoinTokenResponse {
 }
 
 /// `POST /v1/join` (no token: the join token in the body is the credential).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinRequest {
     pub token: String,
     pub node: String,
@@ -100,7 +100,7 @@ pub struct JoinRequest {
     pub csr_pem: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinResponse {
     pub cert_pem: String,
     pub ca_pem: String,
@@ -108,7 +108,7 @@ pub struct JoinResponse {
 }
 
 /// `POST /v1/nodes/{node}/revoke` (operator).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevokeResponse {
     pub node: String,
     /// Serials of the certificates revoked now.
@@ -116,7 +116,7 @@ pub struct RevokeResponse {
 }
 
 /// `GET /v1/cluster`: which server answered, and which one leads the controllers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterInfo {
     /// Id of the server that answered.
     pub server: String,
@@ -126,7 +126,7 @@ pub struct ClusterInfo {
     pub store: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskInfo {
     pub task: String,
     pub service: String,
@@ -165,20 +165,20 @@ impl TaskInfo {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     pub node: NodeRecord,
     pub tasks: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ListResponse<T> {
     pub items: Vec<T>,
     pub revision: u64,
 }
 
 /// A proxy as `GET /v1/proxies` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ProxyInfo {
     #[serde(flatten)]
     pub record: dozen_model::ProxyRecord,
@@ -187,7 +187,7 @@ pub struct ProxyInfo {
     pub current: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WatchEventType {
     Put,
@@ -196,7 +196,7 @@ pub enum WatchEventType {
     Bookmark,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WatchEvent<T> {
     #[serde(rename = "type")]
     pub kind: WatchEventType,
@@ -211,35 +211,52 @@ fn none<T>() -> Option<T> {
     None
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Query of a list-then-watch route: without `watch`, a list with the store revision; with
+/// it, newline-delimited events after `revision` (410 Gone when it is compacted: list again).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema, utoipa::IntoParams)]
+pub struct WatchQuery {
+    #[serde(default)]
+    pub watch: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+}
+
+/// Query of `GET /v1/tasks`: the tasks of one service, or all.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema, utoipa::IntoParams)]
+pub struct TaskQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterRequest {
     pub node: NodeRecord,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterResponse {
     pub lease: u64,
     pub ttl_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatRequest {
     pub lease: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusReport {
     pub statuses: Vec<TaskStatus>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     Stdout,
     Stderr,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct LogLine {
     pub ts_ms: u64,
     pub service: String,
@@ -249,7 +266,7 @@ pub struct LogLine {
 }
 
 /// Query of `GET /v1/logs` and the agents' `GET /v1/agent/logs`.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema, utoipa::IntoParams)]
 pub struct LogQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
@@ -263,13 +280,13 @@ pub struct LogQuery {
     pub follow: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProxyRegisterRequest {
     pub public_address: String,
     pub internal_address: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProxyHeartbeat {
     pub lease: u64,
     /// The route table revision the proxy serves now.
@@ -278,7 +295,7 @@ pub struct ProxyHeartbeat {
 
 /// `GET /v1/routes?after=R&wait_ms=T`: answers at once without `after`; with it, once the
 /// routes may have changed after revision R (or after `wait_ms`, default 30 s).
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema, utoipa::IntoParams)]
 pub struct RouteQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<u64>,

@@ -79,6 +79,13 @@ pub enum Output {
     Json,
 }
 
+#[derive(Subcommand, Debug)]
+enum ApiCommand {
+    /// Print the OpenAPI 3 document of the API this binary serves (the same as
+    /// `GET /v1/openapi.json`): generate clients from it, or fuzz the API with it.
+    Openapi,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -136,6 +143,9 @@ enum Command {
     Proxies,
     /// Print the JSON Schema of the stack file.
     Schema,
+    /// The HTTP API itself.
+    #[command(subcommand)]
+    Api(ApiCommand),
     /// Internal: the per-task supervisor started by the agent.
     #[command(hide = true)]
     Shim { dir: PathBuf },
@@ -233,6 +243,10 @@ fn main() -> ExitCode {
                     "{}",
                     serde_json::to_string_pretty(&dozen_spec::json_schema()).unwrap_or_default()
                 );
+                Ok(0)
+            }
+            Command::Api(ApiCommand::Openapi) => {
+                output::json(&dozen_server::openapi());
                 Ok(0)
             }
             Command::Shim { .. } => Ok(2),

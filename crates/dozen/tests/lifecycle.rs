@@ -504,3 +504,27 @@ stop_timeout = "10s"
         },
     );
 }
+
+#[test]
+fn the_api_document_is_served_and_printed_alike() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(false);
+    let printed: serde_json::Value = serde_json::from_str(&d.ok(&["api", "openapi"])).unwrap();
+    let raw = dozen_testkit::http_raw(
+        d.port,
+        &format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            dozen_api::paths::OPENAPI,
+            d.token()
+        ),
+    )
+    .unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let served: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(served, printed);
+    assert!(served["paths"][dozen_api::paths::APPLY]["post"].is_object());
+    // Like every route but three, it needs the token.
+    let (status, _) = http_get(d.port, dozen_api::paths::OPENAPI).unwrap();
+    assert_eq!(status, 401);
+}

@@ -39,7 +39,7 @@ pub fn encode<T: Record>(record: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: Record>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
-    #[derive(Deserialize)]
+    #[derive(Deserialize, utoipa::ToSchema)]
     struct Header {
         #[serde(default)]
         schema: u32,
@@ -172,7 +172,7 @@ macro_rules! record {
     };
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct StackRecord {
     pub schema: u32,
     pub name: String,
@@ -181,7 +181,7 @@ pub struct StackRecord {
 }
 record!(StackRecord, "stack");
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ServiceRecord {
     pub schema: u32,
     pub name: String,
@@ -198,7 +198,7 @@ pub struct ServiceRecord {
 }
 record!(ServiceRecord, "service");
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ScaleRecord {
     pub schema: u32,
     pub replicas: u32,
@@ -208,7 +208,7 @@ pub struct ScaleRecord {
 record!(ScaleRecord, "scale");
 
 /// An immutable, numbered release: everything a task needs, resolved at creation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Release {
     pub schema: u32,
     pub service: String,
@@ -226,7 +226,7 @@ pub struct Release {
 record!(Release, "release");
 
 /// A release an `apply` created.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ReleaseChange {
     pub service: String,
     pub release: u64,
@@ -234,7 +234,7 @@ pub struct ReleaseChange {
 
 /// What an `apply` did: not a stored record, the answer the API returns as the control plane
 /// gave it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplyOutcome {
     pub plan: dozen_spec::Plan,
     /// Releases this apply created.
@@ -242,13 +242,13 @@ pub struct ApplyOutcome {
     pub revision: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct NodeResources {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct NodeRecord {
     pub schema: u32,
     pub name: String,
@@ -271,7 +271,7 @@ fn loopback() -> String {
 }
 
 /// A proxy instance, leased: it exists while the proxy heartbeats.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ProxyRecord {
     pub schema: u32,
     pub id: String,
@@ -283,7 +283,7 @@ pub struct ProxyRecord {
 record!(ProxyRecord, "proxy");
 
 /// An API server, leased: it exists while the server runs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ServerRecord {
     pub schema: u32,
     pub id: String,
@@ -292,7 +292,7 @@ pub struct ServerRecord {
 }
 record!(ServerRecord, "server");
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DesiredState {
     Run,
@@ -301,7 +301,7 @@ pub enum DesiredState {
     Stop,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum TaskKind {
     /// A replica of the service, kept running.
@@ -311,7 +311,7 @@ pub enum TaskKind {
 }
 
 /// Written by controllers only. Keyed under its node so an agent watches one prefix.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Assignment {
     pub schema: u32,
     pub task: String,
@@ -338,7 +338,9 @@ pub struct Assignment {
 }
 record!(Assignment, "assignment");
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Accepted by the agent, waiting for its start delay.
@@ -377,7 +379,7 @@ impl TaskState {
 }
 
 /// Written by the agent only.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TaskStatus {
     pub schema: u32,
     pub task: String,
@@ -401,7 +403,7 @@ pub struct TaskStatus {
 record!(TaskStatus, "task status");
 
 /// One routing rule with the targets it sends to: what proxies serve, computed from the store.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct RouteEntry {
     pub service: String,
     /// None: any host.
@@ -414,14 +416,16 @@ pub struct RouteEntry {
     pub targets: Vec<Target>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, utoipa::ToSchema,
+)]
 pub struct Target {
     pub task: String,
     /// host:port
     pub addr: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct RouteTable {
     /// Store revision the table was computed at; a proxy reports it once applied.
     pub revision: u64,

@@ -6,9 +6,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{delete, get, post, put};
+use axum::handler::Handler;
 use axum::{middleware, Router};
-use dozen_api::paths;
+use dozen_api::{
+    paths, ApplyOutcome, ApplyRequest, ClusterInfo, HeartbeatRequest, JoinRequest, JoinResponse,
+    JoinTokenRequest, JoinTokenResponse, LogLine, LogQuery, NodeInfo, ProxyHeartbeat, ProxyInfo,
+    ProxyRegisterRequest, RegisterRequest, RegisterResponse, RevokeResponse, RollbackRequest,
+    RouteQuery, RunRequest, ScaleRequest, ServiceSummary, StatusReport, TaskInfo, TaskQuery,
+    WatchQuery,
+};
+use dozen_model::{Assignment, Release, RouteTable, StackRecord};
 use dozen_store::blob::BlobStore;
 use dozen_store::Store;
 
@@ -17,12 +24,15 @@ mod blobs;
 mod error;
 mod logs;
 mod nodes;
+mod openapi;
 mod peers;
 mod pki;
 mod routes;
 mod stacks;
 mod tasks;
 mod watch;
+
+use openapi::{bytes, json, list, ndjson, no_content, Routes};
 
 pub use auth::Caller;
 pub use dozen_api::tls::ConnectionInfo;
@@ -115,49 +125,277 @@ fn connection_service(
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route(paths::PLAN, post(stacks::plan))
-        .route(paths::APPLY, post(stacks::apply))
-        .route(paths::STACKS, get(stacks::list_stacks))
-        .route(paths::STACK, delete(stacks::down))
-        .route(paths::SERVICES, get(stacks::list_services))
-        .route(paths::SERVICE_RELEASES, get(stacks::list_releases))
-        .route(paths::SERVICE_SCALE, post(stacks::scale))
-        .route(paths::SERVICE_RESTART, post(stacks::restart))
-        .route(paths::SERVICE_STOP, post(stacks::stop))
-        .route(paths::SERVICE_ROLLBACK, post(stacks::rollback))
-        .route(paths::SERVICE_RUN, post(stacks::run))
-        .route(paths::TASKS, get(tasks::list_tasks))
-        .route(paths::TASK, get(tasks::get_task).delete(tasks::remove_task))
-        .route(paths::LOGS, get(logs::logs))
-        .route(
-            paths::BLOB,
-            get(blobs::get_blob)
-                .head(blobs::has_blob)
-                .put(blobs::put_blob)
-                .layer(axum::extract::DefaultBodyLimit::max(blobs::MAX_BLOB_BYTES)),
-        )
-        .route(paths::ROUTES, get(routes::routes))
-        .route(paths::PROXIES, get(routes::list_proxies))
-        .route(paths::PROXY_REGISTER, post(routes::register_proxy))
-        .route(paths::PROXY_HEARTBEAT, post(routes::proxy_heartbeat))
-        .route(paths::CLUSTER, get(nodes::cluster))
-        .route(paths::NODES, get(nodes::list_nodes))
-        .route(paths::NODE_REGISTER, post(nodes::register))
-        .route(paths::NODE_HEARTBEAT, post(nodes::heartbeat))
-        .route(paths::NODE_ASSIGNMENTS, get(nodes::assignments))
-        .route(paths::NODE_STATUS, put(nodes::report_status))
-        .route(paths::JOIN_TOKENS, post(pki::create_join_token))
-        .route(paths::NODE_REVOKE, post(pki::revoke_node))
-        .layer(middleware::from_fn_with_state(
+    let authenticated = operator_and_node_routes().layer_so_far(|r| {
+        r.layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
-        ));
-    Router::new()
-        .route(paths::HEALTHZ, get(|| async { "ok\n" }))
-        // No token: the CA certificate is public, and a join carries its own credential.
-        .route(paths::CA, get(pki::ca_certificate))
-        .route(paths::JOIN, post(pki::join))
-        .merge(v1)
+        ))
+    });
+    public_routes()
+        .merge(authenticated)
+        .into_router()
         .with_state(state)
+}
+
+/// The OpenAPI 3 document of every route [`router`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    all_routes().document()
+}
+
+/// `(method, path)` of every route [`router`] serves.
+pub fn served_routes() -> Vec<(&'static str, &'static str)> {
+    all_routes().served().to_vec()
+}
+
+fn all_routes() -> Routes {
+    public_routes().merge(operator_and_node_routes())
+}
+
+/// No credential: health, the CA certificate (public), and a join (its token in the body is
+/// the credential).
+fn public_routes() -> Routes {
+    Routes::new()
+        .add(
+            "get",
+            paths::HEALTHZ,
+            bytes("the server is up", "200", "text/plain").public(),
+            || async { "ok\n" },
+        )
+        .add(
+            "get",
+            paths::CA,
+            bytes(
+                "the cluster CA certificate (PEM)",
+                "200",
+                "application/x-pem-file",
+            )
+            .public(),
+            pki::ca_certificate,
+        )
+        .add(
+            "post",
+            paths::JOIN,
+            json::<JoinResponse>(
+                "join with a one-time token: the node's certificate request signed",
+            )
+            .body::<JoinRequest>()
+            .public(),
+            pki::join,
+        )
+}
+
+/// An operator token, or a node certificate for the routes a node may use.
+fn operator_and_node_routes() -> Routes {
+    Routes::new()
+        .add(
+            "get",
+            paths::OPENAPI,
+            json::<serde_json::Value>("this document"),
+            openapi_document,
+        )
+        .add(
+            "post",
+            paths::PLAN,
+            json::<dozen_spec::Plan>("what applying a stack would change").body::<ApplyRequest>(),
+            stacks::plan,
+        )
+        .add(
+            "post",
+            paths::APPLY,
+            json::<ApplyOutcome>("apply a stack: new releases, scale, removals")
+                .body::<ApplyRequest>(),
+            stacks::apply,
+        )
+        .add(
+            "get",
+            paths::STACKS,
+            json::<Vec<StackRecord>>("every stack"),
+            stacks::list_stacks,
+        )
+        .add(
+            "delete",
+            paths::STACK,
+            json::<Vec<String>>("remove a stack; answers the services removed"),
+            stacks::down,
+        )
+        .add(
+            "get",
+            paths::SERVICES,
+            json::<Vec<ServiceSummary>>("every service, with its counts and problems"),
+            stacks::list_services,
+        )
+        .add(
+            "get",
+            paths::SERVICE_RELEASES,
+            json::<Vec<Release>>("a service's releases"),
+            stacks::list_releases,
+        )
+        .add(
+            "post",
+            paths::SERVICE_SCALE,
+            no_content("set a service's desired count").body::<ScaleRequest>(),
+            stacks::scale,
+        )
+        .add(
+            "post",
+            paths::SERVICE_RESTART,
+            no_content("replace every task of a service, new before old"),
+            stacks::restart,
+        )
+        .add(
+            "post",
+            paths::SERVICE_STOP,
+            no_content("stop every task of a service, keeping its count"),
+            stacks::stop,
+        )
+        .add(
+            "post",
+            paths::SERVICE_ROLLBACK,
+            json::<Release>("make an earlier release current again").body::<RollbackRequest>(),
+            stacks::rollback,
+        )
+        .add(
+            "post",
+            paths::SERVICE_RUN,
+            json::<TaskInfo>("start a one-off task of the current release").body::<RunRequest>(),
+            stacks::run,
+        )
+        .add(
+            "get",
+            paths::TASKS,
+            json::<Vec<TaskInfo>>("every task, or one service's").query::<TaskQuery>(),
+            tasks::list_tasks,
+        )
+        .add(
+            "get",
+            paths::TASK,
+            json::<TaskInfo>("one task"),
+            tasks::get_task,
+        )
+        .add(
+            "delete",
+            paths::TASK,
+            no_content("remove a finished one-off task"),
+            tasks::remove_task,
+        )
+        .add(
+            "get",
+            paths::LOGS,
+            ndjson::<LogLine>("log lines of every node, merged; with follow, a stream")
+                .query::<LogQuery>(),
+            logs::logs,
+        )
+        .add(
+            "get",
+            paths::BLOB,
+            bytes(
+                "a blob (artifact bundle) by digest",
+                "200",
+                "application/octet-stream",
+            ),
+            blobs::get_blob,
+        )
+        .add(
+            "head",
+            paths::BLOB,
+            no_content("whether the server has a blob (200 or 404)"),
+            blobs::has_blob,
+        )
+        .add(
+            "put",
+            paths::BLOB,
+            bytes(
+                "store a blob under its digest (checked)",
+                "201",
+                "text/plain",
+            )
+            .bytes_body(),
+            blobs::put_blob.layer(axum::extract::DefaultBodyLimit::max(blobs::MAX_BLOB_BYTES)),
+        )
+        .add(
+            "get",
+            paths::ROUTES,
+            json::<RouteTable>("the route table; with after, once it changed")
+                .query::<RouteQuery>(),
+            routes::routes,
+        )
+        .add(
+            "get",
+            paths::PROXIES,
+            list::<ProxyInfo>("every live proxy and whether its table is current"),
+            routes::list_proxies,
+        )
+        .add(
+            "post",
+            paths::PROXY_REGISTER,
+            json::<RegisterResponse>("register a proxy under a lease")
+                .body::<ProxyRegisterRequest>(),
+            routes::register_proxy,
+        )
+        .add(
+            "post",
+            paths::PROXY_HEARTBEAT,
+            no_content("keep a proxy's lease, with the route revision it applied")
+                .body::<ProxyHeartbeat>(),
+            routes::proxy_heartbeat,
+        )
+        .add(
+            "get",
+            paths::CLUSTER,
+            json::<ClusterInfo>("which server answered and which one leads"),
+            nodes::cluster,
+        )
+        .add(
+            "get",
+            paths::NODES,
+            json::<Vec<NodeInfo>>("every live node"),
+            nodes::list_nodes,
+        )
+        .add(
+            "post",
+            paths::NODE_REGISTER,
+            json::<RegisterResponse>("register a node under a lease").body::<RegisterRequest>(),
+            nodes::register,
+        )
+        .add(
+            "post",
+            paths::NODE_HEARTBEAT,
+            no_content("keep a node's lease (404: register again)").body::<HeartbeatRequest>(),
+            nodes::heartbeat,
+        )
+        .add(
+            "get",
+            paths::NODE_ASSIGNMENTS,
+            list::<Assignment>("a node's assignments; with watch, a stream of WatchEvent lines")
+                .query::<WatchQuery>(),
+            nodes::assignments,
+        )
+        .add(
+            "put",
+            paths::NODE_STATUS,
+            no_content("report the status of a node's tasks").body::<StatusReport>(),
+            nodes::report_status,
+        )
+        .add(
+            "post",
+            paths::NODE_REVOKE,
+            json::<RevokeResponse>("revoke every certificate issued to a node"),
+            pki::revoke_node,
+        )
+        .add(
+            "post",
+            paths::JOIN_TOKENS,
+            json::<JoinTokenResponse>("a one-time token for a node to join")
+                .body::<JoinTokenRequest>(),
+            pki::create_join_token,
+        )
+}
+
+async fn openapi_document() -> axum::Json<serde_json::Value> {
+    static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    axum::Json(
+        DOCUMENT
+            .get_or_init(|| serde_json::to_value(openapi()).unwrap_or_default())
+            .clone(),
+    )
 }

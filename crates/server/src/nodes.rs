@@ -9,6 +9,7 @@ use axum::response::Response;
 use axum::Json;
 use dozen_api::{
     ClusterInfo, HeartbeatRequest, NodeInfo, RegisterRequest, RegisterResponse, StatusReport,
+    WatchQuery,
 };
 use dozen_control::nodes;
 use dozen_control::snapshot::Snapshot;
@@ -16,7 +17,7 @@ use dozen_model::{keys, Assignment};
 
 use crate::auth::Caller;
 use crate::error::ApiResult;
-use crate::watch::{list_or_watch, WatchQuery};
+use crate::watch::list_or_watch;
 use crate::AppState;
 
 pub(crate) async fn cluster(State(s): State<Arc<AppState>>) -> ApiResult<Json<ClusterInfo>> {

@@ -5,18 +5,13 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use dozen_api::TaskInfo;
+use dozen_api::{TaskInfo, TaskQuery};
 use dozen_control::snapshot::Snapshot;
 use dozen_control::{desired, ControlError};
-use serde::Deserialize;
 
 use crate::error::ApiResult;
 use crate::AppState;
 
-#[derive(Deserialize)]
-pub(crate) struct TaskQuery {
-    service: Option<String>,
-}
 pub(crate) async fn list_tasks(
     State(s): State<Arc<AppState>>,
     Query(q): Query<TaskQuery>,

@@ -10,22 +10,15 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use dozen_api::{ListResponse, WatchEvent, WatchEventType};
+use dozen_api::{ListResponse, WatchEvent, WatchEventType, WatchQuery};
 use dozen_model::decode;
 use dozen_store::{StoreError, WatchMessage};
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::error::ApiResult;
 use crate::AppState;
 
-#[derive(Deserialize)]
-pub(crate) struct WatchQuery {
-    #[serde(default)]
-    watch: bool,
-    revision: Option<u64>,
-}
 /// The list-then-watch protocol over one key prefix, for any record type.
 pub(crate) async fn list_or_watch<T>(
     s: Arc<AppState>,

@@ -8,21 +8,21 @@ use serde_json::Value;
 use crate::types::{Service, Stack};
 
 /// A service as the store currently has it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct LiveService {
     pub spec: Service,
     pub replicas: u32,
 }
 
 /// What applying a stack would do.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Plan {
     pub stack: String,
     /// Sorted by service name.
     pub services: Vec<ServicePlan>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ServicePlan {
     pub service: String,
     pub action: PlanAction,
@@ -30,7 +30,7 @@ pub struct ServicePlan {
     pub replicas: ReplicaPlan,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PlanAction {
     Create,
@@ -39,14 +39,14 @@ pub enum PlanAction {
     Remove,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldChange {
     pub path: String,
     pub before: Option<serde_json::Value>,
     pub after: Option<serde_json::Value>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ReplicaPlan {
     pub live: Option<u32>,
     pub file: Option<u32>,

@@ -6,14 +6,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A validated stack: a name and its services, keyed by service name.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
 pub struct Stack {
     pub name: String,
     pub services: BTreeMap<String, Service>,
 }
 
 /// A validated service definition.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
 pub struct Service {
     pub command: Option<Command>,
     pub image: Option<String>,
@@ -101,7 +101,7 @@ pub const DEFAULT_DEREGISTRATION_DELAY_MS: u64 = 1_000;
 /// How a service's process is started.
 ///
 /// Serialised untagged: a string is `Shell`, an array is `Exec`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Command {
     /// Run through `/bin/sh -c`.
@@ -121,7 +121,7 @@ impl Command {
 }
 
 /// A health check.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
 pub struct HealthCheck {
     pub kind: HealthKind,
     pub interval_ms: u64,
@@ -132,7 +132,7 @@ pub struct HealthCheck {
 }
 
 /// What a health check probes.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum HealthKind {
     Http { path: String },
@@ -141,7 +141,7 @@ pub enum HealthKind {
 }
 
 /// An HTTP route to the service.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
 pub struct Route {
     pub host: Option<String>,
     pub path_prefix: String,
@@ -149,7 +149,9 @@ pub struct Route {
 }
 
 /// Resource reservation of one task.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema,
+)]
 pub struct Resources {
     pub cpu_millis: u32,
     pub memory_bytes: u64,
@@ -165,7 +167,9 @@ impl Default for Resources {
 }
 
 /// What to do with a service's tasks when their node disconnects.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema, utoipa::ToSchema,
+)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum OnDisconnect {
     #[default]
