@@ -6,6 +6,8 @@
 //! with the stop protocol. On start the agent first re-adopts the shims it finds on disk, so a
 //! restarted agent never starts a task twice.
 
+#![deny(unsafe_code)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;

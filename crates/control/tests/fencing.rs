@@ -107,19 +107,15 @@ async fn fencing_on_etcd() {
     let Some(cluster) = dozen_testkit::EtcdCluster::start() else {
         return;
     };
-    let start = std::time::Instant::now();
-    let store = loop {
-        if let Ok(store) = dozen_store::etcd::EtcdStore::connect(&cluster.endpoints).await {
-            if store.revision().await.is_ok() {
-                break store;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "etcd did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let store =
+        dozen_testkit::eventually_async(Duration::from_secs(30), "etcd comes up", || async {
+            let store = dozen_store::etcd::EtcdStore::connect(&cluster.endpoints)
+                .await
+                .ok()?;
+            store.revision().await.ok()?;
+            Some(store)
+        })
+        .await;
     let store: Arc<dyn Store> = Arc::new(store);
     an_old_leaders_late_write_fails(store.clone()).await;
     // A fresh key for the next scenario: B resigns first.

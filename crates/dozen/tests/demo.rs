@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dozen_testkit::{eventually, http_request, process_alive, Dozen};
+use dozen_testkit::{eventually, http_request_at, process_alive, Dozen};
 
 const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
 const DEMO: &str = env!("CARGO_BIN_EXE_dozen-demo");
@@ -32,11 +32,11 @@ fn up_log(d: &Dozen) -> std::fs::File {
 fn start_up(d: &Dozen) -> Child {
     Command::new(DOZEN)
         .args(["up", "-f", "dozen.toml", "--node-name", "node-a"])
-        .args(["--listen", &format!("127.0.0.1:{}", d.port)])
-        .args(["--proxy-listen", &format!("127.0.0.1:{}", d.proxy_port)])
+        .args(["--listen", &format!("{}:{}", d.host, d.port)])
+        .args(["--proxy-listen", &d.proxy_address()])
         .args([
             "--proxy-internal-listen",
-            &format!("127.0.0.1:{}", d.proxy_internal_port),
+            &format!("{}:{}", d.host, d.proxy_internal_port),
         ])
         .args([
             "--port-range",
@@ -53,7 +53,7 @@ fn start_up(d: &Dozen) -> Child {
 }
 
 fn page_ok(d: &Dozen) -> Option<String> {
-    let r = http_request(d.proxy_port, "demo.local", "/")?;
+    let r = http_request_at(&d.proxy_address(), "demo.local", "/")?;
     (r.status == 200 && r.body.contains("\"products\"") && r.body.contains("\"open_orders\""))
         .then_some(r.body)
 }
@@ -74,7 +74,8 @@ fn pids(d: &Dozen) -> BTreeMap<String, u64> {
 
 #[test]
 fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
-    let d = Dozen::new(DOZEN);
+    let mut d = Dozen::new(DOZEN);
+    d.use_fixed_ports_on_own_address();
     d.write("dozen.toml", &demo_stack());
     let mut up = start_up(&d);
     let page = eventually(
@@ -84,7 +85,7 @@ fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
     );
     assert!(page.contains("dozen demo shop"), "{page}");
     for (path, needle) in [("/api/catalog", "teapot"), ("/api/orders", "EUR")] {
-        let r = http_request(d.proxy_port, "demo.local", path).unwrap();
+        let r = http_request_at(&d.proxy_address(), "demo.local", path).unwrap();
         assert_eq!(r.status, 200, "{path}");
         assert!(r.body.contains(needle), "{path}: {}", r.body);
     }
@@ -161,18 +162,19 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn up_d_runs_in_the_background_and_down_stops_that_server_and_never_a_stranger() {
-    let d = Dozen::new(DOZEN);
+    let mut d = Dozen::new(DOZEN);
+    d.use_fixed_ports_on_own_address();
     d.write(
         "dozen.toml",
         "name = \"bg\"\n[services.ticker]\ncommand = \"while true; do echo tick; sleep 1; done\"\nport = false\n",
     );
     let out = Command::new(DOZEN)
         .args(["up", "-d", "-f", "dozen.toml"])
-        .args(["--listen", &format!("127.0.0.1:{}", d.port)])
-        .args(["--proxy-listen", &format!("127.0.0.1:{}", d.proxy_port)])
+        .args(["--listen", &format!("{}:{}", d.host, d.port)])
+        .args(["--proxy-listen", &d.proxy_address()])
         .args([
             "--proxy-internal-listen",
-            &format!("127.0.0.1:{}", d.proxy_internal_port),
+            &format!("{}:{}", d.host, d.proxy_internal_port),
         ])
         .current_dir(d.dir.path())
         .env("DOZEN_DATA_DIR", d.data_dir())

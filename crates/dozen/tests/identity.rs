@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use dozen_testkit::{eventually, free_port, listening_url};
+use dozen_testkit::{eventually, listening_url, random_port_range};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dozen");
@@ -211,8 +211,8 @@ fn as_node(data: &Path, url: &str, method: &str, path: &str, body: Option<Value>
 
 fn start_agent(site: &mut Site, url: &str, data: &Path, node: &str) {
     let range = {
-        let p = free_port();
-        format!("{p}-{}", p.saturating_add(20))
+        let (lo, hi) = random_port_range();
+        format!("{lo}-{hi}")
     };
     site.spawn(
         &[

@@ -127,19 +127,15 @@ async fn two_servers_share_blobs_and_what_the_controller_found() {
             (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
         }
     };
-    let start = std::time::Instant::now();
-    let served = loop {
-        let (status, body) = get(b.url.clone()).await;
-        if status == 200 {
-            break body;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "B never served the blob uploaded to A (last status {status}); B's log:\n{}",
-            std::fs::read_to_string(&b.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let served = dozen_testkit::eventually_async(
+        Duration::from_secs(30),
+        "B serves the blob uploaded to A",
+        || async {
+            let (status, body) = get(b.url.clone()).await;
+            (status == 200).then_some(body)
+        },
+    )
+    .await;
     assert!(served == bundle, "B served other bytes than were uploaded");
     let hex = digest.strip_prefix("sha256:").unwrap();
     assert!(
@@ -188,21 +184,14 @@ async fn two_servers_share_blobs_and_what_the_controller_found() {
         String::from_utf8_lossy(&applied.stderr)
     );
     for server in [&a, &b] {
-        let start = std::time::Instant::now();
-        loop {
+        let what = format!("a placement problem through {}", server.url);
+        dozen_testkit::eventually_async(Duration::from_secs(20), &what, || async {
             let out = cli(&server.url, &["ps", "-o", "json"]);
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if text.contains("cannot place") {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no placement problem through {}: {text}{}",
-                server.url,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            String::from_utf8_lossy(&out.stdout)
+                .contains("cannot place")
+                .then_some(())
+        })
+        .await;
     }
 
     // A goes; B serves its own copy.

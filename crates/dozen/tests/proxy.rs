@@ -196,14 +196,25 @@ fn a_task_leaving_service_finishes_its_requests_and_gets_no_new_ones() {
     proxies_caught_up(&d);
     let port = d.proxy_port;
 
-    // A long request on each task (round robin sends one to each).
+    // A long request on each task (round robin sends one to each), both in flight before
+    // the scale-in: each task logs the sleep it starts.
     let long: Vec<_> = (0..2)
-        .map(|_| {
-            let h = std::thread::spawn(move || http_request(port, "shop.test", "/sleep/2500"));
-            std::thread::sleep(Duration::from_millis(100));
-            h
-        })
+        .map(|_| std::thread::spawn(move || http_request(port, "shop.test", "/sleep/2500")))
         .collect();
+    eventually(
+        Duration::from_secs(10),
+        "both tasks serve a long request",
+        || {
+            let logs = d.ok(&["logs", "web", "-o", "json"]);
+            let sleeping: std::collections::BTreeSet<String> = logs
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|l| l["line"] == "sleeping 2500 ms")
+                .filter_map(|l| l["task"].as_str().map(String::from))
+                .collect();
+            (sleeping.len() == 2).then_some(())
+        },
+    );
     d.ok(&["scale", "web=1"]);
     let draining: Value = eventually(Duration::from_secs(10), "a web task drains", || {
         d.tasks("web").into_iter().find(|t| t["desired"] == "drain")

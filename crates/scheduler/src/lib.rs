@@ -190,15 +190,15 @@ pub fn place<'a>(
 pub fn why_unplaceable(nodes: &[NodeView], needs: &Needs) -> String {
     let live: Vec<&NodeView> = nodes.iter().filter(|n| n.alive).collect();
     if live.is_empty() {
-        return "no live node: start an agent (`dozen agent`) or check `dozen nodes`".into();
+        return "cannot place a task: no live node (start an agent, or see `dozen nodes`)".into();
     }
     if !live
         .iter()
         .any(|n| n.drivers.iter().any(|d| d == needs.driver))
     {
         return format!(
-            "no live node has the `{}` driver ({} live node(s); `dozen nodes` shows each \
-             node's drivers)",
+            "cannot place a task: no live node has the `{}` driver ({} live node(s); `dozen \
+             nodes` shows each node's drivers)",
             needs.driver,
             live.len()
         );

@@ -68,7 +68,8 @@ async fn watch_history_survives_reopen() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// In virtual time: the downtime passes without a wall-clock wait.
+#[tokio::test(start_paused = true)]
 async fn leases_get_their_full_ttl_again_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let ttl = Duration::from_millis(1500);
@@ -85,9 +86,9 @@ async fn leases_get_their_full_ttl_again_after_restart() {
             .await
             .unwrap();
     }
-    // Let most of the TTL pass while "the server is down".
-    std::thread::sleep(Duration::from_millis(1200));
-    let reopened_at = std::time::Instant::now();
+    // Most of the TTL passes while "the server is down".
+    tokio::time::advance(Duration::from_millis(1200)).await;
+    let reopened_at = tokio::time::Instant::now();
     let store = EmbeddedStore::open(dir.path()).unwrap();
     assert!(
         store.get("/node/n1").await.unwrap().is_some(),

@@ -4,28 +4,26 @@
 #![cfg(feature = "etcd")]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dozen_store::conformance;
 use dozen_store::etcd::EtcdStore;
 use dozen_store::Store;
-use dozen_testkit::EtcdCluster;
+use dozen_testkit::{eventually_async, EtcdCluster};
 
 async fn connect(cluster: &EtcdCluster) -> Arc<dyn Store> {
-    let start = Instant::now();
-    loop {
-        if let Ok(store) = EtcdStore::connect(&cluster.endpoints).await {
-            if store.put("/ready", b"1".to_vec()).await.is_ok() {
-                store.delete("/ready").await.unwrap();
-                return Arc::new(store);
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "etcd cluster did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let store = eventually_async(
+        Duration::from_secs(30),
+        "the etcd cluster comes up",
+        || async {
+            let store = EtcdStore::connect(&cluster.endpoints).await.ok()?;
+            store.put("/ready", b"1".to_vec()).await.ok()?;
+            Some(store)
+        },
+    )
+    .await;
+    store.delete("/ready").await.unwrap();
+    Arc::new(store)
 }
 
 macro_rules! conformance_test {
@@ -58,16 +56,10 @@ async fn a_member_down_does_not_stop_the_store() {
     let _ = cluster.members[2].kill();
     let _ = cluster.members[2].wait();
     // The two left still form a quorum (perhaps after an election).
-    let start = Instant::now();
-    let r2 = loop {
-        match store.put("/m/b", b"2".to_vec()).await {
-            Ok(r2) => break r2,
-            Err(e) => {
-                assert!(start.elapsed() < Duration::from_secs(20), "no quorum: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let r2 = eventually_async(Duration::from_secs(20), "a quorum of two", || async {
+        store.put("/m/b", b"2".to_vec()).await.ok()
+    })
+    .await;
     assert!(r2 > r);
     assert_eq!(store.get("/m/a").await.unwrap().unwrap().value, b"1");
     // With quorum back, no caller sees the dead member: the calls the balancer sends its way

@@ -24,18 +24,69 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Polls the future `f` makes every 50 ms until it gives `Some`, failing the test with `what`
+/// after `timeout`: the async twin of [`eventually`].
+pub async fn eventually_async<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A block of 50 host ports for one installation's tasks, disjoint from other tests' by
+/// chance (the agent reserves each port with its task; nothing is bound here).
+pub fn random_port_range() -> (u16, u16) {
+    let block = (random_u32() % 200) as u16;
+    let lo = 30000 + block * 50;
+    (lo, lo + 49)
+}
+
+/// A loopback address of its own (`127.a.b.c`) for servers whose ports must be known before
+/// they start (etcd members name each other): fixed ports on an address no other test uses.
+pub fn random_loopback() -> String {
+    let r = random_u32();
+    format!(
+        "127.{}.{}.{}",
+        1 + (r % 250),
+        1 + ((r >> 8) % 250),
+        1 + ((r >> 16) % 250)
+    )
+}
+
+/// The `name=ADDRESS` field of the first line containing `marker` at or after byte `from` of
+/// the log at `path`.
+pub fn logged_address(path: &Path, from: u64, marker: &str, name: &str) -> Option<String> {
+    let log = std::fs::read(path).ok()?;
+    let log = String::from_utf8_lossy(log.get(from as usize..)?);
+    let line = log.lines().find(|l| l.contains(marker))?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(&format!("{name}=")))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+fn port_of(address: &str) -> Option<u16> {
+    address
+        .rsplit(':')
+        .next()?
+        .trim_end_matches('/')
+        .parse()
+        .ok()
+}
+
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
     u32::from_le_bytes(b)
-}
-
-/// A port free right now on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 /// Sends a signal with the `kill` command (no unsafe code in tests).
@@ -143,6 +194,8 @@ fn http_raw_at(address: &str, raw: &str) -> Option<String> {
 /// One dozen installation in a temp dir: its data dir, server address and processes.
 pub struct Dozen {
     pub bin: PathBuf,
+    /// The loopback address its server and proxy listen on.
+    pub host: String,
     pub dir: tempfile::TempDir,
     pub port: u16,
     /// Host ports handed to this installation's tasks (disjoint per test, by chance).
@@ -158,18 +211,20 @@ pub struct Dozen {
 }
 
 impl Dozen {
+    /// Ports are 0 until the server first starts: it listens on port 0 and the log says
+    /// which port it got; a restarted server asks for the same ports again, as a real one
+    /// configured with them would.
     pub fn new(bin: &str) -> Dozen {
-        let block = (random_u32() % 200) as u16;
-        let lo = 30000 + block * 50;
         Dozen {
             bin: PathBuf::from(bin),
+            host: "127.0.0.1".into(),
             dir: tempfile::tempdir().expect("temp dir"),
-            port: free_port(),
-            port_range: (lo, lo + 49),
+            port: 0,
+            port_range: random_port_range(),
             server: None,
             agents: Vec::new(),
-            proxy_port: free_port(),
-            proxy_internal_port: free_port(),
+            proxy_port: 0,
+            proxy_internal_port: 0,
             server_args: Vec::new(),
             proxies: Vec::new(),
         }
@@ -180,7 +235,22 @@ impl Dozen {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// For commands that are given their addresses up front (`dozen up`, `up -d`): the usual
+    /// ports, on a loopback address of this installation's own, so nothing is bound to learn
+    /// a free port.
+    pub fn use_fixed_ports_on_own_address(&mut self) {
+        self.host = random_loopback();
+        self.port = 7700;
+        self.proxy_port = 7780;
+        self.proxy_internal_port = 7781;
+    }
+
+    /// `ip:port` of the public proxy listener.
+    pub fn proxy_address(&self) -> String {
+        format!("{}:{}", self.host, self.proxy_port)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -225,7 +295,30 @@ impl Dozen {
             cmd.arg("--no-agent");
         }
         cmd.args(&self.server_args);
+        let log = self.dir.path().join("server.log");
+        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         self.server = Some(cmd.spawn().expect("spawn dozen server"));
+        let url = eventually(
+            Duration::from_secs(20),
+            "the server says where it listens",
+            || logged_address(&log, from, "dozen server listening", "url"),
+        );
+        self.port = port_of(&url).expect("a port in the server's URL");
+        let with_proxy = !self.server_args.iter().any(|a| a == "--no-proxy");
+        if with_proxy {
+            let (public, internal) = eventually(
+                Duration::from_secs(20),
+                "the server's proxy says where it listens",
+                || {
+                    let public = logged_address(&log, from, "proxy listening", "public_address")?;
+                    let internal =
+                        logged_address(&log, from, "proxy listening", "internal_address")?;
+                    Some((port_of(&public)?, port_of(&internal)?))
+                },
+            );
+            self.proxy_port = public;
+            self.proxy_internal_port = internal;
+        }
         let port = self.port;
         eventually(Duration::from_secs(20), "server answers /healthz", || {
             http_get(port, "/healthz").filter(|(s, _)| *s == 200)
@@ -272,7 +365,8 @@ impl Dozen {
     /// Starts `dozen proxy` as its own process; returns its (public, internal) ports once it
     /// has registered.
     pub fn start_proxy(&mut self, id: &str) -> (u16, u16) {
-        let (public, internal) = (free_port(), free_port());
+        let log = self.dir.path().join(format!("proxy-{id}.log"));
+        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let child = Command::new(&self.bin)
             .arg("proxy")
             .arg("--server")
@@ -280,9 +374,9 @@ impl Dozen {
             .arg("--id")
             .arg(id)
             .arg("--proxy-listen")
-            .arg(format!("127.0.0.1:{public}"))
+            .arg("127.0.0.1:0")
             .arg("--proxy-internal-listen")
-            .arg(format!("127.0.0.1:{internal}"))
+            .arg("127.0.0.1:0")
             .env("DOZEN_TOKEN", self.token())
             .stdin(Stdio::null())
             .stdout(self.log_file(&format!("proxy-{id}.log")))
@@ -290,6 +384,15 @@ impl Dozen {
             .spawn()
             .expect("spawn dozen proxy");
         self.proxies.push(child);
+        let (public, internal) = eventually(
+            Duration::from_secs(20),
+            "the proxy says where it listens",
+            || {
+                let public = logged_address(&log, from, "proxy listening", "public_address")?;
+                let internal = logged_address(&log, from, "proxy listening", "internal_address")?;
+                Some((port_of(&public)?, port_of(&internal)?))
+            },
+        );
         let dozen = &*self;
         eventually(Duration::from_secs(20), "proxy registers", || {
             let p = dozen.json(&["proxies"]);
@@ -469,7 +572,7 @@ impl Drop for Dozen {
 /// with timeouts relaxed for a 2-core machine. Killed when dropped.
 pub struct EtcdCluster {
     pub members: Vec<Child>,
-    /// `http://127.0.0.1:PORT`, one per member.
+    /// `http://127.a.b.c:PORT`, one per member.
     pub endpoints: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -501,11 +604,14 @@ impl EtcdCluster {
             return None;
         };
         let dir = tempfile::tempdir().expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        // Members name each other before they start, so their ports are fixed: on an address
+        // of this cluster's own.
+        let host = random_loopback();
+        let ports: Vec<(u16, u16)> = (0..3u16).map(|i| (2379 + 10 * i, 2380 + 10 * i)).collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, (_, peer))| format!("m{i}=http://{host}:{peer}"))
             .collect();
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
@@ -513,18 +619,15 @@ impl EtcdCluster {
             let child = Command::new(&bin)
                 .args(["--name", &format!("m{i}")])
                 .args(["--data-dir", &data.display().to_string()])
-                .args([
-                    "--listen-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
-                ])
+                .args(["--listen-client-urls", &format!("http://{host}:{client}")])
                 .args([
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("http://{host}:{client}"),
                 ])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--listen-peer-urls", &format!("http://{host}:{peer}")])
                 .args([
                     "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
+                    &format!("http://{host}:{peer}"),
                 ])
                 .args(["--initial-cluster", &initial.join(",")])
                 .args(["--initial-cluster-state", "new"])
@@ -539,7 +642,7 @@ impl EtcdCluster {
         }
         let endpoints = ports
             .iter()
-            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+            .map(|(c, _)| format!("http://{host}:{c}"))
             .collect();
         Some(EtcdCluster {
             members,

@@ -10,6 +10,7 @@
 //! - `GET /headers` -> the request headers; `GET /fetch/VAR/PATH` -> GET `$VAR/PATH` (service
 //!   discovery through the proxy)
 //! - SIGTERM: stops accepting, finishes the requests in flight, exits 0 (factor IX)
+#![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -48,6 +49,7 @@ fn fetch(url: &str) -> Result<String, String> {
 }
 
 /// Blocks SIGTERM in every thread and waits for it on one: then drain and exit.
+#[allow(unsafe_code)]
 fn handle_sigterm() {
     // SAFETY: plain libc signal-mask calls on a zeroed sigset; this test app is std-only by
     // design and needs no other signal handling.
@@ -130,7 +132,11 @@ fn answer(mut stream: TcpStream) {
         }
         "answered".to_string()
     } else if let Some((_, ms)) = path.split_once("/sleep/") {
-        std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+        let ms: u64 = ms.parse().unwrap_or(0);
+        // Said before sleeping, so a test can see the request is in flight.
+        println!("sleeping {ms} ms");
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_millis(ms));
         "slept".to_string()
     } else {
         format!(

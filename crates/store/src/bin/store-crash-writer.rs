@@ -1,5 +1,6 @@
 //! Test helper for the crash test in tests/embedded.rs: writes numbered records to an embedded
 //! store as fast as it can and prints `ack N` after each write is acknowledged, until killed.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 
