@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use dozen_model::{DesiredState, NodeRecord, TaskKind, TaskState, TaskStatus};
 use serde::{Deserialize, Serialize};
 
+pub mod agent;
 pub mod client;
 pub mod lease;
 pub mod paths;

@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use bytes::Bytes;
-use dozen_api::{paths, LogLine, LogQuery};
+use dozen_api::agent::AgentClient;
+use dozen_api::{LogLine, LogQuery};
 use dozen_control::snapshot::Snapshot;
 use dozen_control::ControlError;
 use dozen_model::NodeRecord;
@@ -70,14 +71,14 @@ pub(crate) async fn logs(
         let s = s.clone();
         let q = q.clone();
         tokio::spawn(async move {
-            let resp = match agent_logs_request(&s, &node).await {
-                Ok(request) => request.query(&q).send().await,
+            let resp = match agent(&s).logs(&node, &q, None).await {
+                Ok(resp) => resp,
                 Err(e) => {
                     tracing::warn!(node = %node.name, error = %e, "cannot follow logs of agent");
                     return;
                 }
             };
-            let Ok(resp) = resp.and_then(|r| r.error_for_status()) else {
+            let Ok(resp) = resp.error_for_status() else {
                 return;
             };
             let mut stream = resp.bytes_stream();
@@ -114,13 +115,10 @@ pub(crate) async fn fetch_agent_logs(
     node: &NodeRecord,
     q: &LogQuery,
 ) -> Result<Vec<LogLine>, String> {
-    let body = agent_logs_request(s, node)
+    let body = agent(s)
+        .logs(node, q, Some(Duration::from_secs(10)))
         .await?
-        .query(q)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
+        .error_for_status()
         .map_err(|e| e.to_string())?
         .bytes()
         .await
@@ -130,50 +128,12 @@ pub(crate) async fn fetch_agent_logs(
         .filter_map(|l| serde_json::from_slice(l).ok())
         .collect())
 }
-/// A request to an agent's log endpoint. An `https://` agent is reached with this server's
-/// certificate and must show the certificate of the node it registered as; it never gets the
-/// token. A plain-HTTP agent gets the token, and only an operator can have registered one of
-/// those (see `dozen_control::nodes::register`).
-pub(crate) async fn agent_logs_request(
-    s: &AppState,
-    node: &NodeRecord,
-) -> Result<reqwest::RequestBuilder, String> {
-    let Some(authority) = node.address.strip_prefix("https://") else {
-        return Ok(s
-            .http
-            .get(format!("{}{}", node.address, paths::AGENT_LOGS))
-            .bearer_auth(&s.token));
-    };
-    let Some(tls) = &s.agent_tls else {
-        return Err(format!(
-            "agent address {} is https but this server has no CA (--ca-dir)",
-            node.address
-        ));
-    };
-    let authority = authority.trim_end_matches('/');
-    let with_port = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:443")
-    };
-    let addr = tokio::net::lookup_host(&with_port)
-        .await
-        .map_err(|e| format!("cannot resolve agent address {}: {e}", node.address))?
-        .next()
-        .ok_or_else(|| format!("agent address {} resolves to nothing", node.address))?;
-    let name = dozen_api::tls::node_dns_name(&node.name);
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(tls.clone())
-        .connect_timeout(Duration::from_secs(3))
-        .resolve(&name, addr)
-        .build()
-        .map_err(|e| e.to_string())?;
-    Ok(client.get(format!(
-        "https://{name}:{}{}",
-        addr.port(),
-        paths::AGENT_LOGS
-    )))
+
+/// How this server calls agents: with its certificate over TLS, or the token over plain HTTP.
+fn agent(s: &AppState) -> AgentClient<'_> {
+    AgentClient {
+        http: &s.http,
+        tls: s.agent_tls.as_ref(),
+        token: &s.token,
+    }
 }
