@@ -32,11 +32,7 @@ pub(crate) async fn serve(
             async move { Ok::<_, Infallible>(route(&shared, &connection, request)) }
         })
     };
-    let served = match tls {
-        Some(config) => dozen_api::tls::serve(listener, service, config).await,
-        None => dozen_api::tls::serve_plain(listener, service).await,
-    };
-    if let Err(e) = served {
+    if let Err(e) = dozen_api::tls::serve(listener, service, tls).await {
         tracing::error!(error = %e, "agent API stopped");
     }
 }

@@ -462,51 +462,48 @@ impl Client {
 /// The CA certificate `server` serves, fetched without trusting anyone yet: the caller must
 /// check it against a pin before it trusts it.
 pub async fn fetch_ca_unverified(server: &str) -> Result<String, ApiError> {
-    let url = format!("{}{}", server.trim_end_matches('/'), paths::CA);
-    let unreachable = |e: reqwest::Error| ApiError::Unreachable {
-        url: url.clone(),
-        detail: root_cause(&e),
-    };
-    let insecure = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(unreachable)?;
-    let resp = insecure.get(&url).send().await.map_err(unreachable)?;
-    let resp = answer(resp, paths::CA).await?;
-    resp.text().await.map_err(unreachable)
+    let builder = reqwest::Client::builder().danger_accept_invalid_certs(true);
+    let body = before_joining(server, paths::CA, builder, |http, url| http.get(url)).await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Joins the cluster at `server`, trusting only `ca_pem` (already checked against a pin).
+/// Joins the cluster at `server`, trusting only `tls`'s CA (already checked against a pin).
 pub async fn join(
     server: &str,
     tls: rustls::ClientConfig,
     req: &JoinRequest,
 ) -> Result<JoinResponse, ApiError> {
-    let url = format!("{}{}", server.trim_end_matches('/'), paths::JOIN);
+    let builder = reqwest::Client::builder().use_preconfigured_tls(tls);
+    let body = before_joining(server, paths::JOIN, builder, |http, url| {
+        http.post(url).json(req)
+    })
+    .await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::Protocol {
+        url: format!("{server}{}", paths::JOIN),
+        detail: e.to_string(),
+    })
+}
+
+/// One call a node makes before it has an identity (so with no token and no [`Client`]).
+async fn before_joining(
+    server: &str,
+    path: &str,
+    builder: reqwest::ClientBuilder,
+    request: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+) -> Result<Bytes, ApiError> {
+    let url = format!("{}{path}", server.trim_end_matches('/'));
     let unreachable = |e: reqwest::Error| ApiError::Unreachable {
         url: url.clone(),
         detail: root_cause(&e),
     };
-    let trusted = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
+    let http = builder
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(unreachable)?;
-    let resp = trusted
-        .post(&url)
-        .json(req)
-        .send()
-        .await
-        .map_err(unreachable)?;
-    let resp = answer(resp, paths::JOIN).await?;
-    let bytes = resp.bytes().await.map_err(unreachable)?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol {
-        url: url.clone(),
-        detail: e.to_string(),
-    })
+    let resp = request(&http, &url).send().await.map_err(unreachable)?;
+    let resp = answer(resp, path).await?;
+    resp.bytes().await.map_err(unreachable)
 }
 
 fn ndjson_lines<T: DeserializeOwned + Send + 'static>(

@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// What agents and proxies are given to reach `https://` servers.
 pub use rustls::ClientConfig;
 
-pub use crate::serving::{serve, serve_plain, ConnectionInfo};
+pub use crate::serving::{serve, ConnectionInfo};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]

@@ -51,19 +51,30 @@ pub async fn register(
             record.address
         )));
     }
-    let lease = store.grant_lease(ttl).await?;
     let record = NodeRecord {
         schema: SCHEMA,
         ..record
     };
+    let lease = put_leased(store, keys::node(node), encode(&record), ttl).await?;
+    tracing::info!(node, instance = %record.agent_instance, address = %record.address, "node registered");
+    Ok(lease)
+}
+
+/// Writes `value` at `key` under a new lease of `ttl`; returns the lease.
+pub(crate) async fn put_leased(
+    store: &dyn Store,
+    key: String,
+    value: Vec<u8>,
+    ttl: Duration,
+) -> Result<u64> {
+    let lease = store.grant_lease(ttl).await?;
     store
         .txn(Txn::new().then(Op::Put {
-            key: keys::node(node),
-            value: encode(&record),
+            key,
+            value,
             lease: Some(lease),
         }))
         .await?;
-    tracing::info!(node, instance = %record.agent_instance, address = %record.address, "node registered");
     Ok(lease)
 }
 

@@ -16,14 +16,13 @@ pub async fn store_join_token(
     secret_sha256_hex: &str,
     ttl: Duration,
 ) -> Result<()> {
-    let lease = store.grant_lease(ttl).await?;
-    store
-        .txn(Txn::new().then(Op::Put {
-            key: keys::join_token(id),
-            value: secret_sha256_hex.as_bytes().to_vec(),
-            lease: Some(lease),
-        }))
-        .await?;
+    crate::nodes::put_leased(
+        store,
+        keys::join_token(id),
+        secret_sha256_hex.as_bytes().to_vec(),
+        ttl,
+    )
+    .await?;
     tracing::info!(
         token_id = id,
         ttl_ms = ttl.as_millis() as u64,

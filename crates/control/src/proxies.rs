@@ -6,7 +6,7 @@ use std::time::Duration;
 use dozen_model::{decode, encode, keys, ProxyRecord, SCHEMA};
 use dozen_store::{Compare, Op, Store, Txn, WatchMessage};
 
-use crate::nodes::{check_name, keep_alive_record};
+use crate::nodes::{check_name, keep_alive_record, put_leased};
 use crate::snapshot::Snapshot;
 use crate::{routes, Result};
 
@@ -19,7 +19,6 @@ pub async fn register(
     ttl: Duration,
 ) -> Result<u64> {
     check_name(id)?;
-    let lease = store.grant_lease(ttl).await?;
     let record = ProxyRecord {
         schema: SCHEMA,
         id: id.to_string(),
@@ -27,13 +26,7 @@ pub async fn register(
         public_address,
         internal_address,
     };
-    store
-        .txn(Txn::new().then(Op::Put {
-            key: keys::proxy(id),
-            value: encode(&record),
-            lease: Some(lease),
-        }))
-        .await?;
+    let lease = put_leased(store, keys::proxy(id), encode(&record), ttl).await?;
     tracing::info!(proxy = id, public = %record.public_address, "proxy registered");
     Ok(lease)
 }

@@ -86,6 +86,16 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// The answer to a registration under `lease`: how long it lives without a heartbeat.
+    pub(crate) fn registered(&self, lease: u64) -> dozen_api::RegisterResponse {
+        dozen_api::RegisterResponse {
+            lease,
+            ttl_ms: self.node_ttl.as_millis() as u64,
+        }
+    }
+}
+
 /// Keeps this server's record (the URL peers reach it at) in the store while it runs.
 pub async fn register_with_peers(store: Arc<dyn Store>, id: String, url: String) {
     dozen_control::servers::register(store.as_ref(), id, url).await
@@ -93,11 +103,7 @@ pub async fn register_with_peers(store: Arc<dyn Store>, id: String, url: String)
 
 /// Serves the API on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
-    let app = router(state);
-    dozen_api::tls::serve_plain(listener, move |connection| {
-        connection_service(&app, connection)
-    })
-    .await
+    serve_with(listener, state, None).await
 }
 
 /// Serves the API over TLS (see [`dozen_api::tls::serve`]).
@@ -106,13 +112,17 @@ pub async fn serve_tls(
     state: Arc<AppState>,
     config: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, Some(config)).await
+}
+
+async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
     let app = router(state);
-    dozen_api::tls::serve(
-        listener,
-        move |connection| connection_service(&app, connection),
-        config,
-    )
-    .await
+    let service = move |connection| connection_service(&app, connection);
+    dozen_api::tls::serve(listener, service, tls).await
 }
 
 /// The router for one connection, knowing who is on the other end.

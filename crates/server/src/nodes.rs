@@ -64,10 +64,7 @@ pub(crate) async fn register(
         by_certificate,
     )
     .await?;
-    Ok(Json(RegisterResponse {
-        lease,
-        ttl_ms: s.node_ttl.as_millis() as u64,
-    }))
+    Ok(Json(s.registered(lease)))
 }
 
 pub(crate) async fn heartbeat(

@@ -54,10 +54,7 @@ pub(crate) async fn register_proxy(
         s.node_ttl,
     )
     .await?;
-    Ok(Json(RegisterResponse {
-        lease,
-        ttl_ms: s.node_ttl.as_millis() as u64,
-    }))
+    Ok(Json(s.registered(lease)))
 }
 
 pub(crate) async fn proxy_heartbeat(

@@ -114,20 +114,26 @@ async fn a_task_is_healthy_only_once_a_probe_passes() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_stop_during_the_backoff_never_starts_the_task() {
+/// A task that crashed once and whose next generation waits `delay_ms` to start.
+async fn crashed_and_waiting(delay_ms: u64) -> Harness {
     let mut h = Harness::new(assignment("web-1", "web"));
     h.until("running", running(1)).await;
     h.driver.exit_latest(1);
     h.until("exited", |s| s.state == TaskState::Exited).await;
     h.assign(|a| {
         a.generation = 2;
-        a.start_delay_ms = 5_000;
+        a.start_delay_ms = delay_ms;
     });
     h.until("pending", |s| {
         s.generation == 2 && s.state == TaskState::Pending
     })
     .await;
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_the_backoff_never_starts_the_task() {
+    let mut h = crashed_and_waiting(5_000).await;
     h.assign(|a| a.desired = DesiredState::Stop);
     h.until("stopped", |s| {
         s.generation == 2 && s.state == TaskState::Stopped
@@ -139,18 +145,7 @@ async fn a_stop_during_the_backoff_never_starts_the_task() {
 
 #[tokio::test(start_paused = true)]
 async fn a_task_drained_during_its_backoff_is_not_started() {
-    let mut h = Harness::new(assignment("web-1", "web"));
-    h.until("running", running(1)).await;
-    h.driver.exit_latest(1);
-    h.until("exited", |s| s.state == TaskState::Exited).await;
-    h.assign(|a| {
-        a.generation = 2;
-        a.start_delay_ms = 5_000;
-    });
-    h.until("pending", |s| {
-        s.generation == 2 && s.state == TaskState::Pending
-    })
-    .await;
+    let h = crashed_and_waiting(5_000).await;
     h.assign(|a| a.desired = DesiredState::Drain);
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(h.driver.starts(), 1, "{:?}", h.driver.calls());
