@@ -52,6 +52,8 @@ pub struct Mount {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskConfig {
     pub task: String,
+    /// The node it runs on (for messages).
+    pub node: String,
     /// The task's own directory: the driver keeps its state here.
     pub dir: PathBuf,
     pub workload: Workload,

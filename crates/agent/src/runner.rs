@@ -290,6 +290,7 @@ impl Runner {
         };
         let config = TaskConfig {
             task: self.task.clone(),
+            node: self.shared.config.node_name.clone(),
             dir: self.dir.clone(),
             workload,
             env,

@@ -62,7 +62,26 @@ pub(crate) fn adopt_existing(shared: &Arc<Shared>) {
 
 /// This node's registration: its record (resources, drivers, address) under a lease.
 pub(crate) fn registration(shared: &Arc<Shared>, address: &str) -> Registration {
-    let node = NodeRecord {
+    let (shared, address) = (shared.clone(), address.to_string());
+    let (client, name) = (shared.client.clone(), shared.config.node_name.clone());
+    Registration {
+        what: "node",
+        register: Box::new(move || {
+            // Made anew for each registration: when it registered, and the drivers it has now.
+            let node = node_record(&shared, &address);
+            let (client, name) = (shared.client.clone(), shared.config.node_name.clone());
+            Box::pin(async move { client.register_node(&name, &RegisterRequest { node }).await })
+        }),
+        heartbeat: Box::new(move |lease| {
+            let (client, name) = (client.clone(), name.clone());
+            Box::pin(async move { client.node_heartbeat(&name, lease).await })
+        }),
+    }
+}
+
+/// This node as it registers: its resources, drivers and address.
+fn node_record(shared: &Shared, address: &str) -> NodeRecord {
+    NodeRecord {
         schema: SCHEMA,
         name: shared.config.node_name.clone(),
         address: address.to_string(),
@@ -75,19 +94,6 @@ pub(crate) fn registration(shared: &Arc<Shared>, address: &str) -> Registration 
         drivers: shared.drivers.available(),
         agent_instance: shared.instance.clone(),
         registered_at_ms: shim::wall_ms(),
-    };
-    let (client, name) = (shared.client.clone(), shared.config.node_name.clone());
-    let (client2, name2) = (client.clone(), name.clone());
-    Registration {
-        what: "node",
-        register: Box::new(move || {
-            let (client, name, node) = (client.clone(), name.clone(), node.clone());
-            Box::pin(async move { client.register_node(&name, &RegisterRequest { node }).await })
-        }),
-        heartbeat: Box::new(move |lease| {
-            let (client, name) = (client2.clone(), name2.clone());
-            Box::pin(async move { client.node_heartbeat(&name, lease).await })
-        }),
     }
 }
 

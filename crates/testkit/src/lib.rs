@@ -44,10 +44,11 @@ where
 }
 
 /// A block of 50 host ports for one installation's tasks, disjoint from other tests' by
-/// chance (the agent reserves each port with its task; nothing is bound here).
+/// chance (the agent reserves each port with its task; nothing is bound here), and below the
+/// kernel's ephemeral range (32768 and up), so no outgoing connection's port takes one.
 pub fn random_port_range() -> (u16, u16) {
     let block = (random_u32() % 200) as u16;
-    let lo = 30000 + block * 50;
+    let lo = 20000 + block * 50;
     (lo, lo + 49)
 }
 
@@ -277,17 +278,19 @@ impl Dozen {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("server")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host, self.port))
             .arg("--port-range")
             .arg(format!("{}-{}", self.port_range.0, self.port_range.1))
             .arg("--node-name")
             .arg("node-a")
             .arg("--proxy-listen")
-            .arg(format!("127.0.0.1:{}", self.proxy_port))
+            .arg(format!("{}:{}", self.host, self.proxy_port))
             .arg("--proxy-internal-listen")
-            .arg(format!("127.0.0.1:{}", self.proxy_internal_port))
+            .arg(format!("{}:{}", self.host, self.proxy_internal_port))
             .env("DOZEN_DATA_DIR", self.data_dir())
+            // The harness reads the listening addresses from these text lines.
             .env("DOZEN_LOG", "info")
+            .env("DOZEN_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(self.log_file("server.log"))
             .stderr(self.log_file("server.log"));
@@ -319,9 +322,9 @@ impl Dozen {
             self.proxy_port = public;
             self.proxy_internal_port = internal;
         }
-        let port = self.port;
+        let address = format!("{}:{}", self.host, self.port);
         eventually(Duration::from_secs(20), "server answers /healthz", || {
-            http_get(port, "/healthz").filter(|(s, _)| *s == 200)
+            http_request_at(&address, "localhost", "/healthz").filter(|r| r.status == 200)
         });
     }
 
@@ -374,10 +377,13 @@ impl Dozen {
             .arg("--id")
             .arg(id)
             .arg("--proxy-listen")
-            .arg("127.0.0.1:0")
+            .arg(format!("{}:0", self.host))
             .arg("--proxy-internal-listen")
-            .arg("127.0.0.1:0")
+            .arg(format!("{}:0", self.host))
             .env("DOZEN_TOKEN", self.token())
+            // The harness reads the listening addresses from these text lines.
+            .env("DOZEN_LOG", "info")
+            .env("DOZEN_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(self.log_file(&format!("proxy-{id}.log")))
             .stderr(self.log_file(&format!("proxy-{id}.log")))

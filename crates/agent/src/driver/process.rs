@@ -87,13 +87,14 @@ impl ProcessDriver {
             let (u, g, home) = os::lookup_user(user).ok_or_else(|| {
                 DriverError::Start(format!(
                     "user `{user}` does not exist on node `{}`",
-                    os::hostname()
+                    config.node
                 ))
             })?;
             uid = Some(u);
             gid = Some(g);
-            env.insert("HOME".into(), home);
-            env.insert("USER".into(), user.clone());
+            // The user's defaults; a HOME or USER the service sets itself wins.
+            env.entry("HOME".into()).or_insert(home);
+            env.entry("USER".into()).or_insert_with(|| user.clone());
         }
         let cgroup_procs = match self.cgroups.prepare(&config.task, &config.resources) {
             Ok(p) => p,
@@ -321,5 +322,71 @@ fn not_ours(handle: &TaskHandle) -> ExitInfo {
             "the process driver was given a `{}` task handle",
             handle.driver
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(user: Option<&str>) -> TaskConfig {
+        TaskConfig {
+            task: "web-1".into(),
+            node: "node-7".into(),
+            dir: PathBuf::from("/nonexistent/web-1"),
+            workload: Workload::Command(vec!["./web".into()]),
+            env: [("HOME".to_string(), "/srv/web".to_string())].into(),
+            port: None,
+            resources: dozen_spec::Resources::default(),
+            user: user.map(String::from),
+            stop_signal: "SIGINT".into(),
+            stop_timeout: Duration::from_secs(7),
+            cwd: None,
+            mounts: Vec::new(),
+            log: PathBuf::from("/nonexistent/web-1/output.log"),
+        }
+    }
+
+    fn driver() -> ProcessDriver {
+        ProcessDriver::new(
+            PathBuf::from("/nonexistent/dozen"),
+            crate::cgroups::detect(Path::new("/nonexistent")),
+        )
+    }
+
+    #[test]
+    fn the_shim_gets_the_tasks_environment_with_the_users_defaults_under_it() {
+        let launch = driver().launch(&config(Some("root"))).unwrap();
+        assert_eq!(
+            launch.env["HOME"], "/srv/web",
+            "the service's own HOME wins"
+        );
+        assert_eq!(launch.env["USER"], "root");
+        assert!(launch.env["PATH"].contains("/usr/bin"));
+        assert_eq!((launch.uid, launch.gid), (Some(0), Some(0)));
+        assert_eq!(launch.stop_signal, Some(libc::SIGINT));
+        assert_eq!(launch.linger_ms, Some(7_000));
+    }
+
+    #[test]
+    fn a_missing_user_or_an_image_is_refused_with_the_reason() {
+        let e = driver()
+            .launch(&config(Some("no-such-user-here")))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "user `no-such-user-here` does not exist on node `node-7`"
+        );
+        let mut image = config(None);
+        image.workload = Workload::Image {
+            image: "shop/web:1".into(),
+            args: None,
+        };
+        let e = driver().launch(&image).unwrap_err().to_string();
+        assert!(
+            e.contains("the `process` driver cannot run this task"),
+            "{e}"
+        );
     }
 }
