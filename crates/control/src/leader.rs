@@ -79,11 +79,11 @@ pub async fn campaign(store: Arc<dyn Store>, server_id: &str, ttl: Duration) -> 
             lease: Some(lease),
         };
         // Win when nobody leads, or when the leader is an earlier life of this same server.
-        let won = store
+        let mut won = store
             .txn(Txn::new().when(Compare::missing(&key)).then(put.clone()))
-            .await?
-            .succeeded
-            || store
+            .await?;
+        if !won.succeeded {
+            won = store
                 .txn(
                     Txn::new()
                         .when(Compare {
@@ -93,14 +93,13 @@ pub async fn campaign(store: Arc<dyn Store>, server_id: &str, ttl: Duration) -> 
                         })
                         .then(put),
                 )
-                .await?
-                .succeeded;
-        if won {
-            let revision = store
-                .get(&key)
-                .await?
-                .map(|kv| kv.mod_revision)
-                .ok_or(ControlError::LostLeadership)?;
+                .await?;
+        }
+        if won.succeeded {
+            // The fencing token is the winning write's own revision (the key's mod revision),
+            // never read afterwards: a server paused between winning and reading could read
+            // its successor's revision and fence with it.
+            let revision = won.revision;
             let leadership = Leadership {
                 server_id: server_id.to_string(),
                 lease,

@@ -1,8 +1,11 @@
 //! Append-only, checksummed log of committed changes plus a snapshot file.
 //!
 //! A frame is `len: u32 LE | crc32(payload): u32 LE | payload (JSON)`. A frame counts once
-//! `append` returns: it has been written and `fdatasync`ed. Recovery reads frames until the first
-//! short or mismatching one (a write torn by a crash, never acknowledged) and truncates there.
+//! `append` returns: it has been written and `fdatasync`ed. Only the last frame can be torn by a
+//! crash (that write was never acknowledged): recovery drops it and truncates there. A bad frame
+//! with an intact one anywhere after it, or an intact frame that is not a log entry, is damage,
+//! not a torn write: start-up stops with the file and offset and changes nothing on disk, since
+//! going on would silently drop acknowledged writes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -100,18 +103,7 @@ impl Wal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&wal_path)(e)),
         }
-        let mut entries = Vec::new();
-        let mut offset = 0usize;
-        while offset < bytes.len() {
-            let Some((payload, used)) = decode_frame(&bytes[offset..]) else {
-                break;
-            };
-            let Ok(entry) = serde_json::from_slice::<WalEntry>(payload) else {
-                break;
-            };
-            entries.push(entry);
-            offset += used;
-        }
+        let (entries, offset) = read_entries(&wal_path, &bytes)?;
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -208,6 +200,53 @@ impl Wal {
         self.entries_since_snapshot = 0;
         Ok(())
     }
+}
+
+/// Every entry of the log `bytes` and where the intact part ends: the end of the file, or the
+/// start of a torn last frame. Damage anywhere else is an error naming the offset.
+fn read_entries(path: &Path, bytes: &[u8]) -> Result<(Vec<WalEntry>, usize), StoreError> {
+    let damaged = |offset: usize, what: &str| StoreError::Corrupt {
+        path: path.display().to_string(),
+        detail: format!(
+            "{what} at byte offset {offset} of {}; nothing was changed on disk. Restore \
+             {} from a backup; or, to start without the writes from that offset on, move it \
+             aside (the snapshot beside it keeps everything before its last fold)",
+            bytes.len(),
+            path.display()
+        ),
+    };
+    let mut entries = Vec::new();
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        let Some((payload, used)) = decode_frame(&bytes[offset..]) else {
+            // Torn only if nothing intact follows it: a crash tears the last write alone.
+            if let Some(next) = next_intact_frame(bytes, offset + 1) {
+                return Err(damaged(
+                    offset,
+                    &format!("a damaged frame, followed by intact ones (the next at {next}),"),
+                ));
+            }
+            break;
+        };
+        let Ok(entry) = serde_json::from_slice::<WalEntry>(payload) else {
+            return Err(damaged(
+                offset,
+                "a frame whose checksum matches but which is not a log entry",
+            ));
+        };
+        entries.push(entry);
+        offset += used;
+    }
+    Ok((entries, offset))
+}
+
+/// The offset of the first frame at or after `from` that is whole, passes its checksum and
+/// holds a log entry.
+fn next_intact_frame(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len().saturating_sub(8)).find(|&at| {
+        decode_frame(&bytes[at..])
+            .is_some_and(|(payload, _)| serde_json::from_slice::<WalEntry>(payload).is_ok())
+    })
 }
 
 fn encode_frame(payload: &[u8]) -> Vec<u8> {

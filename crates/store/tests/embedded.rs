@@ -223,3 +223,92 @@ async fn snapshots_fold_the_log_and_keep_everything() {
         Err(dozen_store::StoreError::Compacted { .. })
     ));
 }
+
+/// Damage in the middle of the log is not a torn write: start-up stops, naming the file and
+/// the offset, and leaves the file as it was (acknowledged writes after it are not dropped).
+#[tokio::test]
+async fn a_damaged_frame_in_the_middle_stops_start_up_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        for i in 0..10 {
+            store
+                .put(&format!("/m/{i}"), format!("value {i}").into_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    let wal = dir.path().join("store.wal");
+    let intact = std::fs::read(&wal).unwrap();
+    // One bit flipped in the payload of the fourth frame (of ten).
+    let mut offsets = Vec::new();
+    let mut at = 0;
+    while at < intact.len() {
+        offsets.push(at);
+        let len = u32::from_le_bytes(intact[at..at + 4].try_into().unwrap()) as usize;
+        at += 8 + len;
+    }
+    assert!(offsets.len() >= 10, "{} frames", offsets.len());
+    let mut damaged = intact.clone();
+    damaged[offsets[3] + 12] ^= 0x01;
+    std::fs::write(&wal, &damaged).unwrap();
+
+    let err = match EmbeddedStore::open(dir.path()) {
+        Ok(_) => panic!("opened a log with a damaged middle frame"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("store.wal"), "{err}");
+    assert!(
+        err.contains(&format!("byte offset {}", offsets[3])),
+        "{err}"
+    );
+    assert!(err.contains("nothing was changed on disk"), "{err}");
+    assert_eq!(std::fs::read(&wal).unwrap(), damaged, "the log was changed");
+
+    // A frame whose checksum matches but which is no log entry is damage too.
+    let mut alien = intact[..offsets[2]].to_vec();
+    let payload = br#"{"not":"an entry"}"#;
+    alien.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    alien.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    alien.extend_from_slice(payload);
+    alien.extend_from_slice(&intact[offsets[2]..]);
+    std::fs::write(&wal, &alien).unwrap();
+    let err = match EmbeddedStore::open(dir.path()) {
+        Ok(_) => panic!("opened a log with a frame that is not an entry"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("not a log entry"), "{err}");
+    assert!(
+        err.contains(&format!("byte offset {}", offsets[2])),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&wal).unwrap(), alien);
+
+    // Put back as it was, every write is there.
+    std::fs::write(&wal, &intact).unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.get("/m/9").await.unwrap().unwrap().value,
+        b"value 9".to_vec()
+    );
+}
+
+/// A whole last frame that fails its checksum (its sectors half-written) is still a torn tail.
+#[tokio::test]
+async fn a_damaged_last_frame_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let rev;
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        rev = store.put("/t/a", b"1".to_vec()).await.unwrap();
+        store.put("/t/b", b"2".to_vec()).await.unwrap();
+    }
+    let wal = dir.path().join("store.wal");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0xff;
+    std::fs::write(&wal, &bytes).unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(store.revision().await.unwrap(), rev);
+    assert!(store.get("/t/b").await.unwrap().is_none());
+}
