@@ -528,3 +528,46 @@ fn the_api_document_is_served_and_printed_alike() {
     let (status, _) = http_get(d.port, dozen_api::paths::OPENAPI).unwrap();
     assert_eq!(status, 401);
 }
+
+/// The control plane's disk fills up: writes answer 503 saying so, reads go on, and writes
+/// work again once space is freed. Nothing goes down.
+#[test]
+fn a_full_disk_gives_503s_and_the_server_recovers() {
+    let Some(disk) = dozen_testkit::SmallDisk::mount("8m") else {
+        return;
+    };
+    let mut d = Dozen::new(DOZEN);
+    std::os::unix::fs::symlink(disk.path(), d.data_dir()).unwrap();
+    d.start_server(false);
+    d.write("dozen.toml", &stack(1, "hello", ""));
+    d.ok(&["apply", "--no-wait"]);
+    let filler = disk.fill();
+
+    // The log's last page may still hold a few small writes; the first that needs a new one
+    // is refused.
+    let refused = (0..200).find_map(|i| {
+        let out = d.cli(&["scale", &format!("web={}", 1 + i % 2)]);
+        (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+    });
+    let err = refused.expect("a write refused on a full disk");
+    assert!(err.contains("is full"), "{err}");
+    let raw = dozen_testkit::http_raw(
+        d.port,
+        &format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: \
+             application/json\r\nContent-Length: 14\r\nConnection: close\r\n\r\n{{\"replicas\":3}}",
+            dozen_api::paths::fill(dozen_api::paths::SERVICE_SCALE, &["web"]),
+            d.token()
+        ),
+    )
+    .unwrap();
+    assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    // Reads go on while it is full.
+    let ps = d.json(&["ps"]);
+    assert_eq!(ps["services"][0]["name"], "web", "{ps}");
+
+    std::fs::remove_file(filler).unwrap();
+    d.ok(&["scale", "web=3"]);
+    let ps = d.json(&["ps"]);
+    assert_eq!(ps["services"][0]["desired"], 3, "{ps}");
+}

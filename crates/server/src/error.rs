@@ -38,6 +38,7 @@ impl From<ControlError> for ApiFailure {
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::LostLeadership => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Store(StoreError::Compacted { .. }) => StatusCode::GONE,
+            ControlError::Store(StoreError::NoSpace { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Store(_) | ControlError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

@@ -205,6 +205,10 @@ pub enum StoreError {
     LeaseNotFound(LeaseId),
     #[error("store data in {path} is corrupt: {detail}")]
     Corrupt { path: String, detail: String },
+    /// A write found no room: refused and undone; reads and watches go on, and writes succeed
+    /// again once space is freed.
+    #[error("the disk holding {path} is full: writes are refused until space is freed (reads and watches still work)")]
+    NoSpace { path: String },
     #[error("store I/O on {path}: {source}")]
     Io {
         path: String,

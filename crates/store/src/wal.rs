@@ -65,9 +65,19 @@ pub(crate) struct Wal {
 const MAX_FRAME: u32 = 64 * 1024 * 1024;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.display().to_string(),
-        source,
+    move |source| {
+        // ENOSPC, EDQUOT: the disk (or the quota) is full, not the store broken.
+        if source.kind() == std::io::ErrorKind::StorageFull
+            || matches!(source.raw_os_error(), Some(28) | Some(122))
+        {
+            return StoreError::NoSpace {
+                path: path.display().to_string(),
+            };
+        }
+        StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 

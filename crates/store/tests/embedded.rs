@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use dozen_store::conformance;
 use dozen_store::embedded::EmbeddedStore;
-use dozen_store::{Op, Store, Txn};
+use dozen_store::{Op, Store, StoreError, Txn};
+use dozen_testkit::SmallDisk;
 
 fn fresh() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
@@ -311,4 +312,50 @@ async fn a_damaged_last_frame_is_a_torn_tail() {
     let store = EmbeddedStore::open(dir.path()).unwrap();
     assert_eq!(store.revision().await.unwrap(), rev);
     assert!(store.get("/t/b").await.unwrap().is_none());
+}
+
+/// A full disk refuses writes with a clear error and changes nothing; reads and watches go on;
+/// once space is freed, writes succeed again, and everything acknowledged survives a restart.
+#[tokio::test]
+async fn a_full_disk_refuses_writes_and_recovers_when_space_returns() {
+    let Some(disk) = SmallDisk::mount("2m") else {
+        return;
+    };
+    let data = disk.path().join("store");
+    let store = EmbeddedStore::open(&data).unwrap();
+    let before = store.put("/d/kept", b"before".to_vec()).await.unwrap();
+    let mut watch = store.watch("/d/", before + 1).await.unwrap();
+    let filler = disk.fill();
+
+    let refused = store.put("/d/x", vec![7u8; 64 * 1024]).await;
+    match &refused {
+        Err(StoreError::NoSpace { path }) => assert!(path.contains("store.wal"), "{path}"),
+        other => panic!("expected NoSpace, got {other:?}"),
+    }
+    let message = refused.unwrap_err().to_string();
+    assert!(message.contains("is full"), "{message}");
+    // Nothing of the refused write is visible, and reads go on.
+    assert_eq!(store.revision().await.unwrap(), before);
+    assert!(store.get("/d/x").await.unwrap().is_none());
+    assert_eq!(
+        store.get("/d/kept").await.unwrap().unwrap().value,
+        b"before"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let after = store.put("/d/x", b"after".to_vec()).await.unwrap();
+    assert_eq!(after, before + 1);
+    // The watch, open all along, sees the write that succeeded (and nothing of the refused one).
+    match conformance::next_message(&mut watch, 5).await {
+        dozen_store::WatchMessage::Events { revision, events } => {
+            assert_eq!(revision, after);
+            assert_eq!(events[0].kv.value, b"after");
+        }
+        other => panic!("expected the write after space returned, got {other:?}"),
+    }
+    drop(watch);
+    drop(store);
+    let store = EmbeddedStore::open(&data).unwrap();
+    assert_eq!(store.get("/d/x").await.unwrap().unwrap().value, b"after");
+    assert_eq!(store.revision().await.unwrap(), after);
 }

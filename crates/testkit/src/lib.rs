@@ -192,6 +192,55 @@ fn http_raw_at(address: &str, raw: &str) -> Option<String> {
     (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// A small tmpfs of its own (unmounted on drop); `None`, saying so, where mounting is not
+/// allowed outside CI.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            if std::env::var_os("CI").is_some() {
+                panic!("cannot mount a tmpfs: CI runs as root and must be able to");
+            }
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    /// Fills what is left with a file; removing it frees the space again.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 /// One dozen installation in a temp dir: its data dir, server address and processes.
 pub struct Dozen {
     pub bin: PathBuf,
