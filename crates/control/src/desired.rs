@@ -17,6 +17,50 @@ const ATTEMPTS: usize = 5;
 
 pub use dozen_model::{ApplyOutcome, ReleaseChange};
 
+/// How many releases of each service are kept (`dozen server --keep-releases`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_releases: usize,
+}
+
+pub const DEFAULT_KEEP_RELEASES: usize = 20;
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_releases: DEFAULT_KEEP_RELEASES,
+        }
+    }
+}
+
+/// The releases of `service` to delete once release `newest` is written: all but the newest
+/// `keep`, and never the current one or one a task still runs (a rollback target that was
+/// pruned is refused as not found, like one that never existed).
+pub fn releases_to_prune(snap: &Snapshot, service: &str, newest: u64, keep: usize) -> Vec<u64> {
+    let keep = keep.max(1);
+    let current = snap.services.get(service).map(|s| s.record.current_release);
+    let in_use: std::collections::BTreeSet<u64> = snap
+        .assignments
+        .values()
+        .filter(|a| a.record.service == service)
+        .map(|a| a.record.release)
+        .collect();
+    let mut numbers: Vec<u64> = snap
+        .releases
+        .get(service)
+        .map(|r| r.keys().copied().collect())
+        .unwrap_or_default();
+    numbers.push(newest);
+    numbers.sort_unstable();
+    numbers.dedup();
+    let cut = numbers.len().saturating_sub(keep);
+    numbers[..cut]
+        .iter()
+        .copied()
+        .filter(|n| Some(*n) != current && !in_use.contains(n))
+        .collect()
+}
+
 /// Re-checks a stack that arrived over the wire: the CLI validated the file, but the API is
 /// also for scripts. `plan` and `apply` call it first.
 pub fn check_stack(stack: &Stack) -> Result<()> {
@@ -125,6 +169,7 @@ pub async fn apply(
     store: &dyn Store,
     stack: &Stack,
     artifacts: &BTreeMap<String, String>,
+    retention: &Retention,
 ) -> Result<ApplyOutcome> {
     check_stack(stack)?;
     for _ in 0..ATTEMPTS {
@@ -196,6 +241,9 @@ pub async fn apply(
                         .when(Compare::missing(keys::release(name, number)))
                         .then(Op::put(keys::release(name, number), encode(&release)))
                         .then(Op::put(&svc_key, encode(&record)));
+                    for old in releases_to_prune(&snap, name, number, retention.keep_releases) {
+                        txn = txn.then(Op::delete(keys::release(name, old)));
+                    }
                     releases.push(ReleaseChange {
                         service: name.clone(),
                         release: number,
@@ -337,7 +385,12 @@ pub async fn stop(store: &dyn Store, service: &str) -> Result<ServiceRecord> {
 }
 
 /// Makes a new release that repeats release `to` (default: the one before the current).
-pub async fn rollback(store: &dyn Store, service: &str, to: Option<u64>) -> Result<Release> {
+pub async fn rollback(
+    store: &dyn Store,
+    service: &str,
+    to: Option<u64>,
+    retention: &Retention,
+) -> Result<Release> {
     let made = std::sync::Mutex::new(None);
     update_service(store, service, |snap, rec| {
         let target = match to {
@@ -375,9 +428,12 @@ pub async fn rollback(store: &dyn Store, service: &str, to: Option<u64>) -> Resu
         };
         rec.current_release = number;
         rec.latest_release = number;
-        let op = Op::put(keys::release(service, number), encode(&release));
+        let mut ops = vec![Op::put(keys::release(service, number), encode(&release))];
+        for old in releases_to_prune(snap, service, number, retention.keep_releases) {
+            ops.push(Op::delete(keys::release(service, old)));
+        }
         *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(release);
-        Ok(vec![op])
+        Ok(ops)
     })
     .await?;
     made.into_inner()

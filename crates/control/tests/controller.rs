@@ -22,6 +22,7 @@ const T: u64 = 1_700_000_000_000;
 
 struct World {
     store: Arc<dyn Store>,
+    retention: desired::Retention,
     controller: Controller,
     leadership: Leadership,
     _dir: tempfile::TempDir,
@@ -66,6 +67,7 @@ impl World {
         };
         World {
             store,
+            retention: Default::default(),
             controller,
             leadership,
             _dir: dir,
@@ -75,9 +77,14 @@ impl World {
     async fn apply(&self, toml: &str) {
         let stack = dozen_spec::parse_str(toml, "dozen.toml", dozen_spec::Format::Toml, None)
             .unwrap_or_else(|e| panic!("{e}"));
-        desired::apply(self.store.as_ref(), &stack, &Default::default())
-            .await
-            .unwrap();
+        desired::apply(
+            self.store.as_ref(),
+            &stack,
+            &Default::default(),
+            &self.retention,
+        )
+        .await
+        .unwrap();
     }
 
     async fn pass(&self, now_ms: u64) -> Pass {
@@ -322,4 +329,53 @@ async fn a_controller_that_lost_its_lease_writes_nothing() {
         late.map(|p| p.problems)
     );
     assert!(w.tasks().await.is_empty(), "the old leader placed tasks");
+}
+
+fn versioned(n: u32) -> String {
+    format!(
+        r#"
+name = "shop"
+[services.web]
+command = "./web"
+replicas = 1
+[services.web.env]
+VERSION = "{n}"
+"#
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn old_releases_are_pruned_but_never_the_current_one_or_one_a_task_runs() {
+    let mut w = World::new(&["n1"]).await;
+    w.retention = desired::Retention { keep_releases: 5 };
+    w.apply(&versioned(1)).await;
+    // A task of release 1 is placed, and nothing replaces it meanwhile.
+    w.pass(T).await;
+    assert_eq!(w.tasks().await[0].release, 1);
+    for n in 2..=12 {
+        w.apply(&versioned(n)).await;
+    }
+    let snap = Snapshot::read(w.store.as_ref()).await.unwrap();
+    let kept: Vec<u64> = snap.releases["web"].keys().copied().collect();
+    assert_eq!(
+        kept,
+        [1, 8, 9, 10, 11, 12],
+        "the newest five, and the one a task runs"
+    );
+    assert_eq!(snap.services["web"].record.current_release, 12);
+
+    // A rollback makes a release too, and prunes the same way.
+    let back = desired::rollback(w.store.as_ref(), "web", Some(9), &w.retention)
+        .await
+        .unwrap();
+    assert_eq!((back.number, back.cause.as_str()), (13, "rollback to 9"));
+    let snap = Snapshot::read(w.store.as_ref()).await.unwrap();
+    let kept: Vec<u64> = snap.releases["web"].keys().copied().collect();
+    assert_eq!(kept, [1, 9, 10, 11, 12, 13]);
+    // A pruned release is gone for rollback too, with a clear answer.
+    let gone = desired::rollback(w.store.as_ref(), "web", Some(3), &w.retention).await;
+    assert!(
+        matches!(&gone, Err(ControlError::NotFound { name, .. }) if name == "web #3"),
+        "{gone:?}"
+    );
 }

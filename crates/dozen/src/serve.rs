@@ -67,6 +67,10 @@ pub struct ServerArgs {
     /// How long a node stays alive without heartbeats.
     #[arg(long, env = "DOZEN_NODE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub node_ttl: Duration,
+    /// Releases kept per service (older ones are deleted as new ones are made; the current
+    /// release and any a task still runs are always kept).
+    #[arg(long, env = "DOZEN_KEEP_RELEASES", default_value_t = dozen_control::desired::DEFAULT_KEEP_RELEASES as u64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub keep_releases: u64,
     /// Do not run a proxy in this process.
     #[arg(long, env = "DOZEN_NO_PROXY")]
     pub no_proxy: bool,
@@ -507,6 +511,9 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let mut state =
         dozen_server::AppState::new(store.clone(), Arc::new(blobs), token.clone(), args.node_ttl);
     state.server_id = server_id.clone();
+    state.retention = dozen_control::desired::Retention {
+        keep_releases: args.keep_releases as usize,
+    };
     state.store_kind = if args.store.trim() == "embedded" {
         "embedded"
     } else {

@@ -58,6 +58,8 @@ pub struct AppState {
     /// How this server reaches `https://` peers (fetching blobs): trusting the CA, requiring a
     /// server certificate, presenting its own.
     pub peer_client: Option<reqwest::Client>,
+    /// How many releases of each service are kept.
+    pub retention: dozen_control::desired::Retention,
 }
 
 impl AppState {
@@ -82,6 +84,7 @@ impl AppState {
             ca: None,
             agent_tls: None,
             peer_client: None,
+            retention: Default::default(),
         }
     }
 }

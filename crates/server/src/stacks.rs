@@ -26,7 +26,8 @@ pub(crate) async fn apply(
     State(s): State<Arc<AppState>>,
     Json(req): Json<ApplyRequest>,
 ) -> ApiResult<Json<desired::ApplyOutcome>> {
-    let outcome = desired::apply(s.store.as_ref(), &req.stack, &req.artifacts).await?;
+    let outcome =
+        desired::apply(s.store.as_ref(), &req.stack, &req.artifacts, &s.retention).await?;
     tracing::info!(stack = %req.stack.name, releases = outcome.releases.len(), "applied stack");
     Ok(Json(outcome))
 }
@@ -142,7 +143,7 @@ pub(crate) async fn rollback(
     Json(req): Json<RollbackRequest>,
 ) -> ApiResult<Json<dozen_model::Release>> {
     Ok(Json(
-        desired::rollback(s.store.as_ref(), &service, req.to).await?,
+        desired::rollback(s.store.as_ref(), &service, req.to, &s.retention).await?,
     ))
 }
 pub(crate) async fn run(
