@@ -209,6 +209,40 @@ fn as_node(data: &Path, url: &str, method: &str, path: &str, body: Option<Value>
     })
 }
 
+/// Opens `node`'s assignment watch with its certificate, in a thread that ends when the server
+/// ends the stream.
+fn watch_as_node(data: &Path, url: &str, node: &str) -> std::thread::JoinHandle<()> {
+    let read = |file: &str| std::fs::read_to_string(data.join("node").join(file)).unwrap();
+    let tls = dozen_api::tls::client_config(
+        &read("ca.crt"),
+        Some((&read("node.crt"), &read("node.key"))),
+    )
+    .unwrap();
+    let path = dozen_api::paths::fill(dozen_api::paths::NODE_ASSIGNMENTS, &[node]);
+    let url = format!("{url}{path}?watch=true&revision=1");
+    let (opened, is_open) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .build()
+                .unwrap();
+            let mut resp = client.get(url).send().await.expect("the watch opens");
+            assert_eq!(resp.status(), 200);
+            let _ = opened.send(());
+            while let Ok(Some(_)) = resp.chunk().await {}
+        })
+    });
+    is_open
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the watch opened");
+    thread
+}
+
 fn start_agent(site: &mut Site, url: &str, data: &Path, node: &str) {
     let range = {
         let (lo, hi) = random_port_range();
@@ -388,9 +422,19 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
         .log("main.log")
         .contains("refused request without a valid token"));
 
-    // Revoke n1: its agent is refused from its next call on; n2 and operators carry on.
+    // Revoke n1: its open assignment watch ends at once (bookmarks alone would keep it open),
+    // and its agent is refused from its next call on; n2 and operators carry on.
+    let watch = watch_as_node(&n1, &url, "n1");
     let revoked = operator_json(&site, "main", &url, &["node", "revoke", "n1"]);
     assert_eq!(revoked["serials"].as_array().unwrap().len(), 1);
+    eventually(Duration::from_secs(3), "n1's open watch closed", || {
+        watch.is_finished().then_some(())
+    });
+    assert!(
+        site.log("main.log")
+            .contains("closed the watch of a revoked node certificate"),
+        "the server says why it closed the watch"
+    );
     eventually(Duration::from_secs(20), "n1's refusal logged", || {
         let log = site.log("main.log");
         log.lines()

@@ -79,10 +79,15 @@ pub(crate) async fn heartbeat(
 pub(crate) async fn assignments(
     State(s): State<Arc<AppState>>,
     Path(node): Path<String>,
+    connection: Option<axum::Extension<crate::ConnectionInfo>>,
     Query(q): Query<WatchQuery>,
 ) -> ApiResult<Response> {
     nodes::check_name(&node)?;
-    list_or_watch::<Assignment>(s, keys::assignments(&node), q).await
+    // A node's own watch ends when its certificate is revoked.
+    let revocable = connection
+        .and_then(|c| c.0.identity)
+        .map(|identity| identity.serial);
+    list_or_watch::<Assignment>(s, keys::assignments(&node), q, revocable).await
 }
 
 pub(crate) async fn report_status(

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use dozen_api::{ListResponse, WatchEvent, WatchEventType, WatchQuery};
-use dozen_model::decode;
+use dozen_model::{decode, keys};
 use dozen_store::{StoreError, WatchMessage};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -20,10 +20,13 @@ use crate::error::ApiResult;
 use crate::AppState;
 
 /// The list-then-watch protocol over one key prefix, for any record type.
+/// With `revocable` (a node certificate's serial), the watch ends the moment that certificate
+/// is revoked: the node's next request is refused.
 pub(crate) async fn list_or_watch<T>(
     s: Arc<AppState>,
     prefix: String,
     q: WatchQuery,
+    revocable: Option<String>,
 ) -> ApiResult<Response>
 where
     T: dozen_model::Record + Send + 'static,
@@ -57,6 +60,23 @@ where
         }
         Err(e) => return Err(e.into()),
     };
+    // Opened before checking, so a revocation between the check and the watch is seen too.
+    let mut revocation = match &revocable {
+        Some(serial) => {
+            let watch = s.store.watch(&keys::revoked(serial), from).await?;
+            if s.store.get(&keys::revoked(serial)).await?.is_some() {
+                return Err(crate::error::ApiFailure::from_response(
+                    crate::error::error(
+                        StatusCode::FORBIDDEN,
+                        format!("the certificate (serial {serial}) is revoked"),
+                        None,
+                    ),
+                ));
+            }
+            Some(watch)
+        }
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let store = s.store.clone();
     let bookmark_every = s.bookmark_every;
@@ -65,6 +85,10 @@ where
         tick.tick().await;
         loop {
             let lines: Vec<WatchEvent<T>> = tokio::select! {
+                _ = revoked(&mut revocation) => {
+                    tracing::warn!(serial = ?revocable, prefix, "closed the watch of a revoked node certificate");
+                    return;
+                }
                 msg = store_watch.next() => match msg {
                     Some(WatchMessage::Events { revision, events }) => events
                         .into_iter()
@@ -106,6 +130,20 @@ where
         .body(Body::from_stream(stream))
         .unwrap_or_default())
 }
+/// Resolves once the revocation watch sees a write (or ends); never without one.
+async fn revoked(watch: &mut Option<dozen_store::Watch>) {
+    match watch {
+        Some(w) => {
+            while let Some(msg) = w.next().await {
+                if matches!(msg, WatchMessage::Events { .. }) {
+                    return;
+                }
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 fn event_line<T: dozen_model::Record>(revision: u64, e: dozen_store::Event) -> WatchEvent<T> {
     match e.kind {
         dozen_store::EventKind::Put => WatchEvent {
