@@ -74,6 +74,23 @@ pub async fn spend_join_token(
     Ok(spent.succeeded)
 }
 
+/// The serials of the certificates issued to `node` that are not revoked: a node name is
+/// taken while one of them exists.
+pub async fn unrevoked_certificates(store: &dyn Store, node: &str) -> Result<Vec<String>> {
+    let prefix = keys::node_certs(node);
+    let issued = store.range(&prefix).await?;
+    let mut live = Vec::new();
+    for kv in issued.kvs {
+        let Some(serial) = kv.key.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !is_revoked(store, serial).await? {
+            live.push(serial.to_string());
+        }
+    }
+    Ok(live)
+}
+
 /// Whether the certificate `serial` was revoked.
 pub async fn is_revoked(store: &dyn Store, serial: &str) -> Result<bool> {
     Ok(store.get(&keys::revoked(serial)).await?.is_some())

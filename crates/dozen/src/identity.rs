@@ -184,8 +184,13 @@ pub async fn node_join(global: &Global, args: JoinArgs) -> anyhow::Result<i32> {
             return Err(anyhow::Error::new(e).context(format!("cannot reach {server} to join")))
         }
         Err(dozen_api::ApiError::Status {
-            status, message, ..
-        }) => bail!("{message} ({status})"),
+            status,
+            message,
+            hint,
+        }) => match hint {
+            Some(hint) => bail!("{message} ({status})\n  hint: {hint}"),
+            None => bail!("{message} ({status})"),
+        },
         Err(e) => return Err(e.into()),
     };
     if tls::fingerprint(&joined.ca_pem).ok().as_deref() != Some(actual.as_str()) {

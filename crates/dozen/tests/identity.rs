@@ -451,6 +451,38 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
         "n2 was not disturbed: {n2_log}"
     );
 
+    // A name is one node's: joining as n2 while n2 holds a live certificate is refused (and
+    // does not spend the token); n1's name, revoked, can be joined again.
+    let made = operator_json(&site, "main", &url, &["node", "token", "--ttl", "10m"]);
+    let token = made["token"].as_str().unwrap();
+    let join_as = |node: &str| {
+        site.command(&[
+            "--server",
+            &url,
+            "--data-dir",
+            site.path(&format!("{node}-again")).to_str().unwrap(),
+            "node",
+            "join",
+            "--ca-hash",
+            made["ca_hash"].as_str().unwrap(),
+            "--node-name",
+            node,
+        ])
+        .env("DOZEN_JOIN_TOKEN", token)
+        .output()
+        .unwrap()
+    };
+    let refused = join_as("n2");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("node name `n2` is in use"), "{err}");
+    let again = join_as("n1");
+    assert!(
+        again.status.success(),
+        "a revoked name can be joined again with the same token: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
     // No secret reached a log: not the operator token, not a join token's secret.
     for log in ["main.log", "agent-n1.log", "agent-n2.log"] {
         let text = site.log(log);

@@ -90,6 +90,24 @@ pub(crate) async fn join(
     if !token_matches(presented.as_bytes(), &token.secret_sha256_hex) {
         return Err(refuse("the token's secret does not match"));
     }
+    // One node per name: another joiner must not take a live node's name (and read its
+    // assignments). Checked before the token is spent, so a refused join does not use it up.
+    let taken = pki::unrevoked_certificates(s.store.as_ref(), &req.node).await?;
+    if let Some(serial) = taken.first() {
+        tracing::warn!(node = %req.node, holder = %serial, "refused a join under a name in use");
+        return Err(ApiFailure::from_response(error(
+            StatusCode::CONFLICT,
+            format!(
+                "node name `{}` is in use: a node holds certificate {serial} for it",
+                req.node
+            ),
+            Some(format!(
+                "join under another name (--node-name), or revoke the old one first (`dozen node \
+                 revoke {}`)",
+                req.node
+            )),
+        )));
+    }
     // Sign before spending the token, so a bad request does not use it up.
     let issued = ca
         .sign_node(&req.csr_pem, &req.node)
