@@ -177,14 +177,19 @@ fn join(site: &Site, name: &str, url: &str, node: &str) -> (PathBuf, String) {
     (data, token)
 }
 
-/// Calls the API as a node: its certificate from `dozen node join`, no token.
-fn as_node(data: &Path, url: &str, method: &str, path: &str, body: Option<Value>) -> u16 {
+/// The TLS client of a joined node: its certificate from `dozen node join`, the pinned CA.
+fn node_tls(data: &Path) -> dozen_api::tls::ClientConfig {
     let read = |file: &str| std::fs::read_to_string(data.join("node").join(file)).unwrap();
-    let tls = dozen_api::tls::client_config(
+    dozen_api::tls::client_config(
         &read("ca.crt"),
         Some((&read("node.crt"), &read("node.key"))),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Calls the API as a node: its certificate from `dozen node join`, no token.
+fn as_node(data: &Path, url: &str, method: &str, path: &str, body: Option<Value>) -> u16 {
+    let tls = node_tls(data);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -212,12 +217,7 @@ fn as_node(data: &Path, url: &str, method: &str, path: &str, body: Option<Value>
 /// Opens `node`'s assignment watch with its certificate, in a thread that ends when the server
 /// ends the stream.
 fn watch_as_node(data: &Path, url: &str, node: &str) -> std::thread::JoinHandle<()> {
-    let read = |file: &str| std::fs::read_to_string(data.join("node").join(file)).unwrap();
-    let tls = dozen_api::tls::client_config(
-        &read("ca.crt"),
-        Some((&read("node.crt"), &read("node.key"))),
-    )
-    .unwrap();
+    let tls = node_tls(data);
     let path = dozen_api::paths::fill(dozen_api::paths::NODE_ASSIGNMENTS, &[node]);
     let url = format!("{url}{path}?watch=true&revision=1");
     let (opened, is_open) = std::sync::mpsc::channel();

@@ -76,14 +76,19 @@ pub(crate) fn bytes(
     content_type: &'static str,
 ) -> Doc {
     let mut doc = Doc::new(summary);
+    doc.answer = (status, content_type, Some(binary()));
+    doc
+}
+
+/// The schema of raw bytes.
+fn binary() -> RefOr<Schema> {
     let schema = ObjectBuilder::new()
         .schema_type(Type::String)
         .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
             utoipa::openapi::KnownFormat::Binary,
         )))
         .build();
-    doc.answer = (status, content_type, Some(RefOr::T(Schema::Object(schema))));
-    doc
+    RefOr::T(Schema::Object(schema))
 }
 
 impl Doc {
@@ -112,13 +117,7 @@ impl Doc {
 
     /// A request body of raw bytes.
     pub(crate) fn bytes_body(mut self) -> Doc {
-        let schema = ObjectBuilder::new()
-            .schema_type(Type::String)
-            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                utoipa::openapi::KnownFormat::Binary,
-            )))
-            .build();
-        self.body = Some(("application/octet-stream", RefOr::T(Schema::Object(schema))));
+        self.body = Some(("application/octet-stream", binary()));
         self
     }
 
@@ -208,18 +207,14 @@ pub(crate) struct Routes {
 
 impl Routes {
     pub(crate) fn new() -> Routes {
-        let mut schemas = Vec::new();
-        dozen_api::ErrorBody::schemas(&mut schemas);
-        let mut routes = Routes {
+        // Every operation's default answer refers to it.
+        let schemas = BTreeMap::from([("ErrorBody".to_string(), dozen_api::ErrorBody::schema())]);
+        Routes {
             router: Router::new(),
             paths: BTreeMap::new(),
-            schemas: schemas.into_iter().collect(),
+            schemas,
             served: Vec::new(),
-        };
-        routes
-            .schemas
-            .insert("ErrorBody".into(), dozen_api::ErrorBody::schema());
-        routes
+        }
     }
 
     /// Serves `handler` for `method` (`get`, `head`, `post`, `put`, `delete`) at `path`, and

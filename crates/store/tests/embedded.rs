@@ -225,6 +225,14 @@ async fn snapshots_fold_the_log_and_keep_everything() {
     ));
 }
 
+/// The error opening the store in `dir` gives; the test fails if it opens.
+fn refused_open(dir: &std::path::Path, what: &str) -> String {
+    match EmbeddedStore::open(dir) {
+        Ok(_) => panic!("opened a log with {what}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Damage in the middle of the log is not a torn write: start-up stops, naming the file and
 /// the offset, and leaves the file as it was (acknowledged writes after it are not dropped).
 #[tokio::test]
@@ -254,10 +262,7 @@ async fn a_damaged_frame_in_the_middle_stops_start_up_and_changes_nothing() {
     damaged[offsets[3] + 12] ^= 0x01;
     std::fs::write(&wal, &damaged).unwrap();
 
-    let err = match EmbeddedStore::open(dir.path()) {
-        Ok(_) => panic!("opened a log with a damaged middle frame"),
-        Err(e) => e.to_string(),
-    };
+    let err = refused_open(dir.path(), "a damaged middle frame");
     assert!(err.contains("store.wal"), "{err}");
     assert!(
         err.contains(&format!("byte offset {}", offsets[3])),
@@ -274,10 +279,7 @@ async fn a_damaged_frame_in_the_middle_stops_start_up_and_changes_nothing() {
     alien.extend_from_slice(payload);
     alien.extend_from_slice(&intact[offsets[2]..]);
     std::fs::write(&wal, &alien).unwrap();
-    let err = match EmbeddedStore::open(dir.path()) {
-        Ok(_) => panic!("opened a log with a frame that is not an entry"),
-        Err(e) => e.to_string(),
-    };
+    let err = refused_open(dir.path(), "a frame that is not an entry");
     assert!(err.contains("not a log entry"), "{err}");
     assert!(
         err.contains(&format!("byte offset {}", offsets[2])),
