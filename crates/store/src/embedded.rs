@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::wal::{AppliedOp, Snapshot, Wal, WalEntry};
+use crate::wal::{AppliedOp, SnapshotHeader, Wal, WalEntry};
 use crate::{
     CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, Op, RangeResponse, Revision,
     Store, StoreError, Txn, TxnResponse, Watch, WatchMessage,
@@ -54,7 +54,8 @@ struct Watcher {
 struct State {
     revision: Revision,
     compact_revision: Revision,
-    kvs: BTreeMap<String, KeyValue>,
+    /// Shared, so a snapshot or a range copies pointers under the lock, not values.
+    kvs: BTreeMap<String, Arc<KeyValue>>,
     /// (revision, events) for revisions >= compact_revision.
     history: VecDeque<(Revision, Vec<Event>)>,
     leases: HashMap<LeaseId, LeaseState>,
@@ -100,19 +101,22 @@ impl EmbeddedStore {
         let (wal, snapshot, entries) = Wal::open(dir)?;
         let now = Instant::now();
         let mut state = State {
-            revision: snapshot.revision,
-            compact_revision: snapshot.compact_revision.max(snapshot.revision + 1),
+            revision: snapshot.header.revision,
+            compact_revision: snapshot
+                .header
+                .compact_revision
+                .max(snapshot.header.revision + 1),
             kvs: snapshot
                 .kvs
                 .into_iter()
-                .map(|kv| (kv.key.clone(), kv))
+                .map(|kv| (kv.key.clone(), Arc::new(kv)))
                 .collect(),
             history: VecDeque::new(),
             leases: HashMap::new(),
-            next_lease: snapshot.next_lease.max(1),
+            next_lease: snapshot.header.next_lease.max(1),
             watchers: Vec::new(),
         };
-        for (id, ttl_ms) in snapshot.leases {
+        for (id, ttl_ms) in snapshot.header.leases {
             state.restore_lease(id, ttl_ms, now);
         }
         for kv in state.kvs.values() {
@@ -280,25 +284,26 @@ impl<'a> Writer<'a> {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), StoreError> {
-        if self.log.wal.entries_since_snapshot < self.log.snapshot_every {
+        if !self.log.wal.should_fold(self.log.snapshot_every) {
             return Ok(());
         }
-        // Memory cannot run ahead of the log while we hold it: this copy is what the log holds.
-        let snapshot = {
+        // Memory cannot run ahead of the log while we hold it: this copy (of pointers, not
+        // values) is what the log holds, and readers go on while it is written out.
+        let (header, kvs) = {
             let state = self.state();
-            Snapshot {
+            let header = SnapshotHeader {
                 revision: state.revision,
                 compact_revision: state.compact_revision,
-                kvs: state.kvs.values().cloned().collect(),
                 leases: state
                     .leases
                     .iter()
                     .map(|(id, l)| (*id, l.ttl.as_millis() as u64))
                     .collect(),
                 next_lease: state.next_lease,
-            }
+            };
+            (header, state.kvs.values().cloned().collect::<Vec<_>>())
         };
-        self.log.wal.write_snapshot(&snapshot)
+        self.log.wal.write_snapshot(&header, &kvs)
     }
 }
 
@@ -440,7 +445,7 @@ impl State {
                         kind: EventKind::Put,
                         kv: kv.clone(),
                     });
-                    self.kvs.insert(key, kv);
+                    self.kvs.insert(key, Arc::new(kv));
                 }
                 AppliedOp::Delete { key } => {
                     if let Some(prev) = self.kvs.remove(&key) {
@@ -507,20 +512,25 @@ impl State {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        Ok(self.lock().kvs.get(key).cloned())
+        let found = self.lock().kvs.get(key).cloned();
+        Ok(found.map(|kv| (*kv).clone()))
     }
 
     async fn range(&self, prefix: &str) -> Result<RangeResponse, StoreError> {
-        let state = self.lock();
-        let kvs = state
-            .kvs
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, v)| v.clone())
-            .collect();
+        // Pointers under the lock, values copied after it.
+        let (shared, revision): (Vec<Arc<KeyValue>>, Revision) = {
+            let state = self.lock();
+            let shared = state
+                .kvs
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(_, v)| v.clone())
+                .collect();
+            (shared, state.revision)
+        };
         Ok(RangeResponse {
-            kvs,
-            revision: state.revision,
+            kvs: shared.iter().map(|kv| (**kv).clone()).collect(),
+            revision,
         })
     }
 

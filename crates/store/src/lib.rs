@@ -209,6 +209,13 @@ pub enum StoreError {
     /// again once space is freed.
     #[error("the disk holding {path} is full: writes are refused until space is freed (reads and watches still work)")]
     NoSpace { path: String },
+    /// A write bigger than the store takes in one transaction; nothing was written.
+    #[error("{what} of {bytes} bytes is larger than the store's limit of {limit} bytes; nothing was written")]
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("store I/O on {path}: {source}")]
     Io {
         path: String,

@@ -361,3 +361,172 @@ async fn a_full_disk_refuses_writes_and_recovers_when_space_returns() {
     assert_eq!(store.get("/d/x").await.unwrap().unwrap().value, b"after");
     assert_eq!(store.revision().await.unwrap(), after);
 }
+
+/// A value of `len` bytes that differs from every other index's.
+fn big_value(index: u32, len: usize) -> Vec<u8> {
+    let seed = index.wrapping_mul(2_654_435_761);
+    (0..len as u32)
+        .map(|i| (seed.wrapping_add(i.wrapping_mul(31)) >> 3) as u8)
+        .collect()
+}
+
+/// Seen: values were logged as JSON arrays of numbers (about 3.5 times their size) and the
+/// snapshot was one frame read back with a 64 MiB limit, so with about 18 MiB of records the
+/// next restart failed after the log had been truncated. Now values are raw bytes and the
+/// snapshot is a stream of bounded frames: 200 MiB of records survive a fold and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_200_mib_of_records_restarts_after_a_snapshot() {
+    use dozen_store::embedded::Options;
+    const RECORDS: u32 = 200;
+    const SIZE: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        snapshot_every: 150,
+    };
+    let last;
+    {
+        let store = EmbeddedStore::open_with(dir.path(), opts).unwrap();
+        let mut rev = 0;
+        for i in 0..RECORDS {
+            rev = store
+                .put(&format!("/big/{i:03}"), big_value(i, SIZE))
+                .await
+                .unwrap();
+        }
+        last = rev;
+    }
+    let snapshot = std::fs::metadata(dir.path().join("store.snapshot"))
+        .expect("the log was folded into a snapshot")
+        .len();
+    let wal = std::fs::metadata(dir.path().join("store.wal"))
+        .unwrap()
+        .len();
+    let held = (RECORDS as u64) * SIZE as u64;
+    assert!(
+        snapshot + wal < held + held / 20,
+        "values are kept as bytes: {snapshot} + {wal} bytes on disk for {held} bytes of values"
+    );
+    assert!(snapshot > 64 * 1024 * 1024, "{snapshot} byte snapshot");
+
+    let store = EmbeddedStore::open_with(dir.path(), opts).unwrap();
+    assert_eq!(store.revision().await.unwrap(), last);
+    let kvs = store.range("/big/").await.unwrap().kvs;
+    assert_eq!(kvs.len(), RECORDS as usize);
+    for (i, kv) in kvs.iter().enumerate() {
+        assert_eq!(kv.key, format!("/big/{i:03}"));
+        assert!(kv.value == big_value(i as u32, SIZE), "{} differs", kv.key);
+    }
+}
+
+/// A store written before values were kept as bytes (a one-frame JSON snapshot and JSON log
+/// entries) opens with everything in it, and the next fold rewrites it in the new form.
+#[tokio::test]
+async fn a_store_written_in_the_json_form_still_opens() {
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("store.snapshot"),
+        frame(
+            br#"{"revision":3,"compact_revision":0,"kvs":[{"key":"/l/a","value":[104,105],"create_revision":1,"mod_revision":3,"version":2,"lease":null}],"leases":[],"next_lease":1}"#,
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("store.wal"),
+        frame(br#"{"Write":{"revision":4,"ops":[{"Put":{"key":"/l/b","value":[104,111],"lease":null}}]}}"#),
+    )
+    .unwrap();
+    {
+        let store = EmbeddedStore::open_with(
+            dir.path(),
+            dozen_store::embedded::Options { snapshot_every: 2 },
+        )
+        .unwrap();
+        assert_eq!(store.revision().await.unwrap(), 4);
+        let a = store.get("/l/a").await.unwrap().unwrap();
+        assert_eq!((a.value.as_slice(), a.version), (&b"hi"[..], 2));
+        assert_eq!(store.get("/l/b").await.unwrap().unwrap().value, b"ho");
+        store.put("/l/c", b"new".to_vec()).await.unwrap();
+    }
+    let snapshot = std::fs::read(dir.path().join("store.snapshot")).unwrap();
+    assert_eq!(&snapshot[..8], b"DZSNAP02", "the fold rewrote the snapshot");
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let keys: Vec<String> = store
+        .range("/l/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, ["/l/a", "/l/b", "/l/c"]);
+}
+
+/// A transaction larger than one log frame may be is refused up front, naming the limit; it
+/// is never acknowledged and then lost at the next start.
+#[tokio::test]
+async fn a_transaction_over_the_frame_limit_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let before = store.put("/x/small", b"1".to_vec()).await.unwrap();
+    let err = store
+        .put("/x/huge", vec![7u8; 65 * 1024 * 1024])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("limit of 67108864 bytes"), "{err}");
+    assert_eq!(store.revision().await.unwrap(), before);
+    drop(store);
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(store.revision().await.unwrap(), before);
+    assert!(store.get("/x/huge").await.unwrap().is_none());
+}
+
+/// A damaged snapshot stops start-up naming the file and the frame's offset.
+#[tokio::test]
+async fn a_damaged_snapshot_frame_stops_start_up_with_its_offset() {
+    use dozen_store::embedded::Options;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open_with(dir.path(), Options { snapshot_every: 4 }).unwrap();
+        for i in 0..4u32 {
+            store
+                .put(&format!("/s/{i}"), big_value(i, 600 * 1024))
+                .await
+                .unwrap();
+        }
+    }
+    let path = dir.path().join("store.snapshot");
+    let intact = std::fs::read(&path).unwrap();
+    // The magic, then frames: the header, then records in chunks of about 1 MiB.
+    let mut offsets = Vec::new();
+    let mut at = 8;
+    while at < intact.len() {
+        offsets.push(at);
+        at += 8 + u32::from_le_bytes(intact[at..at + 4].try_into().unwrap()) as usize;
+    }
+    assert!(
+        offsets.len() >= 4,
+        "header, two chunks and the end: {offsets:?}"
+    );
+    let mut damaged = intact.clone();
+    damaged[offsets[2] + 100] ^= 0x10;
+    std::fs::write(&path, &damaged).unwrap();
+    let err = refused_open(dir.path(), "a damaged snapshot");
+    assert!(err.contains("store.snapshot"), "{err}");
+    assert!(
+        err.contains(&format!("byte offset {}", offsets[2])),
+        "{err}"
+    );
+    assert!(err.contains("fails its checksum"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), damaged);
+    // Cut short after a whole frame: the end frame is missing.
+    std::fs::write(&path, &intact[..offsets[2]]).unwrap();
+    let err = refused_open(dir.path(), "a truncated snapshot");
+    assert!(err.contains("ends before its end frame"), "{err}");
+}
