@@ -166,7 +166,10 @@ impl Controller {
                                 return true;
                             }
                         }
-                        Some(WatchMessage::Compacted { .. }) | None => return false,
+                        Some(WatchMessage::Progress { .. }) => {}
+                        Some(WatchMessage::Compacted { .. } | WatchMessage::CutOff) | None => {
+                            return false
+                        }
                     }
                 }
             })
@@ -174,7 +177,7 @@ impl Controller {
             if waited == Ok(false) {
                 watch = None;
             } else {
-                while w.receiver.try_recv().is_ok() {}
+                while w.try_next().is_some() {}
             }
         }
     }

@@ -75,9 +75,10 @@ pub async fn list(store: &dyn Store) -> Result<(Vec<(ProxyRecord, bool)>, u64)> 
 }
 
 /// Whether nothing that routes depend on changed after revision `applied`, up to `head`: read
-/// from the store's history (false when that history is compacted away). A watch from a past
-/// revision replays what it has at once, so once it falls quiet there is no more (on an etcd
-/// shared with others, revision `head` itself may hold no dozen key).
+/// from the store's history (false when that history is compacted away, or when the store
+/// does not say within a few seconds). The watch's progress answer says when every event up
+/// to `head` has been seen (on an etcd shared with others, revision `head` itself may hold no
+/// dozen key).
 async fn routes_unchanged(store: &dyn Store, applied: u64, head: u64) -> bool {
     if applied >= head {
         return true;
@@ -85,21 +86,30 @@ async fn routes_unchanged(store: &dyn Store, applied: u64, head: u64) -> bool {
     let Ok(mut watch) = store.watch(keys::ROOT, applied + 1).await else {
         return false;
     };
-    loop {
-        match tokio::time::timeout(Duration::from_millis(300), watch.next()).await {
-            Err(_) => return true,
-            Ok(None) | Ok(Some(WatchMessage::Compacted { .. })) => return false,
-            Ok(Some(WatchMessage::Events { revision, .. })) if revision > head => return true,
-            Ok(Some(WatchMessage::Events { revision, events })) => {
-                if events.iter().any(|e| routes::affects_routes(&e.kv.key)) {
-                    return false;
+    watch.request_progress();
+    let answer = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match watch.next().await {
+                Some(WatchMessage::Events { revision, events }) => {
+                    if revision > head {
+                        return true;
+                    }
+                    if events.iter().any(|e| routes::affects_routes(&e.kv.key)) {
+                        return false;
+                    }
+                    if revision == head {
+                        return true;
+                    }
                 }
-                if revision == head {
-                    return true;
-                }
+                Some(WatchMessage::Progress { revision }) if revision >= head => return true,
+                // etcd answers progress once the watch has caught up: ask again.
+                Some(WatchMessage::Progress { .. }) => watch.request_progress(),
+                Some(WatchMessage::Compacted { .. } | WatchMessage::CutOff) | None => return false,
             }
         }
-    }
+    })
+    .await;
+    answer.unwrap_or(false)
 }
 
 /// Waits (at most `wait`) until something routes depend on changes after revision `after`.
@@ -115,7 +125,8 @@ pub async fn wait_for_route_change(store: &dyn Store, after: u64, wait: Duration
                         return;
                     }
                 }
-                WatchMessage::Compacted { .. } => return,
+                WatchMessage::Progress { .. } => {}
+                WatchMessage::Compacted { .. } | WatchMessage::CutOff => return,
             }
         }
     })

@@ -78,7 +78,6 @@ where
         None => None,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    let store = s.store.clone();
     let bookmark_every = s.bookmark_every;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(bookmark_every);
@@ -94,24 +93,21 @@ where
                         .into_iter()
                         .map(|e| event_line::<T>(revision, e))
                         .collect(),
-                    // Fell behind: end the stream; the client resumes and gets 410.
-                    Some(WatchMessage::Compacted { .. }) | None => return,
+                    // The store's word that every event up to `revision` is already out: a
+                    // bookmark never gets ahead of an event the client has not seen.
+                    Some(WatchMessage::Progress { revision }) => vec![WatchEvent {
+                        kind: WatchEventType::Bookmark,
+                        revision,
+                        key: String::new(),
+                        object: None,
+                    }],
+                    // Fell behind (history compacted, or this stream too slow to keep up):
+                    // end the stream; the client resumes, or gets 410 and lists again.
+                    Some(WatchMessage::Compacted { .. }) | Some(WatchMessage::CutOff) | None => return,
                 },
                 _ = tick.tick() => {
-                    // Read the revision first, then send every event already queued: a bookmark
-                    // must never get ahead of an event the client has not seen.
-                    let Ok(revision) = store.revision().await else { return };
-                    let mut lines = Vec::new();
-                    while let Ok(msg) = store_watch.receiver.try_recv() {
-                        match msg {
-                            WatchMessage::Events { revision, events } => {
-                                lines.extend(events.into_iter().map(|e| event_line::<T>(revision, e)));
-                            }
-                            WatchMessage::Compacted { .. } => return,
-                        }
-                    }
-                    lines.push(WatchEvent { kind: WatchEventType::Bookmark, revision, key: String::new(), object: None });
-                    lines
+                    store_watch.request_progress();
+                    continue;
                 }
                 _ = tx.closed() => return,
             };

@@ -161,6 +161,95 @@ pub async fn watch_from_revision(store: Arc<dyn Store>) {
     }
 }
 
+/// A progress answer comes after every event the watch has delivered, and names a revision
+/// no older than the last of them: a bookmark taken from it never skips an event.
+pub async fn progress_follows_delivered_events(store: Arc<dyn Store>) {
+    let from = store.revision().await.unwrap() + 1;
+    let mut watch = store.watch("/p/", from).await.unwrap();
+    let mut last = 0;
+    for i in 0..5 {
+        last = store.put(&format!("/p/{i}"), b"v".to_vec()).await.unwrap();
+    }
+    store.put("/elsewhere", b"x".to_vec()).await.unwrap();
+    let mut seen = Vec::new();
+    // etcd answers once the watch has caught up: ask until it does.
+    watch.request_progress();
+    loop {
+        match next_message(&mut watch, 5).await {
+            WatchMessage::Events { revision, .. } => seen.push(revision),
+            WatchMessage::Progress { revision } if revision >= last => {
+                assert_eq!(
+                    seen.len(),
+                    5,
+                    "progress at {revision} before every event: {seen:?}"
+                );
+                assert!(
+                    seen.iter().all(|r| *r <= revision),
+                    "{seen:?} after {revision}"
+                );
+                break;
+            }
+            WatchMessage::Progress { .. } => watch.request_progress(),
+            other => panic!("expected events or progress, got {other:?}"),
+        }
+    }
+}
+
+/// A consumer that stops reading is cut off once its buffer is full: it gets what fitted,
+/// then `CutOff`, then the end, and the store does not buffer the rest for it.
+pub async fn a_watcher_that_stops_reading_is_cut_off(store: Arc<dyn Store>) {
+    let from = store.revision().await.unwrap() + 1;
+    let mut slow = store.watch("/slow/", from).await.unwrap();
+    let mut keeping_up = store.watch("/slow/", from).await.unwrap();
+    let writes = crate::WATCH_BUFFER + 20;
+    let mut last = 0;
+    let mut kept_up = 0;
+    for i in 0..writes {
+        last = store
+            .put(&format!("/slow/{}", i % 7), vec![b'x'; 100])
+            .await
+            .unwrap();
+        while let Some(message) = keeping_up.try_next() {
+            assert!(
+                matches!(message, WatchMessage::Events { .. }),
+                "{message:?}"
+            );
+            kept_up += 1;
+        }
+    }
+    let mut events = 0;
+    loop {
+        match next_message(&mut slow, 5).await {
+            WatchMessage::Events { .. } => events += 1,
+            WatchMessage::CutOff => break,
+            other => panic!("expected events then CutOff, got {other:?}"),
+        }
+    }
+    assert!(
+        events < crate::WATCH_BUFFER,
+        "{events} events buffered for a reader that never read"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), slow.next())
+            .await
+            .expect("the cut-off watch ends")
+            .is_none(),
+        "nothing follows CutOff"
+    );
+    // The one that kept reading has every revision.
+    while kept_up < writes {
+        match next_message(&mut keeping_up, 5).await {
+            WatchMessage::Events { revision, .. } => {
+                kept_up += 1;
+                if kept_up == writes {
+                    assert_eq!(revision, last);
+                }
+            }
+            other => panic!("expected events, got {other:?}"),
+        }
+    }
+}
+
 pub async fn compaction_forces_resync(store: Arc<dyn Store>) {
     let first = store.put("/c/a", b"1".to_vec()).await.unwrap();
     for i in 0..5 {
@@ -262,6 +351,8 @@ where
     transactions_with_compares(make().await).await;
     range_and_delete_prefix(make().await).await;
     watch_from_revision(make().await).await;
+    progress_follows_delivered_events(make().await).await;
+    a_watcher_that_stops_reading_is_cut_off(make().await).await;
     compaction_forces_resync(make().await).await;
     leases_expire_and_keep_alive(make().await).await;
 }

@@ -21,6 +21,8 @@ use crate::{
 
 /// How many revisions of history are kept for watchers before old ones are dropped.
 const HISTORY_REVISIONS: u64 = 20_000;
+/// ...and how many bytes of keys and values they may hold at most.
+const HISTORY_BYTES: usize = 64 * 1024 * 1024;
 /// By default the log is folded into a snapshot after this many entries.
 pub const SNAPSHOT_EVERY: u64 = 50_000;
 
@@ -47,8 +49,68 @@ struct LeaseState {
 }
 
 struct Watcher {
+    id: u64,
     prefix: String,
-    sender: mpsc::UnboundedSender<WatchMessage>,
+    sender: mpsc::Sender<WatchMessage>,
+    /// Every revision up to this one has been queued for it (or held nothing under its
+    /// prefix); a revision replayed from history when it registered is not sent again.
+    delivered: Revision,
+}
+
+/// Open watches. Events are queued for them after memory is updated and outside the state
+/// lock (readers never wait for delivery), but still under the log lock, so they go out in
+/// revision order.
+#[derive(Default)]
+struct Watchers {
+    next_id: u64,
+    list: Vec<Watcher>,
+}
+
+impl Watchers {
+    fn deliver(&mut self, revision: Revision, events: &[Event]) {
+        self.list.retain_mut(|w| {
+            if revision <= w.delivered {
+                return true;
+            }
+            w.delivered = revision;
+            let mine: Vec<Event> = events
+                .iter()
+                .filter(|e| e.kv.key.starts_with(&w.prefix))
+                .cloned()
+                .collect();
+            if mine.is_empty() {
+                return !w.sender.is_closed();
+            }
+            let kept = crate::offer(
+                &w.sender,
+                WatchMessage::Events {
+                    revision,
+                    events: mine,
+                },
+            );
+            if !kept && !w.sender.is_closed() {
+                tracing::warn!(
+                    prefix = %w.prefix,
+                    revision,
+                    buffer = crate::WATCH_BUFFER,
+                    "cut off a watcher that fell behind; it lists again"
+                );
+            }
+            kept
+        });
+    }
+
+    fn progress(&mut self, id: u64) {
+        self.list.retain(|w| {
+            w.id != id
+                || crate::offer(
+                    &w.sender,
+                    WatchMessage::Progress {
+                        revision: w.delivered,
+                    },
+                )
+        });
+    }
 }
 
 struct State {
@@ -57,10 +119,11 @@ struct State {
     /// Shared, so a snapshot or a range copies pointers under the lock, not values.
     kvs: BTreeMap<String, Arc<KeyValue>>,
     /// (revision, events) for revisions >= compact_revision.
-    history: VecDeque<(Revision, Vec<Event>)>,
+    history: VecDeque<(Revision, Arc<Vec<Event>>)>,
+    /// Bytes of keys and values in `history`.
+    history_bytes: usize,
     leases: HashMap<LeaseId, LeaseState>,
     next_lease: LeaseId,
-    watchers: Vec<Watcher>,
 }
 
 /// The log, and with it the right to write.
@@ -75,6 +138,7 @@ struct Log {
 /// so a read never waits for a write to reach the disk (or for a snapshot to be written).
 struct Inner {
     state: Mutex<State>,
+    watchers: Mutex<Watchers>,
     log: Mutex<Log>,
     path: PathBuf,
 }
@@ -112,9 +176,9 @@ impl EmbeddedStore {
                 .map(|kv| (kv.key.clone(), Arc::new(kv)))
                 .collect(),
             history: VecDeque::new(),
+            history_bytes: 0,
             leases: HashMap::new(),
             next_lease: snapshot.header.next_lease.max(1),
-            watchers: Vec::new(),
         };
         for (id, ttl_ms) in snapshot.header.leases {
             state.restore_lease(id, ttl_ms, now);
@@ -132,7 +196,8 @@ impl EmbeddedStore {
                     if revision <= state.revision {
                         continue;
                     }
-                    state.apply(revision, ops);
+                    // No watcher exists yet: the events live on in history only.
+                    let _ = state.apply(revision, ops);
                 }
                 WalEntry::LeaseGrant { id, ttl_ms } => {
                     // Already in the snapshot (a crash between snapshot and log truncation):
@@ -160,6 +225,7 @@ impl EmbeddedStore {
         );
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
+            watchers: Mutex::new(Watchers::default()),
             log: Mutex::new(Log {
                 wal,
                 snapshot_every: options.snapshot_every.max(1),
@@ -218,7 +284,8 @@ impl<'a> Writer<'a> {
             revision,
             ops: ops.clone(),
         })?;
-        self.state().apply(revision, ops);
+        let applied = self.state().apply(revision, ops);
+        self.inner.deliver(applied);
         // The write is durable and applied: a failed snapshot must not report it as failed.
         if let Err(e) = self.maybe_snapshot() {
             tracing::error!(error = %e, "store snapshot failed; the log keeps growing");
@@ -267,15 +334,17 @@ impl<'a> Writer<'a> {
             Some((revision, ops))
         };
         let revoked = self.log.wal.append(&WalEntry::LeaseRevoke { id });
-        {
+        let applied = {
             // One step for readers: once a watcher sees the keys go, the lease is gone too.
             let mut state = self.state();
-            if let Some((revision, ops)) = deletes {
-                state.apply(revision, ops);
-            }
+            let applied = deletes.map(|(revision, ops)| state.apply(revision, ops));
             if revoked.is_ok() {
                 state.leases.remove(&id);
             }
+            applied
+        };
+        if let Some(applied) = applied {
+            self.inner.deliver(applied);
         }
         if let Err(e) = self.maybe_snapshot() {
             tracing::error!(error = %e, "store snapshot failed; the log keeps growing");
@@ -412,8 +481,10 @@ impl State {
         Ok(out)
     }
 
-    /// Applies logged changes to memory, records history and notifies watchers.
-    fn apply(&mut self, revision: Revision, ops: Vec<AppliedOp>) {
+    /// Applies logged changes to memory and records them in history; returns the events for
+    /// the watchers (deliver them with [`Inner::deliver`] after releasing the state lock).
+    #[must_use]
+    fn apply(&mut self, revision: Revision, ops: Vec<AppliedOp>) -> (Revision, Arc<Vec<Event>>) {
         let mut events = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
@@ -470,9 +541,11 @@ impl State {
             }
         }
         self.revision = revision;
-        self.notify(revision, &events);
-        self.history.push_back((revision, events));
+        let events = Arc::new(events);
+        self.history_bytes += events_bytes(&events);
+        self.history.push_back((revision, events.clone()));
         self.trim_history();
+        (revision, events)
     }
 
     fn trim_history(&mut self) {
@@ -480,32 +553,31 @@ impl State {
         if floor > self.compact_revision {
             self.compact_revision = floor;
         }
-        while let Some((rev, _)) = self.history.front() {
-            if *rev < self.compact_revision {
+        while let Some((rev, events)) = self.history.front() {
+            if *rev < self.compact_revision || self.history_bytes > HISTORY_BYTES {
+                self.history_bytes -= events_bytes(events);
+                self.compact_revision = self.compact_revision.max(rev + 1);
                 self.history.pop_front();
             } else {
                 break;
             }
         }
     }
+}
 
-    fn notify(&mut self, revision: Revision, events: &[Event]) {
-        self.watchers.retain(|w| {
-            let mine: Vec<Event> = events
-                .iter()
-                .filter(|e| e.kv.key.starts_with(&w.prefix))
-                .cloned()
-                .collect();
-            if mine.is_empty() {
-                return !w.sender.is_closed();
-            }
-            w.sender
-                .send(WatchMessage::Events {
-                    revision,
-                    events: mine,
-                })
-                .is_ok()
-        });
+fn events_bytes(events: &[Event]) -> usize {
+    events
+        .iter()
+        .map(|e| e.kv.key.len() + e.kv.value.len() + 64)
+        .sum()
+}
+
+impl Inner {
+    fn deliver(&self, (revision, events): (Revision, Arc<Vec<Event>>)) {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deliver(revision, &events);
     }
 }
 
@@ -556,7 +628,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn watch(&self, prefix: &str, start_revision: Revision) -> Result<Watch, StoreError> {
-        let mut state = self.lock();
+        let state = self.lock();
         let start = start_revision.max(1);
         if start < state.compact_revision && start <= state.revision {
             return Err(StoreError::Compacted {
@@ -564,25 +636,57 @@ impl Store for EmbeddedStore {
                 compact_revision: state.compact_revision,
             });
         }
-        let (sender, receiver) = mpsc::unbounded_channel();
-        for (revision, events) in state.history.iter().filter(|(r, _)| *r >= start) {
+        // What is in history for it goes into its buffer at once, so a replay that does not
+        // fit is refused like compacted history: the caller lists again.
+        let (sender, receiver) = mpsc::channel(crate::WATCH_BUFFER);
+        let first = state.history.partition_point(|(r, _)| *r < start);
+        let mut replayed = 0;
+        for (revision, events) in state.history.range(first..) {
             let mine: Vec<Event> = events
                 .iter()
                 .filter(|e| e.kv.key.starts_with(prefix))
                 .cloned()
                 .collect();
-            if !mine.is_empty() {
-                let _ = sender.send(WatchMessage::Events {
-                    revision: *revision,
-                    events: mine,
+            if mine.is_empty() {
+                continue;
+            }
+            replayed += 1;
+            if replayed >= crate::WATCH_BUFFER {
+                return Err(StoreError::Compacted {
+                    requested: start,
+                    compact_revision: revision + 1,
                 });
             }
+            let _ = sender.try_send(WatchMessage::Events {
+                revision: *revision,
+                events: mine,
+            });
         }
-        state.watchers.push(Watcher {
+        let mut watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let id = watchers.next_id;
+        watchers.next_id += 1;
+        watchers.list.push(Watcher {
+            id,
             prefix: prefix.to_string(),
             sender,
+            delivered: state.revision,
         });
-        Ok(Watch { receiver })
+        drop(watchers);
+        drop(state);
+        let inner = Arc::downgrade(&self.inner);
+        Ok(Watch::new(receiver, move || {
+            if let Some(inner) = inner.upgrade() {
+                inner
+                    .watchers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .progress(id);
+            }
+        }))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

@@ -284,8 +284,17 @@ impl Store for EtcdStore {
                 compact_revision,
             });
         }
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let forward = |resp: &ec::WatchResponse, sender: &mpsc::UnboundedSender<WatchMessage>| {
+        let (sender, receiver) = mpsc::channel(crate::WATCH_BUFFER);
+        let forward = |resp: &ec::WatchResponse, sender: &mpsc::Sender<WatchMessage>| {
+            if resp.events().is_empty() && !resp.created() {
+                // A progress notification: every event up to its revision has been sent.
+                return crate::offer(
+                    sender,
+                    WatchMessage::Progress {
+                        revision: revision_of(resp.header()),
+                    },
+                );
+            }
             let mut by_revision: Vec<(Revision, Vec<Event>)> = Vec::new();
             for e in resp.events() {
                 let Some(kv) = e.kv() else { continue };
@@ -307,24 +316,28 @@ impl Store for EtcdStore {
                 }
             }
             for (revision, events) in by_revision {
-                if sender
-                    .send(WatchMessage::Events { revision, events })
-                    .is_err()
-                {
+                if !crate::offer(sender, WatchMessage::Events { revision, events }) {
                     return false;
                 }
             }
             true
         };
+        // Progress requests reach etcd through the watch's own stream; at most one waits.
+        let (progress_tx, mut progress_rx) = mpsc::channel::<()>(1);
         tokio::spawn(async move {
-            let _watcher = watcher;
+            let mut watcher = watcher;
             loop {
                 tokio::select! {
+                    Some(()) = progress_rx.recv() => {
+                        if watcher.request_progress().await.is_err() {
+                            return;
+                        }
+                    }
                     msg = stream.message() => match msg {
                         Ok(Some(resp)) => {
                             if resp.canceled() {
                                 if resp.compact_revision() > 0 {
-                                    let _ = sender.send(WatchMessage::Compacted {
+                                    let _ = crate::offer(&sender, WatchMessage::Compacted {
                                         compact_revision: resp.compact_revision() as u64,
                                     });
                                 } else {
@@ -348,7 +361,9 @@ impl Store for EtcdStore {
                 }
             }
         });
-        Ok(Watch { receiver })
+        Ok(Watch::new(receiver, move || {
+            let _ = progress_tx.try_send(());
+        }))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

@@ -181,17 +181,62 @@ pub enum WatchMessage {
     },
     /// The watcher fell behind history kept by the store: list again, then watch from there.
     Compacted { compact_revision: Revision },
+    /// Every event up to `revision` has been delivered on this watch, in order: the answer to
+    /// [`Watch::request_progress`], and the only safe source of a bookmark.
+    Progress { revision: Revision },
+    /// The consumer fell [`WATCH_BUFFER`] messages behind and the store dropped the watch
+    /// rather than buffer without bound: list again (or watch again from the last revision
+    /// seen, while the store still keeps it).
+    CutOff,
 }
+
+/// How many messages a watch may have waiting for its consumer. One that falls further behind
+/// is cut off ([`WatchMessage::CutOff`]), so a slow consumer costs itself, not the store.
+pub const WATCH_BUFFER: usize = 1024;
 
 /// A live watch. Dropping it cancels the watch.
 pub struct Watch {
-    pub receiver: mpsc::UnboundedReceiver<WatchMessage>,
+    receiver: mpsc::Receiver<WatchMessage>,
+    progress: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Watch {
+    /// A watch fed by a backend: `progress` asks it to send a [`WatchMessage::Progress`].
+    pub fn new(
+        receiver: mpsc::Receiver<WatchMessage>,
+        progress: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        Watch {
+            receiver,
+            progress: Box::new(progress),
+        }
+    }
+
     pub async fn next(&mut self) -> Option<WatchMessage> {
         self.receiver.recv().await
     }
+
+    /// A message already waiting, if any.
+    pub fn try_next(&mut self) -> Option<WatchMessage> {
+        self.receiver.try_recv().ok()
+    }
+
+    /// Asks the store for a [`WatchMessage::Progress`] in this watch's stream, after every
+    /// event it has delivered so far. (etcd answers only once the watch has caught up.)
+    pub fn request_progress(&self) {
+        (self.progress)()
+    }
+}
+
+/// Queues `message` for a watcher unless that would take the last free slot, which is kept
+/// for [`WatchMessage::CutOff`]. False when the watcher is gone or has just been cut off: drop
+/// it.
+pub(crate) fn offer(sender: &mpsc::Sender<WatchMessage>, message: WatchMessage) -> bool {
+    if sender.capacity() > 1 {
+        return sender.try_send(message).is_ok();
+    }
+    let _ = sender.try_send(WatchMessage::CutOff);
+    false
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -31,6 +31,8 @@ conformance_test!(revisions_and_versions);
 conformance_test!(transactions_with_compares);
 conformance_test!(range_and_delete_prefix);
 conformance_test!(watch_from_revision);
+conformance_test!(progress_follows_delivered_events);
+conformance_test!(a_watcher_that_stops_reading_is_cut_off);
 conformance_test!(compaction_forces_resync);
 conformance_test!(leases_expire_and_keep_alive);
 
@@ -529,4 +531,52 @@ async fn a_damaged_snapshot_frame_stops_start_up_with_its_offset() {
     std::fs::write(&path, &intact[..offsets[2]]).unwrap();
     let err = refused_open(dir.path(), "a truncated snapshot");
     assert!(err.contains("ends before its end frame"), "{err}");
+}
+
+/// Seen: a watch from a past revision replayed everything history held (up to 20,000
+/// revisions) into an unbounded buffer. A replay that does not fit the watch's buffer is
+/// refused like compacted history (the caller lists again); one that fits is served.
+#[tokio::test]
+async fn a_watch_further_back_than_its_buffer_holds_is_told_to_list_again() {
+    let (_dir, store) = fresh();
+    let first = store.put("/r/0", b"0".to_vec()).await.unwrap();
+    let mut last = first;
+    for i in 1..(dozen_store::WATCH_BUFFER as u64 + 5) {
+        last = store
+            .put(&format!("/r/{}", i % 3), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    match store.watch("/r/", first).await {
+        Err(StoreError::Compacted { requested, .. }) => assert_eq!(requested, first),
+        Ok(_) => panic!("replayed {} revisions into one watch", last - first + 1),
+        Err(e) => panic!("{e}"),
+    }
+    // Other prefixes and recent revisions are still served from history.
+    let mut recent = store.watch("/r/", last - 9).await.unwrap();
+    for expected in (last - 9)..=last {
+        match conformance::next_message(&mut recent, 5).await {
+            dozen_store::WatchMessage::Events { revision, .. } => assert_eq!(revision, expected),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(store.watch("/other/", first).await.is_ok());
+}
+
+/// History for watchers is bounded in bytes as well as revisions: big values push old
+/// revisions out (a watch from there is told to list again) instead of piling up.
+#[tokio::test]
+async fn history_kept_for_watchers_is_bounded_in_bytes() {
+    let (_dir, store) = fresh();
+    let first = store.put("/h/0", vec![1; 1024 * 1024]).await.unwrap();
+    for i in 1..80u32 {
+        store
+            .put(&format!("/h/{i}"), vec![2; 1024 * 1024])
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store.watch("/h/", first).await,
+        Err(StoreError::Compacted { .. })
+    ));
 }

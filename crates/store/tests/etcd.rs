@@ -43,6 +43,8 @@ conformance_test!(revisions_and_versions);
 conformance_test!(transactions_with_compares);
 conformance_test!(range_and_delete_prefix);
 conformance_test!(watch_from_revision);
+conformance_test!(progress_follows_delivered_events);
+conformance_test!(a_watcher_that_stops_reading_is_cut_off);
 conformance_test!(compaction_forces_resync);
 conformance_test!(leases_expire_and_keep_alive);
 
