@@ -170,6 +170,16 @@ impl TaskInfo {
 pub struct NodeInfo {
     pub node: NodeRecord,
     pub tasks: u32,
+    pub state: NodeState,
+}
+
+/// Whether a node's heartbeats arrive. A `down` node keeps its tasks assigned: they are
+/// replaced where other nodes have room, and re-claimed (same processes) if it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Up,
+    Down,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -17,15 +17,20 @@ use crate::leader::{campaign, Leadership};
 use crate::snapshot::Snapshot;
 use crate::{wall_ms, ControlError, Result};
 
-pub fn node_views(snap: &Snapshot) -> Vec<NodeView> {
+/// The nodes as the scheduler sees them. `judging`: whether a node without heartbeats counts
+/// as down (false during a new leader's grace period).
+pub fn node_views(snap: &Snapshot, judging: bool) -> Vec<NodeView> {
     snap.nodes
         .values()
-        .map(|n| NodeView {
-            name: n.record.name.clone(),
-            capacity: n.record.resources.clone(),
-            drivers: n.record.drivers.clone(),
-            // The node record is leased: it exists only while heartbeats arrive.
-            alive: true,
+        .map(|n| {
+            let alive = snap.alive_nodes.contains(&n.record.name);
+            NodeView {
+                name: n.record.name.clone(),
+                capacity: n.record.resources.clone(),
+                drivers: n.record.drivers.clone(),
+                alive,
+                down: !alive && judging,
+            }
         })
         .collect()
 }
@@ -74,6 +79,10 @@ pub struct Controller {
     pub store: Arc<dyn Store>,
     pub server_id: String,
     pub leader_ttl: Duration,
+    /// How long a node may go without a heartbeat. A new leader waits this long before it
+    /// judges any node down: the node may simply not have reached it yet (after an outage of
+    /// the control plane every node's lease has lapsed, and none of its tasks must restart).
+    pub node_ttl: Duration,
 }
 
 /// The problems of the last pass, where every server reads them (`dozen services` may ask any
@@ -190,7 +199,9 @@ impl Controller {
         snap: &Snapshot,
         now_ms: u64,
     ) -> Result<Pass> {
-        let nodes = node_views(snap);
+        let term_started_ms = leadership.first_pass_at_ms(now_ms);
+        let judging = now_ms >= term_started_ms + self.node_ttl.as_millis() as u64;
+        let nodes = node_views(snap, judging);
         let tasks = task_views(snap);
         let mut by_service: BTreeMap<&str, Vec<TaskView>> = BTreeMap::new();
         for (t, a) in tasks.iter().zip(snap.assignments.values()) {

@@ -491,7 +491,7 @@ pub async fn run_oneoff(store: &dyn Store, service: &str, argv: Vec<String>) -> 
             kind: "release",
             name: service.to_string(),
         })?;
-    let nodes = crate::controller::node_views(&snap);
+    let nodes = crate::controller::node_views(&snap, true);
     let tasks = crate::controller::task_views(&snap);
     let all: Vec<&dozen_scheduler::TaskView> = tasks.iter().collect();
     let used = dozen_scheduler::usage(&all);

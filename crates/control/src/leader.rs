@@ -26,12 +26,25 @@ pub struct Leadership {
     /// The leader key's mod revision when we won: the fencing token.
     pub revision: Revision,
     lost: Arc<AtomicBool>,
+    /// The wall time of this term's first controller pass (0 until then).
+    first_pass_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Leadership {
     /// The compare every controller write carries.
     pub fn fence(&self) -> Compare {
         Compare::mod_revision(leader_key(), self.revision)
+    }
+
+    /// When this term's first controller pass ran: `now_ms` if this is it.
+    pub fn first_pass_at_ms(&self, now_ms: u64) -> u64 {
+        match self
+            .first_pass_ms
+            .compare_exchange(0, now_ms, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => now_ms,
+            Err(earlier) => earlier,
+        }
     }
 
     pub fn is_lost(&self) -> bool {
@@ -105,6 +118,7 @@ pub async fn campaign(store: Arc<dyn Store>, server_id: &str, ttl: Duration) -> 
                 lease,
                 revision,
                 lost: Arc::new(AtomicBool::new(false)),
+                first_pass_ms: Default::default(),
             };
             tokio::spawn(keep_leading(store.clone(), leadership.clone(), ttl));
             tracing::info!(server = server_id, revision, "became controller leader");

@@ -55,7 +55,22 @@ pub async fn register(
         schema: SCHEMA,
         ..record
     };
-    let lease = put_leased(store, keys::node(node), encode(&record), ttl).await?;
+    let lease = store.grant_lease(ttl).await?;
+    let written = store
+        .txn(
+            Txn::new()
+                .then(Op::put(keys::node(node), encode(&record)))
+                .then(Op::Put {
+                    key: keys::node_alive(node),
+                    value: record.agent_instance.clone().into_bytes(),
+                    lease: Some(lease),
+                }),
+        )
+        .await;
+    if let Err(e) = written {
+        let _ = store.revoke_lease(lease).await;
+        return Err(e.into());
+    }
     tracing::info!(node, instance = %record.agent_instance, address = %record.address, "node registered");
     Ok(lease)
 }
@@ -81,7 +96,7 @@ pub(crate) async fn put_leased(
 /// Keeps node `node`'s lease alive. `NotFound` when it holds another lease or none: the
 /// agent registers again.
 pub async fn heartbeat(store: &dyn Store, node: &str, lease: u64) -> Result<()> {
-    keep_alive_record(store, &keys::node(node), lease, "node", node).await
+    keep_alive_record(store, &keys::node_alive(node), lease, "node", node).await
 }
 
 /// Keeps the lease of the record at `key` alive, if that record holds `lease`.

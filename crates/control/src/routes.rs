@@ -22,7 +22,8 @@ pub fn table(snap: &Snapshot) -> Vec<RouteEntry> {
         if !release.spec.port {
             continue;
         }
-        let mut targets: Vec<Target> = snap
+        // (on a node that is up, target)
+        let candidates: Vec<(bool, Target)> = snap
             .assignments
             .values()
             .map(|a| &a.record)
@@ -35,11 +36,22 @@ pub fn table(snap: &Snapshot) -> Vec<RouteEntry> {
                     && status.state == TaskState::Running
                     && status.healthy;
                 let port = status.host_port.filter(|_| serving)?;
-                Some(Target {
-                    task: a.task.clone(),
-                    addr: format!("{}:{}", node.host, port),
-                })
+                Some((
+                    snap.alive_nodes.contains(&node.name),
+                    Target {
+                        task: a.task.clone(),
+                        addr: format!("{}:{}", node.host, port),
+                    },
+                ))
             })
+            .collect();
+        // A down node's tasks may well still serve (its agent stalled, not its tasks), but
+        // nobody vouches for them: they get traffic only while no task on an up node can.
+        let any_up = candidates.iter().any(|(up, _)| *up);
+        let mut targets: Vec<Target> = candidates
+            .into_iter()
+            .filter(|(up, _)| *up || !any_up)
+            .map(|(_, t)| t)
             .collect();
         targets.sort();
         for r in &release.spec.routes {

@@ -25,7 +25,10 @@ pub struct Snapshot {
     pub scales: BTreeMap<String, Versioned<ScaleRecord>>,
     /// service -> release number -> release
     pub releases: BTreeMap<String, BTreeMap<u64, Release>>,
+    /// Every node that registered (up or down).
     pub nodes: BTreeMap<String, Versioned<NodeRecord>>,
+    /// Nodes whose heartbeats arrive (their leased `alive` key exists); the others are down.
+    pub alive_nodes: std::collections::BTreeSet<String>,
     /// task -> assignment
     pub assignments: BTreeMap<String, Versioned<Assignment>>,
     /// task -> status
@@ -77,6 +80,9 @@ impl Snapshot {
                         "node" => {
                             snap.nodes
                                 .insert(node.to_string(), v(decode(key, &kv.value)?, rev));
+                        }
+                        "alive" => {
+                            snap.alive_nodes.insert(node.to_string());
                         }
                         "assignments" => {
                             snap.assignments

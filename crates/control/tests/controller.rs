@@ -28,25 +28,33 @@ struct World {
     _dir: tempfile::TempDir,
 }
 
+fn node_record(name: &str) -> NodeRecord {
+    NodeRecord {
+        schema: SCHEMA,
+        name: name.to_string(),
+        address: format!("http://{name}.test:1"),
+        host: "127.0.0.1".into(),
+        resources: NodeResources {
+            cpu_millis: 4000,
+            memory_bytes: 8 << 30,
+        },
+        labels: Default::default(),
+        drivers: vec!["process".into()],
+        agent_instance: "a1".into(),
+        registered_at_ms: T,
+    }
+}
+
 impl World {
+    fn node_record(&self, name: &str) -> NodeRecord {
+        node_record(name)
+    }
+
     async fn new(nodes: &[&str]) -> World {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
         for name in nodes {
-            let record = NodeRecord {
-                schema: SCHEMA,
-                name: name.to_string(),
-                address: format!("http://{name}.test:1"),
-                host: "127.0.0.1".into(),
-                resources: NodeResources {
-                    cpu_millis: 4000,
-                    memory_bytes: 8 << 30,
-                },
-                labels: Default::default(),
-                drivers: vec!["process".into()],
-                agent_instance: "a1".into(),
-                registered_at_ms: T,
-            };
+            let record = node_record(name);
             nodes::register(
                 store.as_ref(),
                 name,
@@ -64,6 +72,7 @@ impl World {
             store: store.clone(),
             server_id: "server-a".into(),
             leader_ttl: Duration::from_secs(2),
+            node_ttl: Duration::from_secs(3),
         };
         World {
             store,
@@ -378,4 +387,131 @@ async fn old_releases_are_pruned_but_never_the_current_one_or_one_a_task_runs() 
         matches!(&gone, Err(ControlError::NotFound { name, .. }) if name == "web #3"),
         "{gone:?}"
     );
+}
+
+/// Seen: a node that stalled past its TTL had every task removed and restarted. Now a missed
+/// lease marks it down: after the new leader's grace period its tasks are replaced where there
+/// is room, they stay assigned to it, and when it returns exactly one copy of each is retired.
+#[tokio::test(start_paused = true)]
+async fn a_node_that_misses_its_lease_is_down_not_gone() {
+    let w = World::new(&["n1", "n2"]).await;
+    w.apply(WEB).await;
+    w.pass(T).await;
+    w.all_running().await;
+    let on_n1: Vec<Assignment> = w
+        .tasks()
+        .await
+        .into_iter()
+        .filter(|a| a.node == "n1")
+        .collect();
+    assert_eq!(on_n1.len(), 2);
+
+    // n1's lease lapses (its agent stalled).
+    let alive = w
+        .store
+        .get(&dozen_model::keys::node_alive("n1"))
+        .await
+        .unwrap()
+        .expect("n1 is alive");
+    w.store.revoke_lease(alive.lease.unwrap()).await.unwrap();
+
+    // The leader is in its first node TTL (3 s here): nothing is judged yet.
+    w.pass(T + 2_999).await;
+    assert_eq!(w.tasks().await.len(), 4);
+
+    // Then n1 is down: its tasks stay assigned, untouched, and two more start on n2.
+    w.pass(T + 3_000).await;
+    let tasks = w.tasks().await;
+    assert_eq!(tasks.len(), 6, "{tasks:?}");
+    for a in &on_n1 {
+        let now = tasks
+            .iter()
+            .find(|t| t.task == a.task)
+            .expect("still assigned");
+        assert_eq!(
+            (now.generation, now.desired),
+            (a.generation, DesiredState::Run)
+        );
+    }
+    assert_eq!(tasks.iter().filter(|a| a.node == "n2").count(), 4);
+
+    // n1 comes back: its tasks count again, and the surplus (two copies) is retired.
+    w.all_running().await;
+    nodes::register(
+        w.store.as_ref(),
+        "n1",
+        w.node_record("n1"),
+        Duration::from_secs(3600),
+        false,
+    )
+    .await
+    .unwrap();
+    w.pass(T + 4_000).await;
+    let tasks = w.tasks().await;
+    let running: Vec<_> = tasks
+        .iter()
+        .filter(|a| a.desired == DesiredState::Run)
+        .collect();
+    let retired: Vec<_> = tasks
+        .iter()
+        .filter(|a| a.desired != DesiredState::Run)
+        .collect();
+    assert_eq!((running.len(), retired.len()), (4, 2), "{tasks:?}");
+    for a in &on_n1 {
+        let now = tasks.iter().find(|t| t.task == a.task).unwrap();
+        assert_eq!(now.generation, a.generation, "{} was not restarted", a.task);
+    }
+}
+
+/// A new leader waits one node TTL before judging: nodes whose leases lapsed while no server
+/// ran keep every task if they come back within it.
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_gives_every_node_one_ttl_of_grace() {
+    let w = World::new(&["n1", "n2"]).await;
+    w.apply(WEB).await;
+    w.pass(T).await;
+    w.all_running().await;
+    for node in ["n1", "n2"] {
+        let alive = w
+            .store
+            .get(&dozen_model::keys::node_alive(node))
+            .await
+            .unwrap()
+            .unwrap();
+        w.store.revoke_lease(alive.lease.unwrap()).await.unwrap();
+    }
+    // A new term: its first pass is long after the old one's.
+    let later = campaign_again(&w).await;
+    let snap = Snapshot::read(w.store.as_ref()).await.unwrap();
+    w.controller.pass(&later, &snap, T + 60_000).await.unwrap();
+    assert!(w
+        .tasks()
+        .await
+        .iter()
+        .all(|a| a.desired == DesiredState::Run));
+    assert_eq!(w.tasks().await.len(), 4);
+    for node in ["n1", "n2"] {
+        nodes::register(
+            w.store.as_ref(),
+            node,
+            w.node_record(node),
+            Duration::from_secs(3600),
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    let snap = Snapshot::read(w.store.as_ref()).await.unwrap();
+    w.controller.pass(&later, &snap, T + 63_000).await.unwrap();
+    let tasks = w.tasks().await;
+    assert_eq!(tasks.len(), 4, "{tasks:?}");
+    assert!(tasks.iter().all(|a| a.desired == DesiredState::Run));
+}
+
+/// Takes the leadership over from the world's current term.
+async fn campaign_again(w: &World) -> Leadership {
+    w.store.revoke_lease(w.leadership.lease).await.unwrap();
+    campaign(w.store.clone(), "server-b", Duration::from_secs(2))
+        .await
+        .unwrap()
 }

@@ -47,6 +47,10 @@ pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
             .map(|n| {
                 vec![
                     n.node.name.clone(),
+                    match n.state {
+                        dozen_api::NodeState::Up => "up".into(),
+                        dozen_api::NodeState::Down => "down".into(),
+                    },
                     n.node.address.clone(),
                     format!("{}m", n.node.resources.cpu_millis),
                     format!("{} MiB", n.node.resources.memory_bytes / (1024 * 1024)),
@@ -57,7 +61,16 @@ pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
             })
             .collect();
         table(
-            &["NODE", "AGENT", "CPU", "MEMORY", "TASKS", "DRIVERS", "UP"],
+            &[
+                "NODE",
+                "STATE",
+                "AGENT",
+                "CPU",
+                "MEMORY",
+                "TASKS",
+                "DRIVERS",
+                "REGISTERED",
+            ],
             &rows,
         );
     });

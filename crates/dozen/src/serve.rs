@@ -500,6 +500,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         store: store.clone(),
         server_id: server_id.clone(),
         leader_ttl: args.leader_ttl,
+        node_ttl: args.node_ttl,
     };
     tokio::spawn(controller.run());
     let blobs = dozen_store::blob::FsBlobStore::new(data.join("blobs")).with_context(|| {

@@ -236,3 +236,126 @@ timeout = "100ms"
         .unwrap();
     assert_ne!(new_app, app_pid);
 }
+
+fn node_state(d: &Dozen, node: &str) -> Option<String> {
+    d.json(&["nodes"])
+        .as_array()?
+        .iter()
+        .find(|n| n["node"]["name"] == node)
+        .and_then(|n| n["state"].as_str().map(String::from))
+}
+
+/// Waits until `node` is in `state` (as `dozen nodes` says).
+fn wait_node(d: &Dozen, node: &str, state: &str) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{node} is {state}"),
+        || (node_state(d, node).as_deref() == Some(state)).then_some(()),
+    );
+}
+
+/// Seen: an agent stopped (SIGSTOP) past its node TTL, on a cluster with no other node, got
+/// every task replaced by new processes when it resumed. A missed lease now marks the node
+/// down; with nowhere else to go its tasks stay, and it re-claims them: same tasks, same pids.
+#[test]
+fn an_agent_stalled_past_its_ttl_keeps_every_task_when_no_other_node_can_take_them() {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--node-ttl".into(), "2s".into()];
+    d.start_server(false);
+    let agent = d.start_agent("node-b");
+    d.write("dozen.toml", &stack());
+    d.ok(&["apply"]);
+    d.wait_ready("web", 3);
+    let before = eventually(Duration::from_secs(20), "4 running tasks", || {
+        let r = running(&d);
+        (r.len() == 4).then_some(r)
+    });
+
+    signal(agent, "STOP");
+    wait_node(&d, "node-b", "down");
+    // The controller has judged it: the tasks it would replace have nowhere to go, and `ps`
+    // says so, while the tasks themselves run on.
+    eventually(
+        Duration::from_secs(20),
+        "`ps` says why nothing is replaced",
+        || {
+            let problems = d.json(&["ps"])["services"].to_string();
+            problems.contains("cannot place").then_some(())
+        },
+    );
+    for pid in before.values() {
+        assert!(
+            process_alive(*pid as u32),
+            "task {pid} runs on while its agent is stopped"
+        );
+    }
+    signal(agent, "CONT");
+    wait_node(&d, "node-b", "up");
+    eventually(Duration::from_secs(20), "the problem is gone", || {
+        let services = d.json(&["ps"])["services"].to_string();
+        (!services.contains("cannot place")).then_some(())
+    });
+    let after = running(&d);
+    assert_eq!(after, before, "the same tasks with the same processes");
+    assert_eq!(
+        d.tasks("web").len(),
+        3,
+        "nothing was started in their place"
+    );
+    assert_ps_matches_processes(&d, &after);
+}
+
+/// With a second node, a stalled node's tasks are replaced there; when it resumes, exactly one
+/// copy of each task remains (the surplus is retired through the stop protocol).
+#[test]
+fn a_stalled_nodes_tasks_are_replaced_elsewhere_and_one_copy_remains_when_it_returns() {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--node-ttl".into(), "2s".into()];
+    d.start_server(false);
+    let stalled = d.start_agent("node-b");
+    d.write("dozen.toml", &stack());
+    d.ok(&["apply"]);
+    d.wait_ready("web", 3);
+    d.start_agent("node-c");
+    let on_b: BTreeMap<String, u64> =
+        eventually(Duration::from_secs(20), "4 running tasks", || {
+            let r = running(&d);
+            (r.len() == 4).then_some(r)
+        });
+
+    signal(stalled, "STOP");
+    wait_node(&d, "node-b", "down");
+    eventually(
+        Duration::from_secs(30),
+        "replacements serve on node-c",
+        || {
+            let ready = d.ready_tasks("web");
+            (ready.iter().filter(|t| t["node"] == "node-c").count() == 3).then_some(())
+        },
+    );
+    for pid in on_b.values() {
+        assert!(
+            process_alive(*pid as u32),
+            "node-b's task {pid} was not touched"
+        );
+    }
+    signal(stalled, "CONT");
+    wait_node(&d, "node-b", "up");
+    let after = eventually(Duration::from_secs(30), "one copy of each task", || {
+        let ps = d.json(&["ps"]);
+        let tasks = ps["tasks"].as_array()?;
+        let settled = tasks.len() == 4 && tasks.iter().all(|t| t["desired"] == "run");
+        let r = running(&d);
+        (settled && r.len() == 4).then_some(r)
+    });
+    assert_eq!(d.tasks("web").len(), 3);
+    assert_ps_matches_processes(&d, &after);
+    let retired: Vec<u64> = on_b
+        .iter()
+        .filter(|(task, _)| !after.contains_key(*task))
+        .map(|(_, pid)| *pid)
+        .collect();
+    for pid in retired {
+        assert!(!process_alive(pid as u32), "retired copy {pid} was stopped");
+    }
+}

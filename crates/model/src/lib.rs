@@ -100,8 +100,14 @@ pub mod keys {
     pub fn nodes() -> String {
         format!("{ROOT}nodes/")
     }
+    /// The node as it registered last. Not leased: a node whose lease lapsed is `down`, not
+    /// gone, and its tasks stay assigned to it.
     pub fn node(node: &str) -> String {
         format!("{ROOT}nodes/{node}/node")
+    }
+    /// Leased: present while the node's heartbeats arrive.
+    pub fn node_alive(node: &str) -> String {
+        format!("{ROOT}nodes/{node}/alive")
     }
     /// An agent watches exactly this prefix.
     pub fn assignments(node: &str) -> String {

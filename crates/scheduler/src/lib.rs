@@ -37,8 +37,14 @@ pub struct NodeView {
     pub capacity: NodeResources,
     /// The drivers the node's agent can run tasks with (its fingerprint).
     pub drivers: Vec<String>,
-    /// Holds a live lease (heartbeats arrive).
+    /// Holds a live lease (heartbeats arrive): new tasks may go there.
     pub alive: bool,
+    /// Missed its lease and is judged: its service tasks no longer count, and are replaced
+    /// where there is room. They stay assigned to it, so if it returns it re-claims them
+    /// (same processes); where a replacement was started, the surplus copy is retired. A node
+    /// neither alive nor down is in its grace period (a new leader's first TTL): its tasks
+    /// still count, and nothing new goes there.
+    pub down: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,18 +229,26 @@ pub fn reconcile(
     clock: Clock,
 ) -> Decision {
     let mut decision = Decision::default();
-    let alive: BTreeMap<&str, bool> = nodes.iter().map(|n| (n.name.as_str(), n.alive)).collect();
-    let node_alive = |t: &TaskView| alive.get(t.node.as_str()).copied().unwrap_or(false);
+    let down: BTreeMap<&str, bool> = nodes.iter().map(|n| (n.name.as_str(), n.down)).collect();
 
-    // Records of tasks that are gone: told to stop and stopped, or on a node that is gone.
+    // Records of tasks that are gone: told to stop and stopped, or on a node that is gone
+    // (forgotten, not merely down).
     let mut active: Vec<&TaskView> = Vec::new();
     for t in tasks {
-        if !node_alive(t) {
-            decision.actions.push(Action::Remove {
-                task: t.task.clone(),
-                node: t.node.clone(),
-            });
-        } else if t.desired == DesiredState::Stop {
+        match down.get(t.node.as_str()) {
+            None => {
+                decision.actions.push(Action::Remove {
+                    task: t.task.clone(),
+                    node: t.node.clone(),
+                });
+                continue;
+            }
+            // Left as they are until their node returns (or is forgotten): nothing written
+            // to them can reach a node that does not answer, and they must not count.
+            Some(true) => continue,
+            Some(false) => {}
+        }
+        if t.desired == DesiredState::Stop {
             if t.has_ended() || t.status.is_none() {
                 decision.actions.push(Action::Remove {
                     task: t.task.clone(),
@@ -392,6 +406,7 @@ mod tests {
             },
             drivers: vec!["process".into()],
             alive,
+            down: !alive,
         }
     }
 
@@ -495,20 +510,81 @@ mod tests {
         assert!(d.problems.is_empty(), "{:?}", d.problems);
     }
 
+    fn decide(nodes: &[NodeView], tasks: &[TaskView]) -> Decision {
+        reconcile(&svc(1), tasks, tasks, nodes, Clock::default())
+    }
+
+    /// Seen: a node that missed its lease had every task removed, so an agent that only
+    /// stalled got all its tasks restarted. Now its tasks stay assigned (it re-claims them if
+    /// it returns) and are replaced where there is room.
     #[test]
-    fn dead_nodes_get_nothing_and_their_tasks_are_removed() {
-        let nodes = [node("a", false), node("b", true)];
+    fn a_down_nodes_tasks_stay_assigned_and_are_replaced_where_there_is_room() {
         let t = task("t1", "a", 2, Some(TaskState::Running));
+        let d = decide(
+            &[node("a", false), node("b", true)],
+            std::slice::from_ref(&t),
+        );
+        assert!(
+            !d.actions
+                .iter()
+                .any(|a| matches!(a, Action::Remove { .. } | Action::Stop { .. })),
+            "{:?}",
+            d.actions
+        );
+        assert_eq!(creates(&d), ["b"]);
+    }
+
+    #[test]
+    fn without_room_elsewhere_a_down_nodes_tasks_are_left_alone_and_that_is_said() {
+        let t = task("t1", "a", 2, Some(TaskState::Running));
+        let d = decide(&[node("a", false)], std::slice::from_ref(&t));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert!(d.problems[0].contains("cannot place"), "{:?}", d.problems);
+    }
+
+    #[test]
+    fn a_returning_node_whose_task_was_replaced_retires_exactly_one_copy() {
+        let mut stranded = task("t1", "a", 2, Some(TaskState::Running));
+        stranded.created_at_ms = 1;
+        let mut replacement = task("t2", "b", 2, Some(TaskState::Running));
+        replacement.created_at_ms = 2;
+        let both = [stranded, replacement];
+        let d = decide(&[node("a", true), node("b", true)], &both);
+        assert_eq!(d.actions.len(), 1, "{:?}", d.actions);
+        assert!(
+            matches!(&d.actions[0], Action::Stop { task, .. } if task == "t2"),
+            "{:?}",
+            d.actions
+        );
+        assert!(creates(&d).is_empty());
+    }
+
+    #[test]
+    fn a_node_in_its_grace_period_keeps_its_tasks_counted_but_gets_nothing_new() {
+        let mut grace = node("a", false);
+        grace.down = false;
+        let t = task("t1", "a", 2, Some(TaskState::Running));
+        let d = decide(&[grace.clone(), node("b", true)], std::slice::from_ref(&t));
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        let mut two = svc(2);
+        two.name = "web".into();
         let d = reconcile(
-            &svc(1),
+            &two,
             std::slice::from_ref(&t),
             std::slice::from_ref(&t),
-            &nodes,
+            &[grace, node("b", true)],
             Clock::default(),
         );
+        assert_eq!(creates(&d), ["b"]);
+    }
+
+    #[test]
+    fn tasks_on_a_forgotten_node_are_removed() {
+        let t = task("t1", "gone", 2, Some(TaskState::Running));
+        let d = decide(&[node("b", true)], std::slice::from_ref(&t));
         assert!(d.actions.contains(&Action::Remove {
             task: "t1".into(),
-            node: "a".into()
+            node: "gone".into()
         }));
         assert_eq!(creates(&d), ["b"]);
     }

@@ -361,7 +361,7 @@ fn operator_and_node_routes() -> Routes {
         .add(
             "get",
             paths::NODES,
-            json::<Vec<NodeInfo>>("every live node"),
+            json::<Vec<NodeInfo>>("every node that registered, up or down"),
             nodes::list_nodes,
         )
         .add(

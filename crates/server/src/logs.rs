@@ -39,7 +39,13 @@ pub(crate) async fn logs(
             .into());
         }
     }
-    let agents: Vec<NodeRecord> = snap.nodes.into_values().map(|n| n.record).collect();
+    // A down node's agent does not answer: asking it would only hold the answer up.
+    let agents: Vec<NodeRecord> = snap
+        .nodes
+        .into_values()
+        .map(|n| n.record)
+        .filter(|n| snap.alive_nodes.contains(&n.name))
+        .collect();
     if !q.follow {
         let mut all: Vec<LogLine> = Vec::new();
         for node in &agents {

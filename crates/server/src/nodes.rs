@@ -44,6 +44,11 @@ pub(crate) async fn list_nodes(State(s): State<Arc<AppState>>) -> ApiResult<Json
                     .filter(|a| a.record.node == n.record.name)
                     .count() as u32,
                 node: n.record.clone(),
+                state: if snap.alive_nodes.contains(&n.record.name) {
+                    dozen_api::NodeState::Up
+                } else {
+                    dozen_api::NodeState::Down
+                },
             })
             .collect(),
     ))
