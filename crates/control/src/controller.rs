@@ -75,6 +75,7 @@ pub struct Pass {
     pub wake: Option<u64>,
 }
 
+#[derive(Clone)]
 pub struct Controller {
     pub store: Arc<dyn Store>,
     pub server_id: String,
@@ -115,7 +116,19 @@ impl Controller {
                         continue;
                     }
                 };
-            let outcome = self.lead(&leadership).await;
+            // Led in a task of its own, so a panic ends the term (and its lease) instead of
+            // leaving the keep-alive running for a controller that is gone.
+            let this = self.clone();
+            let term = leadership.clone();
+            let outcome = match tokio::spawn(async move { this.lead(&term).await }).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    tracing::error!(error = %e, "the controller panicked; giving up leadership");
+                    Err(ControlError::Invalid(format!(
+                        "the controller panicked: {e}"
+                    )))
+                }
+            };
             // Whatever ended the term, end the lease with it: no keep-alive left behind, and
             // the key free for whoever campaigns first (this server too).
             leadership.resign(self.store.as_ref()).await;
@@ -137,7 +150,9 @@ impl Controller {
         // Each term publishes once, then on change only: nothing per pass reaches the store.
         let mut published: Option<Problems> = None;
         loop {
+            leadership.working();
             let snap = Snapshot::read(self.store.as_ref()).await?;
+            leadership.progressed();
             if watch.is_none() {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
             }
@@ -160,6 +175,7 @@ impl Controller {
             if leadership.is_lost() {
                 return Err(ControlError::LostLeadership);
             }
+            leadership.idle();
             // Wait for a change that matters (or the safety-net tick), then take everything
             // that arrived with it so one pass covers a burst of writes.
             let Some(w) = watch.as_mut() else {

@@ -6,7 +6,7 @@
 //! A server restarting with the same id takes its own key back at once instead of waiting for
 //! the old lease to run out.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,11 @@ pub struct Leadership {
     pub revision: Revision,
     lost: Arc<AtomicBool>,
     /// The wall time of this term's first controller pass (0 until then).
-    first_pass_ms: Arc<std::sync::atomic::AtomicU64>,
+    first_pass_ms: Arc<AtomicU64>,
+    /// The watchdog's view of the controller: 0 while it waits for a change, else when (ms
+    /// after `epoch`, plus one) it last made progress inside a pass.
+    working_since_progress: Arc<AtomicU64>,
+    epoch: tokio::time::Instant,
 }
 
 impl Leadership {
@@ -44,6 +48,40 @@ impl Leadership {
         {
             Ok(_) => now_ms,
             Err(earlier) => earlier,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The controller is at work (a pass): from now on the lease is kept only while it makes
+    /// progress (each fenced write, each [`Leadership::progressed`]).
+    pub fn working(&self) {
+        self.working_since_progress
+            .store(self.now_ms(), Ordering::SeqCst);
+    }
+
+    /// The controller made progress: a pass that keeps doing so may take as long as it needs.
+    pub fn progressed(&self) {
+        let now = self.now_ms();
+        let _ =
+            self.working_since_progress
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |at| {
+                    (at != 0).then_some(now)
+                });
+    }
+
+    /// The controller is waiting for a change: nothing to watch.
+    pub fn idle(&self) {
+        self.working_since_progress.store(0, Ordering::SeqCst);
+    }
+
+    /// How long the controller has been in a pass without progress (None when idle).
+    fn stuck_for(&self) -> Option<Duration> {
+        match self.working_since_progress.load(Ordering::SeqCst) {
+            0 => None,
+            at => Some(Duration::from_millis(self.now_ms().saturating_sub(at))),
         }
     }
 
@@ -68,6 +106,7 @@ impl Leadership {
         }
         txn.compares.push(self.fence());
         let resp = store.txn(txn).await?;
+        self.progressed();
         if resp.succeeded {
             return Ok(true);
         }
@@ -119,6 +158,8 @@ pub async fn campaign(store: Arc<dyn Store>, server_id: &str, ttl: Duration) -> 
                 revision,
                 lost: Arc::new(AtomicBool::new(false)),
                 first_pass_ms: Default::default(),
+                working_since_progress: Default::default(),
+                epoch: tokio::time::Instant::now(),
             };
             tokio::spawn(keep_leading(store.clone(), leadership.clone(), ttl));
             tracing::info!(server = server_id, revision, "became controller leader");
@@ -142,6 +183,20 @@ async fn keep_leading(store: Arc<dyn Store>, leadership: Leadership, ttl: Durati
         tick.tick().await;
         if leadership.is_lost() {
             return;
+        }
+        // The keep-alive runs on its own: were it to go on for a controller that hangs, the
+        // cluster would have a leader that does nothing. Two thirds of the TTL without progress
+        // inside a pass, and the lease is given up, so another server leads within the TTL.
+        if let Some(stuck) = leadership.stuck_for() {
+            if stuck >= ttl * 2 / 3 {
+                tracing::error!(
+                    stuck_ms = stuck.as_millis() as u64,
+                    ttl_ms = ttl.as_millis() as u64,
+                    "the controller made no progress in its pass; giving up leadership so another server leads"
+                );
+                leadership.resign(store.as_ref()).await;
+                return;
+            }
         }
         if let Err(e) = store.keep_alive(leadership.lease).await {
             tracing::warn!(error = %e, "lost controller leadership");

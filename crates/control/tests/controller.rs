@@ -515,3 +515,135 @@ async fn campaign_again(w: &World) -> Leadership {
         .await
         .unwrap()
 }
+
+/// Polls `check` in virtual time for up to `within`.
+async fn within<T>(within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(found) = check().await {
+            return Some(found);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Seen: the keep-alive runs on its own, so a controller that hangs in a pass keeps its lease
+/// and the cluster a leader that does nothing. Now a pass without progress for two thirds of
+/// the TTL gives the lease up, and another server leads within the TTL.
+#[tokio::test(start_paused = true)]
+async fn a_controller_hung_in_a_pass_gives_up_its_lease_within_the_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let ttl = Duration::from_secs(3);
+    let hung = campaign(store.clone(), "server-a", ttl).await.unwrap();
+    // Idle (waiting for a change), a leader keeps its lease for as long as it likes.
+    tokio::time::sleep(ttl * 3).await;
+    assert!(!hung.is_lost());
+    hung.working();
+    let started = tokio::time::Instant::now();
+    let next = tokio::time::timeout(ttl, campaign(store.clone(), "server-b", ttl))
+        .await
+        .expect("another server leads within the TTL")
+        .unwrap();
+    assert!(started.elapsed() <= ttl, "{:?}", started.elapsed());
+    assert!(hung.is_lost());
+    assert!(next.revision > hung.revision);
+}
+
+/// A store that panics on reads once told to: a controller bug in the middle of a pass.
+struct PanicsOnRead {
+    inner: Arc<dyn Store>,
+    panic: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Store for PanicsOnRead {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<dozen_store::KeyValue>, dozen_store::StoreError> {
+        self.inner.get(key).await
+    }
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> Result<dozen_store::RangeResponse, dozen_store::StoreError> {
+        if self.panic.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("injected: a controller bug");
+        }
+        self.inner.range(prefix).await
+    }
+    async fn txn(
+        &self,
+        txn: dozen_store::Txn,
+    ) -> Result<dozen_store::TxnResponse, dozen_store::StoreError> {
+        self.inner.txn(txn).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: u64,
+    ) -> Result<dozen_store::Watch, dozen_store::StoreError> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<u64, dozen_store::StoreError> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: u64) -> Result<(), dozen_store::StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: u64) -> Result<(), dozen_store::StoreError> {
+        self.inner.revoke_lease(lease).await
+    }
+    async fn compact(&self, revision: u64) -> Result<(), dozen_store::StoreError> {
+        self.inner.compact(revision).await
+    }
+    async fn revision(&self) -> Result<u64, dozen_store::StoreError> {
+        self.inner.revision().await
+    }
+}
+
+/// A controller that panics ends its term: the lease goes at once (a new term begins), instead
+/// of a keep-alive running on for a controller that is gone.
+#[tokio::test(start_paused = true)]
+async fn a_controller_that_panics_gives_up_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let faulty = Arc::new(PanicsOnRead {
+        inner: embedded.clone(),
+        panic: Default::default(),
+    });
+    let ttl = Duration::from_secs(3);
+    let controller = Controller {
+        store: faulty.clone(),
+        server_id: "server-a".into(),
+        leader_ttl: ttl,
+        node_ttl: ttl,
+    };
+    tokio::spawn(controller.run());
+    let key = dozen_control::leader::leader_key();
+    let first = within(Duration::from_secs(5), async || {
+        embedded.get(&key).await.unwrap()
+    })
+    .await
+    .expect("the controller leads");
+    faulty
+        .panic
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    embedded
+        .put("/dozen/v1/scale/web", b"{}".to_vec())
+        .await
+        .unwrap();
+    let changed = within(ttl / 2, async || {
+        let now = embedded.get(&key).await.unwrap();
+        (now.as_ref().map(|kv| kv.mod_revision) != Some(first.mod_revision)).then_some(())
+    })
+    .await;
+    assert!(
+        changed.is_some(),
+        "the panicked term still holds the leader key"
+    );
+}
