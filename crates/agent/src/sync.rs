@@ -94,6 +94,7 @@ fn node_record(shared: &Shared, address: &str) -> NodeRecord {
         drivers: shared.drivers.available(),
         agent_instance: shared.instance.clone(),
         registered_at_ms: shim::wall_ms(),
+        registered_via: String::new(),
     }
 }
 

@@ -15,6 +15,28 @@ pub struct AgentClient<'a> {
     pub tls: Option<&'a rustls::ClientConfig>,
     /// Sent to plain-HTTP agents only.
     pub token: &'a str,
+    /// The calling server: an agent at a loopback address that registered through another
+    /// server is never called (the address means that server's host, not this one's).
+    pub server_id: &'a str,
+}
+
+/// The server through which alone `node`'s agent can be reached: the one it registered through,
+/// when it registered a loopback address (a server's own agent, or one beside it).
+pub fn reachable_only_through(node: &NodeRecord) -> Option<&str> {
+    let rest = node
+        .address
+        .strip_prefix("http://")
+        .or_else(|| node.address.strip_prefix("https://"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (loopback && !node.registered_via.is_empty()).then_some(node.registered_via.as_str())
 }
 
 impl AgentClient<'_> {
@@ -41,6 +63,13 @@ impl AgentClient<'_> {
         node: &NodeRecord,
         path: &str,
     ) -> Result<reqwest::RequestBuilder, String> {
+        if let Some(via) = reachable_only_through(node).filter(|via| *via != self.server_id) {
+            return Err(format!(
+                "the agent of node `{}` listens on a loopback address of server `{via}`'s host; \
+                 ask that server",
+                node.name
+            ));
+        }
         let Some(authority) = node.address.strip_prefix("https://") else {
             return Ok(self
                 .http
@@ -75,5 +104,54 @@ impl AgentClient<'_> {
             .build()
             .map_err(|e| e.to_string())?;
         Ok(client.get(format!("https://{name}:{}{path}", addr.port())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable_only_through;
+    use dozen_model::NodeRecord;
+
+    fn node(address: &str, via: &str) -> NodeRecord {
+        NodeRecord {
+            schema: 1,
+            name: "n".into(),
+            address: address.into(),
+            host: "127.0.0.1".into(),
+            resources: Default::default(),
+            labels: Default::default(),
+            drivers: vec![],
+            agent_instance: "i".into(),
+            registered_at_ms: 0,
+            registered_via: via.into(),
+        }
+    }
+
+    #[test]
+    fn a_loopback_agent_is_reachable_only_through_the_server_it_registered_with() {
+        for address in [
+            "http://127.0.0.1:7000",
+            "http://127.8.9.10:7000/",
+            "http://localhost:7000",
+            "https://[::1]:7000",
+        ] {
+            assert_eq!(
+                reachable_only_through(&node(address, "s1")),
+                Some("s1"),
+                "{address}"
+            );
+        }
+        for address in ["http://10.0.0.5:7000", "https://n.nodes.dozen:7000"] {
+            assert_eq!(
+                reachable_only_through(&node(address, "s1")),
+                None,
+                "{address}"
+            );
+        }
+        // Registered before servers recorded themselves: nothing to go by.
+        assert_eq!(
+            reachable_only_through(&node("http://127.0.0.1:1", "")),
+            None
+        );
     }
 }

@@ -42,6 +42,7 @@ fn node_record(name: &str) -> NodeRecord {
         drivers: vec!["process".into()],
         agent_instance: "a1".into(),
         registered_at_ms: T,
+        registered_via: String::new(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Two API servers over one etcd cluster, with TLS, on loopback: a blob uploaded to one is
 //! served by the other (fetched from its peer with the server's own certificate, checked and
 //! kept), and still served after the first server is gone; the leading controller's problems
-//! are seen through either server (`dozen ps`).
+//! are seen through either server (`dozen ps`); each server's own agent's logs are reachable
+//! through the other, which never calls that agent's loopback address itself.
 //!
 //! Needs etcd-server: fails in CI without it, skips (saying so) elsewhere.
 #![cfg(feature = "etcd")]
@@ -30,6 +31,11 @@ impl Drop for Server {
 }
 
 fn start_server(work: &Path, name: &str, store: &str) -> Server {
+    start_server_with_agent(work, name, store, None)
+}
+
+/// With `node`, the server runs its own agent under that node name.
+fn start_server_with_agent(work: &Path, name: &str, store: &str, node: Option<&str>) -> Server {
     let data = work.join(name);
     let log = work.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).unwrap();
@@ -43,7 +49,19 @@ fn start_server(work: &Path, name: &str, store: &str) -> Server {
         .arg(work.join("ca"))
         .arg("--token-file")
         .arg(work.join("token"))
-        .args(["--no-agent", "--no-proxy"])
+        .args(match node {
+            Some(node) => {
+                let (low, high) = dozen_testkit::random_port_range();
+                vec![
+                    "--node-name".to_string(),
+                    node.to_string(),
+                    "--port-range".to_string(),
+                    format!("{low}-{high}"),
+                    "--no-proxy".to_string(),
+                ]
+            }
+            None => vec!["--no-agent".to_string(), "--no-proxy".to_string()],
+        })
         .env("DOZEN_LOG", "info")
         .env_remove("DOZEN_SERVER")
         .env_remove("DOZEN_TOKEN")
@@ -217,5 +235,136 @@ async fn two_servers_share_blobs_and_what_the_controller_found() {
             "the token in {}",
             server.log.display()
         );
+    }
+}
+
+/// Seen: each server's own agent registers `http://127.0.0.1:P`, and another server asked for
+/// logs sent the operator token to that port on its own host, to whatever listened there. Now
+/// an agent at a loopback address is asked only by the server it registered through (the
+/// others forward to that server), so every agent's logs are reachable from every server and
+/// the token never goes to an address another server's agent registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_servers_own_agent_is_reachable_for_logs_and_the_token_stays_home() {
+    let Some(etcd) = EtcdCluster::start() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["ca", "init", "--dir"])
+        .arg(work.path().join("ca"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(work.path().join("token"), TOKEN).unwrap();
+    let store = format!(
+        "etcd://{}",
+        etcd.endpoints
+            .iter()
+            .map(|e| e.trim_start_matches("http://"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let a = start_server_with_agent(work.path(), "a", &store, Some("node-a"));
+    let mut b = start_server_with_agent(work.path(), "b", &store, Some("node-b"));
+    let client = operator(work.path());
+    let get_json = |url: String| {
+        let client = client.clone();
+        async move {
+            let resp = client.get(url).bearer_auth(TOKEN).send().await.ok()?;
+            resp.error_for_status().ok()?.text().await.ok()
+        }
+    };
+    let nodes: serde_json::Value = dozen_testkit::eventually_async(
+        Duration::from_secs(30),
+        "both servers' agents registered",
+        || async {
+            let text = get_json(format!("{}/v1/nodes", a.url)).await?;
+            let nodes: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (nodes.as_array()?.len() == 2).then_some(nodes)
+        },
+    )
+    .await;
+    let b_agent = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"]["name"] == "node-b")
+        .and_then(|n| n["node"]["address"].as_str())
+        .unwrap()
+        .to_string();
+    assert!(b_agent.starts_with("http://127.0.0.1:"), "{b_agent}");
+
+    std::fs::write(
+        work.path().join("dozen.toml"),
+        "name = \"talk\"\n[services.ticker]\ncommand = \"while true; do echo tick; sleep 0.2; done\"\nport = false\nreplicas = 2\n",
+    )
+    .unwrap();
+    let applied = Command::new(BIN)
+        .args(["--server", &a.url, "--ca"])
+        .arg(work.path().join("ca/ca.crt"))
+        .args(["apply", "--no-wait"])
+        .env("DOZEN_TOKEN", TOKEN)
+        .env("DOZEN_CONFIG", work.path().join("contexts.json"))
+        .current_dir(work.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // Through either server, the lines of both tasks (one on each server's agent).
+    for server in [&a, &b] {
+        let what = format!("logs of both tasks through {}", server.url);
+        dozen_testkit::eventually_async(Duration::from_secs(30), &what, || async {
+            let text = get_json(format!("{}/v1/logs?service=ticker", server.url)).await?;
+            let tasks: std::collections::BTreeSet<String> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| l["line"] == "tick")
+                .filter_map(|l| l["task"].as_str().map(String::from))
+                .collect();
+            (tasks.len() == 2).then_some(())
+        })
+        .await;
+    }
+
+    // B goes, and something else takes its agent's port. A still lists node-b (its lease has
+    // not run out), but never calls that loopback port itself.
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    let port: u16 = b_agent
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let squatter =
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("B's agent port is free");
+    squatter.set_nonblocking(true).unwrap();
+    let text = get_json(format!("{}/v1/logs?service=ticker", a.url))
+        .await
+        .expect("A answers with what it can reach");
+    assert!(text.contains("tick"), "A's own agent still answers: {text}");
+    match squatter.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok((mut conn, _)) => {
+            let mut seen = [0u8; 512];
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let n = std::io::Read::read(&mut conn, &mut seen).unwrap_or(0);
+            panic!(
+                "server A called B's agent's loopback port itself: {}",
+                String::from_utf8_lossy(&seen[..n])
+            );
+        }
+        Err(e) => panic!("{e}"),
     }
 }

@@ -269,6 +269,10 @@ pub struct NodeRecord {
     /// Changes every time the agent process starts; status records name the one that wrote them.
     pub agent_instance: String,
     pub registered_at_ms: u64,
+    /// The API server the node registered through (set by that server, whatever the node
+    /// sent). An agent at a loopback address is reachable from that server's host alone.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub registered_via: String,
 }
 record!(NodeRecord, "node");
 

@@ -91,7 +91,9 @@ async fn node_may(
         }
         Err(e) => return Err(format!("cannot check revocation now: {e}")),
     }
-    if node_route_allowed(&node.name, method, path) {
+    if node_route_allowed(&node.name, method, path)
+        || server_route_allowed(&node.name, method, path)
+    {
         Ok(())
     } else {
         Err(format!(
@@ -101,6 +103,14 @@ async fn node_may(
         ))
     }
 }
+/// What another API server's certificate (common name [`dozen_api::tls::SERVER_CN`], which no
+/// node may take) opens besides what a node's does: the logs of the agents only it can reach.
+fn server_route_allowed(name: &str, method: &axum::http::Method, path: &str) -> bool {
+    name == dozen_api::tls::SERVER_CN
+        && method == axum::http::Method::GET
+        && dozen_api::paths::parameters(dozen_api::paths::LOGS, path).is_some()
+}
+
 /// The routes a node certificate opens, each named with its method: a list, not a prefix, so
 /// a route added later is closed to nodes until it is added here.
 fn node_route_allowed(node: &str, method: &axum::http::Method, path: &str) -> bool {

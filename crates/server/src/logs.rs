@@ -1,4 +1,5 @@
-//! Logs stay on the node that produced them: the server asks every agent and merges.
+//! Logs stay on the node that produced them: the server asks every agent and merges. An agent
+//! that registered at a loopback address through another server is asked through that server.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,10 +10,13 @@ use axum::extract::{Query, State};
 use axum::response::Response;
 use bytes::Bytes;
 use dozen_api::agent::AgentClient;
+use dozen_api::paths;
 use dozen_api::{LogLine, LogQuery};
+use dozen_control::servers;
 use dozen_control::snapshot::Snapshot;
 use dozen_control::ControlError;
 use dozen_model::NodeRecord;
+use dozen_model::ServerRecord;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
@@ -22,6 +26,7 @@ use crate::AppState;
 /// Logs stay on the node that produced them: ask every agent and merge.
 pub(crate) async fn logs(
     State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
     Query(q): Query<LogQuery>,
 ) -> ApiResult<Response> {
     let snap = Snapshot::read(s.store.as_ref()).await?;
@@ -39,20 +44,15 @@ pub(crate) async fn logs(
             .into());
         }
     }
-    // A down node's agent does not answer: asking it would only hold the answer up.
-    let agents: Vec<NodeRecord> = snap
-        .nodes
-        .into_values()
-        .map(|n| n.record)
-        .filter(|n| snap.alive_nodes.contains(&n.name))
-        .collect();
+    let local_only = headers.contains_key(dozen_api::LOCAL_ONLY);
+    let sources = sources(&s, &snap, local_only).await;
     if !q.follow {
         let mut all: Vec<LogLine> = Vec::new();
-        for node in &agents {
-            match fetch_agent_logs(&s, node, &q).await {
+        for source in &sources {
+            match fetch(&s, source, &q).await {
                 Ok(lines) => all.extend(lines),
                 Err(e) => {
-                    tracing::warn!(node = %node.name, error = %e, "could not read logs from agent")
+                    tracing::warn!(source = %source.name(), error = %e, "could not read logs")
                 }
             }
         }
@@ -72,15 +72,15 @@ pub(crate) async fn logs(
             .unwrap_or_default());
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    for node in agents {
+    for source in sources {
         let tx = tx.clone();
         let s = s.clone();
         let q = q.clone();
         tokio::spawn(async move {
-            let resp = match agent(&s).logs(&node, &q, None).await {
+            let resp = match open(&s, &source, &q, None).await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    tracing::warn!(node = %node.name, error = %e, "cannot follow logs of agent");
+                    tracing::warn!(source = %source.name(), error = %e, "cannot follow logs");
                     return;
                 }
             };
@@ -116,13 +116,96 @@ pub(crate) async fn logs(
         .body(Body::from_stream(stream))
         .unwrap_or_default())
 }
-pub(crate) async fn fetch_agent_logs(
+
+/// Where a server gets log lines from.
+enum Source {
+    /// An agent this server may call itself.
+    Agent(NodeRecord),
+    /// Another API server, for the agents only it can reach: those that registered through it
+    /// at a loopback address (a server's own agent). It answers from those alone.
+    Peer(ServerRecord),
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::Agent(node) => format!("agent {}", node.name),
+            Source::Peer(server) => format!("server {}", server.id),
+        }
+    }
+}
+
+/// The agents of every up node, each through the one server that may call it. A loopback
+/// address means "on the host of the server it registered through": another server calling it
+/// would reach whatever listens on that port of its own host, and hand it the token.
+async fn sources(s: &AppState, snap: &Snapshot, local_only: bool) -> Vec<Source> {
+    let mut sources = Vec::new();
+    let mut via_peers = std::collections::BTreeSet::new();
+    // A down node's agent does not answer: asking it would only hold the answer up.
+    for node in snap
+        .nodes
+        .values()
+        .map(|n| &n.record)
+        .filter(|n| snap.alive_nodes.contains(&n.name))
+    {
+        let elsewhere = dozen_api::agent::reachable_only_through(node)
+            .filter(|via| *via != s.server_id.as_str());
+        match (elsewhere, local_only) {
+            (None, false) => sources.push(Source::Agent(node.clone())),
+            // A peer asks for what only this server reaches.
+            (None, true) if dozen_api::agent::reachable_only_through(node).is_some() => {
+                sources.push(Source::Agent(node.clone()))
+            }
+            (None, true) => {}
+            (Some(via), false) => {
+                via_peers.insert(via.to_string());
+            }
+            (Some(_), true) => {}
+        }
+    }
+    if !via_peers.is_empty() {
+        match servers::peers(s.store.as_ref(), &s.server_id).await {
+            Ok(peers) => sources.extend(
+                peers
+                    .into_iter()
+                    .filter(|p| via_peers.contains(&p.id))
+                    .map(Source::Peer),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot list peers for their agents' logs"),
+        }
+    }
+    sources
+}
+
+async fn open(
     s: &AppState,
-    node: &NodeRecord,
+    source: &Source,
     q: &LogQuery,
-) -> Result<Vec<LogLine>, String> {
-    let body = agent(s)
-        .logs(node, q, Some(Duration::from_secs(10)))
+    timeout: Option<Duration>,
+) -> Result<reqwest::Response, String> {
+    match source {
+        Source::Agent(node) => agent(s).logs(node, q, timeout).await,
+        Source::Peer(peer) => {
+            let url = format!("{}{}", peer.url.trim_end_matches('/'), paths::LOGS);
+            let mut request = crate::peers::request(s, peer, &url)
+                .ok_or_else(|| {
+                    format!(
+                        "server {} is not reachable the way this one speaks",
+                        peer.id
+                    )
+                })?
+                .query(q)
+                .header(dozen_api::LOCAL_ONLY, "1");
+            if let Some(timeout) = timeout {
+                request = request.timeout(timeout);
+            }
+            request.send().await.map_err(|e| e.to_string())
+        }
+    }
+}
+
+async fn fetch(s: &AppState, source: &Source, q: &LogQuery) -> Result<Vec<LogLine>, String> {
+    let body = open(s, source, q, Some(Duration::from_secs(10)))
         .await?
         .error_for_status()
         .map_err(|e| e.to_string())?
@@ -141,5 +224,6 @@ fn agent(s: &AppState) -> AgentClient<'_> {
         http: &s.http,
         tls: s.agent_tls.as_ref(),
         token: &s.token,
+        server_id: &s.server_id,
     }
 }

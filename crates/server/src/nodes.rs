@@ -61,14 +61,12 @@ pub(crate) async fn register(
     Json(req): Json<RegisterRequest>,
 ) -> ApiResult<Json<RegisterResponse>> {
     let by_certificate = matches!(caller.as_deref(), Some(Caller::Node(_)));
-    let lease = nodes::register(
-        s.store.as_ref(),
-        &node,
-        req.node,
-        s.node_ttl,
-        by_certificate,
-    )
-    .await?;
+    let record = dozen_model::NodeRecord {
+        registered_via: s.server_id.clone(),
+        ..req.node
+    };
+    let lease =
+        nodes::register(s.store.as_ref(), &node, record, s.node_ttl, by_certificate).await?;
     Ok(Json(s.registered(lease)))
 }
 

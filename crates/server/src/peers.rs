@@ -13,6 +13,21 @@ use crate::AppState;
 /// Longest wait for a peer's copy of a blob (bundles are up to a few hundred MiB).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// A GET of `url` on `peer`: over TLS with this server's own certificate (never the token); a
+/// plain-HTTP peer (loopback clusters) gets the token, and only when this server is plain HTTP
+/// too. None when the two do not speak alike.
+pub(crate) fn request(
+    s: &AppState,
+    peer: &dozen_model::ServerRecord,
+    url: &str,
+) -> Option<reqwest::RequestBuilder> {
+    match (&s.peer_client, peer.url.starts_with("https://")) {
+        (Some(client), true) => Some(client.get(url)),
+        (None, false) => Some(s.http.get(url).bearer_auth(&s.token)),
+        _ => None,
+    }
+}
+
 /// The blob `digest` from the first peer that has it. Over TLS this server shows its own
 /// certificate and never the token; a plain-HTTP peer (loopback clusters) gets the token,
 /// and only when this server is plain HTTP too.
@@ -30,13 +45,9 @@ pub(crate) async fn fetch_blob(s: &AppState, digest: &str) -> Option<Vec<u8>> {
             peer.url.trim_end_matches('/'),
             fill(paths::BLOB, &[digest])
         );
-        let request = match (&s.peer_client, peer.url.starts_with("https://")) {
-            (Some(client), true) => client.get(&url),
-            (None, false) => s.http.get(&url).bearer_auth(&s.token),
-            _ => {
-                tracing::debug!(peer = %peer.id, url = %peer.url, "peer not reachable the way this server speaks");
-                continue;
-            }
+        let Some(request) = request(s, &peer, &url) else {
+            tracing::debug!(peer = %peer.id, url = %peer.url, "peer not reachable the way this server speaks");
+            continue;
         };
         let answer = async {
             let resp = request
