@@ -84,7 +84,16 @@ pub struct Controller {
     /// judges any node down: the node may simply not have reached it yet (after an outage of
     /// the control plane every node's lease has lapsed, and none of its tasks must restart).
     pub node_ttl: Duration,
+    /// Revisions of history kept behind the head for watchers: every [`COMPACT_EVERY`] the
+    /// leader compacts the store to this far behind (etcd never compacts on its own, and would
+    /// reach its space quota and turn read-only).
+    pub history_window: u64,
 }
+
+/// How often the leader compacts the store's history.
+pub const COMPACT_EVERY: Duration = Duration::from_secs(300);
+/// The history kept for watchers by default: as many revisions as the embedded store keeps.
+pub const HISTORY_WINDOW: u64 = 20_000;
 
 /// The problems of the last pass, where every server reads them (`dozen services` may ask any
 /// server, not only the leader). Written only when they change.
@@ -149,10 +158,23 @@ impl Controller {
         let mut watch: Option<dozen_store::Watch> = None;
         // Each term publishes once, then on change only: nothing per pass reaches the store.
         let mut published: Option<Problems> = None;
+        let mut compacted_at: Option<tokio::time::Instant> = None;
         loop {
             leadership.working();
             let snap = Snapshot::read(self.store.as_ref()).await?;
             leadership.progressed();
+            if compacted_at.is_none_or(|at| at.elapsed() >= COMPACT_EVERY) {
+                compacted_at = Some(tokio::time::Instant::now());
+                if let Some(floor) = snap.revision.checked_sub(self.history_window) {
+                    match self.store.compact(floor).await {
+                        Ok(()) => tracing::debug!(floor, "compacted the store's history"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, floor, "cannot compact the store's history")
+                        }
+                    }
+                    leadership.progressed();
+                }
+            }
             if watch.is_none() {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
             }

@@ -177,11 +177,15 @@ pub async fn apply(
         check_ownership(&snap, stack)?;
         let plan = plan_against(&snap, stack, artifacts);
         let now = wall_ms();
-        let mut txn = Txn::new();
+        // One part per service (its compares with its writes), then the stack record, then
+        // pruning: one transaction where the store takes it, else in that order (see `batch`).
+        let mut parts = Vec::new();
+        let mut cleanup = Txn::new();
         let mut releases = Vec::new();
         for sp in &plan.services {
             let name = &sp.service;
             let svc_key = keys::service(name);
+            let mut txn = Txn::new();
             match sp.action {
                 PlanAction::Remove => {
                     let existing = &snap.services[name];
@@ -192,6 +196,7 @@ pub async fn apply(
                         .then(Op::DeletePrefix {
                             prefix: keys::releases(name),
                         });
+                    parts.push(txn);
                     continue;
                 }
                 PlanAction::Create | PlanAction::Update => {
@@ -242,7 +247,7 @@ pub async fn apply(
                         .then(Op::put(keys::release(name, number), encode(&release)))
                         .then(Op::put(&svc_key, encode(&record)));
                     for old in releases_to_prune(&snap, name, number, retention.keep_releases) {
-                        txn = txn.then(Op::delete(keys::release(name, old)));
+                        cleanup = cleanup.then(Op::delete(keys::release(name, old)));
                     }
                     releases.push(ReleaseChange {
                         service: name.clone(),
@@ -266,6 +271,7 @@ pub async fn apply(
                     }),
                 ));
             }
+            parts.push(txn);
         }
         let stack_record = StackRecord {
             schema: SCHEMA,
@@ -273,13 +279,13 @@ pub async fn apply(
             services: stack.services.keys().cloned().collect(),
             updated_at_ms: now,
         };
-        txn = txn.then(Op::put(keys::stack(&stack.name), encode(&stack_record)));
-        let resp = store.txn(txn).await?;
-        if resp.succeeded {
+        parts.push(Txn::new().then(Op::put(keys::stack(&stack.name), encode(&stack_record))));
+        parts.push(cleanup);
+        if let Some(revision) = crate::batch::commit(store, parts).await? {
             return Ok(ApplyOutcome {
                 plan,
                 releases,
-                revision: resp.revision,
+                revision,
             });
         }
     }
@@ -450,25 +456,32 @@ pub async fn down(store: &dyn Store, stack: &str) -> Result<Vec<String>> {
             name: stack.to_string(),
         });
     };
-    let mut txn = Txn::new()
-        .when(Compare::mod_revision(keys::stack(stack), st.mod_revision))
-        .then(Op::delete(keys::stack(stack)));
+    // One part per service, the stack record last: split where the store needs it, a `down`
+    // stopped half-way leaves the stack with fewer services, and `down` again finishes it.
+    let mut parts = Vec::new();
     let mut removed = Vec::new();
     for (name, svc) in snap
         .services
         .iter()
         .filter(|(_, s)| s.record.stack == stack)
     {
-        txn = txn
-            .when(Compare::mod_revision(keys::service(name), svc.mod_revision))
-            .then(Op::delete(keys::service(name)))
-            .then(Op::delete(keys::scale(name)))
-            .then(Op::DeletePrefix {
-                prefix: keys::releases(name),
-            });
+        parts.push(
+            Txn::new()
+                .when(Compare::mod_revision(keys::service(name), svc.mod_revision))
+                .then(Op::delete(keys::service(name)))
+                .then(Op::delete(keys::scale(name)))
+                .then(Op::DeletePrefix {
+                    prefix: keys::releases(name),
+                }),
+        );
         removed.push(name.clone());
     }
-    if !store.txn(txn).await?.succeeded {
+    parts.push(
+        Txn::new()
+            .when(Compare::mod_revision(keys::stack(stack), st.mod_revision))
+            .then(Op::delete(keys::stack(stack))),
+    );
+    if crate::batch::commit(store, parts).await?.is_none() {
         return Err(ControlError::Conflict(format!(
             "stack `{stack}` changed while removing it; try again"
         )));

@@ -10,6 +10,7 @@
 //!   parse and authorise, then call one of these.
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod controller;
 pub mod desired;
 pub mod leader;

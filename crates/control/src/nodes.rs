@@ -136,6 +136,17 @@ pub async fn report_status(store: &dyn Store, node: &str, statuses: &[TaskStatus
             )));
         }
     }
+    // Each status stands alone (guarded by its own assignment), so a report is written in
+    // transactions of as many as the store takes (etcd: 128): an agent re-reporting hundreds
+    // of tasks after a restart is never refused for its size.
+    let per_txn = store.max_txn_ops().max(1);
+    for chunk in statuses.chunks(per_txn) {
+        report_chunk(store, node, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn report_chunk(store: &dyn Store, node: &str, statuses: &[TaskStatus]) -> Result<()> {
     for _ in 0..5 {
         let mut txn = Txn::new();
         let mut any = false;

@@ -74,6 +74,7 @@ impl World {
             server_id: "server-a".into(),
             leader_ttl: Duration::from_secs(2),
             node_ttl: Duration::from_secs(3),
+            history_window: dozen_control::controller::HISTORY_WINDOW,
         };
         World {
             store,
@@ -623,6 +624,7 @@ async fn a_controller_that_panics_gives_up_its_lease() {
         server_id: "server-a".into(),
         leader_ttl: ttl,
         node_ttl: ttl,
+        history_window: dozen_control::controller::HISTORY_WINDOW,
     };
     tokio::spawn(controller.run());
     let key = dozen_control::leader::leader_key();
@@ -647,4 +649,52 @@ async fn a_controller_that_panics_gives_up_its_lease() {
         changed.is_some(),
         "the panicked term still holds the leader key"
     );
+}
+
+/// Seen: dozen never compacted etcd's history, so etcd would reach its quota and turn
+/// read-only. The leader compacts every five minutes to `history_window` revisions behind.
+#[tokio::test(start_paused = true)]
+async fn the_leader_compacts_history_behind_the_watch_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let first = store
+        .put("/dozen/v1/scratch/0", b"0".to_vec())
+        .await
+        .unwrap();
+    for i in 1..200 {
+        store
+            .put(&format!("/dozen/v1/scratch/{}", i % 7), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    let controller = Controller {
+        store: store.clone(),
+        server_id: "server-a".into(),
+        leader_ttl: Duration::from_secs(3),
+        node_ttl: Duration::from_secs(3),
+        history_window: 50,
+    };
+    tokio::spawn(controller.run());
+    let compacted = within(
+        dozen_control::controller::COMPACT_EVERY,
+        async || match store.watch("/dozen/v1/scratch/", first).await {
+            Err(dozen_store::StoreError::Compacted {
+                compact_revision, ..
+            }) => Some(compact_revision),
+            _ => None,
+        },
+    )
+    .await
+    .expect("history behind the window is compacted");
+    let head = store.revision().await.unwrap();
+    assert!(
+        compact_revision_near(compacted, head, 50),
+        "{compacted} vs head {head}"
+    );
+    // What is inside the window is still there for watchers.
+    assert!(store.watch("/dozen/v1/scratch/", head - 10).await.is_ok());
+}
+
+fn compact_revision_near(compacted: u64, head: u64, window: u64) -> bool {
+    compacted + window >= head.saturating_sub(5) && compacted + window <= head + 5
 }

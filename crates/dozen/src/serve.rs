@@ -501,6 +501,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         server_id: server_id.clone(),
         leader_ttl: args.leader_ttl,
         node_ttl: args.node_ttl,
+        history_window: dozen_control::controller::HISTORY_WINDOW,
     };
     tokio::spawn(controller.run());
     let blobs = dozen_store::blob::FsBlobStore::new(data.join("blobs")).with_context(|| {

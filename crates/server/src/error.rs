@@ -39,7 +39,9 @@ impl From<ControlError> for ApiFailure {
             ControlError::LostLeadership => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Store(StoreError::Compacted { .. }) => StatusCode::GONE,
             ControlError::Store(StoreError::NoSpace { .. }) => StatusCode::SERVICE_UNAVAILABLE,
-            ControlError::Store(StoreError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ControlError::Store(StoreError::TooLarge { .. } | StoreError::TooManyOps { .. }) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ControlError::Store(_) | ControlError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

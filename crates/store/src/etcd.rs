@@ -210,21 +210,69 @@ impl Store for EtcdStore {
         Ok(resp.kvs().first().map(key_value))
     }
 
+    /// In pages, all read at the first page's revision (one consistent view): a whole-prefix
+    /// read in one answer fails past the client's 4 MiB message limit. A page that is still too
+    /// big is asked again with half as many keys.
     async fn range(&self, prefix: &str) -> Result<RangeResponse, StoreError> {
-        let resp = self
-            .call(|mut c| async move {
-                c.get(prefix, Some(ec::GetOptions::new().with_prefix()))
-                    .await
-            })
-            .await
-            .map_err(self.err())?;
+        let end = prefix_end(prefix.as_bytes());
+        let mut kvs = Vec::new();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0i64;
+        let mut limit = RANGE_PAGE_KEYS;
+        loop {
+            let options = ec::GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(limit)
+                .with_revision(revision);
+            let read = self
+                .call(|mut c| {
+                    let (key, options) = (from.clone(), options.clone());
+                    async move { c.get(key, Some(options)).await }
+                })
+                .await;
+            let resp = match read {
+                Ok(resp) => resp,
+                Err(e) if limit > 1 && answer_too_large(&e) => {
+                    limit /= 2;
+                    continue;
+                }
+                Err(e) => return Err(self.err()(e)),
+            };
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let page = resp.kvs();
+            kvs.extend(page.iter().map(key_value));
+            match page.last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         Ok(RangeResponse {
-            kvs: resp.kvs().iter().map(key_value).collect(),
-            revision: revision_of(resp.header()),
+            kvs,
+            revision: revision.max(0) as u64,
         })
     }
 
+    fn max_txn_ops(&self) -> usize {
+        ETCD_MAX_TXN_OPS
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let ops = txn
+            .compares
+            .len()
+            .max(txn.success.len())
+            .max(txn.failure.len());
+        if ops > ETCD_MAX_TXN_OPS {
+            return Err(StoreError::TooManyOps {
+                ops,
+                limit: ETCD_MAX_TXN_OPS,
+            });
+        }
         // etcd refuses a put under a lease it does not know with a generic error: name it.
         for op in txn.success.iter().chain(&txn.failure) {
             if let Op::Put {
@@ -430,5 +478,34 @@ impl Store for EtcdStore {
             .await
             .map_err(self.err())?;
         Ok(revision_of(resp.header()))
+    }
+}
+
+/// Keys per page of a range read (halved while a page is too big for one answer).
+const RANGE_PAGE_KEYS: i64 = 1000;
+
+/// etcd's default `--max-txn-ops`: compares, and operations per branch, in one transaction.
+pub const ETCD_MAX_TXN_OPS: usize = 128;
+
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+/// The answer was bigger than the client takes in one message.
+fn answer_too_large(e: &ec::Error) -> bool {
+    match e {
+        ec::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::OutOfRange || status.message().contains("too large")
+        }
+        _ => e.to_string().contains("too large"),
     }
 }

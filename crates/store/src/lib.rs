@@ -261,6 +261,9 @@ pub enum StoreError {
         bytes: u64,
         limit: u64,
     },
+    /// A transaction with more compares or operations than the backend takes at once.
+    #[error("a transaction with {ops} compares or operations in one part; the store takes at most {limit} (split the write)")]
+    TooManyOps { ops: usize, limit: usize },
     #[error("store I/O on {path}: {source}")]
     Io {
         path: String,
@@ -287,6 +290,12 @@ pub trait Store: Send + Sync + 'static {
     /// Forget history before `revision`: watches from an older revision get `Compacted`.
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
     async fn revision(&self) -> Result<Revision, StoreError>;
+
+    /// The most compares, and the most operations in each branch, one transaction may hold.
+    /// Callers that write more split their writes and say what stays atomic.
+    fn max_txn_ops(&self) -> usize {
+        usize::MAX
+    }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision, StoreError> {
         Ok(self

@@ -74,3 +74,50 @@ async fn a_member_down_does_not_stop_the_store() {
             .expect("write with a member down");
     }
 }
+
+/// Seen: reading a whole prefix failed past the etcd client's 4 MiB answer limit (the
+/// controller's snapshot, every list). Reads go in pages at one revision: 6 MiB read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_of_more_than_5_mib_is_read_whole_at_one_revision() {
+    let Some(cluster) = EtcdCluster::start() else {
+        return;
+    };
+    let store = connect(&cluster).await;
+    const KEYS: usize = 600;
+    let value = |i: usize| vec![(i % 251) as u8; 10 * 1024];
+    for i in 0..KEYS {
+        store.put(&format!("/big/{i:04}"), value(i)).await.unwrap();
+    }
+    let head = store.revision().await.unwrap();
+    let range = store.range("/big/").await.expect("a 6 MiB prefix is read");
+    assert_eq!(range.kvs.len(), KEYS);
+    assert_eq!(range.revision, head);
+    for (i, kv) in range.kvs.iter().enumerate() {
+        assert_eq!(kv.key, format!("/big/{i:04}"));
+        assert!(kv.value == value(i));
+    }
+    // Keys just past the prefix are not in it.
+    store.put("/big0", b"x".to_vec()).await.unwrap();
+    assert_eq!(store.range("/big/").await.unwrap().kvs.len(), KEYS);
+}
+
+/// A transaction over etcd's 128-operation limit is refused with an error that says so
+/// (callers split their writes; see the control crate's `batch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_over_128_operations_is_refused_saying_so() {
+    let Some(cluster) = EtcdCluster::start() else {
+        return;
+    };
+    let store = connect(&cluster).await;
+    let mut txn = dozen_store::Txn::new();
+    for i in 0..129 {
+        txn = txn.then(dozen_store::Op::put(format!("/ops/{i}"), b"1".to_vec()));
+    }
+    match store.txn(txn).await {
+        Err(dozen_store::StoreError::TooManyOps { ops, limit }) => {
+            assert_eq!((ops, limit), (129, 128));
+        }
+        other => panic!("expected TooManyOps, got {other:?}"),
+    }
+    assert_eq!(store.max_txn_ops(), 128);
+}
