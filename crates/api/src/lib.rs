@@ -81,6 +81,13 @@ pub struct JoinTokenRequest {
     /// How long the token may be used; default one hour, at most a day.
     #[serde(default)]
     pub ttl_ms: Option<u64>,
+    /// The one node name the token joins (required).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The addresses the node may register as its `host` (where proxies send its tasks'
+    /// traffic). Empty: what the joining node names, else the address it joins from.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -90,6 +97,9 @@ pub struct JoinTokenResponse {
     pub ttl_ms: u64,
     /// `sha256:<hex>` of the cluster CA certificate, for the joining node to pin.
     pub ca_hash: String,
+    /// The node name the token is for.
+    #[serde(default)]
+    pub node: String,
 }
 
 /// `POST /v1/join` (no token: the join token in the body is the credential).
@@ -99,6 +109,10 @@ pub struct JoinRequest {
     pub node: String,
     /// The node's certificate request (PEM); its key stays on the node.
     pub csr_pem: String,
+    /// The addresses this node will register as its `host`, when the token names none.
+    /// Empty: the address it joins from.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -6,60 +6,113 @@ use std::time::Duration;
 
 use dozen_model::keys;
 use dozen_store::{Compare, Op, Store, Txn};
+use serde::{Deserialize, Serialize};
 
 use crate::{wall_ms, Result};
 
-/// Stores join token `id` (its secret's SHA-256 in hex) for `ttl`.
+/// What a join token's record holds: never the secret, only its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JoinTokenRecord {
+    sha256: String,
+    /// The one node name it joins.
+    node: String,
+    /// The hosts that node may claim (empty: decided at the join).
+    #[serde(default)]
+    hosts: Vec<String>,
+}
+
+/// What the store keeps of a certificate issued to a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IssuedRecord {
+    serial: String,
+    issued_at_ms: u64,
+    /// The addresses the node may register as its `host` (empty in records from before
+    /// hosts were bound: any).
+    #[serde(default)]
+    hosts: Vec<String>,
+}
+
+/// Stores join token `id` (its secret's SHA-256 in hex) for `ttl`, good for joining as `node`
+/// only, claiming `hosts` (or, if empty, what is decided at the join).
 pub async fn store_join_token(
     store: &dyn Store,
     id: &str,
     secret_sha256_hex: &str,
+    node: &str,
+    hosts: &[String],
     ttl: Duration,
 ) -> Result<()> {
+    crate::nodes::check_name(node)?;
+    let record = JoinTokenRecord {
+        sha256: secret_sha256_hex.to_string(),
+        node: node.to_string(),
+        hosts: hosts.to_vec(),
+    };
     crate::nodes::put_leased(
         store,
         keys::join_token(id),
-        secret_sha256_hex.as_bytes().to_vec(),
+        serde_json::to_vec(&record).unwrap_or_default(),
         ttl,
     )
     .await?;
     tracing::info!(
         token_id = id,
+        node,
         ttl_ms = ttl.as_millis() as u64,
         "join token created"
     );
     Ok(())
 }
 
-/// A join token still to be used: its secret's hash, and the revision to spend it at.
+/// A join token still to be used: its secret's hash, the node it is for, and the revision to
+/// spend it at.
 pub struct PendingJoin {
     pub secret_sha256_hex: Vec<u8>,
+    /// None for a token made before tokens named their node.
+    pub node: Option<String>,
+    pub hosts: Vec<String>,
     mod_revision: u64,
     id: String,
 }
 
 /// The join token `id`, unless it is unknown, used or expired.
 pub async fn find_join_token(store: &dyn Store, id: &str) -> Result<Option<PendingJoin>> {
-    Ok(store
-        .get(&keys::join_token(id))
-        .await?
-        .map(|kv| PendingJoin {
-            secret_sha256_hex: kv.value,
-            mod_revision: kv.mod_revision,
-            id: id.to_string(),
-        }))
+    Ok(store.get(&keys::join_token(id)).await?.map(|kv| {
+        match serde_json::from_slice::<JoinTokenRecord>(&kv.value) {
+            Ok(record) => PendingJoin {
+                secret_sha256_hex: record.sha256.into_bytes(),
+                node: Some(record.node),
+                hosts: record.hosts,
+                mod_revision: kv.mod_revision,
+                id: id.to_string(),
+            },
+            // Made by an earlier version: the value is the hash itself.
+            Err(_) => PendingJoin {
+                secret_sha256_hex: kv.value,
+                node: None,
+                hosts: Vec::new(),
+                mod_revision: kv.mod_revision,
+                id: id.to_string(),
+            },
+        }
+    }))
 }
 
-/// Spends `token` and records the certificate `serial` issued to `node`, in one step: false
-/// when another join used the token first.
+/// Spends `token` and records the certificate `serial` issued to `node`, which may claim
+/// `hosts`, in one step: false when another join used the token first.
 pub async fn spend_join_token(
     store: &dyn Store,
     token: PendingJoin,
     node: &str,
     serial: &str,
+    hosts: &[String],
 ) -> Result<bool> {
     let key = keys::join_token(&token.id);
-    let issued = serde_json::json!({ "serial": serial, "issued_at_ms": wall_ms() });
+    let issued = IssuedRecord {
+        serial: serial.to_string(),
+        issued_at_ms: wall_ms(),
+        hosts: hosts.to_vec(),
+    };
     let spent = store
         .txn(
             Txn::new()
@@ -72,6 +125,22 @@ pub async fn spend_join_token(
         )
         .await?;
     Ok(spent.succeeded)
+}
+
+/// The hosts the holder of certificate `serial` (issued to `node`) may register; None when
+/// any (a certificate from before hosts were bound) or when no such certificate was issued.
+pub async fn claimable_hosts(
+    store: &dyn Store,
+    node: &str,
+    serial: &str,
+) -> Result<Option<Vec<String>>> {
+    let Some(kv) = store.get(&keys::node_cert(node, serial)).await? else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<IssuedRecord>(&kv.value)
+        .ok()
+        .map(|r| r.hosts)
+        .filter(|hosts| !hosts.is_empty()))
 }
 
 /// The serials of the certificates issued to `node` that are not revoked: a node name is

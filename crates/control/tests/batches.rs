@@ -4,7 +4,6 @@
 //! without etcd, skips elsewhere, saying so).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use dozen_control::snapshot::Snapshot;
 use dozen_control::{desired, nodes};
@@ -104,13 +103,17 @@ async fn batches_on_etcd() {
         return;
     };
     let connect = || async {
-        dozen_testkit::eventually_async(Duration::from_secs(30), "etcd comes up", || async {
-            let store = dozen_store::etcd::EtcdStore::connect(&cluster.endpoints)
-                .await
-                .ok()?;
-            store.revision().await.ok()?;
-            Some(Arc::new(store) as Arc<dyn Store>)
-        })
+        dozen_testkit::eventually_async(
+            std::time::Duration::from_secs(30),
+            "etcd comes up",
+            || async {
+                let store = dozen_store::etcd::EtcdStore::connect(&cluster.endpoints)
+                    .await
+                    .ok()?;
+                store.revision().await.ok()?;
+                Some(Arc::new(store) as Arc<dyn Store>)
+            },
+        )
         .await
     };
     a_report_of_200_statuses_is_recorded(connect().await).await;

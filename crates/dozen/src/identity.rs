@@ -26,11 +26,20 @@ pub enum CaCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// Make a one-time join token (operator) and print the command a new node runs.
+    /// Make a one-time join token for node NODE (operator) and print the command it runs.
+    ///
+    /// The token joins that name only, and the node may then register only the hosts given
+    /// here (where proxies send its tasks' traffic); without --host, what the node names at
+    /// `node join --advertise-host`, else the address it joins from.
     Token {
+        /// The node the token is for.
+        node: String,
         /// How long the token can be used.
         #[arg(long, default_value = "1h", value_parser = crate::commands::parse_duration)]
         ttl: Duration,
+        /// An address the node may register as its host (repeat for several).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
     /// Join this machine to a cluster: trade a join token for a node certificate (the key is
     /// made here and never leaves). Then run `dozen agent` with the same --data-dir.
@@ -52,6 +61,10 @@ pub struct JoinArgs {
     /// Name of this node. Default: the host name.
     #[arg(long, env = "DOZEN_NODE_NAME")]
     pub node_name: Option<String>,
+    /// The address this node's agent will advertise (`dozen agent --advertise-host`), fixed
+    /// in its identity when the token names none. Default: the address it joins from.
+    #[arg(long, env = "DOZEN_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,30 +120,42 @@ pub fn ca_init(global: &Global, dir: Option<PathBuf>) -> anyhow::Result<i32> {
         "  dozen server --ca-dir {} --store etcd://... --token-file TOKEN --listen 0.0.0.0:7700",
         dir.display()
     );
-    println!("  dozen node token        # on an operator machine: a join token for a new node");
+    println!("  dozen node token NODE   # on an operator machine: a join token for a new node");
     Ok(0)
 }
 
-pub async fn node_token(global: &Global, ttl: Duration) -> anyhow::Result<i32> {
+pub async fn node_token(
+    global: &Global,
+    node: String,
+    ttl: Duration,
+    hosts: Vec<String>,
+) -> anyhow::Result<i32> {
     let api = crate::commands::client(global)?;
     let made: JoinTokenResponse = api
         .create_join_token(&JoinTokenRequest {
             ttl_ms: Some(ttl.as_millis() as u64),
+            node: Some(node),
+            hosts,
         })
         .await?;
     if global.output == crate::Output::Json {
         output::json(&made);
         return Ok(0);
     }
-    println!("join token (one use, {}):", humanize(made.ttl_ms));
+    println!(
+        "join token for node {} (one use, {}):",
+        made.node,
+        humanize(made.ttl_ms)
+    );
     println!("  {}", made.token);
     // The token goes in the environment, not argv: argv is visible to every local user.
     println!("on the new node:");
     println!(
-        "  DOZEN_JOIN_TOKEN={} dozen --server {} node join --ca-hash {}",
+        "  DOZEN_JOIN_TOKEN={} dozen --server {} node join --ca-hash {} --node-name {}",
         made.token,
         api.base(),
-        made.ca_hash
+        made.ca_hash,
+        made.node
     );
     println!("  dozen --server {} agent --with-proxy", api.base());
     Ok(0)
@@ -171,6 +196,7 @@ pub async fn node_join(global: &Global, args: JoinArgs) -> anyhow::Result<i32> {
         token: args.token.clone(),
         node: node.clone(),
         csr_pem,
+        hosts: args.advertise_host.clone().into_iter().collect(),
     };
     let joined: JoinResponse = match dozen_api::client::join(
         &server,

@@ -229,8 +229,8 @@ fn main() -> ExitCode {
             Command::Nodes => inventory::nodes(&global).await,
             Command::Cluster => inventory::cluster(&global).await,
             Command::Ca(identity::CaCommand::Init { dir }) => identity::ca_init(&global, dir),
-            Command::Node(identity::NodeCommand::Token { ttl }) => {
-                identity::node_token(&global, ttl).await
+            Command::Node(identity::NodeCommand::Token { node, ttl, hosts }) => {
+                identity::node_token(&global, node, ttl, hosts).await
             }
             Command::Node(identity::NodeCommand::Join(a)) => identity::node_join(&global, a).await,
             Command::Node(identity::NodeCommand::Revoke { node }) => {

@@ -425,8 +425,12 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
         let node_data = cluster.work.path().join(format!("node{i}"));
         std::fs::create_dir_all(&node_data).unwrap();
         let mount = format!("{}:/data", node_data.display());
+        // The token names the node and the one host it may route traffic to.
         let token = cluster
-            .json(&servers, &["node", "token"])
+            .json(
+                &servers,
+                &["node", "token", &format!("node{i}"), "--host", &advertise],
+            )
             .expect("join token");
         cluster.run_once(
             &format!("join{i}"),

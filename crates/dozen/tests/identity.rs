@@ -150,7 +150,7 @@ fn operator_json(site: &Site, name: &str, url: &str, args: &[&str]) -> Value {
 /// `dozen node token` + `dozen node join` for `node`, with its own data dir; the token goes
 /// through the environment, as `dozen node token` says. Returns the data dir and the token.
 fn join(site: &Site, name: &str, url: &str, node: &str) -> (PathBuf, String) {
-    let made = operator_json(site, name, url, &["node", "token", "--ttl", "10m"]);
+    let made = operator_json(site, name, url, &["node", "token", node, "--ttl", "10m"]);
     let token = made["token"].as_str().unwrap().to_string();
     let data = site.path(&format!("{node}-data"));
     let out = site
@@ -281,12 +281,17 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
     let url = start_server(&mut site, "main");
 
     // `dozen node token` prints a join command that keeps the token out of argv.
-    let printed = operator(&site, "main", &url, &["node", "token"]);
+    let printed = operator(&site, "main", &url, &["node", "token", "n9"]);
     let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
     assert!(
-        printed.contains("DOZEN_JOIN_TOKEN=") && !printed.contains("--token"),
+        printed.contains("DOZEN_JOIN_TOKEN=")
+            && !printed.contains("--token")
+            && printed.contains("--node-name n9"),
         "{printed}"
     );
+    // A token is for one node: making one without a name is refused, saying so.
+    let unnamed = operator(&site, "main", &url, &["node", "token"]);
+    assert!(!unnamed.status.success());
 
     // Two nodes join and run their agents on certificates alone (no token given).
     let (n1, n1_token) = join(&site, "main", &url, "n1");
@@ -327,6 +332,24 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
         .find(|n| n["node"]["name"] == "n2")
         .unwrap()["node"]
         .clone();
+    // Seen: a node could register any host, and proxies would send public traffic there. It
+    // may claim only the host fixed when it joined (here the address it joined from).
+    let mut elsewhere = record.clone();
+    elsewhere["host"] = Value::from("10.9.9.9");
+    assert_eq!(
+        as_node(
+            &n2,
+            &url,
+            "POST",
+            "/v1/nodes/n2/register",
+            Some(serde_json::json!({ "node": elsewhere }))
+        ),
+        403
+    );
+    assert!(site
+        .log("main.log")
+        .lines()
+        .any(|l| l.contains("refused a node's host claim") && l.contains("10.9.9.9")));
     record["address"] = Value::from("http://127.0.0.1:1");
     let body = serde_json::json!({ "node": record });
     assert_eq!(
@@ -342,7 +365,7 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
     );
 
     // A join token works once.
-    let made = operator_json(&site, "main", &url, &["node", "token"]);
+    let made = operator_json(&site, "main", &url, &["node", "token", "once"]);
     let args = |data: &str| {
         vec![
             "--server".to_string(),
@@ -355,6 +378,8 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
             made["token"].as_str().unwrap().to_string(),
             "--ca-hash".into(),
             made["ca_hash"].as_str().unwrap().to_string(),
+            "--node-name".into(),
+            "once".into(),
         ]
     };
     let first: Vec<String> = args("once-a");
@@ -372,7 +397,7 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
 
     // A wrong CA hash: the joining node refuses to send its token.
     let mut wrong = first.clone();
-    let hash_at = wrong.len() - 1;
+    let hash_at = wrong.len() - 3;
     wrong[hash_at] = "sha256:00";
     let out = site.run(&wrong);
     assert!(!out.status.success());
@@ -453,11 +478,23 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
         "n2 was not disturbed: {n2_log}"
     );
 
-    // A name is one node's: joining as n2 while n2 holds a live certificate is refused (and
-    // does not spend the token); n1's name, revoked, can be joined again.
-    let made = operator_json(&site, "main", &url, &["node", "token", "--ttl", "10m"]);
-    let token = made["token"].as_str().unwrap();
-    let join_as = |node: &str| {
+    // A token joins the node it was made for, no other (seen: a joiner could take an existing
+    // node's name and read its assignments). A name is one node's: joining as n2 while n2
+    // holds a live certificate is refused too. Neither refusal spends the token; n1's name,
+    // revoked, can be joined again.
+    let made = operator_json(
+        &site,
+        "main",
+        &url,
+        &["node", "token", "n1", "--ttl", "10m"],
+    );
+    let for_n2 = operator_json(
+        &site,
+        "main",
+        &url,
+        &["node", "token", "n2", "--ttl", "10m"],
+    );
+    let join_as = |node: &str, token: &str| {
         site.command(&[
             "--server",
             &url,
@@ -474,11 +511,18 @@ fn nodes_join_with_tokens_and_bad_credentials_are_refused_and_logged() {
         .output()
         .unwrap()
     };
-    let refused = join_as("n2");
+    let refused = join_as("n2", made["token"].as_str().unwrap());
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("the token is for node `n1`, not `n2`"),
+        "{err}"
+    );
+    let refused = join_as("n2", for_n2["token"].as_str().unwrap());
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("node name `n2` is in use"), "{err}");
-    let again = join_as("n1");
+    let again = join_as("n1", made["token"].as_str().unwrap());
     assert!(
         again.status.success(),
         "a revoked name can be joined again with the same token: {}",

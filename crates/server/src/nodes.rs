@@ -11,8 +11,8 @@ use dozen_api::{
     ClusterInfo, HeartbeatRequest, NodeInfo, RegisterRequest, RegisterResponse, StatusReport,
     WatchQuery,
 };
-use dozen_control::nodes;
 use dozen_control::snapshot::Snapshot;
+use dozen_control::{nodes, pki};
 use dozen_model::{keys, Assignment};
 
 use crate::auth::Caller;
@@ -58,9 +58,38 @@ pub(crate) async fn register(
     State(s): State<Arc<AppState>>,
     Path(node): Path<String>,
     caller: Option<axum::Extension<Caller>>,
+    connection: Option<axum::Extension<dozen_api::serving::ConnectionInfo>>,
     Json(req): Json<RegisterRequest>,
 ) -> ApiResult<Json<RegisterResponse>> {
     let by_certificate = matches!(caller.as_deref(), Some(Caller::Node(_)));
+    // Proxies send public traffic to the host a node registers: a node with a certificate
+    // may claim only the hosts fixed when it joined.
+    let serial = connection
+        .and_then(|c| c.identity.clone())
+        .map(|id| id.serial);
+    if let (true, Some(serial)) = (by_certificate, serial) {
+        if let Some(hosts) = pki::claimable_hosts(s.store.as_ref(), &node, &serial).await? {
+            if !hosts.contains(&req.node.host) {
+                tracing::warn!(node, host = %req.node.host, allowed = %hosts.join(","), "refused a node's host claim");
+                return Err(crate::error::ApiFailure::from_response(
+                    crate::error::error(
+                        axum::http::StatusCode::FORBIDDEN,
+                        format!(
+                            "node `{node}` may register host {} (fixed when it joined), not `{}`",
+                            hosts.join(" or "),
+                            req.node.host
+                        ),
+                        Some(format!(
+                            "start the agent with --advertise-host {}, or revoke the node (`dozen \
+                         node revoke {node}`) and join again with a token for the new host \
+                         (`dozen node token {node} --host {}`)",
+                            hosts[0], req.node.host
+                        )),
+                    ),
+                ));
+            }
+        }
+    }
     let record = dozen_model::NodeRecord {
         registered_via: s.server_id.clone(),
         ..req.node

@@ -55,18 +55,44 @@ pub(crate) async fn create_join_token(
             ))
         })
     };
+    let Some(node) = req.node.filter(|n| !n.is_empty()) else {
+        return Err(bad_request(
+            "a join token is for one node: name it (`dozen node token NODE`)".into(),
+        ));
+    };
+    nodes::check_name(&node)?;
+    check_hosts(&req.hosts)?;
     let (id, secret) = (random(6)?, random(24)?);
     let hash = dozen_api::tls::sha256_hex(secret.as_bytes());
-    pki::store_join_token(s.store.as_ref(), &id, &hash, ttl).await?;
+    pki::store_join_token(s.store.as_ref(), &id, &hash, &node, &req.hosts, ttl).await?;
     Ok(Json(JoinTokenResponse {
         token: format!("{id}.{secret}"),
         ttl_ms: ttl.as_millis() as u64,
         ca_hash: ca.fingerprint().map_err(|e| bad_request(e.to_string()))?,
+        node,
     }))
+}
+
+/// Host names or addresses a node may claim: each a plain name or IP, nothing else.
+fn check_hosts(hosts: &[String]) -> Result<(), ApiFailure> {
+    for host in hosts {
+        let plain = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+        if !plain {
+            return Err(bad_request(format!(
+                "host `{host}`: give a host name or an IP address (no scheme, no port)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn join(
     State(s): State<Arc<AppState>>,
+    connection: Option<axum::Extension<dozen_api::serving::ConnectionInfo>>,
     Json(req): Json<JoinRequest>,
 ) -> ApiResult<Json<JoinResponse>> {
     let ca = s.ca.as_ref().ok_or_else(no_ca)?;
@@ -90,6 +116,25 @@ pub(crate) async fn join(
     if !token_matches(presented.as_bytes(), &token.secret_sha256_hex) {
         return Err(refuse("the token's secret does not match"));
     }
+    // A token joins the one node it was made for: it cannot take another node's name.
+    if let Some(bound) = token.node.as_deref().filter(|bound| *bound != req.node) {
+        return Err(refuse(&format!(
+            "the token is for node `{bound}`, not `{}`",
+            req.node
+        )));
+    }
+    // What the node may later register as its host (where proxies send traffic): what the
+    // operator gave with the token, else what the node names now, else where it joins from.
+    check_hosts(&req.hosts)?;
+    let hosts: Vec<String> = if !token.hosts.is_empty() {
+        token.hosts.clone()
+    } else if !req.hosts.is_empty() {
+        req.hosts.clone()
+    } else {
+        connection
+            .map(|c| vec![c.peer.ip().to_string()])
+            .unwrap_or_default()
+    };
     // One node per name: another joiner must not take a live node's name (and read its
     // assignments). Checked before the token is spent, so a refused join does not use it up.
     let taken = pki::unrevoked_certificates(s.store.as_ref(), &req.node).await?;
@@ -112,10 +157,10 @@ pub(crate) async fn join(
     let issued = ca
         .sign_node(&req.csr_pem, &req.node)
         .map_err(|e| bad_request(e.to_string()))?;
-    if !pki::spend_join_token(s.store.as_ref(), token, &req.node, &issued.serial).await? {
+    if !pki::spend_join_token(s.store.as_ref(), token, &req.node, &issued.serial, &hosts).await? {
         return Err(refuse("the token was used by another join just now"));
     }
-    tracing::info!(node = %req.node, serial = %issued.serial, "node joined; certificate issued");
+    tracing::info!(node = %req.node, serial = %issued.serial, hosts = %hosts.join(","), "node joined; certificate issued");
     Ok(Json(JoinResponse {
         cert_pem: issued.cert_pem,
         ca_pem: ca.cert_pem.clone(),
