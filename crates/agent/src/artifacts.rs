@@ -40,3 +40,72 @@ pub(crate) async fn unpacked(
     }
     Ok(dir)
 }
+
+/// Removes the unpacked bundles under `data_dir` that no task of this node uses (`in_use`:
+/// digests), once older than `grace`, and unpacks cut short as long ago; returns the digests
+/// removed. The bundle of a release a task may come back to (rollback) is fetched again.
+pub(crate) fn collect(
+    data_dir: &Path,
+    in_use: &std::collections::HashSet<String>,
+    grace: std::time::Duration,
+) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(data_dir.join("artifacts")) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= grace);
+        if !old {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".partial-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+            continue;
+        }
+        let digest = format!("sha256:{name}");
+        if dozen_digest::check(&digest).is_ok()
+            && !in_use.contains(&digest)
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed.push(digest);
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::collect;
+
+    /// Seen: unpacked artifacts were never collected. Those no task uses go once past their
+    /// grace; those in use, and fresh ones, stay.
+    #[test]
+    fn unpacked_bundles_no_task_uses_are_collected() {
+        let data = tempfile::tempdir().unwrap();
+        let root = data.path().join("artifacts");
+        let hex = |c: char| std::iter::repeat_n(c, 64).collect::<String>();
+        let (used, unused, fresh) = (hex('a'), hex('b'), hex('c'));
+        for name in [&used, &unused, &fresh] {
+            std::fs::create_dir_all(root.join(name).join("bin")).unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for name in [&used, &unused] {
+            std::fs::File::open(root.join(name))
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+        }
+        let in_use = std::collections::HashSet::from([format!("sha256:{used}")]);
+        let removed = collect(data.path(), &in_use, std::time::Duration::from_secs(600));
+        assert_eq!(removed, vec![format!("sha256:{unused}")]);
+        assert!(root.join(&used).is_dir());
+        assert!(root.join(&fresh).is_dir());
+        assert!(!root.join(&unused).exists());
+    }
+}

@@ -271,6 +271,26 @@ pub(crate) fn spawn_runner(shared: &Arc<Shared>, record: TaskRecord, recovered: 
 
 pub(crate) async fn gc_loop(shared: Arc<Shared>) {
     loop {
+        // Bundles no task of this node runs any more (after an hour, so one a new task is
+        // about to use is not taken from under it).
+        let in_use: std::collections::HashSet<String> = shared
+            .runners
+            .lock()
+            .map(|runners| {
+                runners
+                    .values()
+                    .filter_map(|tx| tx.borrow().as_ref()?.artifact_digest.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let removed =
+            crate::artifacts::collect(&shared.config.data_dir, &in_use, Duration::from_secs(3600));
+        if !removed.is_empty() {
+            tracing::info!(
+                count = removed.len(),
+                "removed unpacked artifacts no task uses"
+            );
+        }
         if let Ok(entries) = std::fs::read_dir(shared.tasks_dir()) {
             for entry in entries.flatten() {
                 let marker = entry.path().join(REMOVED_MARKER);

@@ -229,7 +229,7 @@ impl Ca {
         ];
         let (serial, hex) = random_serial();
         params.serial_number = Some(serial);
-        validity(&mut params, 365);
+        validity(&mut params, i64::from(dozen_model::CERT_VALIDITY_DAYS));
         let cert = params
             .signed_by(&key, &self.issuer()?)
             .map_err(|e| invalid("server certificate")(e.to_string()))?;
@@ -259,7 +259,7 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let (serial, hex) = random_serial();
         params.serial_number = Some(serial);
-        validity(&mut params, 365);
+        validity(&mut params, i64::from(dozen_model::CERT_VALIDITY_DAYS));
         csr.params = params;
         let cert = csr
             .signed_by(&self.issuer()?)

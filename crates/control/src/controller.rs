@@ -90,6 +90,10 @@ pub struct Controller {
     pub history_window: u64,
 }
 
+/// The published problems record holds at most this many per service (then "... and N more"):
+/// it is rewritten whenever they change, so it must stay small.
+pub const MAX_PROBLEMS_PER_SERVICE: usize = 10;
+
 /// How often the leader compacts the store's history.
 pub const COMPACT_EVERY: Duration = Duration::from_secs(300);
 /// The history kept for watchers by default: as many revisions as the embedded store keeps.
@@ -174,6 +178,10 @@ impl Controller {
                     }
                     leadership.progressed();
                 }
+                if let Err(e) = crate::pki::forget_expired(self.store.as_ref(), wall_ms()).await {
+                    tracing::warn!(error = %e, "cannot forget expired certificates");
+                }
+                leadership.progressed();
             }
             if watch.is_none() {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
@@ -276,7 +284,13 @@ impl Controller {
                 wake = Some(wake.map_or(w, |x: u64| x.min(w)));
             }
             if !decision.problems.is_empty() {
-                problems.insert(name.clone(), decision.problems);
+                let mut found = decision.problems;
+                if found.len() > MAX_PROBLEMS_PER_SERVICE {
+                    let more = found.len() - MAX_PROBLEMS_PER_SERVICE;
+                    found.truncate(MAX_PROBLEMS_PER_SERVICE);
+                    found.push(format!("... and {more} more"));
+                }
+                problems.insert(name.clone(), found);
             }
             for action in decision.actions {
                 self.act(leadership, snap, name, &action, now_ms).await?;

@@ -187,3 +187,79 @@ pub async fn revoke_node(store: &dyn Store, node: &str) -> Result<Vec<String>> {
     tracing::warn!(node, serials = %serials.join(","), "node certificates revoked");
     Ok(serials)
 }
+
+/// Forgets the certificates issued to nodes that have expired by `now_ms`, with their
+/// revocations: a certificate past its validity is refused by TLS anyway, so these records
+/// are bounded by the joins of the last year. Returns how many were forgotten.
+pub async fn forget_expired(store: &dyn Store, now_ms: u64) -> Result<usize> {
+    let life_ms = u64::from(dozen_model::CERT_VALIDITY_DAYS) * 24 * 3600 * 1000;
+    let prefix = format!("{}pki/certs/", keys::ROOT);
+    let issued = store.range(&prefix).await?;
+    let mut ops = Vec::new();
+    for kv in &issued.kvs {
+        let Ok(record) = serde_json::from_slice::<IssuedRecord>(&kv.value) else {
+            continue;
+        };
+        // A day of margin for clocks that disagree.
+        if record.issued_at_ms + life_ms + 24 * 3600 * 1000 < now_ms {
+            ops.push(Op::delete(&kv.key));
+            ops.push(Op::delete(keys::revoked(&record.serial)));
+        }
+    }
+    let forgotten = ops.len() / 2;
+    for chunk in ops.chunks((store.max_txn_ops().max(2) / 2) * 2) {
+        let mut txn = Txn::new();
+        txn.success = chunk.to_vec();
+        store.txn(txn).await?;
+    }
+    if forgotten > 0 {
+        tracing::info!(count = forgotten, "forgot expired node certificates");
+    }
+    Ok(forgotten)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seen: `pki/` only grew. Certificates past their validity are forgotten with their
+    /// revocations; live ones, revoked or not, stay.
+    #[tokio::test]
+    async fn expired_certificates_are_forgotten_with_their_revocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dozen_store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let now: u64 = 1_800_000_000_000;
+        let year_and_a_half = 548 * 24 * 3600 * 1000;
+        for (serial, issued_at_ms) in [("0old", now - year_and_a_half), ("0new", now - 1000)] {
+            let record = IssuedRecord {
+                serial: serial.into(),
+                issued_at_ms,
+                hosts: vec![],
+            };
+            store
+                .put(
+                    &keys::node_cert("n1", serial),
+                    serde_json::to_vec(&record).unwrap(),
+                )
+                .await
+                .unwrap();
+            store
+                .put(&keys::revoked(serial), b"n1".to_vec())
+                .await
+                .unwrap();
+        }
+        assert_eq!(forget_expired(&store, now).await.unwrap(), 1);
+        assert!(store
+            .get(&keys::node_cert("n1", "0old"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store.get(&keys::revoked("0old")).await.unwrap().is_none());
+        assert!(store
+            .get(&keys::node_cert("n1", "0new"))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(is_revoked(&store, "0new").await.unwrap());
+    }
+}

@@ -535,6 +535,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         None => None,
     };
     let state = Arc::new(state);
+    tokio::spawn(dozen_server::blobs::collect_loop(state.clone()));
     let advertised = advertised_url(args, address, tls.is_some());
     tokio::spawn(dozen_server::register_with_peers(
         store.clone(),

@@ -15,6 +15,10 @@ pub use dozen_spec::Service as ServiceSpec;
 /// The schema version this build writes.
 pub const SCHEMA: u32 = 1;
 
+/// How long a certificate the cluster CA issues (to a server or a node) is valid, in days.
+/// Records of a node certificate (and of its revocation) are forgotten once it has expired.
+pub const CERT_VALIDITY_DAYS: u32 = 365;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("record at {key} is not valid JSON for {kind}: {source}")]

@@ -93,3 +93,48 @@ pub(crate) async fn put_blob(
     blocking(move || blobs.put(&digest, &body)).await?;
     Ok(StatusCode::CREATED)
 }
+
+/// How often each server collects the blobs no release names any more.
+pub const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long an upload may wait for the release that names it before it is collected.
+pub const UPLOAD_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Collects, on this server, the blobs that no release names (releases are pruned to the
+/// newest N per service, and go with their service): every [`COLLECT_EVERY`], keeping uploads
+/// younger than [`UPLOAD_GRACE`]. Each server holds its own copies, so each collects its own.
+pub async fn collect_loop(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(COLLECT_EVERY).await;
+        match collect_once(&state, UPLOAD_GRACE).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(count = removed.len(), "collected blobs no release names");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot collect blobs this time"),
+        }
+    }
+}
+
+/// One collection: the digests removed.
+pub async fn collect_once(
+    state: &AppState,
+    grace: std::time::Duration,
+) -> Result<Vec<String>, String> {
+    let releases = state
+        .store
+        .range(&dozen_model::keys::all_releases())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keep = std::collections::BTreeSet::new();
+    for kv in &releases.kvs {
+        // A release that cannot be read keeps every blob: better late than wrong.
+        let release: dozen_model::Release =
+            dozen_model::decode(&kv.key, &kv.value).map_err(|e| e.to_string())?;
+        keep.extend(release.artifact_digest);
+    }
+    let blobs = state.blobs.clone();
+    tokio::task::spawn_blocking(move || blobs.collect(&keep, grace))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}

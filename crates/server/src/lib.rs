@@ -20,7 +20,7 @@ use dozen_store::blob::BlobStore;
 use dozen_store::Store;
 
 mod auth;
-mod blobs;
+pub mod blobs;
 mod error;
 mod logs;
 mod nodes;

@@ -34,6 +34,14 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Stores `bytes` under `digest` after checking that they hash to it.
     fn put(&self, digest: &str, bytes: &[u8]) -> Result<(), BlobError>;
     fn get(&self, digest: &str) -> Result<Option<Vec<u8>>, BlobError>;
+    /// Removes every blob not in `keep` that is older than `grace` (an upload waits that long
+    /// for the release that will name it), and leftovers of interrupted writes; returns the
+    /// digests removed.
+    fn collect(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+        grace: std::time::Duration,
+    ) -> Result<Vec<String>, BlobError>;
 }
 
 pub struct FsBlobStore {
@@ -91,6 +99,46 @@ impl BlobStore for FsBlobStore {
         written.map_err(io)
     }
 
+    fn collect(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+        grace: std::time::Duration,
+    ) -> Result<Vec<String>, BlobError> {
+        let io = |source| BlobError::Io {
+            path: self.dir.display().to_string(),
+            source,
+        };
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= grace);
+            if !old {
+                continue;
+            }
+            let digest = name
+                .strip_prefix("sha256-")
+                .filter(|hex| !hex.contains('.'))
+                .map(|hex| format!("sha256:{hex}"));
+            match digest {
+                Some(digest) if keep.contains(&digest) => {}
+                Some(digest) if std::fs::remove_file(entry.path()).is_ok() => removed.push(digest),
+                Some(_) => {}
+                // A write cut short (`.partial`) long ago.
+                None if name.ends_with(".partial") => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                None => {}
+            }
+        }
+        Ok(removed)
+    }
+
     fn get(&self, digest: &str) -> Result<Option<Vec<u8>>, BlobError> {
         let path = self.path(digest)?;
         match std::fs::read(&path) {
@@ -125,5 +173,36 @@ mod tests {
             Err(BlobError::BadDigest(_))
         ));
         assert!(blobs.get(&sha256_digest(b"other")).unwrap().is_none());
+    }
+
+    /// Seen: blobs were never collected. Those no release names go once past their grace;
+    /// those a release names, and fresh uploads still waiting for theirs, stay.
+    #[test]
+    fn unreferenced_blobs_past_their_grace_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobStore::new(dir.path().to_path_buf()).unwrap();
+        let [named, orphan, fresh] = [b"named".as_slice(), b"orphan", b"fresh"].map(|b| {
+            let d = sha256_digest(b);
+            blobs.put(&d, b).unwrap();
+            d
+        });
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for d in [&named, &orphan] {
+            let path = blobs.path(d).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+        }
+        let keep = std::collections::BTreeSet::from([named.clone()]);
+        let removed = blobs
+            .collect(&keep, std::time::Duration::from_secs(600))
+            .unwrap();
+        assert_eq!(removed, vec![orphan.clone()]);
+        assert!(blobs.contains(&named).unwrap());
+        assert!(blobs.contains(&fresh).unwrap());
+        assert!(!blobs.contains(&orphan).unwrap());
     }
 }
