@@ -86,7 +86,7 @@ pub struct Controller {
     pub node_ttl: Duration,
     /// Revisions of history kept behind the head for watchers: every [`COMPACT_EVERY`] the
     /// leader compacts the store to this far behind (etcd never compacts on its own, and would
-    /// reach its space quota and turn read-only).
+    /// reach its space quota and turn read-only). 0: never compact.
     pub history_window: u64,
 }
 
@@ -133,13 +133,20 @@ impl Controller {
             // leaving the keep-alive running for a controller that is gone.
             let this = self.clone();
             let term = leadership.clone();
-            let outcome = match tokio::spawn(async move { this.lead(&term).await }).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    tracing::error!(error = %e, "the controller panicked; giving up leadership");
-                    Err(ControlError::Invalid(format!(
-                        "the controller panicked: {e}"
-                    )))
+            let mut led = tokio::spawn(async move { this.lead(&term).await });
+            let outcome = tokio::select! {
+                joined = &mut led => match joined {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the controller panicked; giving up leadership");
+                        Err(ControlError::Invalid(format!("the controller panicked: {e}")))
+                    }
+                },
+                // The term ended under a pass that does not return (the watchdog gave the
+                // lease up): drop that pass and campaign again.
+                _ = leadership.ended() => {
+                    led.abort();
+                    Err(ControlError::LostLeadership)
                 }
             };
             // Whatever ended the term, end the lease with it: no keep-alive left behind, and
@@ -169,7 +176,8 @@ impl Controller {
             leadership.progressed();
             if compacted_at.is_none_or(|at| at.elapsed() >= COMPACT_EVERY) {
                 compacted_at = Some(tokio::time::Instant::now());
-                if let Some(floor) = snap.revision.checked_sub(self.history_window) {
+                let floor = snap.revision.checked_sub(self.history_window);
+                if let Some(floor) = floor.filter(|_| self.history_window > 0) {
                     match self.store.compact(floor).await {
                         Ok(()) => tracing::debug!(floor, "compacted the store's history"),
                         Err(e) => {
@@ -263,6 +271,7 @@ impl Controller {
             proxies_applied: snap.proxies_applied(),
         };
         for (name, svc) in &snap.services {
+            leadership.progressed();
             let Some(release) = snap.current_release(name) else {
                 continue;
             };
@@ -306,8 +315,10 @@ impl Controller {
                         node: t.node.clone(),
                     },
                     (DesiredState::Stop, true) => {
+                        // On a node that is not up, the record goes now: the agent stops a task
+                        // whose assignment is gone when it returns.
                         let ended = t.status.as_ref().is_some_and(|s| s.state.is_terminal())
-                            || !snap.nodes.contains_key(&t.node);
+                            || !snap.alive_nodes.contains(&t.node);
                         if !ended {
                             continue;
                         }

@@ -26,6 +26,8 @@ pub struct Leadership {
     /// The leader key's mod revision when we won: the fencing token.
     pub revision: Revision,
     lost: Arc<AtomicBool>,
+    /// Woken when `lost` is set.
+    lost_notify: Arc<tokio::sync::Notify>,
     /// The wall time of this term's first controller pass (0 until then).
     first_pass_ms: Arc<AtomicU64>,
     /// The watchdog's view of the controller: 0 while it waits for a change, else when (ms
@@ -85,6 +87,22 @@ impl Leadership {
         }
     }
 
+    fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.lost_notify.notify_waiters();
+    }
+
+    /// Resolves once this term is over (lost, resigned, or given up by the watchdog).
+    pub async fn ended(&self) {
+        loop {
+            let woken = self.lost_notify.notified();
+            if self.is_lost() {
+                return;
+            }
+            woken.await;
+        }
+    }
+
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }
@@ -92,7 +110,7 @@ impl Leadership {
     /// Gives leadership up: stops refreshing the lease and revokes it, so the leader key goes
     /// at once and another server can win without waiting for the lease to run out.
     pub async fn resign(&self, store: &dyn Store) {
-        self.lost.store(true, Ordering::SeqCst);
+        self.mark_lost();
         if let Err(e) = store.revoke_lease(self.lease).await {
             tracing::debug!(error = %e, "leader lease already gone");
         }
@@ -113,7 +131,7 @@ impl Leadership {
         match store.get(&leader_key()).await? {
             Some(kv) if kv.mod_revision == self.revision => Ok(false),
             _ => {
-                self.lost.store(true, Ordering::SeqCst);
+                self.mark_lost();
                 Err(ControlError::LostLeadership)
             }
         }
@@ -157,6 +175,7 @@ pub async fn campaign(store: Arc<dyn Store>, server_id: &str, ttl: Duration) -> 
                 lease,
                 revision,
                 lost: Arc::new(AtomicBool::new(false)),
+                lost_notify: Default::default(),
                 first_pass_ms: Default::default(),
                 working_since_progress: Default::default(),
                 epoch: tokio::time::Instant::now(),
@@ -200,7 +219,7 @@ async fn keep_leading(store: Arc<dyn Store>, leadership: Leadership, ttl: Durati
         }
         if let Err(e) = store.keep_alive(leadership.lease).await {
             tracing::warn!(error = %e, "lost controller leadership");
-            leadership.lost.store(true, Ordering::SeqCst);
+            leadership.mark_lost();
             return;
         }
     }

@@ -128,14 +128,15 @@ pub async fn spend_join_token(
 }
 
 /// The hosts the holder of certificate `serial` (issued to `node`) may register; None when
-/// any (a certificate from before hosts were bound) or when no such certificate was issued.
+/// any (a certificate from before hosts were bound). A certificate the store has no record of
+/// (forgotten, or issued under another name) may claim none.
 pub async fn claimable_hosts(
     store: &dyn Store,
     node: &str,
     serial: &str,
 ) -> Result<Option<Vec<String>>> {
     let Some(kv) = store.get(&keys::node_cert(node, serial)).await? else {
-        return Ok(None);
+        return Ok(Some(Vec::new()));
     };
     Ok(serde_json::from_slice::<IssuedRecord>(&kv.value)
         .ok()
@@ -179,7 +180,11 @@ pub async fn revoke_node(store: &dyn Store, node: &str) -> Result<Vec<String>> {
         .iter()
         .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_string))
         .collect();
-    let mut txn = Txn::new();
+    // A revoked node is forgotten too (not merely down): its tasks are replaced elsewhere and
+    // it gets no traffic; it can join again with a new token, as a new node.
+    let mut txn = Txn::new()
+        .then(Op::delete(keys::node(node)))
+        .then(Op::delete(keys::node_alive(node)));
     for serial in &serials {
         txn = txn.then(Op::put(keys::revoked(serial), node.as_bytes().to_vec()));
     }

@@ -555,10 +555,12 @@ async fn a_controller_hung_in_a_pass_gives_up_its_lease_within_the_ttl() {
     assert!(next.revision > hung.revision);
 }
 
-/// A store that panics on reads once told to: a controller bug in the middle of a pass.
+/// A store whose reads fail once told to (`fault`: 1 panics, 2 never answers): a controller
+/// bug, or a call that hangs, in the middle of a pass.
 struct PanicsOnRead {
     inner: Arc<dyn Store>,
     panic: std::sync::atomic::AtomicBool,
+    hang: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -575,6 +577,9 @@ impl Store for PanicsOnRead {
     ) -> Result<dozen_store::RangeResponse, dozen_store::StoreError> {
         if self.panic.load(std::sync::atomic::Ordering::SeqCst) {
             panic!("injected: a controller bug");
+        }
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         self.inner.range(prefix).await
     }
@@ -617,6 +622,7 @@ async fn a_controller_that_panics_gives_up_its_lease() {
     let faulty = Arc::new(PanicsOnRead {
         inner: embedded.clone(),
         panic: Default::default(),
+        hang: Default::default(),
     });
     let ttl = Duration::from_secs(3);
     let controller = Controller {
@@ -697,4 +703,43 @@ async fn the_leader_compacts_history_behind_the_watch_window() {
 
 fn compact_revision_near(compacted: u64, head: u64, window: u64) -> bool {
     compacted + window >= head.saturating_sub(5) && compacted + window <= head + 5
+}
+
+/// A pass that hangs: the watchdog gives the lease up, and the server drops that pass and
+/// campaigns again (a new term begins) instead of waiting on it for ever.
+#[tokio::test(start_paused = true)]
+async fn a_controller_hung_in_a_pass_is_dropped_and_a_new_term_begins() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let faulty = Arc::new(PanicsOnRead {
+        inner: embedded.clone(),
+        panic: Default::default(),
+        hang: Default::default(),
+    });
+    let ttl = Duration::from_secs(3);
+    let controller = Controller {
+        store: faulty.clone(),
+        server_id: "server-a".into(),
+        leader_ttl: ttl,
+        node_ttl: ttl,
+        history_window: dozen_control::controller::HISTORY_WINDOW,
+    };
+    tokio::spawn(controller.run());
+    let key = dozen_control::leader::leader_key();
+    let first = within(Duration::from_secs(5), async || {
+        embedded.get(&key).await.unwrap()
+    })
+    .await
+    .expect("the controller leads");
+    faulty.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    embedded
+        .put("/dozen/v1/scale/web", b"{}".to_vec())
+        .await
+        .unwrap();
+    let next_term = within(ttl * 2, async || {
+        let now = embedded.get(&key).await.unwrap()?;
+        (now.mod_revision != first.mod_revision).then_some(now)
+    })
+    .await;
+    assert!(next_term.is_some(), "no new term after the hung one");
 }

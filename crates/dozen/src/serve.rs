@@ -71,6 +71,11 @@ pub struct ServerArgs {
     /// release and any a task still runs are always kept).
     #[arg(long, env = "DOZEN_KEEP_RELEASES", default_value_t = dozen_control::desired::DEFAULT_KEEP_RELEASES as u64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub keep_releases: u64,
+    /// Revisions of store history kept for watchers: the leader compacts the store's history
+    /// behind them every 5 minutes. 0 never compacts (for an etcd shared with others that
+    /// compacts itself, e.g. with --auto-compaction-retention).
+    #[arg(long, env = "DOZEN_HISTORY_WINDOW", default_value_t = dozen_control::controller::HISTORY_WINDOW)]
+    pub history_window: u64,
     /// Do not run a proxy in this process.
     #[arg(long, env = "DOZEN_NO_PROXY")]
     pub no_proxy: bool,
@@ -501,7 +506,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         server_id: server_id.clone(),
         leader_ttl: args.leader_ttl,
         node_ttl: args.node_ttl,
-        history_window: dozen_control::controller::HISTORY_WINDOW,
+        history_window: args.history_window,
     };
     tokio::spawn(controller.run());
     let blobs = dozen_store::blob::FsBlobStore::new(data.join("blobs")).with_context(|| {

@@ -54,6 +54,16 @@ pub(crate) async fn list_nodes(State(s): State<Arc<AppState>>) -> ApiResult<Json
     ))
 }
 
+/// Whether two host strings name the same host: IP addresses compared as addresses (an
+/// IPv4-mapped IPv6 address is its IPv4 address), names compared without case.
+fn same_host(a: &str, b: &str) -> bool {
+    use std::net::IpAddr;
+    match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+        (Ok(a), Ok(b)) => a.to_canonical() == b.to_canonical(),
+        _ => a.eq_ignore_ascii_case(b),
+    }
+}
+
 pub(crate) async fn register(
     State(s): State<Arc<AppState>>,
     Path(node): Path<String>,
@@ -69,23 +79,31 @@ pub(crate) async fn register(
         .map(|id| id.serial);
     if let (true, Some(serial)) = (by_certificate, serial) {
         if let Some(hosts) = pki::claimable_hosts(s.store.as_ref(), &node, &serial).await? {
-            if !hosts.contains(&req.node.host) {
+            if !hosts.iter().any(|h| same_host(h, &req.node.host)) {
                 tracing::warn!(node, host = %req.node.host, allowed = %hosts.join(","), "refused a node's host claim");
-                return Err(crate::error::ApiFailure::from_response(
-                    crate::error::error(
-                        axum::http::StatusCode::FORBIDDEN,
+                let (message, hint) = match hosts.first() {
+                    Some(first) => (
                         format!(
                             "node `{node}` may register host {} (fixed when it joined), not `{}`",
                             hosts.join(" or "),
                             req.node.host
                         ),
-                        Some(format!(
-                            "start the agent with --advertise-host {}, or revoke the node (`dozen \
-                         node revoke {node}`) and join again with a token for the new host \
-                         (`dozen node token {node} --host {}`)",
-                            hosts[0], req.node.host
-                        )),
+                        format!(
+                            "start the agent with --advertise-host {first}, or revoke the node \
+                             (`dozen node revoke {node}`) and join again with a token for the new \
+                             host (`dozen node token {node} --host {}`)",
+                            req.node.host
+                        ),
                     ),
+                    None => (
+                        format!(
+                            "node `{node}`'s certificate is not on record; it may claim no host"
+                        ),
+                        format!("join again with a new token (`dozen node token {node}`)"),
+                    ),
+                };
+                return Err(crate::error::ApiFailure::from_response(
+                    crate::error::error(axum::http::StatusCode::FORBIDDEN, message, Some(hint)),
                 ));
             }
         }
@@ -129,4 +147,18 @@ pub(crate) async fn report_status(
 ) -> ApiResult<StatusCode> {
     nodes::report_status(s.store.as_ref(), &node, &report.statuses).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_host;
+
+    #[test]
+    fn hosts_compare_as_addresses() {
+        assert!(same_host("10.0.0.7", "::ffff:10.0.0.7"));
+        assert!(same_host("fe80::0:1", "fe80::1"));
+        assert!(same_host("Node-1.example", "node-1.example"));
+        assert!(!same_host("10.0.0.7", "10.0.0.8"));
+        assert!(!same_host("10.0.0.7", "node-1.example"));
+    }
 }

@@ -132,7 +132,7 @@ pub(crate) async fn join(
         req.hosts.clone()
     } else {
         connection
-            .map(|c| vec![c.peer.ip().to_string()])
+            .map(|c| vec![c.peer.ip().to_canonical().to_string()])
             .unwrap_or_default()
     };
     // One node per name: another joiner must not take a live node's name (and read its

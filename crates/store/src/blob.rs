@@ -64,15 +64,29 @@ impl FsBlobStore {
     }
 }
 
+/// Marks a blob as just wanted: a client that finds it present (and so does not upload it
+/// again) is about to name it in a release, and the collector must not take it meanwhile.
+fn touch(path: &std::path::Path) {
+    if let Ok(file) = std::fs::File::options().write(true).open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
 impl BlobStore for FsBlobStore {
     fn contains(&self, digest: &str) -> Result<bool, BlobError> {
-        Ok(self.path(digest)?.exists())
+        let path = self.path(digest)?;
+        let there = path.exists();
+        if there {
+            touch(&path);
+        }
+        Ok(there)
     }
 
     fn put(&self, digest: &str, bytes: &[u8]) -> Result<(), BlobError> {
         let path = self.path(digest)?;
         dozen_digest::verify(digest, bytes)?;
         if path.exists() {
+            touch(&path);
             return Ok(());
         }
         let io = |source| BlobError::Io {
@@ -197,10 +211,22 @@ mod tests {
                 .unwrap();
         }
         let keep = std::collections::BTreeSet::from([named.clone()]);
+        // A client that asks for a blob (and so will not upload it again) makes it fresh: the
+        // release naming it may be on its way.
+        let asked = sha256_digest(b"asked");
+        blobs.put(&asked, b"asked").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(blobs.path(&asked).unwrap())
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        assert!(blobs.contains(&asked).unwrap());
         let removed = blobs
             .collect(&keep, std::time::Duration::from_secs(600))
             .unwrap();
         assert_eq!(removed, vec![orphan.clone()]);
+        assert!(blobs.contains(&asked).unwrap());
         assert!(blobs.contains(&named).unwrap());
         assert!(blobs.contains(&fresh).unwrap());
         assert!(!blobs.contains(&orphan).unwrap());

@@ -651,7 +651,8 @@ impl Store for EmbeddedStore {
                 continue;
             }
             replayed += 1;
-            if replayed >= crate::WATCH_BUFFER {
+            // Half the buffer at most, so live events have room behind the replay.
+            if replayed > crate::WATCH_BUFFER / 2 {
                 return Err(StoreError::Compacted {
                     requested: start,
                     compact_revision: revision + 1,

@@ -145,6 +145,8 @@ pub(crate) struct Wal {
 }
 
 const MAX_FRAME: u32 = 64 * 1024 * 1024;
+/// The log takes transactions this much smaller than a frame may be.
+const FRAME_HEADROOM: usize = 4096;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| {
@@ -228,11 +230,14 @@ impl Wal {
         }
         let payload = encode_entry(entry)?;
         let path = Self::wal_path(&self.dir);
-        if payload.len() > MAX_FRAME as usize {
+        // Headroom below the frame limit: a record's snapshot frame carries a few more bytes
+        // (its revisions) than the log entry that wrote it.
+        let limit = MAX_FRAME as usize - FRAME_HEADROOM;
+        if payload.len() > limit {
             return Err(StoreError::TooLarge {
                 what: "a transaction".into(),
                 bytes: payload.len() as u64,
-                limit: MAX_FRAME as u64,
+                limit: limit as u64,
             });
         }
         let frame = encode_frame(&payload);
@@ -277,7 +282,14 @@ impl Wal {
         kvs: &[std::sync::Arc<KeyValue>],
     ) -> Result<(), StoreError> {
         let tmp = self.dir.join("store.snapshot.tmp");
-        write_snapshot_file(&tmp, header, kvs)?;
+        if let Err(e) = write_snapshot_file(&tmp, header, kvs) {
+            let _ = fs::remove_file(&tmp);
+            // Try again only after as much again: a fold that keeps failing (a full disk) must
+            // not rewrite the whole store on every write.
+            self.entries_since_snapshot = 0;
+            self.bytes_since_snapshot = 0;
+            return Err(e);
+        }
         let snap = Self::snapshot_path(&self.dir);
         fs::rename(&tmp, &snap).map_err(io_err(&snap))?;
         if let Ok(d) = File::open(&self.dir) {
@@ -326,7 +338,17 @@ fn write_snapshot_file(
     let mut chunk = Vec::new();
     let mut chunk_bytes = 0usize;
     for kv in kvs {
-        chunk_bytes += kv.key.len() + kv.value.len() + 32;
+        let size = kv.key.len() + kv.value.len() + 32;
+        // Flush first if this record would take the chunk past its size: a big record then
+        // gets a frame of its own, which the log's limit keeps under the frame limit.
+        if !chunk.is_empty() && chunk_bytes + size > SNAPSHOT_CHUNK {
+            put(
+                &mut out,
+                &SnapshotFrameOut::Records(std::mem::take(&mut chunk)),
+            )?;
+            chunk_bytes = 0;
+        }
+        chunk_bytes += size;
         chunk.push(StoredKv {
             key: &kv.key,
             value: &kv.value,
