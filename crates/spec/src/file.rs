@@ -135,7 +135,8 @@ pub struct HealthFile {
     /// Default "5s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
-    /// Default "2s"; must be shorter than `interval`.
+    /// Default "2s", or half the `interval` when that is 2 s or less; must be shorter than
+    /// `interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
     /// Default 1.

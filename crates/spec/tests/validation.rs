@@ -388,6 +388,25 @@ fn health_rules() {
     assert!(e.hint.is_some());
     let errs = errors(&h("http = \"/\"\ntimeout = \"9s\"\n"));
     expect(&errs, "must be shorter than `interval`", 6, 11);
+    // Seen: `interval = "1s"` alone was refused, the default timeout (2 s) being longer. A
+    // timeout left unset follows a shorter interval: half of it.
+    let s = parse_str(
+        &h("http = \"/\"\ninterval = \"1s\"\n"),
+        "f",
+        Format::Toml,
+        None,
+    )
+    .unwrap();
+    let check = s.services["web"].health.as_ref().unwrap();
+    assert_eq!((check.interval_ms, check.timeout_ms), (1000, 500));
+    let s = parse_str(
+        &h("http = \"/\"\ninterval = \"10s\"\n"),
+        "f",
+        Format::Toml,
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.services["web"].health.as_ref().unwrap().timeout_ms, 2000);
     let errs = errors(&h("tcp = true\nhealthy_threshold = 0\n"));
     expect(&errs, "`healthy_threshold` = 0 must be at least 1", 6, 21);
     let errs = errors(&h("tcp = true\nunhealthy_threshold = 0\n"));

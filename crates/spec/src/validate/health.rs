@@ -140,6 +140,10 @@ impl Validator {
                 );
             }
         }
+        // A timeout left unset follows a shorter interval: half of it.
+        if timeout_loc.is_none() && hc.timeout_ms >= hc.interval_ms {
+            hc.timeout_ms = (hc.interval_ms / 2).max(1);
+        }
         if hc.timeout_ms >= hc.interval_ms {
             let loc = timeout_loc.or(interval_loc).unwrap_or(e.key_loc);
             self.err(
