@@ -59,6 +59,7 @@ impl Runner {
             message: None,
             agent_instance: shared.instance.clone(),
             adopted: false,
+            unhealthy_since_ms: None,
         };
         let mut runner = Runner {
             shared,
@@ -208,6 +209,7 @@ impl Runner {
             Ok(handle) => {
                 self.status.pid = handle.pid;
                 self.status.started_at_ms = Some(shim::wall_ms());
+                self.status.unhealthy_since_ms = None;
                 let healthy = a.spec.health.is_none();
                 let state = if healthy {
                     TaskState::Running
@@ -369,6 +371,7 @@ impl Runner {
                             health.successes += 1;
                             health.failures = 0;
                             if !self.status.healthy && health.successes >= c.healthy_threshold {
+                                self.status.unhealthy_since_ms = None;
                                 self.set(TaskState::Running, true, None);
                             }
                         }
@@ -384,8 +387,23 @@ impl Runner {
                             }
                             health.last_counted_failure = Some(tokio::time::Instant::now());
                             health.failures += 1;
-                            if health.failures >= c.unhealthy_threshold && (self.status.healthy || self.status.state == TaskState::Starting) {
-                                tracing::warn!(task = %self.task, reason = %why, "task is unhealthy; stopping it so it is replaced");
+                            if health.failures >= c.unhealthy_threshold && self.status.healthy {
+                                // Busy is not dead: out of routing at once, still running. The
+                                // controller starts a replacement and stops this one through
+                                // the stop protocol once that is healthy (or, with no room
+                                // anywhere, after a stated wait); if it recovers first, it
+                                // takes traffic again.
+                                tracing::warn!(task = %self.task, reason = %why, "task is unhealthy; out of routing, still running");
+                                self.status.unhealthy_since_ms = Some(crate::shim::wall_ms());
+                                let message = format!(
+                                    "unhealthy: {why} ({} checks failed); out of routing, still running",
+                                    health.failures
+                                );
+                                self.set(TaskState::Running, false, Some(message));
+                                continue;
+                            }
+                            if health.failures >= c.unhealthy_threshold && self.status.state == TaskState::Starting {
+                                tracing::warn!(task = %self.task, reason = %why, "task never passed its health check; stopping it so it is replaced");
                                 self.status.message = Some(format!("unhealthy: {why}"));
                                 // The stop protocol's signal, then SIGKILL after the timeout:
                                 // a hung task that ignores the signal still goes.

@@ -60,6 +60,7 @@ pub fn task_views(snap: &Snapshot) -> Vec<TaskView> {
                     healthy: s.record.healthy,
                     started_at_ms: s.record.started_at_ms,
                     finished_at_ms: s.record.finished_at_ms,
+                    unhealthy_since_ms: s.record.unhealthy_since_ms,
                 }),
             }
         })

@@ -22,8 +22,12 @@ pub fn table(snap: &Snapshot) -> Vec<RouteEntry> {
         if !release.spec.port {
             continue;
         }
-        // (on a node that is up, target)
-        let candidates: Vec<(bool, Target)> = snap
+        // (rank, target): 0 healthy on an up node, 1 healthy on a down node, 2 running but
+        // failing its checks. Traffic goes to the best rank present: a down node's tasks may
+        // well still serve (its agent stalled, not its tasks) but nobody vouches for them; and
+        // when every task fails its checks, the proxies send to all of them (fail open, as an
+        // ALB does) rather than to none.
+        let candidates: Vec<(u8, Target)> = snap
             .assignments
             .values()
             .map(|a| &a.record)
@@ -32,12 +36,16 @@ pub fn table(snap: &Snapshot) -> Vec<RouteEntry> {
             .filter_map(|a| {
                 let status = &snap.statuses.get(&a.task)?.record;
                 let node = &snap.nodes.get(&a.node)?.record;
-                let serving = status.generation == a.generation
-                    && status.state == TaskState::Running
-                    && status.healthy;
-                let port = status.host_port.filter(|_| serving)?;
+                let running =
+                    status.generation == a.generation && status.state == TaskState::Running;
+                let port = status.host_port.filter(|_| running)?;
+                let rank = match (status.healthy, snap.alive_nodes.contains(&node.name)) {
+                    (true, true) => 0,
+                    (true, false) => 1,
+                    (false, _) => 2,
+                };
                 Some((
-                    snap.alive_nodes.contains(&node.name),
+                    rank,
                     Target {
                         task: a.task.clone(),
                         addr: format!("{}:{}", node.host, port),
@@ -45,12 +53,10 @@ pub fn table(snap: &Snapshot) -> Vec<RouteEntry> {
                 ))
             })
             .collect();
-        // A down node's tasks may well still serve (its agent stalled, not its tasks), but
-        // nobody vouches for them: they get traffic only while no task on an up node can.
-        let any_up = candidates.iter().any(|(up, _)| *up);
+        let best = candidates.iter().map(|(rank, _)| *rank).min();
         let mut targets: Vec<Target> = candidates
             .into_iter()
-            .filter(|(up, _)| *up || !any_up)
+            .filter(|(rank, _)| Some(*rank) == best)
             .map(|(_, t)| t)
             .collect();
         targets.sort();

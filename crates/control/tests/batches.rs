@@ -30,6 +30,7 @@ async fn a_report_of_200_statuses_is_recorded(store: Arc<dyn Store>) {
             message: None,
             agent_instance: "a1".into(),
             adopted: true,
+            unhealthy_since_ms: None,
         })
         .collect();
     for status in &statuses {

@@ -135,6 +135,7 @@ impl World {
             message: None,
             agent_instance: "a1".into(),
             adopted: false,
+            unhealthy_since_ms: None,
         };
         nodes::report_status(self.store.as_ref(), &a.node, &[status])
             .await

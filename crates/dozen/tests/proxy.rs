@@ -327,3 +327,89 @@ timeout = "100ms"
     assert!(r.starts_with("HTTP/1.1 502"), "{r}");
     assert!(markers.join("post").exists());
 }
+
+fn busy_stack(replicas: u32) -> String {
+    format!(
+        r#"
+name = "busy"
+[services.slow]
+command = ["{APP}"]
+replicas = {replicas}
+deregistration_delay = "1s"
+[services.slow.env]
+SINGLE_THREADED = "1"
+[[services.slow.routes]]
+host = "slow.test"
+path = "/"
+[services.slow.health]
+http = "/healthz"
+interval = "1s"
+"#
+    )
+}
+
+/// Running tasks of `service` (any health), as `ps` shows them.
+fn running_tasks(d: &Dozen, service: &str) -> usize {
+    d.tasks(service)
+        .iter()
+        .filter(|t| t["status"]["state"] == "running")
+        .count()
+}
+
+/// Seen: a single-threaded app serving a 6 s request failed its health checks (they wait
+/// behind the request) and its only task was stopped mid-request: the client got 502 and the
+/// service had no task. Now a failing check takes the task out of routing, a replacement
+/// starts beside it, and it is stopped through the stop protocol once that one is healthy.
+#[test]
+fn a_busy_single_threaded_task_finishes_its_slow_request_and_the_service_never_empties() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write("dozen.toml", &busy_stack(1));
+    d.ok(&["apply"]);
+    d.wait_ready("slow", 1);
+    let port = d.proxy_port;
+    let slow = std::thread::spawn(move || http_request(port, "slow.test", "/sleep/6000"));
+    let started = std::time::Instant::now();
+    while !slow.is_finished() {
+        assert!(
+            running_tasks(&d, "slow") >= 1,
+            "the service had no running task {:?} into the slow request",
+            started.elapsed()
+        );
+    }
+    let answer = slow.join().unwrap().expect("an answer");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(started.elapsed() >= Duration::from_secs(6));
+    // The busy task went out of routing and a replacement took over: one ready task again.
+    d.wait_ready("slow", 1);
+}
+
+/// When every task fails its checks (both busy), the proxies send to all of them (fail open,
+/// as an ALB does) instead of answering 503, and `ps` says so.
+#[test]
+fn when_every_task_is_unhealthy_the_proxy_fails_open() {
+    let mut d = Dozen::new(DOZEN);
+    // No room for replacements: the node offers 1 CPU, each task asks for half of it.
+    d.server_args = vec!["--cpu-millis".into(), "1000".into()];
+    d.start_server(true);
+    let stack = busy_stack(2).replace(
+        "[services.slow.health]",
+        "[services.slow.resources]\ncpu = \"500m\"\nmemory = \"16MiB\"\n[services.slow.health]",
+    );
+    d.write("dozen.toml", &stack);
+    d.ok(&["apply"]);
+    d.wait_ready("slow", 2);
+    let port = d.proxy_port;
+    let busy: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || http_request(port, "slow.test", "/sleep/8000")))
+        .collect();
+    eventually(Duration::from_secs(20), "ps says it fails open", || {
+        let ps = d.json(&["ps"]).to_string();
+        ps.contains("fail open").then_some(())
+    });
+    let during = http_request(port, "slow.test", "/pid").expect("an answer");
+    assert_eq!(during.status, 200, "{}", during.body);
+    for b in busy {
+        assert_eq!(b.join().unwrap().expect("an answer").status, 200);
+    }
+}

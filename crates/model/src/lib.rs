@@ -413,6 +413,10 @@ pub struct TaskStatus {
     pub agent_instance: String,
     /// True when this agent found the task already running and re-attached to its shim.
     pub adopted: bool,
+    /// When a task that was healthy failed its checks (wall ms): it is out of routing but
+    /// still running, until a replacement is healthy or it recovers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_since_ms: Option<u64>,
 }
 record!(TaskStatus, "task status");
 

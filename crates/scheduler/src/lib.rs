@@ -54,6 +54,7 @@ pub struct StatusView {
     pub healthy: bool,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
+    pub unhealthy_since_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +92,17 @@ impl TaskView {
         self.status_of_current_generation()
             .is_some_and(|s| s.state.is_terminal())
     }
+    /// Was healthy, now fails its checks: out of routing, still running.
+    fn unhealthy_since(&self) -> Option<u64> {
+        self.status_of_current_generation()
+            .filter(|s| s.state == TaskState::Running && !s.healthy)
+            .and_then(|s| s.unhealthy_since_ms)
+    }
 }
+
+/// How long an unhealthy task keeps running when no replacement can be placed anywhere:
+/// then it is stopped (through the stop protocol) and started again in its place.
+pub const UNHEALTHY_WITHOUT_ROOM_MS: u64 = 30_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceView {
@@ -288,8 +299,13 @@ pub fn reconcile(
     let is_current = |t: &TaskView| {
         t.release == service.current_release && t.restart_generation == service.restart_generation
     };
-    let (mut current, mut old): (Vec<&TaskView>, Vec<&TaskView>) =
+    let (current, mut old): (Vec<&TaskView>, Vec<&TaskView>) =
         active.iter().copied().partition(|t| is_current(t));
+    // Unhealthy tasks do not count: a replacement starts beside each (new before old), and
+    // they go once enough others are ready, or after a stated wait when there is no room.
+    let (mut unhealthy, mut current): (Vec<&TaskView>, Vec<&TaskView>) = current
+        .into_iter()
+        .partition(|t| t.unhealthy_since().is_some());
 
     // Crashed tasks of the current release come back, with backoff; old ones are not revived.
     for t in &current {
@@ -345,6 +361,7 @@ pub fn reconcile(
     }
 
     // Too few: place new tasks, counting each placement before the next.
+    let mut no_room = false;
     if current.len() < desired {
         let everything: Vec<&TaskView> = all_tasks.iter().collect();
         let mut used = usage(&everything);
@@ -374,14 +391,44 @@ pub fn reconcile(
                         service.name,
                         why_unplaceable(nodes, &needs)
                     ));
+                    no_room = true;
                     break;
                 }
             }
         }
     }
 
-    // Replacement is new-before-old: an old task stops only once a new one is ready for it.
+    // Unhealthy tasks: stopped once the others ready cover the desired count, or after a
+    // stated wait when no replacement could be placed; else they keep running, out of routing.
     let ready_current = current.iter().filter(|t| t.is_ready()).count();
+    unhealthy.sort_by_key(|t| t.unhealthy_since());
+    // Without room, one at a time: never every task of the service at once.
+    let mut one_stopping = tasks
+        .iter()
+        .any(|t| t.desired != DesiredState::Run && !t.has_ended());
+    for t in unhealthy.iter().copied() {
+        let since = t.unhealthy_since().unwrap_or(clock.now_ms);
+        let waited = clock.now_ms.saturating_sub(since);
+        if ready_current >= desired {
+            stop(t, &mut decision.actions);
+        } else if no_room && waited >= UNHEALTHY_WITHOUT_ROOM_MS {
+            if !one_stopping {
+                stop(t, &mut decision.actions);
+                one_stopping = true;
+            }
+        } else if no_room {
+            let left = UNHEALTHY_WITHOUT_ROOM_MS - waited;
+            decision.wake_after_ms = Some(decision.wake_after_ms.map_or(left, |w| w.min(left)));
+        }
+    }
+    if ready_current == 0 && !unhealthy.is_empty() {
+        decision.problems.push(format!(
+            "{}: every task fails its health check; the proxies send to all of them (fail open)",
+            service.name
+        ));
+    }
+
+    // Replacement is new-before-old: an old task stops only once a new one is ready for it.
     let keep_old = desired.saturating_sub(ready_current);
     if old.len() > keep_old {
         old.sort_by_key(|t| (t.is_ready(), std::cmp::Reverse(t.created_at_ms)));

@@ -47,6 +47,7 @@ fn task(id: &str, node: &str, release: u64, state: Option<TaskState>) -> TaskVie
             healthy: state == TaskState::Running,
             started_at_ms: Some(1_000),
             finished_at_ms: state.is_terminal().then_some(1_500),
+            unhealthy_since_ms: None,
         }),
         drain_since_ms: None,
         mod_revision: 1,
@@ -421,5 +422,93 @@ fn placement_scales_to_many_nodes() {
         distinct.len(),
         1000,
         "one replica per node while nodes are free"
+    );
+}
+
+/// A task that was healthy and now fails its checks: running, out of routing, since `at`.
+fn unhealthy(id: &str, node: &str, at: u64) -> TaskView {
+    let mut t = task(id, node, 2, Some(TaskState::Running));
+    let status = t.status.as_mut().unwrap();
+    status.healthy = false;
+    status.unhealthy_since_ms = Some(at);
+    t
+}
+
+fn stops(d: &Decision) -> Vec<&str> {
+    d.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Stop { task, .. } | Action::Drain { task, .. } => Some(task.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn at(now_ms: u64) -> Clock {
+    Clock {
+        now_ms,
+        proxies_applied: None,
+    }
+}
+
+/// Seen: a busy task failing its checks was stopped at once, even the service's last one.
+/// Now a replacement starts beside it and it runs on, out of routing, meanwhile.
+#[test]
+fn an_unhealthy_task_runs_on_while_its_replacement_starts() {
+    let busy = unhealthy("t1", "a", 1_000);
+    let d = reconcile(
+        &svc(1),
+        std::slice::from_ref(&busy),
+        std::slice::from_ref(&busy),
+        &[node("a", true)],
+        at(2_000),
+    );
+    assert_eq!(creates(&d), ["a"]);
+    assert!(stops(&d).is_empty(), "{:?}", d.actions);
+    assert!(d.problems[0].contains("fail open"), "{:?}", d.problems);
+}
+
+#[test]
+fn an_unhealthy_task_goes_once_its_replacement_is_ready() {
+    let busy = unhealthy("t1", "a", 1_000);
+    let mut fresh = task("t2", "a", 2, Some(TaskState::Running));
+    fresh.created_at_ms = 5;
+    let both = [busy, fresh];
+    let d = reconcile(&svc(1), &both, &both, &[node("a", true)], at(2_000));
+    assert_eq!(stops(&d), ["t1"]);
+    assert!(creates(&d).is_empty());
+    // A replacement still starting is not enough.
+    let mut starting = both.clone();
+    starting[1].status.as_mut().unwrap().healthy = false;
+    starting[1].status.as_mut().unwrap().state = TaskState::Starting;
+    let d = reconcile(&svc(1), &starting, &starting, &[node("a", true)], at(2_000));
+    assert!(stops(&d).is_empty(), "{:?}", d.actions);
+}
+
+#[test]
+fn without_room_an_unhealthy_task_goes_after_the_stated_wait_one_at_a_time() {
+    let mut full = node("a", true);
+    full.capacity.cpu_millis = 200; // room for two tasks of 100m
+    let both = [unhealthy("t1", "a", 1_000), unhealthy("t2", "a", 2_000)];
+    let d = reconcile(
+        &svc(2),
+        &both,
+        &both,
+        std::slice::from_ref(&full),
+        at(1_000 + UNHEALTHY_WITHOUT_ROOM_MS - 1),
+    );
+    assert!(stops(&d).is_empty(), "{:?}", d.actions);
+    assert_eq!(d.wake_after_ms, Some(1));
+    let d = reconcile(
+        &svc(2),
+        &both,
+        &both,
+        std::slice::from_ref(&full),
+        at(2_000 + UNHEALTHY_WITHOUT_ROOM_MS),
+    );
+    assert_eq!(
+        stops(&d),
+        ["t1"],
+        "the longest unhealthy first, and only one"
     );
 }

@@ -185,11 +185,19 @@ fn main() {
                 }
             };
             println!("listening on {port}");
+            // SINGLE_THREADED: one request at a time, as many small apps serve (a slow one
+            // makes every other request, health checks too, wait behind it).
+            let single = std::env::var_os("SINGLE_THREADED").is_some();
             for stream in listener.incoming().flatten() {
                 if STOPPING.load(Ordering::SeqCst) {
                     continue;
                 }
                 IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+                if single {
+                    answer(stream);
+                    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
                 std::thread::spawn(move || {
                     answer(stream);
                     IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
