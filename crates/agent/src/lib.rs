@@ -122,7 +122,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let tasks_dir = config.data_dir.join("tasks");
-    std::fs::create_dir_all(&tasks_dir)
+    os::private_dir(&config.data_dir)
+        .and_then(|_| std::fs::create_dir_all(&tasks_dir))
         .with_context(|| format!("cannot create agent data dir {}", tasks_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -38,6 +38,44 @@ pub fn kill_pid(pid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
+static TASK_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Makes every file this process creates from now on private to its user (umask 077: files
+/// 0600, directories 0700): tokens, keys, the store, task records and logs. Tasks still get
+/// the umask the process was started with (see [`task_umask`]). Returns that umask.
+pub fn keep_files_private() -> u32 {
+    // SAFETY: umask(2) cannot fail; it sets the mask and returns the previous one.
+    let original = unsafe { libc::umask(0o077) } as u32;
+    let _ = TASK_UMASK.set(original);
+    original
+}
+
+/// The umask tasks are started with: the one dozen was started with, when it made its own
+/// files private.
+pub fn task_umask() -> Option<u32> {
+    TASK_UMASK.get().copied()
+}
+
+/// Creates `dir` (and its parents) and makes it its user's alone (0700), also when it existed
+/// with wider permissions from an earlier version.
+pub fn private_dir(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Gives the child `cmd` will start the umask `mask` before it execs.
+pub fn umask_before_exec(cmd: &mut std::process::Command, mask: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask(2) is async-signal-safe and touches nothing but the child's own mask.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask as libc::mode_t);
+            Ok(())
+        });
+    }
+}
+
 /// Makes the calling process the leader of a new session (used between fork and exec).
 pub fn setsid() -> io::Result<()> {
     // SAFETY: setsid(2) takes no arguments and is async-signal-safe.

@@ -50,6 +50,9 @@ pub struct Launch {
     pub linger_ms: Option<u64>,
     #[serde(default)]
     pub stop_signal: Option<i32>,
+    /// The task's umask (the one dozen was started with); None: the shim's own.
+    #[serde(default)]
+    pub umask: Option<u32>,
 }
 
 /// How long the rest of a task's process group may linger when the launch does not say.
@@ -213,6 +216,9 @@ pub fn main(dir: &Path) -> i32 {
         .stderr(Stdio::piped())
         .process_group(0);
     os::join_cgroups_before_exec(&mut cmd, launch.cgroup_procs.clone());
+    if let Some(mask) = launch.umask {
+        os::umask_before_exec(&mut cmd, mask);
+    }
     if let Some(cwd) = &launch.cwd {
         cmd.current_dir(cwd);
     }

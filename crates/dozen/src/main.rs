@@ -179,6 +179,13 @@ fn main() -> ExitCode {
         return ExitCode::from(dozen_agent::shim::main(std::path::Path::new(&dir)) as u8);
     }
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Proxy(_)
+    ) {
+        // Everything dozen writes is its user's alone; tasks keep the umask given here.
+        dozen_agent::os::keep_files_private();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

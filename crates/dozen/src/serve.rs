@@ -477,7 +477,7 @@ fn server_tls(args: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
 /// Opens the store, starts the controller, the API and (unless `no_agent`) an agent.
 pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<Running> {
     let data = &global.data_dir;
-    std::fs::create_dir_all(data)
+    dozen_agent::os::private_dir(data)
         .with_context(|| format!("cannot create data dir {}", data.display()))?;
     let token = match (&global.token, &args.token_file) {
         (None, None) => read_or_create_secret(&data.join("token"), 32)?,

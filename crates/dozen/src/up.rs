@@ -227,7 +227,7 @@ async fn up_detached(
     file: Option<&crate::commands::FileArgs>,
 ) -> anyhow::Result<i32> {
     let data = &global.data_dir;
-    std::fs::create_dir_all(data)
+    dozen_agent::os::private_dir(data)
         .with_context(|| format!("cannot create data dir {}", data.display()))?;
     let exe = std::env::current_exe().context("cannot find the dozen binary")?;
     let log_path = data.join("server.log");

@@ -571,3 +571,82 @@ fn a_full_disk_gives_503s_and_the_server_recovers() {
     let ps = d.json(&["ps"]);
     assert_eq!(ps["services"][0]["desired"], 3, "{ps}");
 }
+
+/// Every regular file under `dir` that other users can read.
+fn readable_by_others(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else if meta.is_file() && meta.permissions().mode() & 0o004 != 0 {
+                found.push(format!(
+                    "{} {:o}",
+                    entry.path().display(),
+                    meta.permissions().mode() & 0o777
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Seen: the token, the CA and node keys, the store, task records (the environment) and logs
+/// were created readable by every user (11 files after one short run). Now the data dir is
+/// 0700 and everything in it 0600, while tasks still get the umask dozen was started with.
+#[test]
+fn nothing_dozen_writes_is_readable_by_other_users() {
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(false);
+    d.start_agent("node-b");
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "private"
+[services.web]
+command = ["{APP}"]
+[services.web.env]
+EMIT_LINES = "3"
+[services.mask]
+command = "echo umask $(umask); sleep 1000"
+port = false
+"#
+        ),
+    );
+    d.ok(&["apply"]);
+    d.wait_ready("web", 1);
+    let ours = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:").map(|m| m.trim().to_string()))
+        .unwrap();
+    eventually(Duration::from_secs(20), "the task says its umask", || {
+        let out = d.cli(&["logs", "mask"]);
+        let logs = String::from_utf8_lossy(&out.stdout).into_owned();
+        logs.contains(&format!("umask {ours}")).then_some(())
+    });
+    let found = readable_by_others(&d.data_dir());
+    let mut agent = d.data_dir();
+    agent.set_file_name("agent-node-b");
+    let found_agent = readable_by_others(&agent);
+    assert!(
+        found.is_empty() && found_agent.is_empty(),
+        "readable by every user:\n{}\n{}",
+        found.join("\n"),
+        found_agent.join("\n")
+    );
+    for dir in [d.data_dir(), agent] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+    }
+}

@@ -112,6 +112,7 @@ impl ProcessDriver {
             cgroup_procs,
             linger_ms: Some(config.stop_timeout.as_millis() as u64),
             stop_signal: os::signal_number(&config.stop_signal),
+            umask: os::task_umask(),
         })
     }
 
