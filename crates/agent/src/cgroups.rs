@@ -12,6 +12,27 @@ pub trait Cgroups: Send + Sync {
     /// Creates the task's groups with its limits; returns the `cgroup.procs` files to join.
     fn prepare(&self, task: &str, resources: &Resources) -> std::io::Result<Vec<PathBuf>>;
     fn remove(&self, task: &str);
+    /// Sends `signal` to every process in the task's groups, daemonised children included
+    /// (they leave the task's process group, never its cgroup), except those in the process
+    /// group `except` (signalled already: a second SIGTERM means "now" to many programs);
+    /// returns how many.
+    fn signal_all(&self, task: &str, signal: i32, except: Option<u32>) -> usize;
+}
+
+/// Signals every pid listed in the `cgroup.procs` file `procs`.
+fn signal_listed(procs: &Path, signal: i32, except: Option<u32>) -> usize {
+    let listed = std::fs::read_to_string(procs).unwrap_or_default();
+    let mut sent = 0;
+    // A pid listed in the task's own cgroup is one of its processes.
+    for pid in listed.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        if except.is_some() && crate::os::process_group(pid) == except {
+            continue;
+        }
+        if crate::os::kill_pid(pid, signal).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
 }
 
 pub fn detect(root: &Path) -> Box<dyn Cgroups> {
@@ -73,6 +94,10 @@ impl Cgroups for V1 {
         let _ = std::fs::remove_dir(self.memory.join(task));
         let _ = std::fs::remove_dir(self.cpu.join(task));
     }
+    fn signal_all(&self, task: &str, signal: i32, except: Option<u32>) -> usize {
+        // A task's processes are in both groups; the memory group's list is enough.
+        signal_listed(&self.memory.join(task).join("cgroup.procs"), signal, except)
+    }
 }
 
 struct V2 {
@@ -94,6 +119,15 @@ impl Cgroups for V2 {
     fn remove(&self, task: &str) {
         let _ = std::fs::remove_dir(self.base.join(task));
     }
+    fn signal_all(&self, task: &str, signal: i32, except: Option<u32>) -> usize {
+        let dir = self.base.join(task);
+        let listed = signal_listed(&dir.join("cgroup.procs"), signal, except);
+        if signal == libc::SIGKILL && except.is_none() {
+            // Also catches a process forked between the read and the kills.
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        }
+        listed
+    }
 }
 
 pub struct NoCgroups;
@@ -106,4 +140,7 @@ impl Cgroups for NoCgroups {
         Ok(Vec::new())
     }
     fn remove(&self, _: &str) {}
+    fn signal_all(&self, _: &str, _: i32, _: Option<u32>) -> usize {
+        0
+    }
 }

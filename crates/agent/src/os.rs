@@ -193,6 +193,13 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The process group of `pid` (field 5 of /proc/PID/stat).
+pub fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// Whether `pid` still names the process that started at `start_time` and has not exited.
 pub fn process_is(pid: u32, start_time: u64) -> bool {
     if process_start_time(pid) != Some(start_time) {

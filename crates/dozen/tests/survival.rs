@@ -359,3 +359,65 @@ fn a_stalled_nodes_tasks_are_replaced_elsewhere_and_one_copy_remains_when_it_ret
         assert!(!process_alive(pid as u32), "retired copy {pid} was stopped");
     }
 }
+
+/// Whether this machine lets the agent make cgroups (v1 memory and cpu, or v2).
+fn cgroups_writable() -> bool {
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        && std::fs::create_dir_all("/sys/fs/cgroup/memory/dozen").is_ok();
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.contains("memory") && c.contains("cpu"));
+    v1 || v2
+}
+
+/// Seen: a stop signalled the task's process group only, so a `setsid` (daemonised) child
+/// outlived its task. Where cgroups are available the stop reaches every process in the
+/// task's cgroups.
+#[test]
+fn stopping_a_task_stops_its_daemonised_children_too() {
+    if !cgroups_writable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must let the agent make cgroups"
+        );
+        eprintln!("skipped: no writable cgroups here (this test runs in CI)");
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    let pid_file = d.path("daemon.pid");
+    let script = d.write(
+        "daemon.sh",
+        &format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 1000\n",
+            pid_file.display()
+        ),
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "forks"
+[services.forker]
+command = "setsid {} & sleep 1000"
+port = false
+stop_timeout = "1s"
+"#,
+            script.display()
+        ),
+    );
+    d.ok(&["apply"]);
+    let daemon: u32 = eventually(Duration::from_secs(20), "the daemon started", || {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    });
+    assert!(process_alive(daemon));
+    d.ok(&["down"]);
+    eventually(
+        Duration::from_secs(20),
+        "the daemon is stopped with its task",
+        || (!process_alive(daemon)).then_some(()),
+    );
+}

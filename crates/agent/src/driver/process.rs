@@ -96,6 +96,9 @@ impl ProcessDriver {
             env.entry("HOME".into()).or_insert(home);
             env.entry("USER".into()).or_insert_with(|| user.clone());
         }
+        // Whatever an earlier generation left in the task's groups (a daemonised child) goes
+        // before the new one joins them.
+        self.cgroups.signal_all(&config.task, libc::SIGKILL, None);
         let cgroup_procs = match self.cgroups.prepare(&config.task, &config.resources) {
             Ok(p) => p,
             Err(e) => {
@@ -262,19 +265,36 @@ impl Driver for ProcessDriver {
         let signal = os::signal_number(signal).unwrap_or(libc::SIGTERM);
         // Tells the shim this signal came from us: it must not send the group another.
         let _ = std::fs::write(shimmed.dir.join(shim::STOPPING), b"");
-        if let Some(pid) = shimmed.task_pid {
+        let task = shimmed
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // The task's process group, if its leader is still the process we started (a pid is
+        // checked before every signal: it may have been reused), and everything in its
+        // cgroups: a `setsid` or double-forked child leaves the group, never the cgroup.
+        let group = shimmed
+            .task_pid
+            .zip(shimmed.task_start)
+            .filter(|(pid, start)| os::process_is(*pid, *start))
+            .map(|(pid, _)| pid);
+        if let Some(pid) = group {
             let _ = os::kill_group(pid, signal);
         }
+        self.cgroups.signal_all(&task, signal, group);
         if tokio::time::timeout(timeout, self.wait(handle))
             .await
             .is_err()
         {
             tracing::warn!(dir = %shimmed.dir.display(), "task ignored its stop signal; killing it");
-            if let Some(pid) = shimmed.task_pid {
+            if let Some(pid) = group {
                 let _ = os::kill_group(pid, libc::SIGKILL);
             }
         }
-        self.wait(handle).await
+        let exit = self.wait(handle).await;
+        // What outlived the task in its cgroups (daemonised children) goes with it.
+        self.cgroups.signal_all(&task, libc::SIGKILL, None);
+        exit
     }
 
     fn stats(&self, handle: &TaskHandle) -> TaskStats {
@@ -308,6 +328,7 @@ impl Driver for ProcessDriver {
     }
 
     fn release(&self, task: &str) {
+        self.cgroups.signal_all(task, libc::SIGKILL, None);
         self.cgroups.remove(task);
     }
 }
