@@ -15,10 +15,27 @@ pub enum DigestError {
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
+    render(&Sha256::digest(bytes))
+}
+
+/// A digest computed piece by piece, for content too big to hold at once.
+#[derive(Default, Clone)]
+pub struct Hasher(Sha256);
+
+impl Hasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    /// `sha256:<hex>` of everything given.
+    pub fn finish(self) -> String {
+        render(&self.0.finalize())
+    }
+}
+
+fn render(hash: &[u8]) -> String {
     let mut out = String::with_capacity(71);
     out.push_str("sha256:");
-    for b in hash {
+    for &b in hash {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 0xf)]));
     }

@@ -45,52 +45,94 @@ pub(crate) async fn get_blob(
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let blobs = s.blobs.clone();
-    let name = digest.clone();
     let local_only = headers.contains_key(dozen_api::LOCAL_ONLY);
-    let bytes = match blocking(move || blobs.get(&name)).await? {
-        Some(bytes) => Some(bytes),
-        None if local_only => None,
-        // Uploaded to another server: fetch it from there, check it, keep it.
-        None => match crate::peers::fetch_blob(&s, &digest).await {
-            Some(bytes) => {
-                let (blobs, name, copy) = (s.blobs.clone(), digest.clone(), bytes.clone());
-                match tokio::task::spawn_blocking(move || blobs.put(&name, &copy)).await {
-                    Ok(Ok(())) => Some(bytes),
-                    Ok(Err(BlobError::Mismatch { .. })) => {
-                        tracing::warn!(digest, "a peer's copy of a blob does not match its digest");
-                        None
-                    }
-                    Ok(Err(e)) => {
-                        // Checked, just not kept: serve it anyway.
-                        tracing::warn!(digest, error = %e, "cannot keep a blob fetched from a peer");
-                        Some(bytes)
-                    }
-                    Err(_) => None,
-                }
-            }
-            None => None,
-        },
-    };
-    match bytes {
-        Some(bytes) => Ok(Response::builder()
-            .header("content-type", "application/octet-stream")
-            .body(Body::from(bytes))
-            .unwrap_or_default()),
-        None => Err(ControlError::NotFound {
-            kind: "blob",
-            name: digest,
-        }
-        .into()),
+    if let Some(file) = open(&s, &digest).await? {
+        return Ok(file_response(file));
     }
+    if !local_only {
+        // Uploaded to another server: fetch it from there (streamed to disk and checked), one
+        // pull per blob at a time; who asks meanwhile waits and reads the copy.
+        let lock = {
+            let mut pulls = s.pulls.lock().unwrap_or_else(|p| p.into_inner());
+            pulls.entry(digest.clone()).or_default().clone()
+        };
+        let held = lock.lock().await;
+        let mut found = open(&s, &digest).await?;
+        if found.is_none() && crate::peers::fetch_blob(&s, &digest).await {
+            found = open(&s, &digest).await?;
+        }
+        drop(held);
+        {
+            let mut pulls = s.pulls.lock().unwrap_or_else(|p| p.into_inner());
+            if pulls
+                .get(&digest)
+                .is_some_and(|l| Arc::strong_count(l) <= 2)
+            {
+                pulls.remove(&digest);
+            }
+        }
+        if let Some(file) = found {
+            return Ok(file_response(file));
+        }
+    }
+    Err(ControlError::NotFound {
+        kind: "blob",
+        name: digest,
+    }
+    .into())
 }
+
+async fn open(s: &AppState, digest: &str) -> ApiResult<Option<std::fs::File>> {
+    let (blobs, name) = (s.blobs.clone(), digest.to_string());
+    blocking(move || blobs.open(&name)).await
+}
+
+/// The blob's bytes, read from disk as the client takes them (64 KiB at a time).
+fn file_response(file: std::fs::File) -> Response {
+    let length = file.metadata().map(|m| m.len()).ok();
+    let file = tokio::fs::File::from_std(file);
+    let chunks = futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    let mut response = Response::builder().header("content-type", "application/octet-stream");
+    if let Some(length) = length {
+        response = response.header("content-length", length);
+    }
+    response.body(Body::from_stream(chunks)).unwrap_or_default()
+}
+
 pub(crate) async fn put_blob(
     State(s): State<Arc<AppState>>,
     Path(digest): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<StatusCode> {
-    let blobs = s.blobs.clone();
-    blocking(move || blobs.put(&digest, &body)).await?;
+    let (blobs, name) = (s.blobs.clone(), digest.clone());
+    if blocking(move || blobs.contains(&name)).await? {
+        return Ok(StatusCode::CREATED);
+    }
+    let (blobs, name) = (s.blobs.clone(), digest.clone());
+    let mut writer = blocking(move || blobs.writer(&name, MAX_BLOB_BYTES as u64)).await?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let chunk = chunk.map_err(|e| {
+            ApiFailure::from_response(crate::error::error(
+                StatusCode::BAD_REQUEST,
+                format!("the upload of {digest} broke off: {e}"),
+                None,
+            ))
+        })?;
+        writer.write(&chunk).await?;
+    }
+    writer.commit().await?;
     Ok(StatusCode::CREATED)
 }
 

@@ -68,6 +68,7 @@ impl From<BlobError> for ApiFailure {
     fn from(e: BlobError) -> Self {
         let status = match e {
             BlobError::BadDigest(_) | BlobError::Mismatch { .. } => StatusCode::BAD_REQUEST,
+            BlobError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BlobError::Io { .. } => {
                 tracing::error!(error = %e, "blob store failed");
                 StatusCode::INTERNAL_SERVER_ERROR

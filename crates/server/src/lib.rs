@@ -60,6 +60,9 @@ pub struct AppState {
     pub peer_client: Option<reqwest::Client>,
     /// How many releases of each service are kept.
     pub retention: dozen_control::desired::Retention,
+    /// One pull from a peer per blob at a time: the others wait for it and read the copy.
+    pub(crate) pulls:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl AppState {
@@ -84,6 +87,7 @@ impl AppState {
             ca: None,
             agent_tls: None,
             peer_client: None,
+            pulls: Default::default(),
             retention: Default::default(),
         }
     }

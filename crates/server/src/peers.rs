@@ -28,15 +28,14 @@ pub(crate) fn request(
     }
 }
 
-/// The blob `digest` from the first peer that has it. Over TLS this server shows its own
-/// certificate and never the token; a plain-HTTP peer (loopback clusters) gets the token,
-/// and only when this server is plain HTTP too.
-pub(crate) async fn fetch_blob(s: &AppState, digest: &str) -> Option<Vec<u8>> {
+/// Fetches the blob `digest` from the first peer that has it into this server's blob store,
+/// streamed to disk and checked against its digest; true when it is now held here.
+pub(crate) async fn fetch_blob(s: &AppState, digest: &str) -> bool {
     let peers = match servers::peers(s.store.as_ref(), &s.server_id).await {
         Ok(peers) => peers,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list peers");
-            return None;
+            return false;
         }
     };
     for peer in peers {
@@ -49,26 +48,40 @@ pub(crate) async fn fetch_blob(s: &AppState, digest: &str) -> Option<Vec<u8>> {
             tracing::debug!(peer = %peer.id, url = %peer.url, "peer not reachable the way this server speaks");
             continue;
         };
-        let answer = async {
+        let fetched = async {
             let resp = request
                 .header(LOCAL_ONLY, "1")
                 .timeout(FETCH_TIMEOUT)
                 .send()
-                .await?
-                .error_for_status()?;
-            resp.bytes().await
+                .await
+                .map_err(|e| (e.status(), e.to_string()))?
+                .error_for_status()
+                .map_err(|e| (e.status(), e.to_string()))?;
+            let mut writer = s
+                .blobs
+                .writer(digest, crate::blobs::MAX_BLOB_BYTES as u64)
+                .map_err(|e| (None, e.to_string()))?;
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+                let chunk = chunk.map_err(|e| (None, e.to_string()))?;
+                writer
+                    .write(&chunk)
+                    .await
+                    .map_err(|e| (None, e.to_string()))?;
+            }
+            writer.commit().await.map_err(|e| (None, e.to_string()))
         }
         .await;
-        match answer {
+        match fetched {
             Ok(bytes) => {
-                tracing::info!(peer = %peer.id, digest, bytes = bytes.len(), "fetched a blob from a peer");
-                return Some(bytes.to_vec());
+                tracing::info!(peer = %peer.id, digest, bytes, "fetched a blob from a peer");
+                return true;
             }
-            Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {}
-            Err(e) => {
+            Err((Some(reqwest::StatusCode::NOT_FOUND), _)) => {}
+            Err((_, e)) => {
                 tracing::warn!(peer = %peer.id, error = %e, "cannot fetch a blob from a peer")
             }
         }
     }
-    None
+    false
 }

@@ -13,6 +13,8 @@ pub enum BlobError {
     BadDigest(DigestError),
     #[error("blob content hashes to {actual}, not {expected}")]
     Mismatch { expected: String, actual: String },
+    #[error("blob {digest} is over the limit of {limit} bytes")]
+    TooLarge { digest: String, limit: u64 },
     #[error("blob store {path}: {source}")]
     Io {
         path: String,
@@ -34,6 +36,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Stores `bytes` under `digest` after checking that they hash to it.
     fn put(&self, digest: &str, bytes: &[u8]) -> Result<(), BlobError>;
     fn get(&self, digest: &str) -> Result<Option<Vec<u8>>, BlobError>;
+    /// The blob `digest` to read from (stream, never whole into memory); None if not held.
+    fn open(&self, digest: &str) -> Result<Option<std::fs::File>, BlobError>;
+    /// A writer that keeps `digest` once what is written to it hashes to that digest (and
+    /// refuses more than `limit` bytes): content streams through, never whole into memory.
+    fn writer(&self, digest: &str, limit: u64) -> Result<BlobWriter, BlobError>;
     /// Removes every blob not in `keep` that is older than `grace` (an upload waits that long
     /// for the release that will name it), and leftovers of interrupted writes; returns the
     /// digests removed.
@@ -72,7 +79,111 @@ fn touch(path: &std::path::Path) {
     }
 }
 
+/// Content on its way into the store: written to a file of its own while hashed, kept under
+/// its digest by [`BlobWriter::commit`] if it matches, removed otherwise (also when dropped).
+pub struct BlobWriter {
+    digest: String,
+    tmp: PathBuf,
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    hasher: dozen_digest::Hasher,
+    written: u64,
+    limit: u64,
+}
+
+impl BlobWriter {
+    fn io(&self) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
+        move |source| BlobError::Io {
+            path: self.tmp.display().to_string(),
+            source,
+        }
+    }
+
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), BlobError> {
+        use tokio::io::AsyncWriteExt;
+        self.written += chunk.len() as u64;
+        if self.written > self.limit {
+            return Err(BlobError::TooLarge {
+                digest: self.digest.clone(),
+                limit: self.limit,
+            });
+        }
+        self.hasher.update(chunk);
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        let written = file.write_all(chunk).await;
+        written.map_err(self.io())
+    }
+
+    /// Keeps the blob if what was written is the content its digest names.
+    pub async fn commit(mut self) -> Result<u64, BlobError> {
+        let Some(file) = self.file.take() else {
+            return Ok(self.written);
+        };
+        let synced = file.sync_all().await;
+        drop(file);
+        synced.map_err(self.io())?;
+        let actual = std::mem::take(&mut self.hasher).finish();
+        if actual != self.digest {
+            return Err(BlobError::Mismatch {
+                expected: self.digest.clone(),
+                actual,
+            });
+        }
+        let renamed = tokio::fs::rename(&self.tmp, &self.path).await;
+        renamed.map_err(self.io())?;
+        Ok(self.written)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Not committed (or committed: then the file is already gone).
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 impl BlobStore for FsBlobStore {
+    fn open(&self, digest: &str) -> Result<Option<std::fs::File>, BlobError> {
+        let path = self.path(digest)?;
+        match std::fs::File::open(&path) {
+            Ok(f) => {
+                touch(&path);
+                Ok(Some(f))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BlobError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn writer(&self, digest: &str, limit: u64) -> Result<BlobWriter, BlobError> {
+        let path = self.path(digest)?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}-{n}.partial", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|source| BlobError::Io {
+                path: tmp.display().to_string(),
+                source,
+            })?;
+        Ok(BlobWriter {
+            digest: digest.to_string(),
+            tmp,
+            path,
+            file: Some(tokio::fs::File::from_std(file)),
+            hasher: Default::default(),
+            written: 0,
+            limit,
+        })
+    }
+
     fn contains(&self, digest: &str) -> Result<bool, BlobError> {
         let path = self.path(digest)?;
         let there = path.exists();
