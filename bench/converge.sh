@@ -22,7 +22,11 @@ export DOZEN_DATA_DIR="$WORK/data" DOZEN_SERVER="http://127.0.0.1:$PORT"
 SERVER_PID=""
 
 cleanup() {
-  [ -n "$SERVER_PID" ] && kill -9 "$SERVER_PID" 2>/dev/null || true
+  if [ -n "$SERVER_PID" ]; then
+    kill -9 "$SERVER_PID" 2>/dev/null || true
+    # Reaped here, quietly: else bash reports "Killed" after the figures.
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
   # Tasks outlive the server by design: end every shim and task this run started.
   for f in "$WORK"/data/agent/tasks/*/task.pid; do
     [ -f "$f" ] && kill -9 -- "-$(cut -d' ' -f1 "$f")" 2>/dev/null || true
