@@ -20,17 +20,27 @@ pub(crate) async fn unpacked(
     if dir.is_dir() {
         return Ok(dir);
     }
-    let bytes = client
-        .download_blob(digest)
+    // Streamed to a file and unpacked from there: a bundle is never whole in memory.
+    std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let download = root.join(format!(".partial-{hex}-{}.bundle", random_id()));
+    client
+        .download_blob_to(digest, &download)
         .await
         .map_err(|e| format!("cannot fetch artifact {digest}: {e}"))?;
     let tmp = root.join(format!(".partial-{hex}-{}", random_id()));
-    let unpacked = bundle::unpack(&bytes, &tmp).and_then(|_| {
-        std::fs::rename(&tmp, &dir).map_err(|source| bundle::BundleError::Io {
-            path: dir.display().to_string(),
-            source,
-        })
+    let opened = std::fs::File::open(&download).map_err(|source| bundle::BundleError::Io {
+        path: download.display().to_string(),
+        source,
     });
+    let unpacked = opened
+        .and_then(|file| bundle::unpack(std::io::BufReader::new(file), &tmp))
+        .and_then(|_| {
+            std::fs::rename(&tmp, &dir).map_err(|source| bundle::BundleError::Io {
+                path: dir.display().to_string(),
+                source,
+            })
+        });
+    let _ = std::fs::remove_file(&download);
     if let Err(e) = unpacked {
         let _ = std::fs::remove_dir_all(&tmp);
         // Another runner may have unpacked the same bundle first.
@@ -65,7 +75,9 @@ pub(crate) fn collect(
         }
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(".partial-") {
-            let _ = std::fs::remove_dir_all(entry.path());
+            // An unpack (a directory) or a download (a file) cut short.
+            let _ = std::fs::remove_dir_all(entry.path())
+                .or_else(|_| std::fs::remove_file(entry.path()));
             continue;
         }
         let digest = format!("sha256:{name}");

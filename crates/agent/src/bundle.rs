@@ -54,9 +54,9 @@ pub fn pack_dir(dir: &Path) -> Result<Vec<u8>, BundleError> {
 }
 
 /// Unpacks tar bytes into `dest` (created), refusing entries that escape it.
-pub fn unpack(bytes: &[u8], dest: &Path) -> Result<(), BundleError> {
+pub fn unpack(bundle: impl std::io::Read, dest: &Path) -> Result<(), BundleError> {
     std::fs::create_dir_all(dest).map_err(io(dest))?;
-    let mut archive = tar::Archive::new(bytes);
+    let mut archive = tar::Archive::new(bundle);
     archive.set_preserve_permissions(true);
     for entry in archive.entries().map_err(io(dest))? {
         let mut entry = entry.map_err(io(dest))?;
@@ -87,7 +87,7 @@ mod tests {
         std::fs::write(a.path().join("config.txt"), b"x=1").unwrap();
         assert_eq!(pack_dir(a.path()).unwrap(), first);
         let out = tempfile::tempdir().unwrap();
-        unpack(&first, out.path()).unwrap();
+        unpack(first.as_slice(), out.path()).unwrap();
         assert_eq!(
             std::fs::read(out.path().join("bin/run")).unwrap(),
             b"#!/bin/sh\necho hi\n"

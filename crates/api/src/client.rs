@@ -256,6 +256,57 @@ impl Client {
         Ok(bytes.to_vec())
     }
 
+    /// The blob `digest` streamed into a new file `to` (never whole in memory) and checked
+    /// against its digest; on any failure the file is removed. Returns its size.
+    pub async fn download_blob_to(
+        &self,
+        digest: &str,
+        to: &std::path::Path,
+    ) -> Result<u64, ApiError> {
+        use tokio::io::AsyncWriteExt;
+        let path = fill(paths::BLOB, &[digest]);
+        let protocol = |detail: String| ApiError::Protocol {
+            url: self.url(&path),
+            detail,
+        };
+        dozen_digest::check(digest).map_err(|e| protocol(e.to_string()))?;
+        let resp = self.send(|url| self.http.get(url), &path).await?;
+        let result = async {
+            let mut file = tokio::fs::File::create(to)
+                .await
+                .map_err(|e| protocol(format!("cannot write {}: {e}", to.display())))?;
+            let mut hasher = dozen_digest::Hasher::default();
+            let mut size = 0u64;
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| ApiError::Unreachable {
+                    url: self.url(&path),
+                    detail: root_cause(&e),
+                })?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| protocol(format!("cannot write {}: {e}", to.display())))?;
+            }
+            file.sync_all()
+                .await
+                .map_err(|e| protocol(format!("cannot write {}: {e}", to.display())))?;
+            let actual = hasher.finish();
+            if actual != digest {
+                return Err(protocol(format!(
+                    "content hashes to {actual}, not {digest}"
+                )));
+            }
+            Ok(size)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(to).await;
+        }
+        result
+    }
+
     /// A stream of newline-delimited JSON values from `path`.
     async fn ndjson<T: DeserializeOwned + Send + 'static, Q: Serialize>(
         &self,
