@@ -23,8 +23,102 @@ pub fn parse_line(service: &str, task: &str, raw: &[u8]) -> Option<LogLine> {
     })
 }
 
-/// Reads complete lines from `offset`; returns them and the offset after the last one.
+/// Reads complete lines from `offset`; returns them and the offset after the last one. When
+/// the file is shorter than `offset`, the shim rotated it since: the rest of the previous
+/// file comes first, then the new one from its start.
 pub fn read_from(
+    path: &Path,
+    offset: u64,
+    service: &str,
+    task: &str,
+) -> std::io::Result<(Vec<LogLine>, u64)> {
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if offset > len {
+        let previous = path.with_file_name(crate::shim::LOG_PREVIOUS);
+        let (mut lines, _) = read_complete(&previous, offset, service, task)?;
+        let (more, next) = read_complete(path, 0, service, task)?;
+        lines.extend(more);
+        return Ok((lines, next));
+    }
+    read_complete(path, offset, service, task)
+}
+
+/// Every line of the task's log: the previous file, then the current one.
+pub fn read_all(path: &Path, service: &str, task: &str) -> std::io::Result<(Vec<LogLine>, u64)> {
+    let previous = path.with_file_name(crate::shim::LOG_PREVIOUS);
+    let (mut lines, _) = read_complete(&previous, 0, service, task)?;
+    let (more, end) = read_complete(path, 0, service, task)?;
+    lines.extend(more);
+    Ok((lines, end))
+}
+
+/// The last `n` lines of the task's log (the previous file too, if the current one holds
+/// fewer), read backwards from the end: never the whole file. Returns them and the offset
+/// after the last complete line of the current file.
+pub fn read_tail(
+    path: &Path,
+    n: usize,
+    service: &str,
+    task: &str,
+) -> std::io::Result<(Vec<LogLine>, u64)> {
+    let (mut raw, end) = tail_lines(path, n)?;
+    if raw.len() < n {
+        let previous = path.with_file_name(crate::shim::LOG_PREVIOUS);
+        let (mut before, _) = tail_lines(&previous, n - raw.len())?;
+        before.append(&mut raw);
+        raw = before;
+    }
+    let lines = raw
+        .iter()
+        .filter_map(|l| parse_line(service, task, l))
+        .collect();
+    Ok((lines, end))
+}
+
+/// The last `n` complete lines of `path` (oldest first) and the offset after the last one.
+fn tail_lines(path: &Path, n: usize) -> std::io::Result<(Vec<Vec<u8>>, u64)> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    // Bytes from `start` to the end, growing backwards a block at a time.
+    let mut start = len;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let newlines = buf.iter().filter(|b| **b == b'\n').count();
+        if newlines > n || start == 0 {
+            break;
+        }
+        let from = start.saturating_sub(BLOCK);
+        let mut block = vec![0u8; (start - from) as usize];
+        f.seek(SeekFrom::Start(from))?;
+        f.read_exact(&mut block)?;
+        block.extend_from_slice(&buf);
+        buf = block;
+        start = from;
+    }
+    // Up to the last newline: a partial last line is not a line yet.
+    let Some(last) = buf.iter().rposition(|b| *b == b'\n') else {
+        return Ok((Vec::new(), start));
+    };
+    let end = start + last as u64 + 1;
+    let mut lines: Vec<Vec<u8>> = buf[..last]
+        .split(|b| *b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect();
+    // The first piece may be the cut end of an earlier line.
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.drain(..skip);
+    Ok((lines, end))
+}
+
+fn read_complete(
     path: &Path,
     offset: u64,
     service: &str,
@@ -64,5 +158,49 @@ mod tests {
         let (more, off2) = read_from(&path, off, "web", "web-1").unwrap();
         assert!(more.is_empty());
         assert_eq!(off2, off);
+    }
+
+    /// Tails are read from the end, across a rotation, and a follower reading from an offset
+    /// past a rotated file gets the rest of the old file, then the new one.
+    #[test]
+    fn tails_come_from_the_end_and_followers_cross_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join(crate::shim::LOG);
+        let previous = dir.path().join(crate::shim::LOG_PREVIOUS);
+        let lines = |from: u32, to: u32| -> String {
+            (from..to).map(|i| format!("{i} o line {i}\n")).collect()
+        };
+        // 200,000 lines (several 64 KiB blocks) in the old file, 3 in the new one.
+        std::fs::write(&previous, lines(0, 200_000)).unwrap();
+        std::fs::write(&current, lines(200_000, 200_003)).unwrap();
+        let (tail, end) = read_tail(&current, 5, "web", "web-1").unwrap();
+        let texts: Vec<&str> = tail.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "line 199998",
+                "line 199999",
+                "line 200000",
+                "line 200001",
+                "line 200002"
+            ]
+        );
+        assert_eq!(end, std::fs::metadata(&current).unwrap().len());
+        let (tail, _) = read_tail(&previous, 2, "web", "web-1").unwrap();
+        assert_eq!(tail.len(), 2);
+        assert_eq!(tail[1].line, "line 199999");
+
+        // A follower at offset 40 of a 60-byte file that is then rotated.
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join(crate::shim::LOG);
+        std::fs::write(&current, lines(0, 4)).unwrap();
+        let (seen, offset) = read_from(&current, 0, "web", "web-1").unwrap();
+        assert_eq!(seen.len(), 4);
+        std::fs::write(&current, format!("{}{}", lines(0, 4), lines(4, 6))).unwrap();
+        std::fs::rename(&current, dir.path().join(crate::shim::LOG_PREVIOUS)).unwrap();
+        std::fs::write(&current, lines(6, 7)).unwrap();
+        let (next, _) = read_from(&current, offset, "web", "web-1").unwrap();
+        let texts: Vec<&str> = next.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(texts, ["line 4", "line 5", "line 6"]);
     }
 }

@@ -116,7 +116,12 @@ fn agent_logs(
     let mut first: Vec<LogLine> = Vec::new();
     for (dir, service, task) in matching(&shared, &q) {
         let path = dir.join(shim::LOG);
-        if let Ok((lines, off)) = logs::read_from(&path, 0, &service, &task) {
+        let read = match q.tail {
+            // Only the last lines: read from the end, never the whole file.
+            Some(n) if q.since_ms.is_none() => logs::read_tail(&path, n, &service, &task),
+            _ => logs::read_all(&path, &service, &task),
+        };
+        if let Ok((lines, off)) = read {
             first.extend(lines.into_iter().filter(|l| l.ts_ms >= since));
             offsets.insert(path, off);
         }

@@ -79,6 +79,10 @@ pub const TASK_PID: &str = "task.pid";
 pub const STOPPING: &str = "stopping";
 pub const EXIT: &str = "exit.json";
 pub const LOG: &str = "output.log";
+/// The log before the current one: `output.log` moves here when it reaches half the cap.
+pub const LOG_PREVIOUS: &str = "output.log.1";
+/// A task's logs take at most this much disk: two files of half of it each.
+pub const LOG_MAX_BYTES: u64 = 100 * 1024 * 1024;
 
 pub fn wall_ms() -> u64 {
     std::time::SystemTime::now()
@@ -110,6 +114,9 @@ fn write_exit(dir: &Path, record: &ExitRecord) {
 struct LogSink {
     file: File,
     buffer: Vec<u8>,
+    dir: std::path::PathBuf,
+    /// Bytes in the current file.
+    size: u64,
 }
 
 impl LogSink {
@@ -126,33 +133,81 @@ impl LogSink {
         if self.buffer.is_empty() {
             return;
         }
+        // Rotate at half the cap: the current file and the one before stay, at most the cap.
+        if self.size > 0 && self.size + self.buffer.len() as u64 > LOG_MAX_BYTES / 2 {
+            self.rotate();
+        }
         if self.file.write_all(&self.buffer).is_ok() {
             let _ = self.file.sync_data();
+            self.size += self.buffer.len() as u64;
         }
         self.buffer.clear();
+    }
+    fn rotate(&mut self) {
+        let (current, previous) = (self.dir.join(LOG), self.dir.join(LOG_PREVIOUS));
+        if std::fs::rename(&current, &previous).is_err() {
+            return;
+        }
+        if let Ok(file) = OpenOptions::new().create(true).append(true).open(&current) {
+            self.file = file;
+            self.size = 0;
+        }
     }
 }
 
 fn pump(reader: impl std::io::Read, stream: u8, sink: Arc<Mutex<LogSink>>) {
     let mut reader = BufReader::with_capacity(16 * 1024, reader);
     let mut line = Vec::with_capacity(256);
+    // A line is cut at MAX_LINE while it is read (never buffered whole: a task's output
+    // must not grow the shim without bound), and the cut is said in the log.
+    let mut split = false;
     loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
+        let available = match reader.fill_buf() {
+            Ok([]) | Err(_) => {
+                if !line.is_empty() {
+                    emit(&sink, stream, &mut line);
                 }
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                if let Ok(mut s) = sink.lock() {
-                    s.push(stream, &line);
-                }
+                return;
+            }
+            Ok(bytes) => bytes,
+        };
+        let room = MAX_LINE - line.len();
+        let (take, ended) = match available.iter().take(room).position(|b| *b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (available.len().min(room), false),
+        };
+        line.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if ended {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            emit(&sink, stream, &mut line);
+            split = false;
+        } else if line.len() >= MAX_LINE {
+            emit(&sink, stream, &mut line);
+            if !split {
+                let note = format!(
+                    "[dozen] the line above was longer than {} KiB: it goes on in the next line(s)",
+                    MAX_LINE / 1024
+                );
+                emit(&sink, stream, &mut note.into_bytes());
+                split = true;
             }
         }
     }
+}
+
+fn emit(sink: &Arc<Mutex<LogSink>>, stream: u8, line: &mut Vec<u8>) {
+    if let Ok(mut s) = sink.lock() {
+        s.push(stream, line);
+        // Whatever the flusher's pace, what waits in memory stays small.
+        if s.buffer.len() >= 1024 * 1024 {
+            s.flush();
+        }
+    }
+    line.clear();
 }
 
 /// Entry point of `dozen shim DIR`. Returns the shim's own exit code.
@@ -235,9 +290,12 @@ pub fn main(dir: &Path) -> i32 {
     let started_at_ms = wall_ms();
     let _ = write_pid_file(&dir.join(TASK_PID), child.id());
 
+    let size = log.metadata().map(|m| m.len()).unwrap_or(0);
     let sink = Arc::new(Mutex::new(LogSink {
         file: log,
         buffer: Vec::with_capacity(64 * 1024),
+        dir: dir.to_path_buf(),
+        size,
     }));
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut readers = 0;

@@ -719,3 +719,96 @@ fn blobs_stream_to_and_from_disk() {
         "the server's peak memory was {peak} MiB for a 64 MiB blob"
     );
 }
+
+/// Seen: a task that wrote 300 MB to stdout left 311 MiB on disk, and `logs --tail` read whole
+/// files. Now a task's logs rotate within 100 MiB, and a tail is read from the end.
+#[test]
+fn a_task_writing_300_mb_keeps_within_its_log_cap_and_tails_come_fast() {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        r#"
+name = "chatty"
+[services.chatty]
+command = "L=$(head -c 999 /dev/zero | tr '\\000' x); yes \"$L\" | head -c 300000000; echo; echo all-written; sleep 1000"
+port = false
+"#,
+    );
+    d.ok(&["apply"]);
+    eventually(Duration::from_secs(240), "300 MB written", || {
+        let out = d.cli(&["logs", "chatty", "--tail", "1"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("all-written")
+            .then_some(())
+    });
+    let tasks = d.data_dir().join("agent").join("tasks");
+    let mut on_disk = 0;
+    for task in std::fs::read_dir(&tasks).unwrap().flatten() {
+        for file in ["output.log", "output.log.1"] {
+            on_disk += std::fs::metadata(task.path().join(file))
+                .map(|m| m.len())
+                .unwrap_or(0);
+        }
+    }
+    assert!(
+        on_disk <= 100 * 1024 * 1024,
+        "{on_disk} bytes of logs on disk"
+    );
+    assert!(
+        on_disk >= 40 * 1024 * 1024,
+        "the newest logs are kept: {on_disk} bytes"
+    );
+    let started = std::time::Instant::now();
+    let out = d.cli(&["logs", "chatty", "--tail", "5"]);
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 5, "{text}");
+    assert!(text.contains("all-written"));
+    eprintln!("logs --tail 5 over {on_disk} bytes of logs took {took:?}");
+    let pid = d.server.as_ref().unwrap().id();
+    let peak = peak_rss_mib(pid);
+    assert!(peak < 100, "the server's peak memory was {peak} MiB");
+}
+
+/// Seen: the shim grew its line buffer without limit before splitting a line. A line is cut at
+/// 64 KiB while it is read, and the log says so.
+#[test]
+fn a_very_long_line_is_cut_while_read_and_the_log_says_so() {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        r#"
+name = "long"
+[services.long]
+command = "head -c 200000 /dev/zero | tr '\\000' y; echo; echo after; sleep 1000"
+port = false
+"#,
+    );
+    d.ok(&["apply"]);
+    let text = eventually(Duration::from_secs(30), "the long line logged", || {
+        let out = d.cli(&["logs", "long"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("after").then_some(text)
+    });
+    let ys: Vec<usize> = text
+        .lines()
+        .filter(|l| l.ends_with("yyyy"))
+        .map(|l| l.len())
+        .collect();
+    assert_eq!(
+        ys.len(),
+        4,
+        "200,000 bytes in pieces of at most 64 KiB: {ys:?}"
+    );
+    assert!(ys.iter().all(|n| *n <= 64 * 1024 + 64), "{ys:?}");
+    assert_eq!(
+        text.matches("[dozen] the line above was longer than 64 KiB")
+            .count(),
+        1,
+        "said once per long line"
+    );
+}
