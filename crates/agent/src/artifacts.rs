@@ -64,13 +64,7 @@ pub(crate) fn collect(
         return removed;
     };
     for entry in entries.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= grace);
-        if !old {
+        if !crate::os::older_than(&entry.path(), grace) {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();

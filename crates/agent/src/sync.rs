@@ -293,13 +293,7 @@ pub(crate) async fn gc_loop(shared: Arc<Shared>) {
         }
         if let Ok(entries) = std::fs::read_dir(shared.tasks_dir()) {
             for entry in entries.flatten() {
-                let marker = entry.path().join(REMOVED_MARKER);
-                let old = std::fs::metadata(&marker)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > KEEP_REMOVED);
-                if old {
+                if crate::os::older_than(&entry.path().join(REMOVED_MARKER), KEEP_REMOVED) {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }

@@ -614,10 +614,16 @@ impl Store for PanicsOnRead {
     }
 }
 
-/// A controller that panics ends its term: the lease goes at once (a new term begins), instead
-/// of a keep-alive running on for a controller that is gone.
-#[tokio::test(start_paused = true)]
-async fn a_controller_that_panics_gives_up_its_lease() {
+const FAULTY_TTL: Duration = Duration::from_secs(3);
+
+/// A controller running on a store whose reads can be made to fail, once it leads: the store
+/// as it is, the faulty view the controller has, and the leader key it wrote.
+async fn leading_on_a_faulty_store() -> (
+    tempfile::TempDir,
+    Arc<dyn Store>,
+    Arc<PanicsOnRead>,
+    dozen_store::KeyValue,
+) {
     let dir = tempfile::tempdir().unwrap();
     let embedded: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let faulty = Arc::new(PanicsOnRead {
@@ -625,12 +631,11 @@ async fn a_controller_that_panics_gives_up_its_lease() {
         panic: Default::default(),
         hang: Default::default(),
     });
-    let ttl = Duration::from_secs(3);
     let controller = Controller {
         store: faulty.clone(),
         server_id: "server-a".into(),
-        leader_ttl: ttl,
-        node_ttl: ttl,
+        leader_ttl: FAULTY_TTL,
+        node_ttl: FAULTY_TTL,
         history_window: dozen_control::controller::HISTORY_WINDOW,
     };
     tokio::spawn(controller.run());
@@ -640,6 +645,15 @@ async fn a_controller_that_panics_gives_up_its_lease() {
     })
     .await
     .expect("the controller leads");
+    (dir, embedded, faulty, first)
+}
+
+/// A controller that panics ends its term: the lease goes at once (a new term begins), instead
+/// of a keep-alive running on for a controller that is gone.
+#[tokio::test(start_paused = true)]
+async fn a_controller_that_panics_gives_up_its_lease() {
+    let (_dir, embedded, faulty, first) = leading_on_a_faulty_store().await;
+    let (ttl, key) = (FAULTY_TTL, dozen_control::leader::leader_key());
     faulty
         .panic
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -710,28 +724,8 @@ fn compact_revision_near(compacted: u64, head: u64, window: u64) -> bool {
 /// campaigns again (a new term begins) instead of waiting on it for ever.
 #[tokio::test(start_paused = true)]
 async fn a_controller_hung_in_a_pass_is_dropped_and_a_new_term_begins() {
-    let dir = tempfile::tempdir().unwrap();
-    let embedded: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let faulty = Arc::new(PanicsOnRead {
-        inner: embedded.clone(),
-        panic: Default::default(),
-        hang: Default::default(),
-    });
-    let ttl = Duration::from_secs(3);
-    let controller = Controller {
-        store: faulty.clone(),
-        server_id: "server-a".into(),
-        leader_ttl: ttl,
-        node_ttl: ttl,
-        history_window: dozen_control::controller::HISTORY_WINDOW,
-    };
-    tokio::spawn(controller.run());
-    let key = dozen_control::leader::leader_key();
-    let first = within(Duration::from_secs(5), async || {
-        embedded.get(&key).await.unwrap()
-    })
-    .await
-    .expect("the controller leads");
+    let (_dir, embedded, faulty, first) = leading_on_a_faulty_store().await;
+    let (ttl, key) = (FAULTY_TTL, dozen_control::leader::leader_key());
     faulty.hang.store(true, std::sync::atomic::Ordering::SeqCst);
     embedded
         .put("/dozen/v1/scale/web", b"{}".to_vec())

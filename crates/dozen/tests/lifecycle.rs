@@ -720,23 +720,28 @@ fn blobs_stream_to_and_from_disk() {
     );
 }
 
+/// A server (with its agent, no proxy) running one service of shell `command`, applied.
+fn one_service(name: &str, command: &str) -> Dozen {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    // A TOML literal string: the command's quotes and backslashes stay as they are.
+    d.write(
+        "dozen.toml",
+        &format!("name = \"{name}\"\n[services.{name}]\ncommand = '''{command}'''\nport = false\n"),
+    );
+    d.ok(&["apply"]);
+    d
+}
+
 /// Seen: a task that wrote 300 MB to stdout left 311 MiB on disk, and `logs --tail` read whole
 /// files. Now a task's logs rotate within 100 MiB, and a tail is read from the end.
 #[test]
 fn a_task_writing_300_mb_keeps_within_its_log_cap_and_tails_come_fast() {
-    let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
-    d.write(
-        "dozen.toml",
-        r#"
-name = "chatty"
-[services.chatty]
-command = "L=$(head -c 999 /dev/zero | tr '\\000' x); yes \"$L\" | head -c 300000000; echo; echo all-written; sleep 1000"
-port = false
-"#,
+    let d = one_service(
+        "chatty",
+        r#"L=$(head -c 999 /dev/zero | tr '\000' x); yes "$L" | head -c 300000000; echo; echo all-written; sleep 1000"#,
     );
-    d.ok(&["apply"]);
     eventually(Duration::from_secs(240), "300 MB written", || {
         let out = d.cli(&["logs", "chatty", "--tail", "1"]);
         String::from_utf8_lossy(&out.stdout)
@@ -776,19 +781,10 @@ port = false
 /// 64 KiB while it is read, and the log says so.
 #[test]
 fn a_very_long_line_is_cut_while_read_and_the_log_says_so() {
-    let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
-    d.write(
-        "dozen.toml",
-        r#"
-name = "long"
-[services.long]
-command = "head -c 200000 /dev/zero | tr '\\000' y; echo; echo after; sleep 1000"
-port = false
-"#,
+    let d = one_service(
+        "long",
+        r#"head -c 200000 /dev/zero | tr '\000' y; echo; echo after; sleep 1000"#,
     );
-    d.ok(&["apply"]);
     let text = eventually(Duration::from_secs(30), "the long line logged", || {
         let out = d.cli(&["logs", "long"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

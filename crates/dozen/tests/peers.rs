@@ -82,20 +82,8 @@ fn start_server_with_agent(work: &Path, name: &str, store: &str, node: Option<&s
     server
 }
 
-fn operator(work: &Path) -> reqwest::Client {
-    let ca = std::fs::read_to_string(work.join("ca/ca.crt")).unwrap();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(dozen_api::tls::client_config(&ca, None).unwrap())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_servers_share_blobs_and_what_the_controller_found() {
-    let Some(etcd) = EtcdCluster::start() else {
-        return;
-    };
+/// A work dir with a cluster CA and the operator token, and the `--store` URL of `etcd`.
+fn site(etcd: &EtcdCluster) -> (tempfile::TempDir, String) {
     let work = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["ca", "init", "--dir"])
@@ -116,6 +104,24 @@ async fn two_servers_share_blobs_and_what_the_controller_found() {
             .collect::<Vec<_>>()
             .join(",")
     );
+    (work, store)
+}
+
+fn operator(work: &Path) -> reqwest::Client {
+    let ca = std::fs::read_to_string(work.join("ca/ca.crt")).unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(dozen_api::tls::client_config(&ca, None).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_blobs_and_what_the_controller_found() {
+    let Some(etcd) = EtcdCluster::start() else {
+        return;
+    };
+    let (work, store) = site(&etcd);
     let mut a = start_server(work.path(), "a", &store);
     let b = start_server(work.path(), "b", &store);
 
@@ -248,26 +254,7 @@ async fn every_servers_own_agent_is_reachable_for_logs_and_the_token_stays_home(
     let Some(etcd) = EtcdCluster::start() else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["ca", "init", "--dir"])
-        .arg(work.path().join("ca"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(work.path().join("token"), TOKEN).unwrap();
-    let store = format!(
-        "etcd://{}",
-        etcd.endpoints
-            .iter()
-            .map(|e| e.trim_start_matches("http://"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let (work, store) = site(&etcd);
     let a = start_server_with_agent(work.path(), "a", &store, Some("node-a"));
     let mut b = start_server_with_agent(work.path(), "b", &store, Some("node-b"));
     let client = operator(work.path());

@@ -53,6 +53,18 @@ fn running(d: &Dozen) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Waits until `n` tasks run; returns them (task id -> pid).
+fn running_once(d: &Dozen, n: usize) -> BTreeMap<String, u64> {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{n} running tasks"),
+        || {
+            let r = running(d);
+            (r.len() == n).then_some(r)
+        },
+    )
+}
+
 /// `ps` must describe exactly the processes that exist: one shim and one task per task.
 fn assert_ps_matches_processes(d: &Dozen, expected: &BTreeMap<String, u64>) {
     let mut from_shims: Vec<u64> = d
@@ -88,10 +100,7 @@ fn kill_9_of_the_server_keeps_every_task_and_readopts_it() {
     d.write("dozen.toml", &stack());
     d.ok(&["apply"]);
     d.wait_ready("web", 3);
-    let before = eventually(Duration::from_secs(20), "4 running tasks", || {
-        let r = running(&d);
-        (r.len() == 4).then_some(r)
-    });
+    let before = running_once(&d, 4);
     let instance = d.json(&["ps"])["tasks"][0]["status"]["agent_instance"].clone();
     assert_ps_matches_processes(&d, &before);
 
@@ -166,10 +175,7 @@ fn kill_9_of_an_agent_leaves_its_tasks_running() {
     d.write("dozen.toml", &stack());
     d.ok(&["apply"]);
     d.wait_ready("web", 3);
-    let before = eventually(Duration::from_secs(20), "4 running tasks", || {
-        let r = running(&d);
-        (r.len() == 4).then_some(r)
-    });
+    let before = running_once(&d, 4);
     let instance = d.json(&["ps"])["tasks"][0]["status"]["agent_instance"].clone();
     d.kill_agents();
     for pid in before.values() {
@@ -266,10 +272,7 @@ fn an_agent_stalled_past_its_ttl_keeps_every_task_when_no_other_node_can_take_th
     d.write("dozen.toml", &stack());
     d.ok(&["apply"]);
     d.wait_ready("web", 3);
-    let before = eventually(Duration::from_secs(20), "4 running tasks", || {
-        let r = running(&d);
-        (r.len() == 4).then_some(r)
-    });
+    let before = running_once(&d, 4);
 
     signal(agent, "STOP");
     wait_node(&d, "node-b", "down");
@@ -317,11 +320,7 @@ fn a_stalled_nodes_tasks_are_replaced_elsewhere_and_one_copy_remains_when_it_ret
     d.ok(&["apply"]);
     d.wait_ready("web", 3);
     d.start_agent("node-c");
-    let on_b: BTreeMap<String, u64> =
-        eventually(Duration::from_secs(20), "4 running tasks", || {
-            let r = running(&d);
-            (r.len() == 4).then_some(r)
-        });
+    let on_b: BTreeMap<String, u64> = running_once(&d, 4);
 
     signal(stalled, "STOP");
     wait_node(&d, "node-b", "down");
