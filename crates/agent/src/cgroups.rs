@@ -40,9 +40,13 @@ pub fn detect(root: &Path) -> Box<dyn Cgroups> {
     let v1_cpu = root.join("cpu");
     if v1_memory.join("memory.limit_in_bytes").exists() && v1_cpu.join("cpu.cfs_quota_us").exists()
     {
+        let v1_pids = root.join("pids");
         let v1 = V1 {
             memory: v1_memory.join("dozen"),
             cpu: v1_cpu.join("dozen"),
+            pids: (v1_pids.join("pids.max").exists() || v1_pids.join("tasks").exists())
+                .then(|| v1_pids.join("dozen"))
+                .filter(|dir| std::fs::create_dir_all(dir).is_ok()),
         };
         if std::fs::create_dir_all(&v1.memory).is_ok() && std::fs::create_dir_all(&v1.cpu).is_ok() {
             return Box::new(v1);
@@ -50,12 +54,18 @@ pub fn detect(root: &Path) -> Box<dyn Cgroups> {
     }
     let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
     if controllers.contains("memory") && controllers.contains("cpu") {
+        let enable = if controllers.contains("pids") {
+            "+memory +cpu +pids"
+        } else {
+            "+memory +cpu"
+        };
         let v2 = V2 {
             base: root.join("dozen"),
+            pids: controllers.contains("pids"),
         };
         if std::fs::create_dir_all(&v2.base).is_ok()
-            && std::fs::write(root.join("cgroup.subtree_control"), "+memory +cpu").is_ok()
-            && std::fs::write(v2.base.join("cgroup.subtree_control"), "+memory +cpu").is_ok()
+            && std::fs::write(root.join("cgroup.subtree_control"), enable).is_ok()
+            && std::fs::write(v2.base.join("cgroup.subtree_control"), enable).is_ok()
         {
             return Box::new(v2);
         }
@@ -66,12 +76,18 @@ pub fn detect(root: &Path) -> Box<dyn Cgroups> {
 struct V1 {
     memory: PathBuf,
     cpu: PathBuf,
+    /// The pids controller, where this machine mounts one.
+    pids: Option<PathBuf>,
 }
 
 impl Cgroups for V1 {
     fn describe(&self) -> String {
+        let pids = match &self.pids {
+            Some(dir) => format!(", {}", dir.display()),
+            None => "; no pids controller: process counts unlimited".into(),
+        };
         format!(
-            "cgroup v1 ({}, {})",
+            "cgroup v1 ({}, {}{pids})",
             self.memory.display(),
             self.cpu.display()
         )
@@ -88,11 +104,21 @@ impl Cgroups for V1 {
         std::fs::write(cpu.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
         let quota = (u64::from(r.cpu_millis) * CPU_PERIOD_US / 1000).max(1000);
         std::fs::write(cpu.join("cpu.cfs_quota_us"), quota.to_string())?;
-        Ok(vec![mem.join("cgroup.procs"), cpu.join("cgroup.procs")])
+        let mut procs = vec![mem.join("cgroup.procs"), cpu.join("cgroup.procs")];
+        if let Some(pids) = &self.pids {
+            let dir = pids.join(task);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("pids.max"), r.pids.to_string())?;
+            procs.push(dir.join("cgroup.procs"));
+        }
+        Ok(procs)
     }
     fn remove(&self, task: &str) {
         let _ = std::fs::remove_dir(self.memory.join(task));
         let _ = std::fs::remove_dir(self.cpu.join(task));
+        if let Some(pids) = &self.pids {
+            let _ = std::fs::remove_dir(pids.join(task));
+        }
     }
     fn signal_all(&self, task: &str, signal: i32, except: Option<u32>) -> usize {
         // A task's processes are in both groups; the memory group's list is enough.
@@ -102,6 +128,7 @@ impl Cgroups for V1 {
 
 struct V2 {
     base: PathBuf,
+    pids: bool,
 }
 
 impl Cgroups for V2 {
@@ -114,6 +141,9 @@ impl Cgroups for V2 {
         std::fs::write(dir.join("memory.max"), r.memory_bytes.to_string())?;
         let quota = (u64::from(r.cpu_millis) * CPU_PERIOD_US / 1000).max(1000);
         std::fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+        if self.pids {
+            std::fs::write(dir.join("pids.max"), r.pids.to_string())?;
+        }
         Ok(vec![dir.join("cgroup.procs")])
     }
     fn remove(&self, task: &str) {

@@ -368,17 +368,57 @@ fn cgroups_writable() -> bool {
     v1 || v2
 }
 
+/// Skips outside CI where the agent cannot make cgroups; CI must let it.
+fn needs_cgroups() -> bool {
+    if cgroups_writable() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must let the agent make cgroups"
+    );
+    eprintln!("skipped: no writable cgroups here (this test runs in CI)");
+    false
+}
+
+/// A task forking without end meets its `pids` limit, not the node's process table.
+#[test]
+fn a_task_cannot_start_more_processes_than_its_pids_limit() {
+    if !needs_cgroups() {
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        r#"
+name = "forks"
+[services.bomb]
+command = "i=0; while [ $i -lt 40 ]; do sleep 1000 & i=$((i+1)); done; echo 40 started; sleep 1000"
+port = false
+stop_timeout = "1s"
+resources = { pids = 10 }
+"#,
+    );
+    d.ok(&["apply", "--no-wait"]);
+    let logs = eventually(
+        Duration::from_secs(20),
+        "the shell is refused a fork",
+        || {
+            let logs = d.ok(&["logs", "bomb"]);
+            logs.contains("Cannot fork").then_some(logs)
+        },
+    );
+    assert!(!logs.contains("40 started"), "{logs}");
+    d.ok(&["down"]);
+}
+
 /// Seen: a stop signalled the task's process group only, so a `setsid` (daemonised) child
 /// outlived its task. Where cgroups are available the stop reaches every process in the
 /// task's cgroups.
 #[test]
 fn stopping_a_task_stops_its_daemonised_children_too() {
-    if !cgroups_writable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must let the agent make cgroups"
-        );
-        eprintln!("skipped: no writable cgroups here (this test runs in CI)");
+    if !needs_cgroups() {
         return;
     }
     let mut d = Dozen::new(DOZEN);

@@ -177,6 +177,14 @@ pub struct ResourcesFile {
     /// Bytes, or a size like "256MiB", "1GiB", "512M", "100k". Default "128MiB".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryFile>,
+    /// Most processes and threads the task may run at once. Default 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub pids: Option<u32>,
+    /// Disk the task's output may take, a size like "20MiB" (at least "1MiB"); past it the
+    /// oldest half is dropped. Default "100MiB".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<MemoryFile>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -288,7 +296,7 @@ internal = false
 [services.worker]
 image = "ghcr.io/a/b:1"
 on_disconnect = { stop_after = "30s" }
-resources = { cpu = "500m", memory = 1024 }
+resources = { cpu = "500m", memory = 1024, pids = 64, logs = "20MiB" }
 health = { command = ["./check"] }
 [services.cron]
 command = ["./cron"]

@@ -91,6 +91,10 @@ pub const DEFAULT_STOP_SIGNAL: &str = "SIGTERM";
 pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_CPU_MILLIS: u32 = 100;
 pub const DEFAULT_MEMORY_BYTES: u64 = 128 * 1024 * 1024;
+pub const DEFAULT_PIDS: u32 = 4096;
+pub const DEFAULT_LOG_BYTES: u64 = 100 * 1024 * 1024;
+/// A task's logs are two files of half the cap each, and a line is cut at 64 KiB.
+pub const MIN_LOG_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 5_000;
 pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
@@ -155,6 +159,21 @@ pub struct Route {
 pub struct Resources {
     pub cpu_millis: u32,
     pub memory_bytes: u64,
+    /// Most processes and threads the task may have at once (its cgroup's `pids.max`): a
+    /// fork bomb in one task cannot take the node's process table.
+    #[serde(default = "default_pids")]
+    pub pids: u32,
+    /// Disk the task's output may take; the oldest half goes first.
+    #[serde(default = "default_log_bytes")]
+    pub log_bytes: u64,
+}
+
+fn default_pids() -> u32 {
+    DEFAULT_PIDS
+}
+
+fn default_log_bytes() -> u64 {
+    DEFAULT_LOG_BYTES
 }
 
 impl Default for Resources {
@@ -162,6 +181,8 @@ impl Default for Resources {
         Resources {
             cpu_millis: DEFAULT_CPU_MILLIS,
             memory_bytes: DEFAULT_MEMORY_BYTES,
+            pids: DEFAULT_PIDS,
+            log_bytes: DEFAULT_LOG_BYTES,
         }
     }
 }

@@ -59,7 +59,7 @@ pub(crate) const HEALTH_KEYS: &[&str] = &[
     "grace_period",
 ];
 pub(crate) const ROUTE_KEYS: &[&str] = &["host", "path", "internal"];
-pub(crate) const RESOURCES_KEYS: &[&str] = &["cpu", "memory"];
+pub(crate) const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids", "logs"];
 pub(crate) const ON_DISCONNECT_KEYS: &[&str] = &["stop_after"];
 
 /// Renders examples in the syntax of the file being validated.
@@ -681,6 +681,34 @@ impl Validator {
                             SIZE_EXAMPLES,
                         ),
                         Ok(b) => out.memory_bytes = b,
+                        Err(m) => self.err(r.node.loc, m, SIZE_EXAMPLES),
+                    }
+                }
+                "pids" => match self.int_of(r, "512") {
+                    Some(n) if n >= 1 && u32::try_from(n).is_ok() => out.pids = n as u32,
+                    Some(n) => self.err(
+                        r.node.loc,
+                        format!("`pids` must be between 1 and {}, found {n}", u32::MAX),
+                        "count the task's processes and threads together, e.g. `pids = 512`",
+                    ),
+                    None => {}
+                },
+                "logs" => {
+                    let res = match &r.node.val {
+                        Val::Str(s) => parse_size_bytes(s),
+                        Val::Int(i) => u64::try_from(*i).map_err(|_| format!("invalid size {i}")),
+                        _ => {
+                            self.type_err(r, "a size string", "\"20MiB\"");
+                            continue;
+                        }
+                    };
+                    match res {
+                        Ok(b) if b < MIN_LOG_BYTES => self.err(
+                            r.node.loc,
+                            format!("`logs` must be at least 1MiB, found {b} bytes"),
+                            "give the disk the task's output may take, e.g. `logs = \"20MiB\"`",
+                        ),
+                        Ok(b) => out.log_bytes = b,
                         Err(m) => self.err(r.node.loc, m, SIZE_EXAMPLES),
                     }
                 }

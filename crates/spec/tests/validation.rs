@@ -183,6 +183,28 @@ fn bad_sizes_and_cpu() {
     expect(&errs, "cpu", 5, 7);
     let errs = errors(&with("[services.web.resources]\ncpu = 0.0001\n"));
     expect(&errs, "millicores", 5, 7);
+    let errs = errors(&with("[services.web.resources]\npids = 0\n"));
+    let e = expect(&errs, "`pids` must be between 1", 5, 8);
+    assert!(e.hint.unwrap().contains("pids = 512"));
+    let errs = errors(&with("[services.web.resources]\nlogs = \"10KiB\"\n"));
+    let e = expect(&errs, "`logs` must be at least 1MiB", 5, 8);
+    assert!(e.hint.unwrap().contains("20MiB"));
+}
+
+#[test]
+fn process_and_log_limits_parse_with_defaults() {
+    let s = parse_str(&with(""), "f", Format::Toml, None).unwrap();
+    let r = s.services["web"].resources;
+    assert_eq!((r.pids, r.log_bytes), (4096, 100 << 20));
+    let s = parse_str(
+        &with("[services.web.resources]\npids = 64\nlogs = \"20MiB\"\n"),
+        "f",
+        Format::Toml,
+        None,
+    )
+    .unwrap();
+    let r = s.services["web"].resources;
+    assert_eq!((r.pids, r.log_bytes), (64, 20 << 20));
 }
 
 #[test]
