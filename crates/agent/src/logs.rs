@@ -1,7 +1,8 @@
 //! Reading task logs written by the shims, for `dozen logs`.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use dozen_api::{LogLine, LogStream};
 
@@ -43,13 +44,109 @@ pub fn read_from(
     read_complete(path, offset, service, task)
 }
 
-/// Every line of the task's log: the previous file, then the current one.
-pub fn read_all(path: &Path, service: &str, task: &str) -> std::io::Result<(Vec<LogLine>, u64)> {
-    let previous = path.with_file_name(crate::shim::LOG_PREVIOUS);
-    let (mut lines, _) = read_complete(&previous, 0, service, task)?;
-    let (more, end) = read_complete(path, 0, service, task)?;
-    lines.extend(more);
-    Ok((lines, end))
+/// Longest stored line read whole: a shim's line is at most 64 KiB and its prefix.
+const MAX_STORED_LINE: u64 = 128 * 1024;
+/// Most a follower reads of a file at once, however far behind it is.
+const MAX_READ: u64 = 4 * 1024 * 1024;
+
+/// Every line of a task's log, oldest first (the previous file, then the current one), read as
+/// they are asked for: a whole log is never in memory. A partial last line is not a line yet.
+pub struct LineReader {
+    files: std::collections::VecDeque<PathBuf>,
+    reading: Option<BufReader<File>>,
+    service: String,
+    task: String,
+    raw: Vec<u8>,
+    /// Bytes of complete lines read from the file being read.
+    offset: u64,
+}
+
+impl LineReader {
+    pub fn new(path: &Path, service: &str, task: &str) -> LineReader {
+        LineReader {
+            files: [
+                path.with_file_name(crate::shim::LOG_PREVIOUS),
+                path.to_path_buf(),
+            ]
+            .into(),
+            reading: None,
+            service: service.to_string(),
+            task: task.to_string(),
+            raw: Vec::new(),
+            offset: 0,
+        }
+    }
+    /// Where a follower goes on in the current file once every line has been read.
+    pub fn end_offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl Iterator for LineReader {
+    type Item = LogLine;
+    fn next(&mut self) -> Option<LogLine> {
+        loop {
+            let Some(reader) = &mut self.reading else {
+                let path = self.files.pop_front()?;
+                self.offset = 0;
+                self.reading = File::open(path)
+                    .ok()
+                    .map(|f| BufReader::with_capacity(64 * 1024, f));
+                continue;
+            };
+            self.raw.clear();
+            let read = reader
+                .by_ref()
+                .take(MAX_STORED_LINE)
+                .read_until(b'\n', &mut self.raw);
+            match read {
+                Ok(n) if n > 0 && self.raw.last() == Some(&b'\n') => {
+                    self.offset += n as u64;
+                    self.raw.pop();
+                    if let Some(line) = parse_line(&self.service, &self.task, &self.raw) {
+                        return Some(line);
+                    }
+                }
+                // The end of this file, a partial last line, or a read error: the next file.
+                _ => self.reading = None,
+            }
+        }
+    }
+}
+
+/// Lines of several logs merged oldest first; each log is in time order already.
+pub fn merged(mut logs: Vec<LineReader>) -> Merge {
+    let heads = logs.iter_mut().map(Iterator::next).collect();
+    Merge { logs, heads }
+}
+
+pub struct Merge {
+    logs: Vec<LineReader>,
+    heads: Vec<Option<LogLine>>,
+}
+
+impl Merge {
+    /// Per log, where a follower goes on in its current file, once every line has been read.
+    pub fn end_offsets(&self) -> Vec<u64> {
+        self.logs.iter().map(LineReader::end_offset).collect()
+    }
+}
+
+impl Iterator for Merge {
+    type Item = LogLine;
+    fn next(&mut self) -> Option<LogLine> {
+        let oldest = self
+            .heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.as_ref().map(|l| (l.ts_ms, i)))
+            .min()
+            .map(|(_, i)| i);
+        let i = oldest?;
+        let line = self.heads[i].take();
+        self.heads[i] = self.logs[i].next();
+        line
+    }
 }
 
 /// The last `n` lines of the task's log (the previous file too, if the current one holds
@@ -131,7 +228,7 @@ fn read_complete(
     };
     f.seek(SeekFrom::Start(offset))?;
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
+    f.take(MAX_READ).read_to_end(&mut buf)?;
     let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
         return Ok((Vec::new(), offset));
     };

@@ -322,6 +322,62 @@ pub fn wait_exit_keep_zombie(pid: u32) -> io::Result<()> {
     }
 }
 
+/// Whether `pid` (a child) has exited, leaving it a zombie; never blocks.
+pub fn exited_keep_zombie(pid: u32) -> io::Result<bool> {
+    // SAFETY: waitid writes into the zeroed siginfo we own; no other memory is involved.
+    let (rc, found) = unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let rc = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+        );
+        (rc, info.si_pid() != 0)
+    };
+    if rc == 0 {
+        Ok(found)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes reads from `fd` return `WouldBlock` instead of waiting.
+pub fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor the caller holds open; only its flags change.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            -1
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Waits until one of `fds` is readable or closed, or `timeout` passes; returns, per fd,
+/// whether it is. A signal cutting the wait short counts as nothing ready.
+pub fn wait_readable(fds: &[i32], timeout: std::time::Duration) -> Vec<bool> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: poll reads and writes only the array we own, of the length we pass.
+    let rc = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, millis) };
+    polled.iter().map(|p| rc > 0 && p.revents != 0).collect()
+}
+
 /// Whether any process other than `except` (a zombie leader) is alive in process group `pgid`.
 pub fn group_has_others(pgid: u32, except: u32) -> bool {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -12,6 +12,9 @@ use tokio::sync::watch;
 use crate::driver::{Driver, ExitInfo, Recovered, TaskConfig, TaskHandle, Workload};
 use crate::{artifacts, env, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD};
 
+/// How often a running task's count of dropped log lines is looked at.
+const LOG_DROPS_EVERY: Duration = Duration::from_secs(2);
+
 /// Health bookkeeping of one running generation.
 struct HealthState {
     successes: u32,
@@ -60,6 +63,7 @@ impl Runner {
             agent_instance: shared.instance.clone(),
             adopted: false,
             unhealthy_since_ms: None,
+            log_lines_dropped: 0,
         };
         let mut runner = Runner {
             shared,
@@ -338,6 +342,9 @@ impl Runner {
         let wait = driver.wait(&handle);
         tokio::pin!(wait);
         let mut probes: u32 = 0;
+        let mut log_check = tokio::time::interval(LOG_DROPS_EVERY);
+        // Kept across wake-ups for other reasons, so they never push a probe back.
+        let mut next_probe = None;
         loop {
             // Before the first pass, probe often so a new task takes traffic as soon as it can
             // (most services listen within milliseconds of starting).
@@ -362,7 +369,18 @@ impl Runner {
                     }
                     return true;
                 }
-                _ = tokio::time::sleep(Duration::from_millis(interval.max(10))) => {
+                _ = log_check.tick() => {
+                    let dropped = shim::dropped_lines(&self.dir);
+                    if dropped != self.status.log_lines_dropped {
+                        tracing::warn!(task = %self.task, dropped, "task output dropped: its log cannot be written");
+                        self.status.log_lines_dropped = dropped;
+                        let _ = self.shared.reports.send(self.status.clone());
+                    }
+                }
+                _ = tokio::time::sleep_until(*next_probe.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + Duration::from_millis(interval.max(10))
+                })) => {
+                    next_probe = None;
                     let Some(c) = &check else { continue };
                     probes += 1;
                     let result = self.shared.prober.probe(c, self.record.port, &BTreeMap::new()).await;

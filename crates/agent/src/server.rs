@@ -91,10 +91,15 @@ fn matching(shared: &Shared, q: &LogQuery) -> Vec<(PathBuf, String, String)> {
 fn encode(lines: &[LogLine]) -> Bytes {
     let mut out = Vec::new();
     for l in lines {
-        out.extend(serde_json::to_vec(l).unwrap_or_default());
-        out.push(b'\n');
+        encode_into(&mut out, l);
     }
     Bytes::from(out)
+}
+
+fn encode_into(out: &mut Vec<u8>, line: &LogLine) {
+    if serde_json::to_writer(&mut *out, line).is_ok() {
+        out.push(b'\n');
+    }
 }
 
 fn agent_logs(
@@ -111,71 +116,19 @@ fn agent_logs(
         );
         return plain(StatusCode::UNAUTHORIZED, "missing or wrong token\n");
     }
-    let since = q.since_ms.unwrap_or(0);
-    let mut offsets: HashMap<PathBuf, u64> = HashMap::new();
-    let mut first: Vec<LogLine> = Vec::new();
-    for (dir, service, task) in matching(&shared, &q) {
-        let path = dir.join(shim::LOG);
-        let read = match q.tail {
-            // Only the last lines: read from the end, never the whole file.
-            Some(n) if q.since_ms.is_none() => logs::read_tail(&path, n, &service, &task),
-            _ => logs::read_all(&path, &service, &task),
-        };
-        if let Ok((lines, off)) = read {
-            first.extend(lines.into_iter().filter(|l| l.ts_ms >= since));
-            offsets.insert(path, off);
-        }
-    }
-    first.sort_by_key(|l| l.ts_ms);
-    if let Some(tail) = q.tail {
-        let skip = first.len().saturating_sub(tail);
-        first.drain(..skip);
-    }
-    if !q.follow {
-        return ndjson(
-            Full::new(encode(&first))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-    }
-    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    // What is there already, then (with `follow`) what comes: lines go out as they are read,
+    // through a small channel, so the answer is never whole in memory.
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
-        if tx.send(encode(&first)).await.is_err() {
+        let first = {
+            let (tx, shared, q) = (tx.clone(), shared.clone(), q.clone());
+            tokio::task::spawn_blocking(move || send_existing(&shared, &q, &tx)).await
+        };
+        let Ok(Some(offsets)) = first else {
             return;
-        }
-        let mut rescan = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = tx.closed() => return,
-            }
-            // New tasks of the service (scale-out, restarts) join the stream.
-            if rescan.elapsed() > Duration::from_secs(1) {
-                rescan = tokio::time::Instant::now();
-                for (dir, _, _) in matching(&shared, &q) {
-                    offsets.entry(dir.join(shim::LOG)).or_insert(0);
-                }
-            }
-            let tasks: HashMap<PathBuf, (String, String)> = matching(&shared, &q)
-                .into_iter()
-                .map(|(dir, s, t)| (dir.join(shim::LOG), (s, t)))
-                .collect();
-            let mut batch = Vec::new();
-            for (path, off) in offsets.iter_mut() {
-                let Some((service, task)) = tasks.get(path) else {
-                    continue;
-                };
-                if let Ok((lines, next)) = logs::read_from(path, *off, service, task) {
-                    *off = next;
-                    batch.extend(lines);
-                }
-            }
-            if !batch.is_empty() {
-                batch.sort_by_key(|l| l.ts_ms);
-                if tx.send(encode(&batch)).await.is_err() {
-                    return;
-                }
-            }
+        };
+        if q.follow {
+            follow(&shared, &q, offsets, &tx).await;
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -184,6 +137,114 @@ fn agent_logs(
             .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     ndjson(StreamBody::new(stream).boxed())
+}
+
+/// Most bytes of encoded lines sent at once.
+const CHUNK: usize = 64 * 1024;
+
+/// Sends the lines the query asks for that are written already, oldest first; returns where
+/// each log ends (for a follower), or None when the reader has gone.
+fn send_existing(
+    shared: &Shared,
+    q: &LogQuery,
+    tx: &mpsc::Sender<Bytes>,
+) -> Option<HashMap<PathBuf, u64>> {
+    let since = q.since_ms.unwrap_or(0);
+    let tasks = matching(shared, q);
+    let paths: Vec<PathBuf> = tasks
+        .iter()
+        .map(|(dir, _, _)| dir.join(shim::LOG))
+        .collect();
+    if let (Some(n), None) = (q.tail, q.since_ms) {
+        // Only the last lines: read from the end, never the whole file.
+        let mut last: Vec<LogLine> = Vec::new();
+        let mut offsets = HashMap::new();
+        for ((_, service, task), path) in tasks.iter().zip(&paths) {
+            if let Ok((lines, end)) = logs::read_tail(path, n, service, task) {
+                last.extend(lines);
+                offsets.insert(path.clone(), end);
+            }
+        }
+        last.sort_by_key(|l| l.ts_ms);
+        last.drain(..last.len().saturating_sub(n));
+        return tx.blocking_send(encode(&last)).ok().map(|()| offsets);
+    }
+    let readers = tasks
+        .iter()
+        .zip(&paths)
+        .map(|((_, service, task), path)| logs::LineReader::new(path, service, task))
+        .collect();
+    let mut merge = logs::merged(readers);
+    // With a tail as well as `since`, only the last lines matching are kept: at most `n`.
+    let mut kept = std::collections::VecDeque::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    for line in merge.by_ref().filter(|l| l.ts_ms >= since) {
+        match q.tail {
+            Some(n) => {
+                kept.push_back(line);
+                if kept.len() > n {
+                    kept.pop_front();
+                }
+            }
+            None => {
+                encode_into(&mut chunk, &line);
+                if chunk.len() >= CHUNK {
+                    tx.blocking_send(Bytes::from(std::mem::take(&mut chunk)))
+                        .ok()?;
+                }
+            }
+        }
+    }
+    for line in &kept {
+        encode_into(&mut chunk, line);
+    }
+    if !chunk.is_empty() {
+        tx.blocking_send(Bytes::from(chunk)).ok()?;
+    }
+    Some(paths.into_iter().zip(merge.end_offsets()).collect())
+}
+
+/// Sends lines as the tasks write them, new tasks of the service (scale-out, restarts)
+/// joining, until the reader goes.
+async fn follow(
+    shared: &Shared,
+    q: &LogQuery,
+    mut offsets: HashMap<PathBuf, u64>,
+    tx: &mpsc::Sender<Bytes>,
+) {
+    let mut rescan = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tx.closed() => return,
+        }
+        if rescan.elapsed() > Duration::from_secs(1) {
+            rescan = tokio::time::Instant::now();
+            for (dir, _, _) in matching(shared, q) {
+                offsets.entry(dir.join(shim::LOG)).or_insert(0);
+            }
+        }
+        let tasks: HashMap<PathBuf, (String, String)> = matching(shared, q)
+            .into_iter()
+            .map(|(dir, s, t)| (dir.join(shim::LOG), (s, t)))
+            .collect();
+        let mut batch = Vec::new();
+        for (path, off) in offsets.iter_mut() {
+            let Some((service, task)) = tasks.get(path) else {
+                continue;
+            };
+            if let Ok((lines, next)) = logs::read_from(path, *off, service, task) {
+                *off = next;
+                batch.extend(lines);
+            }
+        }
+        if !batch.is_empty() {
+            batch.sort_by_key(|l| l.ts_ms);
+            if tx.send(encode(&batch)).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 fn ndjson(body: Body) -> Response<Body> {

@@ -3,23 +3,26 @@
 //! It runs in its own session, so it outlives the agent that started it. It owns the task's
 //! stdout/stderr (so the task never dies of SIGPIPE when the agent goes), appends them to
 //! `output.log` with a timestamp per line, fsyncs that file in batches (a line counts once
-//! fsynced), and records the exit status in `exit.json`. No async runtime: a thread per pipe.
+//! fsynced), and records the exit status in `exit.json`. No async runtime and no threads: one
+//! poll loop over the two pipes and the task's pidfd.
 //!
 //! Files in the task directory:
 //! - `launch.json` (written by the agent): what to run
 //! - `shim.pid`, `task.pid`: `PID STARTTIME`, so a reused pid is never mistaken for ours
-//! - `output.log`: `MILLIS o|e TEXT` lines
+//! - `output.log`: `MILLIS o|e TEXT` lines (and `output.log.1`, the half before)
+//! - `log.dropped`: how many lines could not be written (a full disk)
 //! - `exit.json`: how the task ended (or why it never started)
 //! - `stopping` (written by the agent): the agent has sent the stop signal itself
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +56,9 @@ pub struct Launch {
     /// The task's umask (the one dozen was started with); None: the shim's own.
     #[serde(default)]
     pub umask: Option<u32>,
+    /// Disk the task's logs may take; None: [`LOG_MAX_BYTES`].
+    #[serde(default)]
+    pub log_max_bytes: Option<u64>,
 }
 
 /// How long the rest of a task's process group may linger when the launch does not say.
@@ -81,8 +87,11 @@ pub const EXIT: &str = "exit.json";
 pub const LOG: &str = "output.log";
 /// The log before the current one: `output.log` moves here when it reaches half the cap.
 pub const LOG_PREVIOUS: &str = "output.log.1";
-/// A task's logs take at most this much disk: two files of half of it each.
-pub const LOG_MAX_BYTES: u64 = 100 * 1024 * 1024;
+/// A task's logs take at most this much disk unless its service says otherwise: two files of
+/// half of it each.
+pub const LOG_MAX_BYTES: u64 = dozen_spec::DEFAULT_LOG_BYTES;
+/// How many lines of output could not be written, as a right-aligned number.
+pub const LOG_DROPPED: &str = "log.dropped";
 
 pub fn wall_ms() -> u64 {
     std::time::SystemTime::now()
@@ -110,13 +119,25 @@ fn write_exit(dir: &Path, record: &ExitRecord) {
     let _ = os::write_atomic(&dir.join(EXIT), &bytes);
 }
 
-/// Buffered log sink shared by the two pipe readers.
+/// Where the task's output goes: buffered lines, appended and fsynced in batches, rotated at
+/// half the cap. A write that fails (a full disk) never blocks the task: its lines are dropped
+/// and counted, the count kept in `log.dropped` and said in the log once writes work again.
 struct LogSink {
     file: File,
     buffer: Vec<u8>,
-    dir: std::path::PathBuf,
+    /// Lines in `buffer`.
+    lines: u64,
+    dir: PathBuf,
     /// Bytes in the current file.
     size: u64,
+    cap: u64,
+    dropped: u64,
+    /// How many of the dropped lines the log already says were dropped.
+    dropped_said: u64,
+    last_error: String,
+    /// `log.dropped`, made at start so that updating it in place needs no new disk blocks.
+    counter: Option<File>,
+    last_flush: Instant,
 }
 
 impl LogSink {
@@ -127,21 +148,62 @@ impl LogSink {
                 .extend_from_slice(format!("{ts} {} ", stream as char).as_bytes());
             self.buffer.extend_from_slice(chunk);
             self.buffer.push(b'\n');
+            self.lines += 1;
+        }
+        // Whatever the flush pace, what waits in memory stays small, and a batch never
+        // outgrows half the cap (so neither file does).
+        if self.buffer.len() as u64 >= (self.cap / 4).min(1024 * 1024) {
+            self.flush();
         }
     }
     fn flush(&mut self) {
+        self.last_flush = Instant::now();
         if self.buffer.is_empty() {
             return;
         }
+        if self.dropped > self.dropped_said {
+            let note = format!(
+                "{} e [dozen] {} line(s) of output were dropped: cannot write {LOG}: {}\n",
+                wall_ms(),
+                self.dropped - self.dropped_said,
+                self.last_error
+            );
+            if self.append(note.as_bytes()).is_ok() {
+                self.dropped_said = self.dropped;
+            }
+        }
+        let buffer = std::mem::take(&mut self.buffer);
+        if let Err(e) = self.append(&buffer) {
+            self.dropped += self.lines;
+            self.last_error = e.to_string();
+            if let Some(counter) = &self.counter {
+                let _ = counter.write_at(format!("{:>20}\n", self.dropped).as_bytes(), 0);
+            }
+        }
+        self.buffer = buffer;
+        self.buffer.clear();
+        self.lines = 0;
+    }
+    /// Appends whole lines and fsyncs them; on failure the file is cut back to where it was.
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         // Rotate at half the cap: the current file and the one before stay, at most the cap.
-        if self.size > 0 && self.size + self.buffer.len() as u64 > LOG_MAX_BYTES / 2 {
+        if self.size > 0 && self.size + bytes.len() as u64 > self.cap / 2 {
             self.rotate();
         }
-        if self.file.write_all(&self.buffer).is_ok() {
-            let _ = self.file.sync_data();
-            self.size += self.buffer.len() as u64;
+        match self
+            .file
+            .write_all(bytes)
+            .and_then(|()| self.file.sync_data())
+        {
+            Ok(()) => {
+                self.size += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.size);
+                Err(e)
+            }
         }
-        self.buffer.clear();
     }
     fn rotate(&mut self) {
         let (current, previous) = (self.dir.join(LOG), self.dir.join(LOG_PREVIOUS));
@@ -155,59 +217,137 @@ impl LogSink {
     }
 }
 
-fn pump(reader: impl std::io::Read, stream: u8, sink: Arc<Mutex<LogSink>>) {
-    let mut reader = BufReader::with_capacity(16 * 1024, reader);
-    let mut line = Vec::with_capacity(256);
-    // A line is cut at MAX_LINE while it is read (never buffered whole: a task's output
-    // must not grow the shim without bound), and the cut is said in the log.
-    let mut split = false;
-    loop {
-        let available = match reader.fill_buf() {
-            Ok([]) | Err(_) => {
-                if !line.is_empty() {
-                    emit(&sink, stream, &mut line);
-                }
-                return;
-            }
-            Ok(bytes) => bytes,
-        };
-        let room = MAX_LINE - line.len();
-        let (take, ended) = match available.iter().take(room).position(|b| *b == b'\n') {
-            Some(at) => (at + 1, true),
-            None => (available.len().min(room), false),
-        };
-        line.extend_from_slice(&available[..take]);
-        reader.consume(take);
-        if ended {
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            emit(&sink, stream, &mut line);
-            split = false;
-        } else if line.len() >= MAX_LINE {
-            emit(&sink, stream, &mut line);
-            if !split {
-                let note = format!(
-                    "[dozen] the line above was longer than {} KiB: it goes on in the next line(s)",
-                    MAX_LINE / 1024
-                );
-                emit(&sink, stream, &mut note.into_bytes());
-                split = true;
+/// How many lines of a task's output were dropped because they could not be written.
+pub fn dropped_lines(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(LOG_DROPPED))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One of the task's output pipes, read without blocking. A line is cut at MAX_LINE while it
+/// is read (never buffered whole: a task's output must not grow the shim without bound), and
+/// the cut is said in the log.
+struct Pipe {
+    file: File,
+    stream: u8,
+    line: Vec<u8>,
+    split: bool,
+    open: bool,
+}
+
+impl Pipe {
+    fn new(fd: impl Into<OwnedFd>, stream: u8) -> Pipe {
+        let fd: OwnedFd = fd.into();
+        let _ = os::set_nonblocking(&fd);
+        Pipe {
+            file: File::from(fd),
+            stream,
+            line: Vec::with_capacity(256),
+            split: false,
+            open: true,
+        }
+    }
+    /// Reads what the pipe holds, a few chunks at most so the other pipe gets its turn.
+    fn read(&mut self, chunk: &mut [u8], sink: &mut LogSink) {
+        for _ in 0..4 {
+            match (&self.file).read(chunk) {
+                Ok(0) => return self.close(sink),
+                Ok(n) => self.take(&chunk[..n], sink),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return self.close(sink),
             }
         }
+    }
+    fn take(&mut self, mut bytes: &[u8], sink: &mut LogSink) {
+        while !bytes.is_empty() {
+            let room = MAX_LINE - self.line.len();
+            let (take, ended) = match bytes.iter().take(room).position(|b| *b == b'\n') {
+                Some(at) => (at + 1, true),
+                None => (bytes.len().min(room), false),
+            };
+            self.line.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if ended {
+                self.line.pop();
+                if self.line.last() == Some(&b'\r') {
+                    self.line.pop();
+                }
+                sink.push(self.stream, &self.line);
+                self.line.clear();
+                self.split = false;
+            } else if self.line.len() >= MAX_LINE {
+                sink.push(self.stream, &self.line);
+                self.line.clear();
+                if !self.split {
+                    let note = format!(
+                        "[dozen] the line above was longer than {} KiB: it goes on in the next line(s)",
+                        MAX_LINE / 1024
+                    );
+                    sink.push(self.stream, note.as_bytes());
+                    self.split = true;
+                }
+            }
+        }
+    }
+    fn close(&mut self, sink: &mut LogSink) {
+        if !self.line.is_empty() {
+            sink.push(self.stream, &self.line);
+            self.line.clear();
+        }
+        self.open = false;
     }
 }
 
-fn emit(sink: &Arc<Mutex<LogSink>>, stream: u8, line: &mut Vec<u8>) {
-    if let Ok(mut s) = sink.lock() {
-        s.push(stream, line);
-        // Whatever the flusher's pace, what waits in memory stays small.
-        if s.buffer.len() >= 1024 * 1024 {
-            s.flush();
-        }
+/// The task's pipes and the log they feed, driven by one poll loop: no threads.
+struct Output {
+    pipes: Vec<Pipe>,
+    sink: LogSink,
+    chunk: Vec<u8>,
+    next_trim: Instant,
+}
+
+impl Output {
+    fn open(&self) -> bool {
+        self.pipes.iter().any(|p| p.open)
     }
-    line.clear();
+    /// Waits up to `timeout` for output (or for `also` to become readable), reads what came,
+    /// and flushes the log when a batch is due. Returns whether `also` is readable.
+    fn pump(&mut self, also: Option<i32>, timeout: Duration) -> bool {
+        let mut fds: Vec<i32> = self
+            .pipes
+            .iter()
+            .filter(|p| p.open)
+            .map(|p| p.file.as_raw_fd())
+            .collect();
+        let pipes = fds.len();
+        fds.extend(also);
+        // Never wait past a due flush: a line counts once it is on disk.
+        let flush_due =
+            (self.sink.last_flush + FLUSH_EVERY).saturating_duration_since(Instant::now());
+        let timeout = if self.sink.buffer.is_empty() {
+            timeout
+        } else {
+            timeout.min(flush_due)
+        };
+        let ready = os::wait_readable(&fds, timeout);
+        let mut ready_pipes = ready[..pipes].iter();
+        for pipe in self.pipes.iter_mut().filter(|p| p.open) {
+            if ready_pipes.next() == Some(&true) {
+                pipe.read(&mut self.chunk, &mut self.sink);
+            }
+        }
+        if self.sink.last_flush.elapsed() >= FLUSH_EVERY {
+            self.sink.flush();
+        }
+        if Instant::now() >= self.next_trim {
+            // What stays resident is what the steady state (read, append, fsync) runs.
+            os::trim_clean_file_pages();
+            self.next_trim = Instant::now() + TRIM_EVERY;
+        }
+        also.is_some() && ready.get(pipes) == Some(&true)
+    }
 }
 
 /// Entry point of `dozen shim DIR`. Returns the shim's own exit code.
@@ -219,25 +359,6 @@ pub fn main(dir: &Path) -> i32 {
     if write_pid_file(&dir.join(SHIM_PID), std::process::id()).is_err() {
         return 1;
     }
-    let launch: Launch = match std::fs::read(dir.join(LAUNCH))
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(l) => l,
-        Err(e) => {
-            write_exit(
-                dir,
-                &ExitRecord {
-                    code: None,
-                    signal: None,
-                    started_at_ms: None,
-                    finished_at_ms: wall_ms(),
-                    error: Some(format!("cannot read {}: {e}", dir.join(LAUNCH).display())),
-                },
-            );
-            return 0;
-        }
-    };
     let fail = |error: String| {
         write_exit(
             dir,
@@ -251,6 +372,13 @@ pub fn main(dir: &Path) -> i32 {
         );
         0
     };
+    let launch: Launch = match std::fs::read(dir.join(LAUNCH))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot read {}: {e}", dir.join(LAUNCH).display())),
+    };
     let log = match OpenOptions::new()
         .create(true)
         .append(true)
@@ -259,6 +387,17 @@ pub fn main(dir: &Path) -> i32 {
         Ok(f) => f,
         Err(e) => return fail(format!("cannot open {}: {e}", dir.join(LOG).display())),
     };
+    let counter = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(dir.join(LOG_DROPPED))
+        .ok();
+    let dropped = dropped_lines(dir);
+    if let Some(counter) = &counter {
+        let _ = counter.write_at(format!("{dropped:>20}\n").as_bytes(), 0);
+    }
     let Some((program, args)) = launch.argv.split_first() else {
         return fail("empty command".into());
     };
@@ -288,58 +427,55 @@ pub fn main(dir: &Path) -> i32 {
         Err(e) => return fail(format!("cannot start `{program}`: {e}")),
     };
     let started_at_ms = wall_ms();
-    let _ = write_pid_file(&dir.join(TASK_PID), child.id());
+    let task_pid = child.id();
+    let _ = write_pid_file(&dir.join(TASK_PID), task_pid);
 
     let size = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let sink = Arc::new(Mutex::new(LogSink {
-        file: log,
-        buffer: Vec::with_capacity(64 * 1024),
-        dir: dir.to_path_buf(),
-        size,
-    }));
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let mut readers = 0;
+    let mut pipes = Vec::with_capacity(2);
     if let Some(out) = child.stdout.take() {
-        let (sink, done) = (sink.clone(), done_tx.clone());
-        readers += 1;
-        std::thread::spawn(move || {
-            pump(out, b'o', sink);
-            let _ = done.send(());
-        });
+        pipes.push(Pipe::new(out, b'o'));
     }
     if let Some(err) = child.stderr.take() {
-        let (sink, done) = (sink.clone(), done_tx.clone());
-        readers += 1;
-        std::thread::spawn(move || {
-            pump(err, b'e', sink);
-            let _ = done.send(());
-        });
+        pipes.push(Pipe::new(err, b'e'));
     }
-    drop(done_tx);
-    {
-        let sink = sink.clone();
-        std::thread::spawn(move || {
-            // Trim again once start-up is behind us, then now and then: what stays resident
-            // is what the steady state (read a line, append, fsync) actually runs.
-            let mut next_trim = std::time::Instant::now() + TRIM_FIRST;
-            loop {
-                std::thread::sleep(FLUSH_EVERY);
-                if let Ok(mut s) = sink.lock() {
-                    s.flush();
-                }
-                if std::time::Instant::now() >= next_trim {
-                    os::trim_clean_file_pages();
-                    next_trim = std::time::Instant::now() + TRIM_EVERY;
-                }
-            }
-        });
-    }
+    let mut output = Output {
+        pipes,
+        sink: LogSink {
+            file: log,
+            buffer: Vec::with_capacity(64 * 1024),
+            lines: 0,
+            dir: dir.to_path_buf(),
+            size,
+            cap: launch.log_max_bytes.unwrap_or(LOG_MAX_BYTES),
+            dropped,
+            dropped_said: dropped,
+            last_error: String::new(),
+            counter,
+            last_flush: Instant::now(),
+        },
+        chunk: vec![0; 16 * 1024],
+        next_trim: Instant::now() + TRIM_FIRST,
+    };
     // Everything is set up: give back the code pages start-up touched.
     os::trim_clean_file_pages();
     // Wait without reaping: until the final SIGKILL below, the task's pid (its process group
     // id) stays ours, so no signal to the group can reach a process that reused the number.
-    let task_pid = child.id();
-    let waited = os::wait_exit_keep_zombie(task_pid);
+    // Without pidfds (kernels before 5.3) the exit is looked for every GROUP_POLL.
+    let exit_fd = os::pidfd_open(task_pid).ok();
+    let (also, idle) = match &exit_fd {
+        Some(fd) => (Some(fd.as_raw_fd()), TRIM_EVERY),
+        None => (None, GROUP_POLL),
+    };
+    let waited = loop {
+        let exited = output.pump(also, idle);
+        if exited || exit_fd.is_none() {
+            match os::exited_keep_zombie(task_pid) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+        }
+    };
     // What the task started is stopped as the task would be (as systemd does with a unit's
     // control group): the stop signal, unless the agent is stopping the task and so has sent
     // it already (a second one tells many programs to give up on a graceful shutdown), then
@@ -352,32 +488,22 @@ pub fn main(dir: &Path) -> i32 {
         .linger_ms
         .map(Duration::from_millis)
         .unwrap_or(DEFAULT_LINGER);
-    let deadline = std::time::Instant::now() + linger;
-    let mut open_pipes = readers;
-    loop {
-        while open_pipes > 0 && done_rx.try_recv().is_ok() {
-            open_pipes -= 1;
-        }
-        if waited.is_err()
-            || (open_pipes == 0 && !os::group_has_others(task_pid, task_pid))
-            || std::time::Instant::now() >= deadline
-        {
-            break;
-        }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if done_rx.recv_timeout(left.min(GROUP_POLL)).is_ok() {
-            open_pipes -= 1;
-        }
+    let deadline = Instant::now() + linger;
+    while waited.is_ok()
+        && (output.open() || os::group_has_others(task_pid, task_pid))
+        && Instant::now() < deadline
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        output.pump(None, left.min(GROUP_POLL));
     }
     // Whatever the task started dies with it: an orphan would keep its port and our pipes.
     let _ = os::kill_group(task_pid, libc::SIGKILL);
     let status = child.wait();
-    while open_pipes > 0 && done_rx.recv_timeout(FINAL_DRAIN).is_ok() {
-        open_pipes -= 1;
+    let deadline = Instant::now() + FINAL_DRAIN;
+    while output.open() && Instant::now() < deadline {
+        output.pump(None, deadline.saturating_duration_since(Instant::now()));
     }
-    if let Ok(mut s) = sink.lock() {
-        s.flush();
-    }
+    output.sink.flush();
     let (code, signal, error) = match status {
         Ok(st) => (st.code(), st.signal(), None),
         Err(e) => (

@@ -31,6 +31,7 @@ async fn a_report_of_200_statuses_is_recorded(store: Arc<dyn Store>) {
             agent_instance: "a1".into(),
             adopted: true,
             unhealthy_since_ms: None,
+            log_lines_dropped: 0,
         })
         .collect();
     for status in &statuses {

@@ -136,6 +136,7 @@ impl World {
             agent_instance: "a1".into(),
             adopted: false,
             unhealthy_since_ms: None,
+            log_lines_dropped: 0,
         };
         nodes::report_status(self.store.as_ref(), &a.node, &[status])
             .await

@@ -453,7 +453,7 @@ pub async fn ps(global: &Global, args: PsArgs) -> anyhow::Result<i32> {
                         .unwrap_or_else(|| "-".into()),
                     t.restarts.to_string(),
                     age(st.and_then(|s| s.started_at_ms)),
-                    st.and_then(|s| s.message.clone()).unwrap_or_default(),
+                    task_message(st),
                 ]
             })
             .collect();
@@ -469,6 +469,23 @@ pub async fn ps(global: &Global, args: PsArgs) -> anyhow::Result<i32> {
         }
     });
     Ok(0)
+}
+
+/// What `ps` says of a task: its status message, and any output its node could not keep.
+fn task_message(status: Option<&dozen_model::TaskStatus>) -> String {
+    let Some(status) = status else {
+        return String::new();
+    };
+    let message = status.message.clone().unwrap_or_default();
+    match status.log_lines_dropped {
+        0 => message,
+        n if message.is_empty() => dropped_note(n),
+        n => format!("{message}; {}", dropped_note(n)),
+    }
+}
+
+fn dropped_note(lines: u64) -> String {
+    format!("{lines} log line(s) dropped: the node could not write them (disk full?)")
 }
 
 fn print_log_line(line: &LogLine, output: Output) {
@@ -499,6 +516,16 @@ pub async fn logs(global: &Global, args: LogsArgs) -> anyhow::Result<i32> {
     let mut stream = api.logs(&query).await?;
     while let Some(line) = stream.next().await {
         print_log_line(&line?, global.output);
+    }
+    // Lines a full disk swallowed are not in any answer: say so, where people read.
+    if global.output == Output::Table {
+        let tasks = api.tasks(Some(&args.service)).await.unwrap_or_default();
+        for t in tasks {
+            let dropped = t.status.as_ref().map_or(0, |s| s.log_lines_dropped);
+            if dropped > 0 && args.task.as_ref().is_none_or(|only| *only == t.task) {
+                eprintln!("note: {}: {}", t.task, dropped_note(dropped));
+            }
+        }
     }
     Ok(0)
 }

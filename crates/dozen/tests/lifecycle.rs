@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dozen_testkit::{eventually, http_get, process_alive, Dozen};
+use dozen_testkit::{eventually, http_get, peak_rss_mib, process_alive, Dozen};
 use serde_json::Value;
 
 const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
@@ -420,43 +420,6 @@ port = false
 }
 
 #[test]
-fn logs_follow_streams_new_lines_as_tasks_write_them() {
-    use std::io::BufRead;
-    let mut d = Dozen::new(DOZEN);
-    d.start_server(true);
-    d.write(
-        "dozen.toml",
-        r#"
-name = "ticks"
-[services.ticker]
-command = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done"
-port = false
-"#,
-    );
-    d.ok(&["apply"]);
-    let mut follow = std::process::Command::new(DOZEN)
-        .args(["logs", "ticker", "-f", "--tail", "1"])
-        .env("DOZEN_SERVER", d.url())
-        .env("DOZEN_DATA_DIR", d.data_dir())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
-    let mut numbers = Vec::new();
-    while numbers.len() < 5 {
-        let line = lines.next().expect("a line").unwrap();
-        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        numbers.push(n);
-    }
-    follow.kill().unwrap();
-    let _ = follow.wait();
-    assert!(
-        numbers.windows(2).all(|w| w[1] == w[0] + 1),
-        "consecutive lines, in order, as they are written: {numbers:?}"
-    );
-}
-
-#[test]
 fn a_shell_form_programs_graceful_stop_is_not_cut_short() {
     // The task's own process is `sh`, which dies at once on SIGTERM. `polite`, the program it
     // started, takes half a second to say goodbye and counts the SIGTERMs it gets: one. `quiet`
@@ -651,17 +614,6 @@ port = false
     }
 }
 
-/// The server's peak resident memory (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        / 1024
-}
-
 /// Seen: blobs were read whole into memory on every upload and every GET, so 20 agents
 /// fetching a 400 MiB bundle needed 8 GB. They stream to and from disk now: a 64 MiB blob
 /// uploaded once and fetched 8 times at once leaves the server's peak memory far below it.
@@ -717,94 +669,5 @@ fn blobs_stream_to_and_from_disk() {
     assert!(
         peak < 64,
         "the server's peak memory was {peak} MiB for a 64 MiB blob"
-    );
-}
-
-/// A server (with its agent, no proxy) running one service of shell `command`, applied.
-fn one_service(name: &str, command: &str) -> Dozen {
-    let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
-    // A TOML literal string: the command's quotes and backslashes stay as they are.
-    d.write(
-        "dozen.toml",
-        &format!("name = \"{name}\"\n[services.{name}]\ncommand = '''{command}'''\nport = false\n"),
-    );
-    d.ok(&["apply"]);
-    d
-}
-
-/// Seen: a task that wrote 300 MB to stdout left 311 MiB on disk, and `logs --tail` read whole
-/// files. Now a task's logs rotate within 100 MiB, and a tail is read from the end.
-#[test]
-fn a_task_writing_300_mb_keeps_within_its_log_cap_and_tails_come_fast() {
-    let d = one_service(
-        "chatty",
-        r#"L=$(head -c 999 /dev/zero | tr '\000' x); yes "$L" | head -c 300000000; echo; echo all-written; sleep 1000"#,
-    );
-    eventually(Duration::from_secs(240), "300 MB written", || {
-        let out = d.cli(&["logs", "chatty", "--tail", "1"]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("all-written")
-            .then_some(())
-    });
-    let tasks = d.data_dir().join("agent").join("tasks");
-    let mut on_disk = 0;
-    for task in std::fs::read_dir(&tasks).unwrap().flatten() {
-        for file in ["output.log", "output.log.1"] {
-            on_disk += std::fs::metadata(task.path().join(file))
-                .map(|m| m.len())
-                .unwrap_or(0);
-        }
-    }
-    assert!(
-        on_disk <= 100 * 1024 * 1024,
-        "{on_disk} bytes of logs on disk"
-    );
-    assert!(
-        on_disk >= 40 * 1024 * 1024,
-        "the newest logs are kept: {on_disk} bytes"
-    );
-    let started = std::time::Instant::now();
-    let out = d.cli(&["logs", "chatty", "--tail", "5"]);
-    let took = started.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.lines().count(), 5, "{text}");
-    assert!(text.contains("all-written"));
-    eprintln!("logs --tail 5 over {on_disk} bytes of logs took {took:?}");
-    let pid = d.server.as_ref().unwrap().id();
-    let peak = peak_rss_mib(pid);
-    assert!(peak < 100, "the server's peak memory was {peak} MiB");
-}
-
-/// Seen: the shim grew its line buffer without limit before splitting a line. A line is cut at
-/// 64 KiB while it is read, and the log says so.
-#[test]
-fn a_very_long_line_is_cut_while_read_and_the_log_says_so() {
-    let d = one_service(
-        "long",
-        r#"head -c 200000 /dev/zero | tr '\000' y; echo; echo after; sleep 1000"#,
-    );
-    let text = eventually(Duration::from_secs(30), "the long line logged", || {
-        let out = d.cli(&["logs", "long"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains("after").then_some(text)
-    });
-    let ys: Vec<usize> = text
-        .lines()
-        .filter(|l| l.ends_with("yyyy"))
-        .map(|l| l.len())
-        .collect();
-    assert_eq!(
-        ys.len(),
-        4,
-        "200,000 bytes in pieces of at most 64 KiB: {ys:?}"
-    );
-    assert!(ys.iter().all(|n| *n <= 64 * 1024 + 64), "{ys:?}");
-    assert_eq!(
-        text.matches("[dozen] the line above was longer than 64 KiB")
-            .count(),
-        1,
-        "said once per long line"
     );
 }

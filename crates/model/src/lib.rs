@@ -417,8 +417,16 @@ pub struct TaskStatus {
     /// still running, until a replacement is healthy or it recovers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_since_ms: Option<u64>,
+    /// Lines of the task's output its node could not write (a full disk): dropped, never
+    /// blocking the task.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub log_lines_dropped: u64,
 }
 record!(TaskStatus, "task status");
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// One routing rule with the targets it sends to: what proxies serve, computed from the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]

@@ -47,28 +47,14 @@ pub(crate) async fn logs(
     let local_only = headers.contains_key(dozen_api::LOCAL_ONLY);
     let sources = sources(&s, &snap, local_only).await;
     if !q.follow {
-        let mut all: Vec<LogLine> = Vec::new();
-        for source in &sources {
-            match fetch(&s, source, &q).await {
-                Ok(lines) => all.extend(lines),
-                Err(e) => {
-                    tracing::warn!(source = %source.name(), error = %e, "could not read logs")
-                }
-            }
-        }
-        all.sort_by_key(|l| l.ts_ms);
-        if let Some(tail) = q.tail {
-            let skip = all.len().saturating_sub(tail);
-            all.drain(..skip);
-        }
-        let mut body = Vec::new();
-        for line in all {
-            body.extend(serde_json::to_vec(&line).unwrap_or_default());
-            body.push(b'\n');
-        }
+        // Merged oldest first as the agents' answers stream in: one line per agent waits
+        // here, never a whole answer.
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        tokio::spawn(async move { merge(&s, &sources, &q, &tx).await });
+        let stream = crate::watch::stream_from(rx).map(Ok::<_, Infallible>);
         return Ok(Response::builder()
             .header("content-type", "application/x-ndjson")
-            .body(Body::from(body))
+            .body(Body::from_stream(stream))
             .unwrap_or_default());
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
@@ -204,18 +190,113 @@ async fn open(
     }
 }
 
-async fn fetch(s: &AppState, source: &Source, q: &LogQuery) -> Result<Vec<LogLine>, String> {
-    let body = open(s, source, q, Some(Duration::from_secs(10)))
-        .await?
-        .error_for_status()
-        .map_err(|e| e.to_string())?
-        .bytes()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(body
-        .split(|b| *b == b'\n')
-        .filter_map(|l| serde_json::from_slice(l).ok())
-        .collect())
+/// How long an agent may take to start answering, and to send each next piece.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// Most bytes of encoded lines sent at once.
+const CHUNK: usize = 64 * 1024;
+/// Longest line an agent may send: a stored line is at most 64 KiB and its prefix.
+const MAX_LINE: usize = 1024 * 1024;
+
+/// One source's answer, read a line at a time.
+struct Feed {
+    name: String,
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    pending: Vec<u8>,
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<LogLine> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                match serde_json::from_slice(&line) {
+                    Ok(parsed) => return Some(parsed),
+                    Err(_) => continue,
+                }
+            }
+            if self.pending.len() > MAX_LINE {
+                tracing::warn!(source = %self.name, "a log line over 1 MiB: its answer is cut there");
+                return None;
+            }
+            match tokio::time::timeout(ANSWER_WAIT, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.pending.extend_from_slice(&chunk),
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(source = %self.name, error = %e, "a log answer broke off");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!(source = %self.name, "a log answer stalled; the rest of it is left out");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Sends every source's lines, merged oldest first (each answer is in time order), or with a
+/// tail only the last lines of them all.
+async fn merge(s: &AppState, sources: &[Source], q: &LogQuery, tx: &mpsc::Sender<Bytes>) {
+    let mut feeds = Vec::new();
+    for source in sources {
+        let answer = tokio::time::timeout(ANSWER_WAIT, open(s, source, q, None)).await;
+        match answer.map(|r| r.and_then(|r| r.error_for_status().map_err(|e| e.to_string()))) {
+            Ok(Ok(resp)) => feeds.push(Feed {
+                name: source.name(),
+                body: resp.bytes_stream().boxed(),
+                pending: Vec::new(),
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(source = %source.name(), error = %e, "could not read logs")
+            }
+            Err(_) => tracing::warn!(source = %source.name(), "no answer for logs in time"),
+        }
+    }
+    let mut heads = Vec::with_capacity(feeds.len());
+    for feed in &mut feeds {
+        heads.push(feed.next().await);
+    }
+    let mut kept = std::collections::VecDeque::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        let oldest = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.as_ref().map(|l: &LogLine| (l.ts_ms, i)))
+            .min()
+            .map(|(_, i)| i);
+        let Some(i) = oldest else { break };
+        let line = heads[i].take();
+        heads[i] = feeds[i].next().await;
+        let Some(line) = line else { continue };
+        match q.tail {
+            Some(n) => {
+                kept.push_back(line);
+                if kept.len() > n {
+                    kept.pop_front();
+                }
+            }
+            None => {
+                encode_into(&mut chunk, &line);
+                if chunk.len() >= CHUNK && tx.send(std::mem::take(&mut chunk).into()).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+    for line in &kept {
+        encode_into(&mut chunk, line);
+    }
+    if !chunk.is_empty() {
+        let _ = tx.send(chunk.into()).await;
+    }
+}
+
+fn encode_into(out: &mut Vec<u8>, line: &LogLine) {
+    if serde_json::to_writer(&mut *out, line).is_ok() {
+        out.push(b'\n');
+    }
 }
 
 /// How this server calls agents: with its certificate over TLS, or the token over plain HTTP.

@@ -489,17 +489,22 @@ impl Dozen {
         }
     }
 
-    /// Runs the CLI against this installation.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
+    /// The CLI against this installation, to spawn (for output read as it comes).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.bin);
+        command
             .args(args)
             .current_dir(self.dir.path())
             .env("DOZEN_SERVER", self.url())
             .env("DOZEN_DATA_DIR", self.data_dir())
             .env_remove("DOZEN_TOKEN")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run dozen")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs the CLI against this installation.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run dozen")
     }
 
     /// Runs the CLI and insists it succeeds; returns stdout.
@@ -705,4 +710,15 @@ impl EtcdCluster {
             _dir: dir,
         })
     }
+}
+
+/// A process's peak resident memory (VmHWM), in MiB.
+pub fn peak_rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024
 }

@@ -116,6 +116,7 @@ impl ProcessDriver {
             linger_ms: Some(config.stop_timeout.as_millis() as u64),
             stop_signal: os::signal_number(&config.stop_signal),
             umask: os::task_umask(),
+            log_max_bytes: Some(config.resources.log_bytes),
         })
     }
 
