@@ -34,7 +34,14 @@ pub(crate) async fn unpacked(
     });
     let unpacked = opened
         .and_then(|file| bundle::unpack(std::io::BufReader::new(file), &tmp))
-        .and_then(|_| {
+        .and_then(|()| {
+            // Its user's alone, like everything under the data directory.
+            keep_owner_bits(&tmp).map_err(|source| bundle::BundleError::Io {
+                path: tmp.display().to_string(),
+                source,
+            })
+        })
+        .and_then(|()| {
             std::fs::rename(&tmp, &dir).map_err(|source| bundle::BundleError::Io {
                 path: dir.display().to_string(),
                 source,
@@ -49,6 +56,83 @@ pub(crate) async fn unpacked(
         }
     }
     Ok(dir)
+}
+
+/// Where the bundle `digest` is unpacked, for tasks of the agent's user (`owner` None) or of
+/// another.
+pub(crate) fn unpacked_path(data_dir: &Path, digest: &str, owner: Option<u32>) -> Option<PathBuf> {
+    let hex = dozen_digest::check(digest).ok()?;
+    let dir = data_dir.join("artifacts").join(hex);
+    Some(match owner {
+        Some(uid) => dir.with_file_name(format!("{}.{uid}", file_name(&dir))),
+        None => dir,
+    })
+}
+
+/// A copy of the unpacked bundle `dir` that belongs to `uid`:`gid` (`<dir>.<uid>`), made once,
+/// for tasks that run as that user.
+pub(crate) fn owned_by(dir: &Path, uid: u32, gid: u32) -> Result<PathBuf, String> {
+    let owned = dir.with_file_name(format!("{}.{uid}", file_name(dir)));
+    if owned.is_dir() {
+        return Ok(owned);
+    }
+    let tmp = dir.with_file_name(format!(".partial-{}", random_id()));
+    let copied = copy_owned(dir, &tmp, uid, gid).and_then(|()| std::fs::rename(&tmp, &owned));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !owned.is_dir() {
+            return Err(format!("cannot copy {} for user {uid}: {e}", dir.display()));
+        }
+    }
+    Ok(owned)
+}
+
+/// Clears the group and other permission bits of every entry under `dir` (and of `dir`).
+fn keep_owner_bits(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::symlink_metadata(dir)?.permissions().mode();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            keep_owner_bits(&entry.path())?;
+        } else if kind.is_file() {
+            let mode = entry.metadata()?.permissions().mode();
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+    }
+    Ok(())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Copies the tree `from` to `to` (files, directories, symbolic links, with their modes) and
+/// gives every entry to `uid`:`gid`.
+fn copy_owned(from: &Path, to: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::fs::create_dir(to)?;
+    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
+    std::os::unix::fs::lchown(to, Some(uid), Some(gid))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_owned(&source, &target, uid, gid)?;
+            continue;
+        }
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&source)?, &target)?;
+        } else {
+            std::fs::copy(&source, &target)?;
+        }
+        std::os::unix::fs::lchown(&target, Some(uid), Some(gid))?;
+    }
+    Ok(())
 }
 
 /// Removes the unpacked bundles under `data_dir` that no task of this node uses (`in_use`:
@@ -74,7 +158,9 @@ pub(crate) fn collect(
                 .or_else(|_| std::fs::remove_file(entry.path()));
             continue;
         }
-        let digest = format!("sha256:{name}");
+        // A user's own copy (`<hex>.<uid>`) goes with its bundle.
+        let hex = name.split_once('.').map_or(name.as_str(), |(hex, _)| hex);
+        let digest = format!("sha256:{hex}");
         if dozen_digest::check(&digest).is_ok()
             && !in_use.contains(&digest)
             && std::fs::remove_dir_all(entry.path()).is_ok()

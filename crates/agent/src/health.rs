@@ -1,9 +1,20 @@
 //! Health checks the agent runs against its tasks.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use dozen_spec::{HealthCheck, HealthKind};
+
+/// How a `command` check runs: as its task would, with the task's environment, working
+/// directory and user (never with the agent's rights).
+#[derive(Debug, Clone, Default)]
+pub struct CommandContext {
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    /// uid and gid, when the task runs as a user other than the agent's.
+    pub user: Option<(u32, u32)>,
+}
 
 /// Runs health checks. Behind a trait so the runner's state machine can be driven by scripted
 /// answers in tests (with paused time), and so a driver can run `command` checks its own way.
@@ -14,7 +25,7 @@ pub trait Prober: Send + Sync + 'static {
         &self,
         check: &HealthCheck,
         port: Option<u16>,
-        env: &BTreeMap<String, String>,
+        context: &CommandContext,
     ) -> Result<(), String>;
 }
 
@@ -29,9 +40,9 @@ impl Prober for HostProber {
         &self,
         check: &HealthCheck,
         port: Option<u16>,
-        env: &BTreeMap<String, String>,
+        context: &CommandContext,
     ) -> Result<(), String> {
-        probe(&self.http, check, port, env).await
+        probe(&self.http, check, port, context).await
     }
 }
 
@@ -40,7 +51,7 @@ pub async fn probe(
     http: &reqwest::Client,
     check: &HealthCheck,
     port: Option<u16>,
-    env: &BTreeMap<String, String>,
+    context: &CommandContext,
 ) -> Result<(), String> {
     let timeout = Duration::from_millis(check.timeout_ms.max(1));
     match &check.kind {
@@ -75,11 +86,25 @@ pub async fn probe(
             let mut cmd = tokio::process::Command::new(program);
             cmd.args(args)
                 .env_clear()
-                .envs(env)
+                .envs(&context.env)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .kill_on_drop(true);
+            match context.user {
+                Some((uid, gid)) => crate::os::switch_user_before_exec(
+                    cmd.as_std_mut(),
+                    uid,
+                    gid,
+                    context.cwd.as_deref(),
+                )
+                .map_err(|e| format!("health command `{program}`: {e}"))?,
+                None => {
+                    if let Some(cwd) = &context.cwd {
+                        cmd.current_dir(cwd);
+                    }
+                }
+            }
             match tokio::time::timeout(timeout, cmd.status()).await {
                 Ok(Ok(st)) if st.success() => Ok(()),
                 Ok(Ok(st)) => Err(format!("health command exited with {st}")),

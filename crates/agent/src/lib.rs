@@ -65,6 +65,9 @@ pub struct AgentConfig {
     /// point there (`{url}/_/{name}`).
     pub proxy_internal_url: String,
     pub cgroup_root: PathBuf,
+    /// Who runs the tasks whose service names no `user`: None, the agent's own user. An agent
+    /// running as root gives them an unprivileged user, so a task cannot read dozen's keys.
+    pub task_user: Option<String>,
 }
 
 /// What the agent keeps on disk beside a task's shim files.

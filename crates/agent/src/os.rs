@@ -76,6 +76,52 @@ pub fn umask_before_exec(cmd: &mut std::process::Command, mask: u32) {
     }
 }
 
+/// Makes the child `cmd` will start enter `cwd` and become `uid`:`gid` (with no supplementary
+/// groups) just before it execs: after it has joined its cgroups and while it may still enter
+/// directories only its supervisor can reach, such as its unpacked artifact under the data
+/// directory. Register it after every other step that needs the supervisor's rights.
+pub fn switch_user_before_exec(
+    cmd: &mut std::process::Command,
+    uid: u32,
+    gid: u32,
+    cwd: Option<&std::path::Path>,
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let cwd = match cwd {
+        Some(dir) => Some(
+            std::ffi::CString::new(dir.as_os_str().as_bytes())
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        ),
+        None => None,
+    };
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls on values prepared before the fork (no allocation).
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(dir) = &cwd {
+                if libc::chdir(dir.as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid as libc::gid_t) != 0
+                || libc::setuid(uid as libc::uid_t) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// The effective user id of this process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Makes the calling process the leader of a new session (used between fork and exec).
 pub fn setsid() -> io::Result<()> {
     // SAFETY: setsid(2) takes no arguments and is async-signal-safe.
@@ -239,15 +285,24 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// uid, gid and home of a user, from /etc/passwd (no NSS: works in minimal containers).
 pub fn lookup_user(name: &str) -> Option<(u32, u32, String)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 7 && f[0] == name {
-            Some((f[2].parse().ok()?, f[3].parse().ok()?, f[5].to_string()))
-        } else {
-            None
-        }
-    })
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let entry = |matches: &dyn Fn(&[&str]) -> bool| {
+        passwd.lines().find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 7 && matches(&f))
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?, f[5].to_string())))?
+        })
+    };
+    // `uid` or `uid:gid`: an account need not exist for numbers.
+    if let Some((uid, gid)) = name.split_once(':') {
+        let (uid, gid): (u32, u32) = (uid.parse().ok()?, gid.parse().ok()?);
+        let home = entry(&|f| f[2] == uid.to_string()).map_or_else(|| "/".into(), |e| e.2);
+        return Some((uid, gid, home));
+    }
+    if let Ok(uid) = name.parse::<u32>() {
+        return Some(entry(&|f| f[2] == name).unwrap_or((uid, uid, "/".into())));
+    }
+    entry(&|f| f[0] == name)
 }
 
 /// Signal number from a normalised name such as "SIGTERM".

@@ -1,7 +1,6 @@
 //! One runner per task: starts each generation through the driver (after its crash backoff),
 //! health-checks it, stops it with the stop protocol, and reports every change of state.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +9,7 @@ use dozen_model::{Assignment, DesiredState, TaskKind, TaskState, TaskStatus, SCH
 use tokio::sync::watch;
 
 use crate::driver::{Driver, ExitInfo, Recovered, TaskConfig, TaskHandle, Workload};
+use crate::health::CommandContext;
 use crate::{artifacts, env, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD};
 
 /// How often a running task's count of dropped log lines is looked at.
@@ -287,11 +287,18 @@ impl Runner {
         }
         self.status.host_port = self.record.port;
         let env = env::task_env(a, self.record.port, &self.shared.config.proxy_internal_url);
+        let (user, other) = self.task_user();
         let cwd = match &a.artifact_digest {
-            Some(digest) => Some(
-                artifacts::unpacked(&self.shared.client, &self.shared.config.data_dir, digest)
-                    .await?,
-            ),
+            Some(digest) => {
+                let dir =
+                    artifacts::unpacked(&self.shared.client, &self.shared.config.data_dir, digest)
+                        .await?;
+                // Another user gets a copy of its own: the agent's files are the agent's alone.
+                match other {
+                    Some((uid, gid)) => Some(artifacts::owned_by(&dir, uid, gid)?),
+                    None => Some(dir),
+                }
+            }
             None => None,
         };
         let config = TaskConfig {
@@ -302,7 +309,7 @@ impl Runner {
             env,
             port: self.record.port,
             resources: spec.resources,
-            user: spec.user.clone(),
+            user,
             stop_signal: spec.stop_signal.clone(),
             stop_timeout: Duration::from_millis(spec.stop_timeout_ms),
             cwd,
@@ -383,7 +390,11 @@ impl Runner {
                     next_probe = None;
                     let Some(c) = &check else { continue };
                     probes += 1;
-                    let result = self.shared.prober.probe(c, self.record.port, &BTreeMap::new()).await;
+                    let context = match c.kind {
+                        dozen_spec::HealthKind::Command { .. } => self.command_context(),
+                        _ => CommandContext::default(),
+                    };
+                    let result = self.shared.prober.probe(c, self.record.port, &context).await;
                     match result {
                         Ok(()) => {
                             health.successes += 1;
@@ -433,6 +444,35 @@ impl Runner {
                     }
                 }
             }
+        }
+    }
+
+    /// Who runs the task: its service's `user`, else the node's task user; with uid and gid
+    /// when that is someone other than the agent.
+    fn task_user(&self) -> (Option<String>, Option<(u32, u32)>) {
+        let user = (self.record.assignment.spec.user.clone())
+            .or_else(|| self.shared.config.task_user.clone());
+        let other = user
+            .as_deref()
+            .and_then(os::lookup_user)
+            .filter(|(uid, _, _)| *uid != os::effective_uid())
+            .map(|(uid, gid, _)| (uid, gid));
+        (user, other)
+    }
+
+    /// How a `command` health check runs: as the task does.
+    fn command_context(&self) -> CommandContext {
+        let a = &self.record.assignment;
+        let (_, user) = self.task_user();
+        let mut env = env::task_env(a, self.record.port, &self.shared.config.proxy_internal_url);
+        env.entry("PATH".into())
+            .or_insert_with(|| crate::driver::process::DEFAULT_PATH.into());
+        CommandContext {
+            env,
+            cwd: a.artifact_digest.as_deref().and_then(|digest| {
+                artifacts::unpacked_path(&self.shared.config.data_dir, digest, user.map(|u| u.0))
+            }),
+            user,
         }
     }
 

@@ -413,14 +413,20 @@ pub fn main(dir: &Path) -> i32 {
     if let Some(mask) = launch.umask {
         os::umask_before_exec(&mut cmd, mask);
     }
-    if let Some(cwd) = &launch.cwd {
-        cmd.current_dir(cwd);
-    }
-    if let Some(gid) = launch.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = launch.uid {
-        cmd.uid(uid);
+    match launch.uid {
+        // Last, with the shim's rights until then: cgroups joined, the working directory
+        // entered (it may be under the data directory, which only dozen's user can reach).
+        Some(uid) => {
+            let gid = launch.gid.unwrap_or(uid);
+            if let Err(e) = os::switch_user_before_exec(&mut cmd, uid, gid, launch.cwd.as_deref()) {
+                return fail(format!("cannot run as {uid}:{gid}: {e}"));
+            }
+        }
+        None => {
+            if let Some(cwd) = &launch.cwd {
+                cmd.current_dir(cwd);
+            }
+        }
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,

@@ -3,7 +3,7 @@
 //! against them. With `#[tokio::test(start_paused = true)]` every wait (start delays, health
 //! intervals, stop timeouts) passes in virtual time: no process, no wall clock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -241,7 +241,7 @@ impl Prober for FakeProber {
         &self,
         _check: &HealthCheck,
         _port: Option<u16>,
-        _env: &BTreeMap<String, String>,
+        _context: &crate::health::CommandContext,
     ) -> Result<(), String> {
         self.probes.fetch_add(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
@@ -304,6 +304,7 @@ impl Harness {
                 host: "127.0.0.1".into(),
                 proxy_internal_url: "http://127.0.0.1:7781".into(),
                 cgroup_root: PathBuf::from("/nonexistent"),
+                task_user: None,
             },
             // Never called: the tasks under test have no artifact to fetch.
             client: Client::new("http://127.0.0.1:9", ""),

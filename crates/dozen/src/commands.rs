@@ -221,9 +221,11 @@ fn print_plan(plan: &Plan) {
             PlanAction::Remove => ("-", "remove"),
         };
         println!("{mark} {} : {what}", sp.service);
-        // A new service lists every field; its command is what a reader needs to see.
+        // A new service lists every field; its command, and who runs it when the file says,
+        // are what a reader needs to see.
         let shown = sp.fields.iter().filter(|f| {
-            sp.action != PlanAction::Create || f.path == "command" || f.path == "image"
+            sp.action != PlanAction::Create
+                || ["command", "image", "user"].contains(&f.path.as_str())
         });
         for f in shown {
             let show = |v: &Option<serde_json::Value>| {

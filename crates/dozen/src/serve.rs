@@ -159,6 +159,11 @@ pub struct NodeArgs {
         default_value = "http://127.0.0.1:7781"
     )]
     pub proxy_internal_url: String,
+    /// Who runs tasks whose service sets no `user`. Default: `nobody` when dozen runs as
+    /// root (a task must not read dozen's keys and token), else dozen's own user. A user name,
+    /// uid or uid:gid; `root` keeps tasks as root.
+    #[arg(long, env = "DOZEN_TASK_USER")]
+    pub task_user: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -262,7 +267,24 @@ fn agent_config(
         cgroup_root: node.cgroup_root.clone(),
         host: node.advertise_host.clone(),
         proxy_internal_url: node.proxy_internal_url.clone(),
+        task_user: task_user(node.task_user.as_deref())?,
     })
+}
+
+/// The user tasks run as when their service names none (see `--task-user`).
+fn task_user(given: Option<&str>) -> anyhow::Result<Option<String>> {
+    let user = match given {
+        Some(user) => user.to_string(),
+        None if dozen_agent::os::effective_uid() == 0 => "nobody".to_string(),
+        None => return Ok(None),
+    };
+    if dozen_agent::os::lookup_user(&user).is_none() {
+        anyhow::bail!(
+            "the task user `{user}` does not exist on this host; create it, or name another \
+             unprivileged user with --task-user (a name, uid or uid:gid; `root` runs tasks as root)"
+        );
+    }
+    Ok(Some(user))
 }
 
 /// Binds the proxy's public and internal listeners, naming the flags when that fails.

@@ -253,6 +253,11 @@ async fn up_detached(
     if s.no_proxy {
         cmd.arg("--no-proxy");
     }
+    // `dozen up` runs tasks as the user who typed it, root too (a server started as root
+    // would give them `nobody`).
+    if dozen_agent::os::effective_uid() == 0 {
+        cmd.arg("--task-user").arg("root");
+    }
     // Its own process group: the shell's Ctrl-C and hang-up do not reach it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let child = cmd

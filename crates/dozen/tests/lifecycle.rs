@@ -442,6 +442,8 @@ stop_timeout = "10s"
 command = """sh -c 'trap "sleep 0.5; echo bye > {}; exit 0" TERM; exec >/dev/null 2>&1; while true; do sleep 0.1; done'"""
 port = false
 stop_timeout = "10s"
+# It leaves its mark in the test's own directory, which only root can enter.
+user = "root"
 "#,
             mark.display()
         ),
@@ -670,4 +672,73 @@ fn blobs_stream_to_and_from_disk() {
         peak < 64,
         "the server's peak memory was {peak} MiB for a 64 MiB blob"
     );
+}
+
+/// Seen: tasks ran as the agent's user (root on a server) and could read dozen's token and
+/// keys. A server running as root gives tasks `nobody` unless their service opts in with
+/// `user = "root"` (which `plan` shows); the task, its artifact and its `command` health
+/// check all run as that user, and the task cannot read the token.
+#[test]
+fn a_root_servers_tasks_run_unprivileged_and_cannot_read_the_token() {
+    if dozen_agent::os::effective_uid() != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("skipped: the tests run as root in CI, not here");
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    let app = d.path("app");
+    std::fs::create_dir_all(&app).unwrap();
+    let script = |name: &str, body: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = app.join(name);
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    script(
+        "run.sh",
+        "#!/bin/sh\necho uid $(id -u)\nif cat \"$TOKEN_FILE\"; then echo token read; else echo token denied; fi\nexec sleep 1000\n",
+    );
+    script("check.sh", "#!/bin/sh\ntest \"$(id -u)\" = 65534\n");
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "users"
+[services.plain]
+artifact = "./app"
+command = "./run.sh"
+port = false
+env = {{ TOKEN_FILE = "{}" }}
+health = {{ command = ["./check.sh"], interval = "200ms" }}
+[services.rooted]
+command = "echo uid $(id -u); exec sleep 1000"
+port = false
+user = "root"
+"#,
+            d.data_dir().join("token").display()
+        ),
+    );
+    let plan = d.ok(&["plan"]);
+    assert!(plan.contains(r#"user: (none) -> "root""#), "{plan}");
+    d.ok(&["apply", "--no-wait"]);
+    // Healthy only if the check ran as nobody, in the artifact.
+    d.wait_ready("plain", 1);
+    let logs = eventually(
+        Duration::from_secs(20),
+        "both tasks say who they are",
+        || {
+            let logs = d.ok(&["logs", "plain"]) + &d.ok(&["logs", "rooted"]);
+            (logs.contains("token ") && logs.contains("uid 0")).then_some(logs)
+        },
+    );
+    assert!(logs.contains("uid 65534"), "{logs}");
+    assert!(logs.contains("token denied"), "{logs}");
+    assert!(!logs.contains("token read"), "{logs}");
+    assert!(!logs.contains(&d.token()), "{logs}");
+    assert!(readable_by_others(&d.data_dir()).is_empty());
 }

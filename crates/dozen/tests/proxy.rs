@@ -294,6 +294,8 @@ name = "flaky"
 [services.api]
 command = ["{APP}"]
 replicas = 2
+# It leaves markers in the test's own directory, which only root can enter.
+user = "root"
 [services.api.env]
 CLOSE_ONCE_DIR = "{}"
 [[services.api.routes]]

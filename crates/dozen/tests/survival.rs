@@ -442,6 +442,8 @@ fn stopping_a_task_stops_its_daemonised_children_too() {
 name = "forks"
 [services.forker]
 command = "setsid {} & sleep 1000"
+# It writes its pid into the test's own directory, which only root can enter.
+user = "root"
 port = false
 stop_timeout = "1s"
 "#,

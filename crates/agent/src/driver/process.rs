@@ -48,7 +48,8 @@ impl Shimmed {
 }
 
 /// The PATH a task gets when its environment names none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct ProcessDriver {
     /// The dozen binary, run as `EXE shim DIR`.
