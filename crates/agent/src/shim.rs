@@ -323,14 +323,13 @@ impl Output {
             .collect();
         let pipes = fds.len();
         fds.extend(also);
-        // Never wait past a due flush: a line counts once it is on disk.
-        let flush_due =
-            (self.sink.last_flush + FLUSH_EVERY).saturating_duration_since(Instant::now());
-        let timeout = if self.sink.buffer.is_empty() {
-            timeout
-        } else {
-            timeout.min(flush_due)
-        };
+        // Never wait past a due flush (a line counts once it is on disk) or a due trim.
+        let now = Instant::now();
+        let flush_due = (self.sink.last_flush + FLUSH_EVERY).saturating_duration_since(now);
+        let mut timeout = timeout.min(self.next_trim.saturating_duration_since(now));
+        if !self.sink.buffer.is_empty() {
+            timeout = timeout.min(flush_due);
+        }
         let ready = os::wait_readable(&fds, timeout);
         let mut ready_pipes = ready[..pipes].iter();
         for pipe in self.pipes.iter_mut().filter(|p| p.open) {

@@ -275,7 +275,14 @@ fn agent_config(
 fn task_user(given: Option<&str>) -> anyhow::Result<Option<String>> {
     let user = match given {
         Some(user) => user.to_string(),
-        None if dozen_agent::os::effective_uid() == 0 => "nobody".to_string(),
+        // `nobody`, or its conventional numbers where no account names them (a minimal
+        // container without /etc/passwd).
+        None if dozen_agent::os::effective_uid() == 0 => {
+            match dozen_agent::os::lookup_user("nobody") {
+                Some(_) => "nobody".to_string(),
+                None => "65534:65534".to_string(),
+            }
+        }
         None => return Ok(None),
     };
     if dozen_agent::os::lookup_user(&user).is_none() {
