@@ -104,7 +104,13 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     pub(crate) runners: Mutex<HashMap<String, watch::Sender<Option<Assignment>>>>,
     pub(crate) reports: mpsc::UnboundedSender<TaskStatus>,
+    /// What runners saw happen, for the next status report; bounded: when the server is
+    /// away long enough to fill it, newer events are dropped (and the agent's log says so).
+    pub(crate) events: mpsc::Sender<dozen_model::Event>,
 }
+
+/// Events an agent holds for the server at most.
+pub(crate) const EVENTS_BUFFERED: usize = 256;
 
 impl Shared {
     pub(crate) fn tasks_dir(&self) -> PathBuf {
@@ -152,6 +158,7 @@ pub async fn run(
     };
     let drivers = Drivers::for_node(&config.exe, cgroups::detect(&config.cgroup_root));
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::channel(EVENTS_BUFFERED);
     let shared = Arc::new(Shared {
         client: Client::with_tls(&config.server, &config.token, config.tls.clone()),
         drivers,
@@ -165,6 +172,7 @@ pub async fn run(
         instance: random_id(),
         runners: Mutex::new(HashMap::new()),
         reports: reports_tx,
+        events: events_tx,
         config,
     });
     tracing::info!(
@@ -177,7 +185,7 @@ pub async fn run(
     // Re-adopt before anything else, so nothing already running is started again.
     sync::adopt_existing(&shared);
     let held = sync::registration(&shared, &address).register().await;
-    tokio::spawn(sync::report_loop(shared.clone(), reports_rx));
+    tokio::spawn(sync::report_loop(shared.clone(), reports_rx, events_rx));
     tokio::spawn(sync::heartbeat_loop(shared.clone(), address, held));
     tokio::spawn(sync::gc_loop(shared.clone()));
     tokio::select! {

@@ -24,6 +24,25 @@ pub fn parse_line(service: &str, task: &str, raw: &[u8]) -> Option<LogLine> {
     })
 }
 
+/// Appends a line of dozen's own to a task's log (a start failure: the task never wrote one).
+pub fn append_note(path: &Path, text: &str) {
+    use std::io::Write;
+    let line = format!("{} e [dozen] {text}\n", crate::shim::wall_ms());
+    let appended = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        })
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = appended {
+        tracing::warn!(path = %path.display(), error = %e, "cannot add a note to a task's log");
+    }
+}
+
 /// Reads complete lines from `offset`; returns them and the offset after the last one. When
 /// the file is shorter than `offset`, the shim rotated it since: the rest of the previous
 /// file comes first, then the new one from its start.

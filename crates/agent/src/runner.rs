@@ -10,7 +10,9 @@ use tokio::sync::watch;
 
 use crate::driver::{Driver, ExitInfo, Recovered, TaskConfig, TaskHandle, Workload};
 use crate::health::CommandContext;
+use crate::logs;
 use crate::{artifacts, env, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD};
+use dozen_model::{Event, EventKind};
 
 /// How often a running task's count of dropped log lines is looked at.
 const LOG_DROPS_EVERY: Duration = Duration::from_secs(2);
@@ -102,6 +104,30 @@ impl Runner {
         let _ = self.shared.reports.send(self.status.clone());
     }
 
+    /// Records what happened to this task, for `dozen events` and `ps`.
+    fn event(&self, kind: EventKind) {
+        let node = &self.shared.config.node_name;
+        let event = Event::new(shim::wall_ms(), format!("agent {node}"), kind)
+            .service(&self.record.assignment.service)
+            .task(&self.task)
+            .node(node);
+        if self.shared.events.try_send(event).is_err() {
+            tracing::warn!(task = %self.task, "event dropped: the server has not taken this agent's events for a while");
+        }
+    }
+
+    /// A start failure, where the user looks: the task's own log, its status and its events.
+    fn start_failed(&mut self, message: String) {
+        logs::append_note(
+            &self.dir.join(shim::LOG),
+            &format!("start failed: {message}"),
+        );
+        self.event(EventKind::StartFailed {
+            error: message.clone(),
+        });
+        self.set(TaskState::Failed, false, Some(message));
+    }
+
     fn finish(&mut self, state: TaskState, exit: &ExitInfo) {
         self.status.exit_code = exit.code;
         self.status.signal = exit.signal;
@@ -109,11 +135,16 @@ impl Runner {
         if exit.started_at_ms.is_some() {
             self.status.started_at_ms = exit.started_at_ms;
         }
-        let state = if exit.error.is_some() && exit.started_at_ms.is_none() {
-            TaskState::Failed
-        } else {
-            state
-        };
+        if let (Some(error), None) = (&exit.error, exit.started_at_ms) {
+            return self.start_failed(error.clone());
+        }
+        if state == TaskState::Exited {
+            self.event(EventKind::Exited {
+                code: exit.code,
+                signal: exit.signal,
+                oom: false,
+            });
+        }
         self.set(state, false, exit.error.clone());
     }
 
@@ -189,6 +220,10 @@ impl Runner {
         if a.start_delay_ms > 0 {
             self.generation = None;
             self.status.generation = a.generation;
+            self.event(EventKind::Restarting {
+                backoff_ms: a.start_delay_ms,
+                restarts: a.restarts,
+            });
             self.set(
                 TaskState::Pending,
                 false,
@@ -221,6 +256,7 @@ impl Runner {
                     TaskState::Starting
                 };
                 tracing::info!(task = %self.task, generation = a.generation, pid = ?handle.pid, port = ?self.record.port, "task started");
+                self.event(EventKind::Started { pid: handle.pid });
                 self.handle = Some(handle);
                 self.set(state, healthy, None);
             }
@@ -230,7 +266,7 @@ impl Runner {
                 let now = shim::wall_ms();
                 self.status.started_at_ms = Some(now);
                 self.status.finished_at_ms = Some(now);
-                self.set(TaskState::Failed, false, Some(message));
+                self.start_failed(message);
             }
         }
         true
@@ -400,6 +436,9 @@ impl Runner {
                             health.successes += 1;
                             health.failures = 0;
                             if !self.status.healthy && health.successes >= c.healthy_threshold {
+                                if self.status.unhealthy_since_ms.is_some() {
+                                    self.event(EventKind::BackInRouting);
+                                }
                                 self.status.unhealthy_since_ms = None;
                                 self.set(TaskState::Running, true, None);
                             }
@@ -423,6 +462,14 @@ impl Runner {
                                 // anywhere, after a stated wait); if it recovers first, it
                                 // takes traffic again.
                                 tracing::warn!(task = %self.task, reason = %why, "task is unhealthy; out of routing, still running");
+                                self.event(EventKind::HealthCheckFailed {
+                                    answer: why.clone(),
+                                    failures: health.failures,
+                                    threshold: c.unhealthy_threshold,
+                                });
+                                self.event(EventKind::OutOfRouting {
+                                    reason: "its health check fails; it runs on until a replacement is healthy".into(),
+                                });
                                 self.status.unhealthy_since_ms = Some(crate::shim::wall_ms());
                                 let message = format!(
                                     "unhealthy: {why} ({} checks failed); out of routing, still running",
@@ -433,6 +480,11 @@ impl Runner {
                             }
                             if health.failures >= c.unhealthy_threshold && self.status.state == TaskState::Starting {
                                 tracing::warn!(task = %self.task, reason = %why, "task never passed its health check; stopping it so it is replaced");
+                                self.event(EventKind::HealthCheckFailed {
+                                    answer: why.clone(),
+                                    failures: health.failures,
+                                    threshold: c.unhealthy_threshold,
+                                });
                                 self.status.message = Some(format!("unhealthy: {why}"));
                                 // The stop protocol's signal, then SIGKILL after the timeout:
                                 // a hung task that ignores the signal still goes.
@@ -487,6 +539,9 @@ impl Runner {
             Duration::from_millis(spec.stop_timeout_ms),
         );
         tracing::info!(task = %self.task, reason = why, "stopping task");
+        self.event(EventKind::Stopped {
+            reason: why.to_string(),
+        });
         self.set(TaskState::Stopping, false, None);
         let exit = match self.driver() {
             Ok(driver) => driver.stop(&handle, &signal, timeout).await,

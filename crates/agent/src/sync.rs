@@ -110,16 +110,25 @@ pub(crate) async fn heartbeat_loop(
     }
 }
 
-/// Sends status changes in batches; keeps the newest per task until the server has it.
-pub(crate) async fn report_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<TaskStatus>) {
+/// Sends status changes in batches, with the events seen since; keeps the newest status per
+/// task, and the events, until the server has them.
+pub(crate) async fn report_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<TaskStatus>,
+    mut events_rx: mpsc::Receiver<dozen_model::Event>,
+) {
     let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
+    let mut events: Vec<dozen_model::Event> = Vec::new();
     loop {
-        if pending.is_empty() {
-            match rx.recv().await {
-                Some(s) => {
-                    pending.insert(s.task.clone(), s);
-                }
-                None => return,
+        if pending.is_empty() && events.is_empty() {
+            tokio::select! {
+                status = rx.recv() => match status {
+                    Some(s) => {
+                        pending.insert(s.task.clone(), s);
+                    }
+                    None => return,
+                },
+                Some(event) = events_rx.recv() => events.push(event),
             }
         }
         // Gather what arrives together into one request.
@@ -127,17 +136,27 @@ pub(crate) async fn report_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedRece
         while let Ok(s) = rx.try_recv() {
             pending.insert(s.task.clone(), s);
         }
+        while events.len() < crate::EVENTS_BUFFERED {
+            match events_rx.try_recv() {
+                Ok(event) => events.push(event),
+                Err(_) => break,
+            }
+        }
         let report = StatusReport {
             statuses: pending.values().cloned().collect(),
+            events: events.clone(),
         };
         match shared
             .client
             .report_status(&shared.config.node_name, &report)
             .await
         {
-            Ok(()) => pending.clear(),
+            Ok(()) => {
+                pending.clear();
+                events.clear();
+            }
             Err(e) => {
-                tracing::warn!(error = %e, pending = pending.len(), "status report failed; retrying");
+                tracing::warn!(error = %e, pending = pending.len(), events = events.len(), "status report failed; retrying");
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }

@@ -259,6 +259,8 @@ pub(crate) struct Harness {
     pub(crate) prober: Arc<FakeProber>,
     pub(crate) assignment: watch::Sender<Option<Assignment>>,
     reports: mpsc::UnboundedReceiver<TaskStatus>,
+    /// The events the runner emitted, in order.
+    pub(crate) events: mpsc::Receiver<dozen_model::Event>,
     pub(crate) seen: Vec<TaskStatus>,
     _dir: tempfile::TempDir,
 }
@@ -288,6 +290,7 @@ impl Harness {
         prepare(&driver);
         let prober = Arc::new(FakeProber::default());
         let (reports_tx, reports) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(crate::EVENTS_BUFFERED);
         let shared = Arc::new(Shared {
             config: AgentConfig {
                 server: "http://127.0.0.1:9".into(),
@@ -314,6 +317,7 @@ impl Harness {
             instance: "agent-1".into(),
             runners: Mutex::new(HashMap::new()),
             reports: reports_tx,
+            events: events_tx,
         });
         let recovered = match recovered {
             Some(r) => {
@@ -340,6 +344,7 @@ impl Harness {
             prober,
             assignment: tx,
             reports,
+            events,
             seen: Vec::new(),
             _dir: dir,
         }

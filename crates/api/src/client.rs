@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::paths::{self, fill};
 use crate::{
-    ApplyOutcome, ApplyRequest, ClusterInfo, ErrorBody, HeartbeatRequest, JoinRequest,
+    ApplyOutcome, ApplyRequest, ClusterInfo, ErrorBody, EventQuery, HeartbeatRequest, JoinRequest,
     JoinResponse, JoinTokenRequest, JoinTokenResponse, ListResponse, LogLine, LogQuery, NodeInfo,
     ProxyHeartbeat, ProxyInfo, ProxyRegisterRequest, RegisterRequest, RegisterResponse,
     RevokeResponse, RollbackRequest, RouteQuery, RunRequest, ScaleRequest, ServiceSummary,
@@ -418,6 +418,15 @@ impl Client {
         query: &LogQuery,
     ) -> Result<impl Stream<Item = Result<LogLine, ApiError>> + Send + Unpin, ApiError> {
         self.ndjson(paths::LOGS, query).await
+    }
+
+    /// Events, oldest first; with `follow`, then the new ones as they are recorded.
+    pub async fn events(
+        &self,
+        query: &EventQuery,
+    ) -> Result<impl Stream<Item = Result<dozen_model::Event, ApiError>> + Send + Unpin, ApiError>
+    {
+        self.ndjson(paths::EVENTS, query).await
     }
 
     /// The route table; with `after`, once it may have changed after that revision.

@@ -272,6 +272,10 @@ pub struct HeartbeatRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusReport {
     pub statuses: Vec<TaskStatus>,
+    /// What the agent saw happen to its tasks since its last report (at most 256); each is
+    /// recorded as about this node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<dozen_model::Event>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -301,6 +305,19 @@ pub struct LogQuery {
     pub since_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail: Option<usize>,
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Which events `GET /v1/events` answers with (`follow`: then the new ones as they come).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema, utoipa::IntoParams)]
+pub struct EventQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
     #[serde(default)]
     pub follow: bool,
 }

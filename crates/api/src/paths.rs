@@ -23,6 +23,7 @@ pub const SERVICE_RUN: &str = "/v1/services/{service}/run";
 pub const TASKS: &str = "/v1/tasks";
 pub const TASK: &str = "/v1/tasks/{task}";
 pub const LOGS: &str = "/v1/logs";
+pub const EVENTS: &str = "/v1/events";
 pub const BLOB: &str = "/v1/blobs/{digest}";
 pub const ROUTES: &str = "/v1/routes";
 pub const PROXIES: &str = "/v1/proxies";
@@ -61,6 +62,7 @@ pub const SERVER_ROUTES: &[(&str, &[&str])] = &[
     (TASKS, &["get"]),
     (TASK, &["get", "delete"]),
     (LOGS, &["get"]),
+    (EVENTS, &["get"]),
     (BLOB, &["get", "head", "put"]),
     (ROUTES, &["get"]),
     (PROXIES, &["get"]),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dozen_model::{encode, keys, Assignment, DesiredState, TaskKind, SCHEMA};
+use dozen_model::{encode, keys, Assignment, DesiredState, Event, EventKind, TaskKind, SCHEMA};
 use dozen_scheduler::{Action, Clock, NodeView, ServiceView, StatusView, TaskView};
 use dozen_store::{Compare, Op, Store, Txn, WatchMessage};
 
@@ -171,10 +171,34 @@ impl Controller {
         // Each term publishes once, then on change only: nothing per pass reaches the store.
         let mut published: Option<Problems> = None;
         let mut compacted_at: Option<tokio::time::Instant> = None;
+        self.note(vec![Event::new(
+            wall_ms(),
+            "controller",
+            EventKind::LeaderChanged {
+                server: self.server_id.clone(),
+            },
+        )])
+        .await;
+        // Nodes seen up by the last pass of this term: a change is an event.
+        let mut up_before: Option<std::collections::BTreeSet<String>> = None;
         loop {
             leadership.working();
             let snap = Snapshot::read(self.store.as_ref()).await?;
             leadership.progressed();
+            if let Some(before) = &up_before {
+                let now = wall_ms();
+                let changes = before
+                    .difference(&snap.alive_nodes)
+                    .map(|n| Event::new(now, "controller", EventKind::NodeDown).node(n))
+                    .chain(
+                        snap.alive_nodes
+                            .difference(before)
+                            .map(|n| Event::new(now, "controller", EventKind::NodeUp).node(n)),
+                    )
+                    .collect();
+                self.note(changes).await;
+            }
+            up_before = Some(snap.alive_nodes.clone());
             if compacted_at.is_none_or(|at| at.elapsed() >= COMPACT_EVERY) {
                 compacted_at = Some(tokio::time::Instant::now());
                 let floor = snap.revision.checked_sub(self.history_window);
@@ -197,6 +221,8 @@ impl Controller {
             }
             let pass = self.pass(leadership, &snap, wall_ms()).await?;
             if published.as_ref() != Some(&pass.problems) {
+                self.note(new_problem_events(published.as_ref(), &pass.problems))
+                    .await;
                 let value = serde_json::to_vec(&pass.problems).unwrap_or_default();
                 leadership
                     .txn(
@@ -374,6 +400,16 @@ impl Controller {
         Ok(())
     }
 
+    /// Records events; a failure to record one never stops the controller.
+    async fn note(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = crate::events::record(self.store.as_ref(), &events).await {
+            tracing::warn!(error = %e, count = events.len(), "cannot record events");
+        }
+    }
+
     async fn act(
         &self,
         leadership: &Leadership,
@@ -429,6 +465,21 @@ impl Controller {
                             .then(Op::put(&key, encode(&assignment))),
                     )
                     .await?;
+                self.note(vec![Event::new(
+                    now_ms,
+                    "controller",
+                    EventKind::Placed {
+                        why: format!(
+                            "a live node with the `{}` driver and room for it, holding the \
+                             fewest tasks of `{service}`",
+                            release.spec.driver()
+                        ),
+                    },
+                )
+                .service(service)
+                .task(&task)
+                .node(node)])
+                    .await;
             }
             Action::Restart {
                 task,
@@ -454,6 +505,11 @@ impl Controller {
             }
             Action::Drain { task, node } => {
                 tracing::info!(service, task, node, "taking task out of routing");
+                self.note(vec![Event::new(now_ms, "controller", EventKind::Draining)
+                    .service(service)
+                    .task(task)
+                    .node(node)])
+                    .await;
                 self.rewrite(leadership, snap, task, |a| {
                     a.desired = DesiredState::Drain;
                     a.drain_since_ms = Some(now_ms);
@@ -484,4 +540,30 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// Events for the problems a pass found that the last published problems did not have.
+fn new_problem_events(before: Option<&Problems>, now: &Problems) -> Vec<Event> {
+    let at = wall_ms();
+    let mut events = Vec::new();
+    for (service, found) in now {
+        let known = before.and_then(|b| b.get(service));
+        for problem in found {
+            if known.is_some_and(|k| k.contains(problem)) || problem.starts_with("... and") {
+                continue;
+            }
+            let text = problem
+                .strip_prefix(&format!("{service}: "))
+                .unwrap_or(problem);
+            let kind = if text.contains("fail open") {
+                EventKind::FailingOpen
+            } else {
+                EventKind::Unplaceable {
+                    reason: text.to_string(),
+                }
+            };
+            events.push(Event::new(at, "controller", kind).service(service));
+        }
+    }
+    events
 }

@@ -308,7 +308,8 @@ fn service_or_404<'a>(
 }
 
 /// Sets the live desired count (what `dozen scale` and later the autoscaler write).
-pub async fn scale(store: &dyn Store, service: &str, replicas: u32) -> Result<()> {
+/// Sets the live replica count; returns the count before.
+pub async fn scale(store: &dyn Store, service: &str, replicas: u32) -> Result<u32> {
     if replicas > dozen_spec::MAX_REPLICAS {
         return Err(ControlError::Invalid(format!(
             "replicas {replicas} for `{service}` is out of range 0..={}",
@@ -317,6 +318,7 @@ pub async fn scale(store: &dyn Store, service: &str, replicas: u32) -> Result<()
     }
     let snap = Snapshot::read(store).await?;
     let svc = service_or_404(&snap, service)?;
+    let before = snap.desired_replicas(service);
     let record = ScaleRecord {
         schema: SCHEMA,
         replicas,
@@ -338,7 +340,7 @@ pub async fn scale(store: &dyn Store, service: &str, replicas: u32) -> Result<()
             "service `{service}` changed while scaling; try again"
         )));
     }
-    Ok(())
+    Ok(before)
 }
 
 /// Updates the service record with `change`, retrying on concurrent writes.

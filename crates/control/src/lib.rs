@@ -13,6 +13,7 @@
 mod batch;
 pub mod controller;
 pub mod desired;
+pub mod events;
 pub mod leader;
 pub mod nodes;
 pub mod pki;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod events;
 mod identity;
 mod inventory;
 mod oneoff;
@@ -111,6 +112,8 @@ enum Command {
     Ps(commands::PsArgs),
     /// Show a service's logs (all its tasks, merged by time).
     Logs(commands::LogsArgs),
+    /// Show what happened to services, tasks and nodes, and why (`-f` to follow).
+    Events(events::EventsArgs),
     /// Set the live replica count: `dozen scale web=4 worker=2`.
     Scale(commands::ScaleArgs),
     /// Replace every task of a service, new before old (also starts a stopped service).
@@ -226,6 +229,7 @@ fn main() -> ExitCode {
             Command::Apply(a) => commands::apply(&global, a).await,
             Command::Ps(a) => commands::ps(&global, a).await,
             Command::Logs(a) => commands::logs(&global, a).await,
+            Command::Events(a) => events::events(&global, a).await,
             Command::Scale(a) => commands::scale(&global, a).await,
             Command::Restart(a) => commands::restart(&global, a).await,
             Command::Stop(a) => commands::stop(&global, a).await,

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 pub use dozen_spec::Service as ServiceSpec;
 
+mod event;
+pub use event::{Event, EventKind};
+
 /// The schema version this build writes.
 pub const SCHEMA: u32 = 1;
 
@@ -71,6 +74,19 @@ pub fn decode<T: Record>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
 /// The keyspace. Everything dozen stores lives under [`keys::ROOT`].
 pub mod keys {
     pub const ROOT: &str = "/dozen/v1/";
+    /// Events live beside the records, not under [`ROOT`]: controllers neither read nor wait
+    /// on them.
+    pub const EVENTS: &str = "/dozen/events/v1/";
+
+    /// `<subject>/`: a service's events, or `_nodes`, `_cluster`.
+    pub fn events(subject: &str) -> String {
+        format!("{EVENTS}{subject}/")
+    }
+
+    /// One event: ordered by time within its subject; `id` keeps same-millisecond events apart.
+    pub fn event(subject: &str, at_ms: u64, id: &str) -> String {
+        format!("{EVENTS}{subject}/{at_ms:013}-{id}")
+    }
 
     pub fn stacks() -> String {
         format!("{ROOT}stacks/")
@@ -171,9 +187,11 @@ pub mod keys {
     }
 }
 
+#[macro_export]
+#[doc(hidden)]
 macro_rules! record {
     ($ty:ty, $kind:literal) => {
-        impl Record for $ty {
+        impl $crate::Record for $ty {
             const KIND: &'static str = $kind;
             fn schema(&self) -> u32 {
                 self.schema

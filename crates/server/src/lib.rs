@@ -9,11 +9,11 @@ use std::time::Duration;
 use axum::handler::Handler;
 use axum::{middleware, Router};
 use dozen_api::{
-    paths, ApplyOutcome, ApplyRequest, ClusterInfo, HeartbeatRequest, JoinRequest, JoinResponse,
-    JoinTokenRequest, JoinTokenResponse, LogLine, LogQuery, NodeInfo, ProxyHeartbeat, ProxyInfo,
-    ProxyRegisterRequest, RegisterRequest, RegisterResponse, RevokeResponse, RollbackRequest,
-    RouteQuery, RunRequest, ScaleRequest, ServiceSummary, StatusReport, TaskInfo, TaskQuery,
-    WatchQuery,
+    paths, ApplyOutcome, ApplyRequest, ClusterInfo, EventQuery, HeartbeatRequest, JoinRequest,
+    JoinResponse, JoinTokenRequest, JoinTokenResponse, LogLine, LogQuery, NodeInfo, ProxyHeartbeat,
+    ProxyInfo, ProxyRegisterRequest, RegisterRequest, RegisterResponse, RevokeResponse,
+    RollbackRequest, RouteQuery, RunRequest, ScaleRequest, ServiceSummary, StatusReport, TaskInfo,
+    TaskQuery, WatchQuery,
 };
 use dozen_model::{Assignment, Release, RouteTable, StackRecord};
 use dozen_store::blob::BlobStore;
@@ -22,6 +22,7 @@ use dozen_store::Store;
 mod auth;
 pub mod blobs;
 mod error;
+mod events;
 mod logs;
 mod nodes;
 mod openapi;
@@ -301,6 +302,15 @@ fn operator_and_node_routes() -> Routes {
             ndjson::<LogLine>("log lines of every node, merged; with follow, a stream")
                 .query::<LogQuery>(),
             logs::logs,
+        )
+        .add(
+            "get",
+            paths::EVENTS,
+            ndjson::<dozen_model::Event>(
+                "what happened to services, tasks and nodes, oldest first; with follow, a stream",
+            )
+            .query::<EventQuery>(),
+            events::events,
         )
         .add(
             "get",

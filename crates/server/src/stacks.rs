@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use dozen_model::{Event, EventKind};
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -26,9 +28,27 @@ pub(crate) async fn apply(
     State(s): State<Arc<AppState>>,
     Json(req): Json<ApplyRequest>,
 ) -> ApiResult<Json<desired::ApplyOutcome>> {
+    // Taken before the change, so its event comes before what the controllers do about it.
+    let at = dozen_control::wall_ms();
     let outcome =
         desired::apply(s.store.as_ref(), &req.stack, &req.artifacts, &s.retention).await?;
     tracing::info!(stack = %req.stack.name, releases = outcome.releases.len(), "applied stack");
+    note(
+        &s,
+        outcome
+            .releases
+            .iter()
+            .map(|r| {
+                Event::new(
+                    at,
+                    "operator",
+                    EventKind::ReleaseCreated { release: r.release },
+                )
+                .service(&r.service)
+            })
+            .collect(),
+    )
+    .await;
     Ok(Json(outcome))
 }
 pub(crate) async fn list_stacks(
@@ -119,8 +139,20 @@ pub(crate) async fn scale(
     Path(service): Path<String>,
     Json(req): Json<ScaleRequest>,
 ) -> ApiResult<StatusCode> {
-    desired::scale(s.store.as_ref(), &service, req.replicas).await?;
+    let at = dozen_control::wall_ms();
+    let before = desired::scale(s.store.as_ref(), &service, req.replicas).await?;
     tracing::info!(service, replicas = req.replicas, "scaled");
+    if before != req.replicas {
+        let scaled = EventKind::Scaled {
+            from: before,
+            to: req.replicas,
+        };
+        note(
+            &s,
+            vec![Event::new(at, "operator", scaled).service(&service)],
+        )
+        .await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 pub(crate) async fn restart(
@@ -142,9 +174,17 @@ pub(crate) async fn rollback(
     Path(service): Path<String>,
     Json(req): Json<RollbackRequest>,
 ) -> ApiResult<Json<dozen_model::Release>> {
-    Ok(Json(
-        desired::rollback(s.store.as_ref(), &service, req.to, &s.retention).await?,
-    ))
+    let at = dozen_control::wall_ms();
+    let release = desired::rollback(s.store.as_ref(), &service, req.to, &s.retention).await?;
+    let created = EventKind::ReleaseCreated {
+        release: release.number,
+    };
+    note(
+        &s,
+        vec![Event::new(at, "operator", created).service(&service)],
+    )
+    .await;
+    Ok(Json(release))
 }
 pub(crate) async fn run(
     State(s): State<Arc<AppState>>,
@@ -153,4 +193,15 @@ pub(crate) async fn run(
 ) -> ApiResult<Json<TaskInfo>> {
     let a = desired::run_oneoff(s.store.as_ref(), &service, req.argv).await?;
     Ok(Json(TaskInfo::from_records(&a, None)))
+}
+
+/// Records what an operator did; the change itself is made already, so a failure to record
+/// it is logged, not returned.
+async fn note(s: &AppState, events: Vec<Event>) {
+    if events.is_empty() {
+        return;
+    }
+    if let Err(e) = dozen_control::events::record(s.store.as_ref(), &events).await {
+        tracing::warn!(error = %e, "cannot record events");
+    }
 }

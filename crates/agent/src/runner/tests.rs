@@ -105,6 +105,22 @@ async fn a_failing_health_check_takes_the_task_out_of_routing_and_keeps_it_runni
         .calls()
         .iter()
         .any(|c| matches!(c, Call::Stop { .. })));
+    // Each change is an event, once: not one per probe.
+    let mut kinds = Vec::new();
+    while let Ok(event) = h.events.try_recv() {
+        assert_eq!(event.task.as_deref(), Some("web-1"));
+        kinds.push(event.describe());
+    }
+    assert_eq!(
+        kinds,
+        [
+            "started (pid 1001)".to_string(),
+            "health check failed (3 of 3): GET /healthz answered 500 Internal Server Error".into(),
+            "out of routing: its health check fails; it runs on until a replacement is healthy"
+                .into(),
+            "healthy again: back in routing".into(),
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -2,7 +2,8 @@
 //! starts in a millisecond and stays small).
 //!
 //! - listens on `$PORT` when set; `GET /healthz` -> ok, `GET /env/NAME` -> the variable,
-//!   `GET /pid` -> its pid, `GET /sleep/MS` -> answers after MS milliseconds, anything else
+//!   `GET /pid` -> its pid, `GET /sleep/MS` -> answers after MS milliseconds, `GET /status/NNN`
+//!   -> that status, anything else
 //!   -> `hello from $DOZEN_TASK`
 //! - logs one line per request to stdout
 //! - `EXIT_AFTER_MS` / `EXIT_CODE`: exits on its own (to test crash handling)
@@ -103,7 +104,14 @@ fn answer(mut stream: TcpStream) {
         .to_string();
     // Endpoints are matched anywhere in the path, so they also work behind a route prefix
     // (`/api/env/NAME` reaches `/env/NAME`).
-    let body = if let Some((_, rest)) = path.split_once("/fetch/") {
+    // `/status/NNN` answers with that status (a health check that fails on purpose).
+    let status = path
+        .split_once("/status/")
+        .and_then(|(_, code)| code.parse::<u16>().ok())
+        .unwrap_or(200);
+    let body = if status != 200 {
+        format!("status {status}")
+    } else if let Some((_, rest)) = path.split_once("/fetch/") {
         let (var, tail) = rest.split_once('/').unwrap_or((rest, ""));
         let base = std::env::var(var).unwrap_or_default();
         match fetch(&format!("{base}/{tail}")) {
@@ -150,7 +158,7 @@ fn answer(mut stream: TcpStream) {
     );
     let _ = write!(
         stream,
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} Status\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
 }

@@ -1,0 +1,69 @@
+//! Events: written through one function, listed by service and task, kept within their bound
+//! (count per subject and age) however fast they come.
+
+use dozen_control::events::{self, Filter, KEEP_PER_SUBJECT};
+use dozen_model::{keys, Event, EventKind};
+use dozen_store::embedded::EmbeddedStore;
+use dozen_store::Store;
+
+fn exited(at_ms: u64, task: &str) -> Event {
+    Event::new(
+        at_ms,
+        "agent n1",
+        EventKind::Exited {
+            code: Some(1),
+            signal: None,
+            oom: false,
+        },
+    )
+    .service("web")
+    .task(task)
+    .node("n1")
+}
+
+#[tokio::test]
+async fn a_crash_loop_keeps_a_bounded_count_and_old_events_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let now = dozen_control::wall_ms();
+    // A day and a half ago: past the age limit.
+    let old = exited(now - 36 * 3600 * 1000, "web-0");
+    events::record(&store, &[old]).await.unwrap();
+    // A crash loop: a thousand exits, in reports of three.
+    for i in 0..1000u64 {
+        let batch: Vec<Event> = (0..3)
+            .map(|j| exited(now + i * 3 + j, &format!("web-{}", 1 + (i + j) % 2)))
+            .collect();
+        events::record(&store, &batch).await.unwrap();
+    }
+    let kept = store.range(&keys::events("web")).await.unwrap().kvs.len();
+    assert!(
+        (KEEP_PER_SUBJECT..=KEEP_PER_SUBJECT + 20).contains(&kept),
+        "{kept} events kept"
+    );
+    let (listed, _) = events::list(&store, &Filter::default()).await.unwrap();
+    assert!(listed.iter().all(|e| e.at_ms >= now), "the old one went");
+    assert!(
+        listed.windows(2).all(|w| w[0].at_ms <= w[1].at_ms),
+        "oldest first"
+    );
+    assert_eq!(listed.last().unwrap().at_ms, now + 2999, "the newest stay");
+
+    let (one, _) = events::list(
+        &store,
+        &Filter {
+            service: Some("web".into()),
+            task: Some("web-1".into()),
+            since_ms: Some(now + 2900),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!one.is_empty());
+    assert!(one
+        .iter()
+        .all(|e| e.task.as_deref() == Some("web-1") && e.at_ms >= now + 2900));
+    // Events live outside the records the controllers read.
+    let records = store.range(keys::ROOT).await.unwrap().kvs.len();
+    assert_eq!(records, 0);
+}
