@@ -37,6 +37,8 @@ pub(crate) struct Runner {
     /// The generation `handle` runs, or the last one that ended.
     generation: Option<u64>,
     status: TaskStatus,
+    /// Why the last generation ended badly, for the message of the next one's backoff.
+    last_failure: Option<String>,
 }
 
 impl Runner {
@@ -76,6 +78,7 @@ impl Runner {
             handle: None,
             record,
             status,
+            last_failure: None,
         };
         match recovered {
             Recovered::Running(handle) => {
@@ -125,6 +128,7 @@ impl Runner {
         self.event(EventKind::StartFailed {
             error: message.clone(),
         });
+        self.last_failure = Some(format!("start failed: {message}"));
         self.set(TaskState::Failed, false, Some(message));
     }
 
@@ -139,11 +143,13 @@ impl Runner {
             return self.start_failed(error.clone());
         }
         if state == TaskState::Exited {
-            self.event(EventKind::Exited {
+            let exited = EventKind::Exited {
                 code: exit.code,
                 signal: exit.signal,
                 oom: false,
-            });
+            };
+            self.last_failure = Some(exited.describe());
+            self.event(exited);
         }
         self.set(state, false, exit.error.clone());
     }
@@ -224,14 +230,12 @@ impl Runner {
                 backoff_ms: a.start_delay_ms,
                 restarts: a.restarts,
             });
-            self.set(
-                TaskState::Pending,
-                false,
-                Some(format!(
-                    "restarting in {} ms (crash backoff)",
-                    a.start_delay_ms
-                )),
-            );
+            let backoff = format!("restarting in {} ms (crash backoff)", a.start_delay_ms);
+            let message = match &self.last_failure {
+                Some(why) => format!("{why}; {backoff}"),
+                None => backoff,
+            };
+            self.set(TaskState::Pending, false, Some(message));
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(a.start_delay_ms)) => {}
                 changed = self.rx.changed() => {
@@ -489,6 +493,7 @@ impl Runner {
                                 // The stop protocol's signal, then SIGKILL after the timeout:
                                 // a hung task that ignores the signal still goes.
                                 self.stop_now("failed health checks").await;
+                                self.last_failure = Some(format!("unhealthy: {why}"));
                                 self.set(TaskState::Exited, false, Some(format!("stopped: unhealthy: {why}")));
                                 return true;
                             }

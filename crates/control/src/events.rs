@@ -128,10 +128,13 @@ pub async fn list(store: &dyn Store, filter: &Filter) -> Result<(Vec<Event>, Rev
     Ok((events, range.revision))
 }
 
-/// The newest event of each task of `service` that explains a problem, by task.
-pub async fn latest_problems(
+/// Why each of `tasks` (of `service`) is not running as asked, by task: the newest event about
+/// it that explains something (a restart only repeats the reason before it), if that is a
+/// problem. A task whose newest event is good news has none.
+pub async fn task_reasons(
     store: &dyn Store,
     service: &str,
+    tasks: &[String],
 ) -> Result<std::collections::BTreeMap<String, Event>> {
     let (events, _) = list(
         store,
@@ -143,7 +146,11 @@ pub async fn latest_problems(
     .await?;
     let mut latest = std::collections::BTreeMap::new();
     for event in events {
-        if let Some(task) = event.task.clone() {
+        let Some(task) = event.task.clone() else {
+            continue;
+        };
+        if tasks.contains(&task) && !matches!(event.kind, dozen_model::EventKind::Restarting { .. })
+        {
             latest.insert(task, event);
         }
     }

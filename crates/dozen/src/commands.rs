@@ -360,7 +360,7 @@ pub async fn wait_converged(
                 msg.push_str(&format!("\n  {p}"));
             }
             msg.push_str(
-                "\n  hint: `dozen ps` shows each task's state and `dozen logs SERVICE` its output",
+                "\n  hint: `dozen events SERVICE` says what happened to each task, `dozen logs SERVICE` shows its output",
             );
             bail!(msg);
         }

@@ -60,6 +60,19 @@ port = false
         .collect();
     assert!(kinds.iter().any(|k| k == "start_failed"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "placed"), "{kinds:?}");
+    // `ps` says why, in its table and its JSON, and a failed wait says it too.
+    let ps = d.ok(&["ps"]);
+    assert!(ps.contains("start failed: cannot start"), "{ps}");
+    let json = d.json(&["ps"]);
+    let problems = json["services"][0]["problems"].to_string();
+    assert!(problems.contains("start failed: cannot start"), "{json}");
+    let wait = d.cli(&["apply", "--timeout", "1s"]);
+    let said = String::from_utf8_lossy(&wait.stderr);
+    assert!(!wait.status.success(), "{said}");
+    assert!(
+        said.contains("start failed: cannot start `/nonexistent/web-server`"),
+        "{said}"
+    );
 }
 
 #[test]

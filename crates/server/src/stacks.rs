@@ -109,7 +109,13 @@ pub(crate) async fn list_services(
             healthy,
             stopped: svc.record.stopped,
             reproducible: release.is_some_and(|r| r.reproducible),
-            problems: problems.get(name).cloned().unwrap_or_default(),
+            problems: problems
+                .get(name)
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .chain(task_problems(&s, name, &tasks).await)
+                .collect(),
         });
     }
     Ok(Json(out))
@@ -203,5 +209,32 @@ async fn note(s: &AppState, events: Vec<Event>) {
     }
     if let Err(e) = dozen_control::events::record(s.store.as_ref(), &events).await {
         tracing::warn!(error = %e, "cannot record events");
+    }
+}
+
+/// Why the tasks of `service` that are not running and healthy are not: each one's newest
+/// reason from its events, as `task: reason`.
+async fn task_problems(s: &AppState, service: &str, tasks: &[TaskInfo]) -> Vec<String> {
+    let stuck: Vec<String> = tasks
+        .iter()
+        .filter(|t| {
+            t.desired == dozen_model::DesiredState::Run
+                && !(t.state() == Some(dozen_model::TaskState::Running)
+                    && t.status.as_ref().is_some_and(|st| st.healthy))
+        })
+        .map(|t| t.task.clone())
+        .collect();
+    if stuck.is_empty() {
+        return Vec::new();
+    }
+    match dozen_control::events::task_reasons(s.store.as_ref(), service, &stuck).await {
+        Ok(reasons) => reasons
+            .into_iter()
+            .map(|(task, event)| format!("{task}: {}", event.describe()))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(service, error = %e, "cannot read events for problems");
+            Vec::new()
+        }
     }
 }

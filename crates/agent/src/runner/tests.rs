@@ -45,9 +45,10 @@ async fn a_crashed_task_restarts_after_its_backoff_and_not_before() {
             s.generation == 2 && s.state == TaskState::Pending
         })
         .await;
+    // Why it is restarting, not only when.
     assert_eq!(
         waiting.message.as_deref(),
-        Some("restarting in 500 ms (crash backoff)")
+        Some("exited with code 1; restarting in 500 ms (crash backoff)")
     );
     tokio::time::sleep(Duration::from_millis(499)).await;
     assert_eq!(
