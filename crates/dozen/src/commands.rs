@@ -1,7 +1,6 @@
 //! The client commands: each turns arguments into API calls and prints the answer.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use dozen_api::ApplyOutcome;
 use dozen_api::{ApplyRequest, Client, LogLine, LogQuery, LogStream, ServiceSummary, TaskInfo};
-use dozen_model::{DesiredState, Release, TaskState};
+use dozen_model::{DesiredState, Release};
 use dozen_spec::{Plan, PlanAction};
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -65,6 +64,9 @@ pub struct LogsArgs {
     /// Only this task.
     #[arg(long)]
     pub task: Option<String>,
+    /// Start each line with the time it was written (UTC, to the millisecond).
+    #[arg(long)]
+    pub timestamps: bool,
 }
 
 #[derive(Args, Debug)]
@@ -86,9 +88,30 @@ pub struct ServiceArg {
 }
 
 #[derive(Args, Debug)]
+pub struct RestartArgs {
+    pub service: String,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct ServicesArg {
     #[arg(required = true)]
     pub services: Vec<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// `--wait` and its `--timeout`, for the commands that change tasks.
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    /// Return only once the change is done: every task replaced, running and healthy (or,
+    /// for `stop`, gone), showing progress; on a timeout, why not (exit code 1).
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest --wait before giving up.
+    #[arg(long, default_value = "120s", value_parser = parse_duration, requires = "wait")]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +126,8 @@ pub struct RollbackArgs {
     /// The release to go back to. Default: the one before the current.
     #[arg(long)]
     pub to: Option<u64>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -274,9 +299,10 @@ pub async fn apply(global: &Global, args: ApplyArgs) -> anyhow::Result<i32> {
         }
     }
     if !args.no_wait {
-        wait_converged(
+        crate::wait::wait_converged(
             &api,
             &services,
+            &[],
             args.timeout,
             global.output == Output::Table,
         )
@@ -286,86 +312,6 @@ pub async fn apply(global: &Global, args: ApplyArgs) -> anyhow::Result<i32> {
         output::json(&outcome);
     }
     Ok(0)
-}
-
-/// Waits until each service runs exactly its desired count of ready tasks of its current
-/// release, showing progress.
-pub async fn wait_converged(
-    api: &Client,
-    services: &[String],
-    timeout: Duration,
-    show: bool,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let tty = std::io::stderr().is_terminal();
-    let mut last = String::new();
-    loop {
-        let summaries: Vec<ServiceSummary> = api.services().await?;
-        let tasks: Vec<TaskInfo> = api.tasks(None).await?;
-        let mut done = true;
-        let mut progress = Vec::new();
-        let mut problems = Vec::new();
-        for name in services {
-            let Some(s) = summaries.iter().find(|s| &s.name == name) else {
-                continue;
-            };
-            let mine: Vec<&TaskInfo> = tasks
-                .iter()
-                .filter(|t| &t.service == name && !t.oneoff)
-                .collect();
-            let ready = mine
-                .iter()
-                .filter(|t| {
-                    t.release == s.current_release
-                        && t.desired == DesiredState::Run
-                        && t.state() == Some(TaskState::Running)
-                        && t.status.as_ref().is_some_and(|st| st.healthy)
-                })
-                .count();
-            let want = if s.stopped { 0 } else { s.desired as usize };
-            if ready != want || mine.len() != want {
-                done = false;
-            }
-            progress.push(format!("{name} {ready}/{want}"));
-            problems.extend(s.problems.iter().cloned());
-        }
-        let line = format!("waiting for tasks: {}", progress.join(", "));
-        if show && line != last {
-            if tty {
-                eprint!("\r\x1b[2K{line}");
-            } else {
-                eprintln!("{line}");
-            }
-            last = line;
-        }
-        if done {
-            if show {
-                if tty {
-                    eprintln!();
-                }
-                eprintln!("all services converged");
-            }
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            if tty && show {
-                eprintln!();
-            }
-            let mut msg = format!(
-                "services did not converge within {:?} ({})",
-                timeout,
-                progress.join(", ")
-            );
-            for p in problems {
-                msg.push_str(&format!("\n  {p}"));
-            }
-            msg.push_str(
-                "\n  hint: `dozen events SERVICE` says what happened to each task, `dozen logs SERVICE` shows its output",
-            );
-            bail!(msg);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[derive(Serialize)]
@@ -490,7 +436,7 @@ fn dropped_note(lines: u64) -> String {
     format!("{lines} log line(s) dropped: the node could not write them (disk full?)")
 }
 
-fn print_log_line(line: &LogLine, output: Output) {
+fn print_log_line(line: &LogLine, output: Output, timestamps: bool) {
     match output {
         Output::Json => println!("{}", serde_json::to_string(line).unwrap_or_default()),
         Output::Table => {
@@ -499,7 +445,12 @@ fn print_log_line(line: &LogLine, output: Output) {
             } else {
                 "|"
             };
-            println!("{} {marker} {}", line.task, line.line);
+            let time = if timestamps {
+                format!("{} ", output::utc_time(line.ts_ms))
+            } else {
+                String::new()
+            };
+            println!("{time}{} {marker} {}", line.task, line.line);
         }
     }
 }
@@ -516,8 +467,21 @@ pub async fn logs(global: &Global, args: LogsArgs) -> anyhow::Result<i32> {
         follow: args.follow,
     };
     let mut stream = api.logs(&query).await?;
+    let mut printed = false;
     while let Some(line) = stream.next().await {
-        print_log_line(&line?, global.output);
+        print_log_line(&line?, global.output, args.timestamps);
+        printed = true;
+    }
+    // A mistyped task prints nothing: say so (a task removed within the hour still has logs).
+    if let (Some(task), false) = (&args.task, printed) {
+        let tasks = api.tasks(Some(&args.service)).await?;
+        if !tasks.iter().any(|t| &t.task == task) {
+            bail!(
+                "no task `{task}` in service `{}`; `dozen ps {}` lists its tasks",
+                args.service,
+                args.service
+            );
+        }
     }
     // Lines a full disk swallowed are not in any answer: say so, where people read.
     if global.output == Output::Table {
@@ -549,60 +513,28 @@ pub async fn scale(global: &Global, args: ScaleArgs) -> anyhow::Result<i32> {
         println!("{service} scaled to {replicas}");
     }
     if args.wait {
-        return wait_for_counts(&api, &wanted_after(&args.pairs), args.timeout).await;
+        return crate::wait::wait_for_counts(
+            &api,
+            &crate::wait::wanted_after(&args.pairs),
+            args.timeout,
+        )
+        .await;
     }
     Ok(0)
 }
 
-fn wanted_after(pairs: &[String]) -> Vec<(String, u32)> {
-    pairs
-        .iter()
-        .filter_map(|p| p.split_once('='))
-        .filter_map(|(s, c)| Some((s.to_string(), c.parse().ok()?)))
-        .collect()
-}
-
-/// Polls until each service runs exactly its count of tasks, all healthy.
-async fn wait_for_counts(
-    api: &Client,
-    wanted: &[(String, u32)],
-    timeout: Duration,
-) -> anyhow::Result<i32> {
-    let deadline = std::time::Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        // A server may be gone mid-wait (the client moves on to another); keep polling.
-        if let Ok(services) = api.services().await {
-            let mut pending = Vec::new();
-            for (service, replicas) in wanted {
-                match services.iter().find(|s| &s.name == service) {
-                    Some(s) if s.running == *replicas && s.healthy >= *replicas => {}
-                    Some(s) => pending.push(format!(
-                        "{service}: {} running, {} healthy of {replicas}",
-                        s.running, s.healthy
-                    )),
-                    None => pending.push(format!("{service}: gone")),
-                }
-            }
-            if pending.is_empty() {
-                println!("all scaled services are running and healthy");
-                return Ok(0);
-            }
-            last = pending.join("; ");
-        }
-        if std::time::Instant::now() >= deadline {
-            eprintln!("gave up waiting after {timeout:?}: {last}");
-            return Ok(1);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub async fn restart(global: &Global, args: ServiceArg) -> anyhow::Result<i32> {
+pub async fn restart(global: &Global, args: RestartArgs) -> anyhow::Result<i32> {
     let api = client(global)?;
+    // The tasks running now: with --wait, done once none of them is left.
+    let before: Vec<String> = api
+        .tasks(Some(&args.service))
+        .await?
+        .into_iter()
+        .map(|t| t.task)
+        .collect();
     api.restart(&args.service).await?;
     println!("{}: replacing every task (new before old)", args.service);
-    Ok(0)
+    crate::wait::if_asked(&api, &args.wait, &[args.service], &before).await
 }
 
 pub async fn stop(global: &Global, args: ServicesArg) -> anyhow::Result<i32> {
@@ -611,7 +543,7 @@ pub async fn stop(global: &Global, args: ServicesArg) -> anyhow::Result<i32> {
         api.stop(s).await?;
         println!("{s}: stopping (`dozen restart {s}` starts it again)");
     }
-    Ok(0)
+    crate::wait::if_asked(&api, &args.wait, &args.services, &[]).await
 }
 
 pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
@@ -731,7 +663,7 @@ pub async fn rollback(global: &Global, args: RollbackArgs) -> anyhow::Result<i32
             args.service, release.number, release.cause
         );
     });
-    Ok(0)
+    crate::wait::if_asked(&api, &args.wait, &[args.service], &[]).await
 }
 
 #[cfg(test)]

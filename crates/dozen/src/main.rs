@@ -14,6 +14,7 @@ mod oneoff;
 mod output;
 mod serve;
 mod up;
+mod wait;
 
 /// Run 12-factor services on a laptop, one server or a cluster.
 ///
@@ -117,7 +118,7 @@ enum Command {
     /// Set the live replica count: `dozen scale web=4 worker=2`.
     Scale(commands::ScaleArgs),
     /// Replace every task of a service, new before old (also starts a stopped service).
-    Restart(commands::ServiceArg),
+    Restart(commands::RestartArgs),
     /// Stop every task of a service, keeping its replica count for `restart`.
     Stop(commands::ServicesArg),
     /// Remove a stack: stop its tasks and delete its services.
@@ -171,6 +172,25 @@ fn init_logging(global: &Global, default: &str) {
     }
 }
 
+/// `dozen ps | head -1` and the like: when the reader of stdout goes away, printing fails
+/// with a broken pipe, which Rust's `println!` turns into a panic. That is the reader's
+/// choice, not an error: end at once, quietly, with success (as `ls | head` does).
+fn quiet_when_the_reader_goes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
     // The shim must stay tiny: no runtime, no logging setup, nothing else parsed.
     let mut args = std::env::args_os();
@@ -181,6 +201,7 @@ fn main() -> ExitCode {
         };
         return ExitCode::from(dozen_agent::shim::main(std::path::Path::new(&dir)) as u8);
     }
+    quiet_when_the_reader_goes();
     let cli = Cli::parse();
     if matches!(
         cli.command,

@@ -93,7 +93,7 @@ async fn apply_and_show(
         None => Default::default(),
     };
     let _: dozen_api::ApplyOutcome = api.apply(&ApplyRequest { stack, artifacts }).await?;
-    crate::commands::wait_converged(api, &services, Duration::from_secs(120), true).await?;
+    crate::wait::wait_converged(api, &services, &[], Duration::from_secs(120), true).await?;
     let tasks: Vec<TaskInfo> = api.tasks(None).await?;
     println!("\nstack `{name}` is up");
     if let Some(url) = proxy_url {
