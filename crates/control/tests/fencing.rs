@@ -1,4 +1,4 @@
-//! Fencing (blueprint §8): a leader whose lease ran out cannot write, not even late, once
+//! Fencing: a leader whose lease ran out cannot write, not even late, once
 //! another server leads. On the embedded store, and on a real etcd cluster with `--features
 //! etcd`.
 

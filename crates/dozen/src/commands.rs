@@ -239,9 +239,13 @@ pub async fn artifacts(
 fn print_plan(plan: &Plan) {
     println!("stack {}", plan.stack);
     for sp in &plan.services {
+        let r = &sp.replicas;
+        let drift = matches!((r.live, r.file), (Some(live), Some(file)) if live != file);
         let (mark, what) = match sp.action {
             PlanAction::Create => ("+", "create"),
             PlanAction::Update => ("~", "update (new release)"),
+            // The same release, but the count changes: never "unchanged" above a change.
+            PlanAction::Unchanged if drift => ("~", "scale (same release)"),
             PlanAction::Unchanged => ("=", "unchanged"),
             PlanAction::Remove => ("-", "remove"),
         };
@@ -260,7 +264,6 @@ fn print_plan(plan: &Plan) {
             };
             println!("    {}: {} -> {}", f.path, show(&f.before), show(&f.after));
         }
-        let r = &sp.replicas;
         match (r.live, r.file) {
             (Some(live), Some(file)) if live != file => {
                 println!("    replicas: {live} -> {file} (live count -> file)")
@@ -608,6 +611,34 @@ pub async fn down(global: &Global, args: DownArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// What `release` changed from the one before it: the fields, with their new values when
+/// short (so a user can pick the release to roll back to).
+fn changes(releases: &[Release], release: &Release) -> String {
+    let Some(before) = releases
+        .iter()
+        .filter(|r| r.number < release.number)
+        .max_by_key(|r| r.number)
+    else {
+        return "first release".into();
+    };
+    let mut said: Vec<String> = dozen_spec::diff_services(&before.spec, &release.spec)
+        .into_iter()
+        .map(|f| match &f.after {
+            Some(v) if v.to_string().len() <= 24 => format!("{}={v}", f.path),
+            Some(_) => f.path,
+            None => format!("-{}", f.path),
+        })
+        .collect();
+    if before.artifact_digest != release.artifact_digest {
+        said.push("artifact".into());
+    }
+    if said.is_empty() {
+        "no change (same spec)".into()
+    } else {
+        said.join(", ")
+    }
+}
+
 pub async fn releases(global: &Global, args: ServiceArg) -> anyhow::Result<i32> {
     let api = client(global)?;
     let releases: Vec<Release> = api.releases(&args.service).await?;
@@ -646,10 +677,14 @@ pub async fn releases(global: &Global, args: ServiceArg) -> anyhow::Result<i32> 
                         .as_ref()
                         .map(|c| c.argv().join(" "))
                         .unwrap_or_default(),
+                    changes(&releases, r),
                 ]
             })
             .collect();
-        table(&["RELEASE", "AGE", "CAUSE", "ARTIFACT", "COMMAND"], &rows);
+        table(
+            &["RELEASE", "AGE", "CAUSE", "ARTIFACT", "COMMAND", "CHANGES"],
+            &rows,
+        );
     });
     Ok(0)
 }

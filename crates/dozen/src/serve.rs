@@ -295,15 +295,29 @@ fn task_user(given: Option<&str>) -> anyhow::Result<Option<String>> {
 }
 
 /// Binds the proxy's public and internal listeners, naming the flags when that fails.
-async fn bind_proxy(listen: &ProxyListenArgs) -> anyhow::Result<dozen_proxy::Listeners> {
-    dozen_proxy::Listeners::bind(listen.proxy_listen, listen.proxy_internal_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} / {} for the proxy (--proxy-listen, --proxy-internal-listen)",
-                listen.proxy_listen, listen.proxy_internal_listen
+/// `optional`: the command can also run without its proxy (`--no-proxy`), and says so.
+async fn bind_proxy(
+    listen: &ProxyListenArgs,
+    optional: bool,
+) -> anyhow::Result<dozen_proxy::Listeners> {
+    let or_none = if optional {
+        ", or run without a proxy (--no-proxy)"
+    } else {
+        ""
+    };
+    // One listener at a time, so the sentence names the one that failed and its flag.
+    let bind = |address: std::net::SocketAddr, flag: &'static str| async move {
+        tokio::net::TcpListener::bind(address).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {address} for the proxy ({e}): free that port or choose \
+                 another with {flag}{or_none}"
             )
         })
+    };
+    Ok(dozen_proxy::Listeners {
+        public: bind(listen.proxy_listen, "--proxy-listen").await?,
+        internal: bind(listen.proxy_internal_listen, "--proxy-internal-listen").await?,
+    })
 }
 
 /// Where this process reaches a listener of its own: loopback when it listens everywhere.
@@ -593,9 +607,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let mut node = args.agent.clone();
     let mut proxy_url = None;
     if !args.no_proxy {
-        let listeners = bind_proxy(&args.proxy)
-            .await
-            .context("or run without a proxy: --no-proxy")?;
+        let listeners = bind_proxy(&args.proxy, true).await?;
         let public = listeners.public.local_addr()?;
         let internal = listeners.internal.local_addr()?;
         proxy_url = Some(format!("http://{public}"));
@@ -723,7 +735,7 @@ fn node_name(given: &Option<String>, credentials: &NodeCredentials) -> anyhow::R
 pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
     let credentials = node_credentials(global, &args.token_file, "proxy")?;
     let id = node_name(&args.id, &credentials)?;
-    let listeners = bind_proxy(&args.listen).await?;
+    let listeners = bind_proxy(&args.listen, false).await?;
     let config = dozen_proxy::ProxyConfig {
         id,
         server: global.server().to_string(),
@@ -749,7 +761,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
     let mut node = args.node.clone();
     node.node_name = Some(node_name(&node.node_name, &credentials)?);
     if args.with_proxy {
-        let listeners = bind_proxy(&args.proxy).await?;
+        let listeners = bind_proxy(&args.proxy, false).await?;
         node.proxy_internal_url = format!("http://{}", reachable(listeners.internal.local_addr()?));
         let config = dozen_proxy::ProxyConfig {
             id: node.node_name.clone().unwrap_or_default(),

@@ -114,7 +114,10 @@ async fn apply_and_show(
     } else {
         services.first().cloned().unwrap_or_default()
     };
-    println!("\nfrom another shell in this directory: dozen ps | dozen logs {first} -f | dozen scale {first}=3");
+    let dozen = invocation();
+    println!(
+        "\nfrom another shell in this directory: {dozen} ps | {dozen} logs {first} -f | {dozen} scale {first}=3"
+    );
     Ok((name, services))
 }
 
@@ -290,8 +293,34 @@ async fn up_detached(
     let proxy = (!s.no_proxy).then(|| format!("http://{}", s.proxy.proxy_listen));
     apply_and_show(&api, stack, file, proxy.as_deref()).await?;
     println!(
-        "running in the background (log: {}); `dozen down` stops it",
-        log_path.display()
+        "running in the background (log: {}); `{} down` stops it",
+        log_path.display(),
+        invocation()
     );
     Ok(0)
+}
+
+/// How the user can run this binary from here: `dozen` when that is what PATH finds, else
+/// its path (relative when under the current directory, as `./target/release/dozen`).
+pub fn invocation() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(std::fs::canonicalize) else {
+        return "dozen".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .filter_map(|dir| std::fs::canonicalize(dir.join("dozen")).ok())
+            .next()
+            .is_some_and(|found| found == exe)
+    });
+    if on_path {
+        return "dozen".into();
+    }
+    let here = std::env::current_dir().and_then(std::fs::canonicalize);
+    match here
+        .ok()
+        .and_then(|dir| exe.strip_prefix(dir).ok().map(|p| p.to_path_buf()))
+    {
+        Some(relative) => format!("./{}", relative.display()),
+        None => exe.display().to_string(),
+    }
 }

@@ -138,3 +138,80 @@ fn logs_print_times_and_refuse_a_task_that_does_not_exist() {
         "{said}"
     );
 }
+
+/// Seen: a port clash printed "error: or run without a proxy: --no-proxy: cannot listen on …"
+/// (the clauses backwards). It is one sentence naming the port and the flag that moves it.
+#[test]
+fn a_port_clash_on_the_proxy_is_one_readable_sentence() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let d = Dozen::new(DOZEN);
+    let out = d
+        .command(&[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--proxy-listen",
+            &address,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    let error = said
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(
+        error.starts_with(&format!(
+            "error: cannot listen on {address} for the proxy ("
+        )),
+        "{said}"
+    );
+    assert!(
+        error.ends_with(
+            "): free that port or choose another with --proxy-listen, or run without a proxy (--no-proxy)"
+        ),
+        "{said}"
+    );
+}
+
+/// The project's docs stand on their own: a user's clone has nothing outside the repository,
+/// so no doc points outside it, and every relative link in them leads to a file that exists.
+#[test]
+fn the_docs_stand_on_their_own() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut docs = vec![root.join("README.md")];
+    for dir in ["docs", "examples/demo", "bench"] {
+        if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
+            docs.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+                p.extension()
+                    .is_some_and(|x| x == "md" || x == "sh" || x == "toml")
+            }));
+        }
+    }
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        for outside in ["../shared", "blueprint", "DEVELOPERS.md"] {
+            assert!(
+                !text.contains(outside),
+                "{} mentions `{outside}`, which a clone does not have",
+                doc.display()
+            );
+        }
+        // Markdown links: `](target)` with a relative target.
+        for (i, _) in text.match_indices("](") {
+            let target = text[i + 2..].split(')').next().unwrap_or_default();
+            let path = target.split('#').next().unwrap_or_default();
+            if path.is_empty() || path.contains("://") || path.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = doc.parent().unwrap().join(path);
+            assert!(
+                resolved.exists(),
+                "{} links to `{target}`, which is not in the repository",
+                doc.display()
+            );
+        }
+    }
+}

@@ -84,6 +84,13 @@ fn the_demo_comes_up_and_survives_a_kill_9_of_dozen_up() {
         || page_ok(&d),
     );
     assert!(page.contains("dozen demo shop"), "{page}");
+    // The banner names a binary the user can run: not on PATH here, so its path.
+    let exe = std::fs::canonicalize(DOZEN).unwrap();
+    let banner = format!("in this directory: {} ps | ", exe.display());
+    eventually(Duration::from_secs(20), "the banner", || {
+        let log = std::fs::read_to_string(d.dir.path().join("up.log")).ok()?;
+        log.contains(&banner).then_some(())
+    });
     for (path, needle) in [("/api/catalog", "teapot"), ("/api/orders", "EUR")] {
         let r = http_request_at(&d.proxy_address(), "demo.local", path).unwrap();
         assert_eq!(r.status, 200, "{path}");

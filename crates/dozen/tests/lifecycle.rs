@@ -109,6 +109,9 @@ fn apply_plan_scale_restart_rollback_and_run() {
     d.write("dozen.toml", &stack(3, "v1", ""));
     let plan = d.ok(&["plan"]);
     assert!(plan.contains("replicas: 2 -> 3"), "{plan}");
+    // Seen: "= web : unchanged" above that line.
+    assert!(plan.contains("~ web : scale (same release)"), "{plan}");
+    assert!(!plan.contains("web : unchanged"), "{plan}");
     d.ok(&["apply"]);
     d.wait_ready("web", 3);
 
@@ -140,6 +143,18 @@ fn apply_plan_scale_restart_rollback_and_run() {
         .map(|r| r["cause"].as_str().unwrap())
         .collect();
     assert_eq!(causes, ["apply", "apply", "rollback to 1"]);
+    // Each release says what changed, so a user can pick one to roll back to.
+    let table = d.ok(&["releases", "web"]);
+    let line = |n: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("#2").contains("env.GREETING=\"v2\""), "{table}");
+    assert!(line("#3").contains("env.GREETING=\"v1\""), "{table}");
+    assert!(line("#1").contains("first release"), "{table}");
 
     // Restart replaces every task.
     let before = pids(&v3);

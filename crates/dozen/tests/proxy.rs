@@ -126,6 +126,11 @@ fn routes_discovery_and_errors_through_the_proxy() {
     assert_eq!((internal.status, internal.body.as_str()), (200, "the api"));
     let missing = http_request(port, "shop.test", "/_/api/env/NAME").unwrap();
     assert_ne!(missing.body, "the api", "discovery paths are not public");
+    // Seen: a mistyped discovery URL fell through to the `/` route (web) on the internal
+    // listener. It names the unknown service instead.
+    let typo = http_request(d.proxy_internal_port, "shop.test", "/_/apii/env/NAME").unwrap();
+    assert_eq!(typo.status, 404, "{}", typo.body);
+    assert!(typo.body.contains("no service `apii`"), "{}", typo.body);
 
     // Errors name the cause and leak nothing.
     let r = http_request(port, "x", "/nowhere").unwrap();

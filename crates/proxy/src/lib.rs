@@ -321,7 +321,23 @@ async fn handle(
         Ok(t) => t.clone(),
         Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "no routes yet".into(), &id),
     };
-    let Some(route) = table.find(&host, req.uri().path(), internal) else {
+    let path = req.uri().path();
+    let found = table.find(&host, path, internal);
+    // A discovery URL (`/_/<service>`) reaches that service or nothing: a mistyped name must
+    // not fall through to whatever serves `/`.
+    if let Some(name) = path.strip_prefix("/_/").filter(|_| internal) {
+        if !found.is_some_and(|r| r.strip_prefix) {
+            let name = name.split('/').next().unwrap_or(name);
+            return problem(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no service `{name}`: `/_/<service>` reaches a service by name (`dozen ps` lists them)"
+                ),
+                &id,
+            );
+        }
+    }
+    let Some(route) = found else {
         return problem(
             StatusCode::NOT_FOUND,
             format!("no route for host `{host}` and path `{}`", req.uri().path()),

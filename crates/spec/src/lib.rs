@@ -12,6 +12,7 @@
 //! [`file`] describe the same format and generate [`json_schema`].
 #![forbid(unsafe_code)]
 
+mod compose;
 mod error;
 pub mod file;
 mod load;
@@ -24,7 +25,9 @@ mod validate;
 use std::path::Path;
 
 pub use error::{SpecError, SpecErrors};
-pub use plan::{plan, FieldChange, LiveService, Plan, PlanAction, ReplicaPlan, ServicePlan};
+pub use plan::{
+    diff_services, plan, FieldChange, LiveService, Plan, PlanAction, ReplicaPlan, ServicePlan,
+};
 pub use types::*;
 
 use load::{Sibling, Source};

@@ -156,7 +156,8 @@ fn created_fields(s: &Service) -> Vec<FieldChange> {
         .collect()
 }
 
-fn diff_services(before: &Service, after: &Service) -> Vec<FieldChange> {
+/// The fields that differ between two versions of a service (`env.A`, `command`, ...).
+pub fn diff_services(before: &Service, after: &Service) -> Vec<FieldChange> {
     let mut out = Vec::new();
     diff_json(
         "",

@@ -275,6 +275,10 @@ impl Validator {
             );
             return None;
         }
+        if let Some(diag) = crate::compose::looks_like_compose(root) {
+            self.diags.push(diag);
+            return None;
+        }
         let mut name = None;
         let mut services_entry = None;
         for e in entries(root) {

@@ -760,3 +760,23 @@ fn uses_must_name_other_services_of_the_stack() {
     assert_eq!(ok.services["api"].deregistration_delay_ms, 2000);
     assert_eq!(ok.services["web"].deregistration_delay_ms, 1000);
 }
+
+/// Seen: a compose file got "unknown field `ports` … did you mean `port`?". It is named as a
+/// compose file, once, with what to write instead.
+#[test]
+fn a_docker_compose_file_is_named_as_one() {
+    let compose = "services:\n  web:\n    image: nginx\n    ports:\n      - \"80:80\"\n    environment:\n      A: b\n";
+    let errs = yaml_errors(compose);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let e = expect(
+        &errs,
+        "this looks like a docker compose file (`ports`",
+        4,
+        5,
+    );
+    let hint = e.hint.unwrap();
+    assert!(hint.contains("`port = true` for `ports`"), "{hint}");
+    assert!(!e.message.contains("did you mean"));
+    let errs = yaml_errors("version: \"3.8\"\nservices:\n  web:\n    image: nginx\n");
+    expect(&errs, "compose file (`version`", 1, 1);
+}
