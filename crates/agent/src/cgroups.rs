@@ -17,6 +17,19 @@ pub trait Cgroups: Send + Sync {
     /// group `except` (signalled already: a second SIGTERM means "now" to many programs);
     /// returns how many.
     fn signal_all(&self, task: &str, signal: i32, except: Option<u32>) -> usize;
+    /// How many processes the kernel has killed in the task's groups for want of memory.
+    fn oom_kills(&self, _task: &str) -> u64 {
+        0
+    }
+}
+
+/// The `oom_kill N` line of a cgroup's `memory.oom_control` (v1) or `memory.events` (v2).
+fn oom_kill_count(file: &Path) -> u64 {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Signals every pid listed in the `cgroup.procs` file `procs`.
@@ -124,6 +137,9 @@ impl Cgroups for V1 {
         // A task's processes are in both groups; the memory group's list is enough.
         signal_listed(&self.memory.join(task).join("cgroup.procs"), signal, except)
     }
+    fn oom_kills(&self, task: &str) -> u64 {
+        oom_kill_count(&self.memory.join(task).join("memory.oom_control"))
+    }
 }
 
 struct V2 {
@@ -157,6 +173,9 @@ impl Cgroups for V2 {
             let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         }
         listed
+    }
+    fn oom_kills(&self, task: &str) -> u64 {
+        oom_kill_count(&self.base.join(task).join("memory.events"))
     }
 }
 

@@ -93,6 +93,8 @@ pub struct ExitInfo {
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: u64,
     pub error: Option<String>,
+    /// The kernel killed a process of the task for want of memory while this generation ran.
+    pub oom_killed: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

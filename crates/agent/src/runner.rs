@@ -119,6 +119,25 @@ impl Runner {
         }
     }
 
+    /// The last thing the task said before it ended: its last stderr line among its last
+    /// lines, else its last line (cut to 200 characters).
+    fn last_words(&self) -> Option<String> {
+        let (lines, _) = logs::read_tail(&self.dir.join(shim::LOG), 20, "", &self.task).ok()?;
+        let line = lines
+            .iter()
+            .rev()
+            .find(|l| l.stream == dozen_api::LogStream::Stderr && !l.line.starts_with("[dozen]"))
+            .or_else(|| lines.last())?;
+        let text = line.line.trim();
+        if text.is_empty() {
+            return None;
+        }
+        Some(match text.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text.to_string(),
+        })
+    }
+
     /// A start failure, where the user looks: the task's own log, its status and its events.
     fn start_failed(&mut self, message: String) {
         logs::append_note(
@@ -146,7 +165,8 @@ impl Runner {
             let exited = EventKind::Exited {
                 code: exit.code,
                 signal: exit.signal,
-                oom: false,
+                oom: exit.oom_killed,
+                last_line: self.last_words(),
             };
             self.last_failure = Some(exited.describe());
             self.event(exited);
@@ -556,6 +576,7 @@ impl Runner {
                 started_at_ms: None,
                 finished_at_ms: shim::wall_ms(),
                 error: Some(why),
+                oom_killed: false,
             },
         };
         self.finish(TaskState::Stopped, &exit);

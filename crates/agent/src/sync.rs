@@ -48,6 +48,7 @@ pub(crate) fn adopt_existing(shared: &Arc<Shared>) {
                     "the `{}` driver that ran this task is not available on this node now",
                     record.driver()
                 )),
+                oom_killed: false,
             }),
         };
         if matches!(recovered, Recovered::Running(_)) {

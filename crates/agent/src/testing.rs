@@ -91,6 +91,7 @@ fn exit(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
         started_at_ms: Some(1),
         finished_at_ms: 2,
         error: None,
+        oom_killed: false,
     }
 }
 

@@ -128,9 +128,8 @@ pub async fn list(store: &dyn Store, filter: &Filter) -> Result<(Vec<Event>, Rev
     Ok((events, range.revision))
 }
 
-/// Why each of `tasks` (of `service`) is not running as asked, by task: the newest event about
-/// it that explains something (a restart only repeats the reason before it), if that is a
-/// problem. A task whose newest event is good news has none.
+/// Why each of `tasks` (of `service`) is not running as asked, by task: its newest problem,
+/// unless it recovered since.
 pub async fn task_reasons(
     store: &dyn Store,
     service: &str,
@@ -149,7 +148,11 @@ pub async fn task_reasons(
         let Some(task) = event.task.clone() else {
             continue;
         };
-        if tasks.contains(&task) && !matches!(event.kind, dozen_model::EventKind::Restarting { .. })
+        // What follows a problem (a restart, a stop) only repeats it; back in routing ends it.
+        let explains = event.kind.is_problem()
+            && !matches!(event.kind, dozen_model::EventKind::Restarting { .. });
+        if tasks.contains(&task)
+            && (explains || event.kind == dozen_model::EventKind::BackInRouting)
         {
             latest.insert(task, event);
         }

@@ -14,6 +14,7 @@ fn exited(at_ms: u64, task: &str) -> Event {
             code: Some(1),
             signal: None,
             oom: false,
+            last_line: None,
         },
     )
     .service("web")

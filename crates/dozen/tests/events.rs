@@ -1,6 +1,7 @@
-//! End-to-end: `dozen events` says what happened and why, where a user looks: a command that
-//! does not exist, a failing health check, a task no node can take, and a follower that sees
-//! new events as they are recorded.
+//! End-to-end: `dozen events`, `ps` and a failed `apply` say what happened and why: a command
+//! that does not exist (both forms), a port someone else holds, a failing health check, a task
+//! no node can take, an image no node can run, running out of memory; and a follower sees new
+//! events as they are recorded.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -75,27 +76,6 @@ port = false
     );
 }
 
-#[test]
-fn a_failing_health_check_and_a_task_no_node_can_take_are_events() {
-    let d = server_with(&format!(
-        r#"
-name = "sick"
-[services.web]
-command = ["{APP}"]
-health = {{ http = "/status/500", interval = "200ms", unhealthy_threshold = 2 }}
-[services.huge]
-command = "sleep 1000"
-port = false
-resources = {{ memory = "900TiB" }}
-"#
-    ));
-    let text = events_showing(&d, "web", "health check failed");
-    assert!(text.contains("(2 of 2): GET http://127.0.0.1:"), "{text}");
-    assert!(text.contains("answered 500"), "{text}");
-    let text = events_showing(&d, "huge", "none with room");
-    assert!(text.contains("cannot place a task needing"), "{text}");
-}
-
 /// `dozen events -f` prints a new event within a second of the change that caused it.
 #[test]
 fn events_follow_streams_new_events_as_they_are_recorded() {
@@ -139,4 +119,85 @@ port = false
     assert!(line.contains("(operator)"), "{line}");
     let _ = follower.kill();
     let _ = follower.wait();
+}
+
+/// `ps`'s JSON problems and a failed `apply --timeout` for `service`, once they show `wanted`.
+fn reason_everywhere(d: &Dozen, service: &str, wanted: &str) {
+    events_showing(d, service, wanted);
+    eventually(Duration::from_secs(30), "ps shows the reason", || {
+        let ps = d.json(&["ps"]);
+        let mine = ps["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == service)?
+            .clone();
+        mine["problems"].to_string().contains(wanted).then_some(())
+    });
+    let out = d.cli(&["apply", "--timeout", "1s"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(wanted),
+        "apply's failed wait says `{wanted}`: {said}"
+    );
+}
+
+/// The other ways a task fails to come up, each with its reason in `events`, `ps -o json`
+/// and a failed `apply`: a shell-form command that does not exist, a port someone else
+/// holds, a health check answering 500, a service no node fits, an image with no driver.
+#[test]
+fn each_way_of_failing_says_why_where_the_user_looks() {
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let d = server_with(&format!(
+        r#"
+name = "failing"
+[services.shell]
+command = "nosuch-program --serve"
+port = false
+[services.clash]
+command = "PORT={port} exec {APP}"
+[services.sick]
+command = ["{APP}"]
+health = {{ http = "/status/500", interval = "200ms", unhealthy_threshold = 2 }}
+[services.huge]
+command = "sleep 1000"
+port = false
+resources = {{ memory = "900TiB" }}
+[services.boxed]
+image = "shop/web:1"
+port = false
+"#
+    ));
+    reason_everywhere(&d, "shell", "nosuch-program: not found");
+    reason_everywhere(&d, "clash", &format!("cannot listen on {port}"));
+    reason_everywhere(&d, "sick", "answered 500");
+    let text = events_showing(&d, "sick", "health check failed");
+    assert!(text.contains("(2 of 2): GET http://127.0.0.1:"), "{text}");
+    reason_everywhere(&d, "huge", "none with room");
+    reason_everywhere(&d, "boxed", "no live node has the `docker` driver");
+}
+
+/// A task killed for want of memory says so, and what to change.
+#[test]
+fn a_task_out_of_memory_says_so() {
+    if !std::path::Path::new("/sys/fs/cgroup/memory/memory.oom_control").exists()
+        && !std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.contains("memory"))
+    {
+        assert!(std::env::var_os("CI").is_none(), "CI has memory cgroups");
+        eprintln!("skipped: no memory cgroup here (this test runs in CI)");
+        return;
+    }
+    let d = server_with(
+        r#"
+name = "hungry"
+[services.eater]
+command = "head -c 400000000 /dev/zero | tail"
+port = false
+resources = { memory = "32MiB" }
+"#,
+    );
+    let text = events_showing(&d, "eater", "out of memory");
+    assert!(text.contains("raise `resources.memory`"), "{text}");
 }

@@ -69,10 +69,13 @@ pub enum EventKind {
     Stopped {
         reason: String,
     },
+    /// `last_line`: the last line the task wrote to stderr (or stdout), which usually says why.
     Exited {
         code: Option<i32>,
         signal: Option<i32>,
         oom: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_line: Option<String>,
     },
     Restarting {
         backoff_ms: u64,
@@ -110,16 +113,21 @@ impl EventKind {
             EventKind::BackInRouting => "healthy again: back in routing".into(),
             EventKind::Draining => "draining: out of routing, finishing its requests".into(),
             EventKind::Stopped { reason } => format!("stopped: {reason}"),
-            EventKind::Exited { code, signal, oom } => {
+            EventKind::Exited {
+                code,
+                signal,
+                oom,
+                last_line,
+            } => {
                 let how = match (code, signal) {
                     (Some(code), _) => format!("exited with code {code}"),
                     (None, Some(signal)) => format!("killed by signal {signal}"),
                     (None, None) => "ended (status unknown)".into(),
                 };
-                if *oom {
-                    format!("{how}: out of memory (raise `resources.memory`)")
-                } else {
-                    how
+                match (oom, last_line) {
+                    (true, _) => format!("{how}: out of memory (raise `resources.memory`)"),
+                    (false, Some(line)) => format!("{how}: {line}"),
+                    (false, None) => how,
                 }
             }
             EventKind::Restarting {
@@ -249,6 +257,7 @@ mod tests {
                 code: Some(1),
                 signal: None,
                 oom: true,
+                last_line: Some("boom".into()),
             },
             EventKind::Restarting {
                 backoff_ms: 500,

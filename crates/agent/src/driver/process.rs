@@ -17,6 +17,9 @@ use crate::shim::{self, ExitRecord, Launch};
 
 pub const NAME: &str = "process";
 
+/// A task dir's record of its cgroup's OOM kill count when the generation started.
+const OOM_KILLS_BEFORE: &str = "oom_kills_before";
+
 /// The process driver's part of a [`TaskHandle`]: the shim and the task, each named by pid and
 /// start time so a reused pid is never taken for them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +133,7 @@ impl ProcessDriver {
             started_at_ms: r.started_at_ms,
             finished_at_ms: r.finished_at_ms,
             error: r.error,
+            oom_killed: false,
         })
     }
 
@@ -148,6 +152,7 @@ impl ProcessDriver {
                 started_at_ms: None,
                 finished_at_ms: shim::wall_ms(),
                 error: Some("the task's shim was killed; exit status unknown".into()),
+                oom_killed: false,
             }
         })
     }
@@ -202,6 +207,10 @@ impl Driver for ProcessDriver {
         }
         let launch = serde_json::to_vec(&launch).unwrap_or_default();
         os::write_atomic(&dir.join(shim::LAUNCH), &launch).map_err(io_err(dir))?;
+        // The group's count of kills for want of memory so far: more at exit means this
+        // generation ran out of memory.
+        let oom_kills = self.cgroups.oom_kills(&config.task).to_string();
+        os::write_atomic(&dir.join(OOM_KILLS_BEFORE), oom_kills.as_bytes()).map_err(io_err(dir))?;
         let mut child = tokio::process::Command::new(&self.exe)
             .arg("shim")
             .arg(dir)
@@ -257,7 +266,18 @@ impl Driver for ProcessDriver {
             return not_ours(handle);
         };
         wait_for_exit(shimmed.shim_pid, shimmed.shim_start).await;
-        Self::exit_of_dead_shim(&shimmed)
+        let mut exit = Self::exit_of_dead_shim(&shimmed);
+        let task = shimmed
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let before: u64 = std::fs::read_to_string(shimmed.dir.join(OOM_KILLS_BEFORE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(u64::MAX);
+        exit.oom_killed = self.cgroups.oom_kills(&task) > before;
+        exit
     }
 
     async fn stop(&self, handle: &TaskHandle, signal: &str, timeout: Duration) -> ExitInfo {
@@ -346,6 +366,7 @@ fn not_ours(handle: &TaskHandle) -> ExitInfo {
             "the process driver was given a `{}` task handle",
             handle.driver
         )),
+        oom_killed: false,
     }
 }
 
