@@ -215,6 +215,11 @@ impl Controller {
                     tracing::warn!(error = %e, "cannot forget expired certificates");
                 }
                 leadership.progressed();
+                // Events of subjects nobody writes to any more age out here.
+                if let Err(e) = crate::events::trim_all(self.store.as_ref(), wall_ms()).await {
+                    tracing::warn!(error = %e, "cannot trim old events");
+                }
+                leadership.progressed();
             }
             if watch.is_none() {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();

@@ -68,3 +68,25 @@ async fn a_crash_loop_keeps_a_bounded_count_and_old_events_go() {
     let records = store.range(keys::ROOT).await.unwrap().kvs.len();
     assert_eq!(records, 0);
 }
+
+/// Subjects nobody writes to any more are trimmed by `trim_all` (the leader runs it now and
+/// then): their events past the age limit go.
+#[tokio::test]
+async fn trim_all_ages_out_every_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let now = dozen_control::wall_ms();
+    let day_and_a_half = 36 * 3600 * 1000;
+    for (at, service) in [(now - day_and_a_half, "old"), (now, "new")] {
+        let event = exited(at, "t").service(service);
+        let key = keys::event(service, at, "x");
+        store
+            .put(&key, serde_json::to_vec(&event).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(events::trim_all(&store, now).await.unwrap(), 1);
+    let (left, _) = events::list(&store, &Filter::default()).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].service.as_deref(), Some("new"));
+}

@@ -306,6 +306,16 @@ fn an_agent_stalled_past_its_ttl_keeps_every_task_when_no_other_node_can_take_th
         "nothing was started in their place"
     );
     assert_ps_matches_processes(&d, &after);
+    // Each change is an event: who leads, the node going and coming back.
+    let events = d.ok(&["events"]);
+    assert!(events.contains("leads the controllers"), "{events}");
+    let down = events
+        .find("node node-b  node down: its heartbeats stopped")
+        .unwrap_or_else(|| panic!("node down in:\n{events}"));
+    assert!(
+        events[down..].contains("node node-b  node up"),
+        "node up after it in:\n{events}"
+    );
 }
 
 /// With a second node, a stalled node's tasks are replaced there; when it resumes, exactly one
