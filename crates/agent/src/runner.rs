@@ -14,6 +14,9 @@ use crate::logs;
 use crate::{artifacts, env, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD};
 use dozen_model::{Event, EventKind};
 
+/// Why a task stops when its assignment says so (the controller records its own reason).
+const TOLD_TO_STOP: &str = "told to stop";
+
 /// How often a running task's count of dropped log lines is looked at.
 const LOG_DROPS_EVERY: Duration = Duration::from_secs(2);
 
@@ -195,7 +198,7 @@ impl Runner {
                 Some(a) if a.desired == DesiredState::Stop => {
                     let generation = a.generation;
                     self.record.assignment = a;
-                    self.stop_now("told to stop").await;
+                    self.stop_now(TOLD_TO_STOP).await;
                     // A generation that never started here (say, assigned while this agent
                     // was down) is reported stopped in its own name, or the controller would
                     // wait for it forever.
@@ -564,9 +567,13 @@ impl Runner {
             Duration::from_millis(spec.stop_timeout_ms),
         );
         tracing::info!(task = %self.task, reason = why, "stopping task");
-        self.event(EventKind::Stopped {
-            reason: why.to_string(),
-        });
+        // A stop the controller asked for is its event, with its reason; the agent records
+        // the stops it decides itself.
+        if why != TOLD_TO_STOP {
+            self.event(EventKind::Stopped {
+                reason: why.to_string(),
+            });
+        }
         self.set(TaskState::Stopping, false, None);
         let exit = match self.driver() {
             Ok(driver) => driver.stop(&handle, &signal, timeout).await,

@@ -345,6 +345,7 @@ impl Controller {
                     (DesiredState::Run | DesiredState::Drain, true) => Action::Stop {
                         task: t.task.clone(),
                         node: t.node.clone(),
+                        why: format!("its service `{name}` was removed"),
                     },
                     (DesiredState::Stop, true) => {
                         // On a node that is not up, the record goes now: the agent stops a task
@@ -508,9 +509,12 @@ impl Controller {
                 })
                 .await?;
             }
-            Action::Drain { task, node } => {
-                tracing::info!(service, task, node, "taking task out of routing");
-                self.note(vec![Event::new(now_ms, "controller", EventKind::Draining)
+            Action::Drain { task, node, why } => {
+                tracing::info!(service, task, node, why, "taking task out of routing");
+                let draining = EventKind::Draining {
+                    reason: why.clone(),
+                };
+                self.note(vec![Event::new(now_ms, "controller", draining)
                     .service(service)
                     .task(task)
                     .node(node)])
@@ -521,8 +525,16 @@ impl Controller {
                 })
                 .await?;
             }
-            Action::Stop { task, node } => {
-                tracing::info!(service, task, node, "stopping task");
+            Action::Stop { task, node, why } => {
+                tracing::info!(service, task, node, why, "stopping task");
+                let stopped = EventKind::Stopped {
+                    reason: why.clone(),
+                };
+                self.note(vec![Event::new(now_ms, "controller", stopped)
+                    .service(service)
+                    .task(task)
+                    .node(node)])
+                    .await;
                 self.rewrite(leadership, snap, task, |a| a.desired = DesiredState::Stop)
                     .await?;
             }

@@ -121,17 +121,22 @@ pub async fn wait_for_counts(
 ) -> anyhow::Result<i32> {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = String::new();
+    let mut reasons: Vec<String> = Vec::new();
     loop {
         // A server may be gone mid-wait (the client moves on to another); keep polling.
         if let Ok(services) = api.services().await {
             let mut pending = Vec::new();
+            reasons.clear();
             for (service, replicas) in wanted {
                 match services.iter().find(|s| &s.name == service) {
                     Some(s) if s.running == *replicas && s.healthy >= *replicas => {}
-                    Some(s) => pending.push(format!(
-                        "{service}: {} running, {} healthy of {replicas}",
-                        s.running, s.healthy
-                    )),
+                    Some(s) => {
+                        pending.push(format!(
+                            "{service}: {} running, {} healthy of {replicas}",
+                            s.running, s.healthy
+                        ));
+                        reasons.extend(s.problems.iter().cloned());
+                    }
                     None => pending.push(format!("{service}: gone")),
                 }
             }
@@ -143,6 +148,10 @@ pub async fn wait_for_counts(
         }
         if std::time::Instant::now() >= deadline {
             eprintln!("gave up waiting after {timeout:?}: {last}");
+            // Why, per task that did not come up, as `ps` and `events` say it.
+            for reason in &reasons {
+                eprintln!("  {reason}");
+            }
             return Ok(1);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

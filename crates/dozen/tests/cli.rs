@@ -112,6 +112,16 @@ fn restart_stop_and_rollback_wait_when_asked() {
         task_names(&d).is_empty(),
         "every task gone once stop returns"
     );
+    // Each stop says who decided it and why.
+    let events = d.ok(&["events", "web"]);
+    for why in [
+        "replaced by `dozen restart` (new before old)",
+        "replaced by release #3 (new before old)",
+        "the service was stopped (`dozen stop`)",
+        "stopped: drained: out of routing, its requests finished  (controller)",
+    ] {
+        assert!(events.contains(why), "`{why}` in:\n{events}");
+    }
 }
 
 #[test]

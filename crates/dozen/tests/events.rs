@@ -74,6 +74,11 @@ port = false
         said.contains("start failed: cannot start `/nonexistent/web-server`"),
         "{said}"
     );
+    // Every command that waits says it: `scale --wait` too.
+    let wait = d.cli(&["scale", "web=2", "--wait", "--timeout", "1s"]);
+    let said = String::from_utf8_lossy(&wait.stderr);
+    assert!(!wait.status.success(), "{said}");
+    assert!(said.contains("start failed: cannot start"), "{said}");
 }
 
 /// `dozen events -f` prints a new event within a second of the change that caused it.

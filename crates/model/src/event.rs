@@ -65,7 +65,9 @@ pub enum EventKind {
     /// Every task of the service fails its health check: the proxies send to all of them.
     FailingOpen,
     BackInRouting,
-    Draining,
+    Draining {
+        reason: String,
+    },
     Stopped {
         reason: String,
     },
@@ -111,7 +113,9 @@ impl EventKind {
                     .into()
             }
             EventKind::BackInRouting => "healthy again: back in routing".into(),
-            EventKind::Draining => "draining: out of routing, finishing its requests".into(),
+            EventKind::Draining { reason } => {
+                format!("draining ({reason}): out of routing, finishing its requests")
+            }
             EventKind::Stopped { reason } => format!("stopped: {reason}"),
             EventKind::Exited {
                 code,
@@ -249,7 +253,9 @@ mod tests {
             },
             EventKind::FailingOpen,
             EventKind::BackInRouting,
-            EventKind::Draining,
+            EventKind::Draining {
+                reason: "scaled in".into(),
+            },
             EventKind::Stopped {
                 reason: "scale".into(),
             },

@@ -142,9 +142,18 @@ pub enum Action {
         start_delay_ms: u64,
     },
     /// Take the task out of routing; it keeps running while in-flight requests finish.
-    Drain { task: String, node: String },
+    /// `why`: what the user reads (scaled in, replaced, unhealthy, ...).
+    Drain {
+        task: String,
+        node: String,
+        why: String,
+    },
     /// Ask the agent to stop the task.
-    Stop { task: String, node: String },
+    Stop {
+        task: String,
+        node: String,
+        why: String,
+    },
     /// Delete the task's records: it has ended, or its node is gone.
     Remove { task: String, node: String },
 }
@@ -282,6 +291,7 @@ pub fn reconcile(
                 decision.actions.push(Action::Stop {
                     task: t.task.clone(),
                     node: t.node.clone(),
+                    why: "drained: out of routing, its requests finished".into(),
                 });
             } else if left > 0 {
                 decision.wake_after_ms = Some(decision.wake_after_ms.map_or(left, |w| w.min(left)));
@@ -329,7 +339,7 @@ pub fn reconcile(
             start_delay_ms: backoff_ms(restarts),
         });
     }
-    let stop = |t: &TaskView, actions: &mut Vec<Action>| {
+    let stop = |t: &TaskView, why: String, actions: &mut Vec<Action>| {
         let serving = t
             .status_of_current_generation()
             .is_some_and(|s| !s.state.is_terminal());
@@ -342,11 +352,13 @@ pub fn reconcile(
             actions.push(Action::Drain {
                 task: t.task.clone(),
                 node: t.node.clone(),
+                why,
             });
         } else {
             actions.push(Action::Stop {
                 task: t.task.clone(),
                 node: t.node.clone(),
+                why,
             });
         }
     };
@@ -356,7 +368,12 @@ pub fn reconcile(
         current.sort_by_key(|t| (t.is_ready(), std::cmp::Reverse(t.created_at_ms)));
         let extra = current.len() - desired;
         for t in current.drain(..extra) {
-            stop(t, &mut decision.actions);
+            let why = if service.stopped {
+                "the service was stopped (`dozen stop`)".to_string()
+            } else {
+                format!("scaled in: more tasks than the {desired} asked for")
+            };
+            stop(t, why, &mut decision.actions);
         }
     }
 
@@ -410,10 +427,15 @@ pub fn reconcile(
         let since = t.unhealthy_since().unwrap_or(clock.now_ms);
         let waited = clock.now_ms.saturating_sub(since);
         if ready_current >= desired {
-            stop(t, &mut decision.actions);
+            let why = "unhealthy, and enough healthy tasks serve without it".to_string();
+            stop(t, why, &mut decision.actions);
         } else if no_room && waited >= UNHEALTHY_WITHOUT_ROOM_MS {
             if !one_stopping {
-                stop(t, &mut decision.actions);
+                let why = format!(
+                    "unhealthy for {} s with no room for a replacement",
+                    UNHEALTHY_WITHOUT_ROOM_MS / 1000
+                );
+                stop(t, why, &mut decision.actions);
                 one_stopping = true;
             }
         } else if no_room {
@@ -434,7 +456,17 @@ pub fn reconcile(
         old.sort_by_key(|t| (t.is_ready(), std::cmp::Reverse(t.created_at_ms)));
         let extra = old.len() - keep_old;
         for t in old.drain(..extra) {
-            stop(t, &mut decision.actions);
+            let why = if service.stopped {
+                "the service was stopped (`dozen stop`)".to_string()
+            } else if t.release != service.current_release {
+                format!(
+                    "replaced by release #{} (new before old)",
+                    service.current_release
+                )
+            } else {
+                "replaced by `dozen restart` (new before old)".to_string()
+            };
+            stop(t, why, &mut decision.actions);
         }
     }
     decision

@@ -230,7 +230,8 @@ fn new_release_starts_before_old_stops() {
         d.actions,
         [Action::Stop {
             task: "old".into(),
-            node: "a".into()
+            node: "a".into(),
+            why: "replaced by release #2 (new before old)".into()
         }]
     );
 }
@@ -321,7 +322,8 @@ fn stopped_service_runs_nothing_but_keeps_its_count() {
         d.actions,
         [Action::Stop {
             task: "t".into(),
-            node: "a".into()
+            node: "a".into(),
+            why: "the service was stopped (`dozen stop`)".into()
         }]
     );
 }
@@ -337,7 +339,8 @@ fn routed_tasks_drain_until_every_proxy_has_seen_it_and_the_delay_passed() {
         d.actions,
         [Action::Drain {
             task: "t".into(),
-            node: "a".into()
+            node: "a".into(),
+            why: "scaled in: more tasks than the 0 asked for".into()
         }],
         "a serving task leaves routing first"
     );
@@ -381,7 +384,8 @@ fn routed_tasks_drain_until_every_proxy_has_seen_it_and_the_delay_passed() {
         d.actions,
         [Action::Stop {
             task: "t".into(),
-            node: "a".into()
+            node: "a".into(),
+            why: "drained: out of routing, its requests finished".into()
         }]
     );
     // A proxy that never catches up delays the stop, but not forever.
