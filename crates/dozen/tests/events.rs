@@ -126,7 +126,8 @@ port = false
     let _ = follower.wait();
 }
 
-/// `ps`'s JSON problems and a failed `apply --timeout` for `service`, once they show `wanted`.
+/// `events`, `ps` (table and JSON) and a failed `apply --timeout` for `service`, once they
+/// show `wanted`.
 fn reason_everywhere(d: &Dozen, service: &str, wanted: &str) {
     events_showing(d, service, wanted);
     eventually(Duration::from_secs(30), "ps shows the reason", || {
@@ -138,6 +139,8 @@ fn reason_everywhere(d: &Dozen, service: &str, wanted: &str) {
             .clone();
         mine["problems"].to_string().contains(wanted).then_some(())
     });
+    let table = d.ok(&["ps", service]);
+    assert!(table.contains(wanted), "`ps {service}` says `{wanted}`: {table}");
     let out = d.cli(&["apply", "--timeout", "1s"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
