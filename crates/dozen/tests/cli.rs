@@ -60,6 +60,8 @@ fn every_listing_command_ends_quietly_when_its_reader_goes_away() {
         &["plan"],
         &["schema"],
         &["api", "openapi"],
+        &["context", "list"],
+        &["--help"],
     ];
     for args in listings {
         let (reader, writer) = std::io::pipe().unwrap();
