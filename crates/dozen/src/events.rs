@@ -70,14 +70,8 @@ pub fn line(event: &Event) -> String {
     };
     format!(
         "{}  {subject}  {}  ({})",
-        time_of_day(event.at_ms),
+        crate::output::utc_time(event.at_ms),
         event.describe(),
         event.by
     )
-}
-
-/// `HH:MM:SS` in UTC: events of the last day read best by the clock.
-fn time_of_day(at_ms: u64) -> String {
-    let s = (at_ms / 1000) % 86_400;
-    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }

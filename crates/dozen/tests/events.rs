@@ -140,7 +140,10 @@ fn reason_everywhere(d: &Dozen, service: &str, wanted: &str) {
         mine["problems"].to_string().contains(wanted).then_some(())
     });
     let table = d.ok(&["ps", service]);
-    assert!(table.contains(wanted), "`ps {service}` says `{wanted}`: {table}");
+    assert!(
+        table.contains(wanted),
+        "`ps {service}` says `{wanted}`: {table}"
+    );
     let out = d.cli(&["apply", "--timeout", "1s"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
