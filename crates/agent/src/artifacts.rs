@@ -58,33 +58,41 @@ pub(crate) async fn unpacked(
     Ok(dir)
 }
 
-/// Where the bundle `digest` is unpacked, for tasks of the agent's user (`owner` None) or of
-/// another.
-pub(crate) fn unpacked_path(data_dir: &Path, digest: &str, owner: Option<u32>) -> Option<PathBuf> {
+/// Where the bundle `digest` is unpacked, for tasks of the agent's user (`group` None) or of
+/// another user, in group `group`.
+pub(crate) fn unpacked_path(data_dir: &Path, digest: &str, group: Option<u32>) -> Option<PathBuf> {
     let hex = dozen_digest::check(digest).ok()?;
     let dir = data_dir.join("artifacts").join(hex);
-    Some(match owner {
-        Some(uid) => dir.with_file_name(format!("{}.{uid}", file_name(&dir))),
+    Some(match group {
+        Some(gid) => group_copy_path(&dir, gid),
         None => dir,
     })
 }
 
-/// A copy of the unpacked bundle `dir` that belongs to `uid`:`gid` (`<dir>.<uid>`), made once,
-/// for tasks that run as that user.
-pub(crate) fn owned_by(dir: &Path, uid: u32, gid: u32) -> Result<PathBuf, String> {
-    let owned = dir.with_file_name(format!("{}.{uid}", file_name(dir)));
-    if owned.is_dir() {
-        return Ok(owned);
+fn group_copy_path(dir: &Path, gid: u32) -> PathBuf {
+    dir.with_file_name(format!("{}.g{gid}", file_name(dir)))
+}
+
+/// A copy of the unpacked bundle `dir` that tasks in group `gid` can read and run but not
+/// change (`<dir>.g<gid>`: the agent's, group `gid`, group bits read and execute only), made
+/// once, for tasks that run as a user other than the agent's.
+pub(crate) fn readable_by_group(dir: &Path, gid: u32) -> Result<PathBuf, String> {
+    let copy = group_copy_path(dir, gid);
+    if copy.is_dir() {
+        return Ok(copy);
     }
     let tmp = dir.with_file_name(format!(".partial-{}", random_id()));
-    let copied = copy_owned(dir, &tmp, uid, gid).and_then(|()| std::fs::rename(&tmp, &owned));
+    let copied = copy_for_group(dir, &tmp, gid).and_then(|()| std::fs::rename(&tmp, &copy));
     if let Err(e) = copied {
         let _ = std::fs::remove_dir_all(&tmp);
-        if !owned.is_dir() {
-            return Err(format!("cannot copy {} for user {uid}: {e}", dir.display()));
+        if !copy.is_dir() {
+            return Err(format!(
+                "cannot copy {} for group {gid}: {e}",
+                dir.display()
+            ));
         }
     }
-    Ok(owned)
+    Ok(copy)
 }
 
 /// Clears the group and other permission bits of every entry under `dir` (and of `dir`).
@@ -111,26 +119,30 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Copies the tree `from` to `to` (files, directories, symbolic links, with their modes) and
-/// gives every entry to `uid`:`gid`.
-fn copy_owned(from: &Path, to: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+/// Copies the tree `from` to `to` (files, directories, symbolic links) into group `gid`, each
+/// entry's group bits its owner's read and execute bits, no bits for others.
+fn copy_for_group(from: &Path, to: &Path, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let for_group = |mode: u32| (mode & 0o700) | ((mode & 0o500) >> 3);
     std::fs::create_dir(to)?;
-    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
-    std::os::unix::fs::lchown(to, Some(uid), Some(gid))?;
+    std::os::unix::fs::lchown(to, None, Some(gid))?;
+    let mode = std::fs::metadata(from)?.permissions().mode();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(for_group(mode)))?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let (source, target) = (entry.path(), to.join(entry.file_name()));
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            copy_owned(&source, &target, uid, gid)?;
-            continue;
-        }
-        if kind.is_symlink() {
+            copy_for_group(&source, &target, gid)?;
+        } else if kind.is_symlink() {
             std::os::unix::fs::symlink(std::fs::read_link(&source)?, &target)?;
-        } else {
+            std::os::unix::fs::lchown(&target, None, Some(gid))?;
+        } else if kind.is_file() {
             std::fs::copy(&source, &target)?;
+            std::os::unix::fs::lchown(&target, None, Some(gid))?;
+            let mode = entry.metadata()?.permissions().mode();
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(for_group(mode)))?;
         }
-        std::os::unix::fs::lchown(&target, Some(uid), Some(gid))?;
     }
     Ok(())
 }

@@ -427,7 +427,8 @@ pub fn wait_readable(fds: &[i32], timeout: std::time::Duration) -> Vec<bool> {
             revents: 0,
         })
         .collect();
-    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // Rounded up: a wait due in under a millisecond must not spin with a zero timeout.
+    let millis = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
     // SAFETY: poll reads and writes only the array we own, of the length we pass.
     let rc = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, millis) };
     polled.iter().map(|p| rc > 0 && p.revents != 0).collect()

@@ -14,6 +14,9 @@ use crate::logs;
 use crate::{artifacts, env, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD};
 use dozen_model::{Event, EventKind};
 
+/// A user's and group's numeric ids.
+type UidGid = (u32, u32);
+
 /// Why a task stops when its assignment says so (the controller records its own reason).
 const TOLD_TO_STOP: &str = "told to stop";
 
@@ -350,7 +353,7 @@ impl Runner {
         }
         self.status.host_port = self.record.port;
         let env = env::task_env(a, self.record.port, &self.shared.config.proxy_internal_url);
-        let (user, other) = self.task_user();
+        let (user, other) = self.task_user()?;
         let cwd = match &a.artifact_digest {
             Some(digest) => {
                 let dir =
@@ -358,7 +361,7 @@ impl Runner {
                         .await?;
                 // Another user gets a copy of its own: the agent's files are the agent's alone.
                 match other {
-                    Some((uid, gid)) => Some(artifacts::owned_by(&dir, uid, gid)?),
+                    Some((_, gid)) => Some(artifacts::readable_by_group(&dir, gid)?),
                     None => Some(dir),
                 }
             }
@@ -455,9 +458,12 @@ impl Runner {
                     probes += 1;
                     let context = match c.kind {
                         dozen_spec::HealthKind::Command { .. } => self.command_context(),
-                        _ => CommandContext::default(),
+                        _ => Ok(CommandContext::default()),
                     };
-                    let result = self.shared.prober.probe(c, self.record.port, &context).await;
+                    let result = match context {
+                        Ok(context) => self.shared.prober.probe(c, self.record.port, &context).await,
+                        Err(why) => Err(why),
+                    };
                     match result {
                         Ok(()) => {
                             health.successes += 1;
@@ -529,31 +535,37 @@ impl Runner {
 
     /// Who runs the task: its service's `user`, else the node's task user; with uid and gid
     /// when that is someone other than the agent.
-    fn task_user(&self) -> (Option<String>, Option<(u32, u32)>) {
+    /// A user that is named but cannot be found is an error, never the agent's own rights.
+    fn task_user(&self) -> Result<(Option<String>, Option<UidGid>), String> {
         let user = (self.record.assignment.spec.user.clone())
             .or_else(|| self.shared.config.task_user.clone());
-        let other = user
-            .as_deref()
-            .and_then(os::lookup_user)
-            .filter(|(uid, _, _)| *uid != os::effective_uid())
-            .map(|(uid, gid, _)| (uid, gid));
-        (user, other)
+        let Some(name) = &user else {
+            return Ok((None, None));
+        };
+        let (uid, gid, _) = os::lookup_user(name).ok_or_else(|| {
+            format!(
+                "user `{name}` does not exist on node `{}`",
+                self.shared.config.node_name
+            )
+        })?;
+        let other = (uid != os::effective_uid()).then_some((uid, gid));
+        Ok((user, other))
     }
 
     /// How a `command` health check runs: as the task does.
-    fn command_context(&self) -> CommandContext {
+    fn command_context(&self) -> Result<CommandContext, String> {
         let a = &self.record.assignment;
-        let (_, user) = self.task_user();
+        let (_, user) = self.task_user()?;
         let mut env = env::task_env(a, self.record.port, &self.shared.config.proxy_internal_url);
         env.entry("PATH".into())
             .or_insert_with(|| crate::driver::process::DEFAULT_PATH.into());
-        CommandContext {
+        Ok(CommandContext {
             env,
             cwd: a.artifact_digest.as_deref().and_then(|digest| {
-                artifacts::unpacked_path(&self.shared.config.data_dir, digest, user.map(|u| u.0))
+                artifacts::unpacked_path(&self.shared.config.data_dir, digest, user.map(|u| u.1))
             }),
             user,
-        }
+        })
     }
 
     /// Stops the running generation, if any, with the service's signal and timeout.

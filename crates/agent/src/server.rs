@@ -106,8 +106,9 @@ fn agent_logs(
     shared: Arc<Shared>,
     request: &Request<hyper::body::Incoming>,
     connection: &ConnectionInfo,
-    q: LogQuery,
+    mut q: LogQuery,
 ) -> Response<Body> {
+    q.tail = q.tail.map(|n| n.min(dozen_api::MAX_LOG_TAIL));
     if !authorised(&shared, request, connection) {
         tracing::warn!(
             peer = %connection.peer,

@@ -143,12 +143,19 @@ struct LogSink {
 impl LogSink {
     fn push(&mut self, stream: u8, text: &[u8]) {
         let ts = wall_ms();
-        for chunk in text.chunks(MAX_LINE) {
+        // Pieces of at most MAX_LINE; an empty line is a line too.
+        let mut rest = text;
+        loop {
+            let (piece, more) = rest.split_at(rest.len().min(MAX_LINE));
             self.buffer
                 .extend_from_slice(format!("{ts} {} ", stream as char).as_bytes());
-            self.buffer.extend_from_slice(chunk);
+            self.buffer.extend_from_slice(piece);
             self.buffer.push(b'\n');
             self.lines += 1;
+            rest = more;
+            if rest.is_empty() {
+                break;
+            }
         }
         // Whatever the flush pace, what waits in memory stays small, and a batch never
         // outgrows half the cap (so neither file does).
@@ -207,13 +214,16 @@ impl LogSink {
     }
     fn rotate(&mut self) {
         let (current, previous) = (self.dir.join(LOG), self.dir.join(LOG_PREVIOUS));
-        if std::fs::rename(&current, &previous).is_err() {
-            return;
+        let reopened = std::fs::rename(&current, &previous)
+            .and_then(|()| OpenOptions::new().create(true).append(true).open(&current));
+        match reopened {
+            Ok(file) => self.file = file,
+            // Whatever failed, the cap holds: the older half goes instead of moving.
+            Err(_) => {
+                let _ = self.file.set_len(0);
+            }
         }
-        if let Ok(file) = OpenOptions::new().create(true).append(true).open(&current) {
-            self.file = file;
-            self.size = 0;
-        }
+        self.size = 0;
     }
 }
 
@@ -451,7 +461,11 @@ pub fn main(dir: &Path) -> i32 {
             lines: 0,
             dir: dir.to_path_buf(),
             size,
-            cap: launch.log_max_bytes.unwrap_or(LOG_MAX_BYTES),
+            // However small a launch asks: two halves must each hold a batch and a long line.
+            cap: launch
+                .log_max_bytes
+                .unwrap_or(LOG_MAX_BYTES)
+                .max(dozen_spec::MIN_LOG_BYTES),
             dropped,
             dropped_said: dropped,
             last_error: String::new(),
@@ -507,6 +521,13 @@ pub fn main(dir: &Path) -> i32 {
     let deadline = Instant::now() + FINAL_DRAIN;
     while output.open() && Instant::now() < deadline {
         output.pump(None, deadline.saturating_duration_since(Instant::now()));
+    }
+    // Out of time: what the pipes hold now, and the last partial lines, still go in the log.
+    for pipe in output.pipes.iter_mut().filter(|p| p.open) {
+        pipe.read(&mut output.chunk, &mut output.sink);
+        if pipe.open {
+            pipe.close(&mut output.sink);
+        }
     }
     output.sink.flush();
     let (code, signal, error) = match status {

@@ -285,6 +285,9 @@ pub enum LogStream {
     Stderr,
 }
 
+/// Most lines a `tail` answer holds (a larger `tail` gets this many).
+pub const MAX_LOG_TAIL: usize = 100_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct LogLine {
     pub ts_ms: u64,

@@ -169,7 +169,9 @@ impl Controller {
     async fn lead(&self, leadership: &Leadership) -> Result<()> {
         let mut watch: Option<dozen_store::Watch> = None;
         // Each term publishes once, then on change only: nothing per pass reaches the store.
-        let mut published: Option<Problems> = None;
+        // What the last leader published is known: its problems are not new events.
+        let mut published: Option<Problems> = read_problems(self.store.as_ref()).await.ok();
+        let mut published_once = false;
         let mut compacted_at: Option<tokio::time::Instant> = None;
         self.note(vec![Event::new(
             wall_ms(),
@@ -225,7 +227,8 @@ impl Controller {
                 watch = self.store.watch(keys::ROOT, snap.revision + 1).await.ok();
             }
             let pass = self.pass(leadership, &snap, wall_ms()).await?;
-            if published.as_ref() != Some(&pass.problems) {
+            if !published_once || published.as_ref() != Some(&pass.problems) {
+                published_once = true;
                 self.note(new_problem_events(published.as_ref(), &pass.problems))
                     .await;
                 let value = serde_json::to_vec(&pass.problems).unwrap_or_default();
@@ -511,6 +514,12 @@ impl Controller {
             }
             Action::Drain { task, node, why } => {
                 tracing::info!(service, task, node, why, "taking task out of routing");
+                self.rewrite(leadership, snap, task, |a| {
+                    a.desired = DesiredState::Drain;
+                    a.drain_since_ms = Some(now_ms);
+                })
+                .await?;
+                // Once it is done: a deposed leader's write fails and says nothing.
                 let draining = EventKind::Draining {
                     reason: why.clone(),
                 };
@@ -519,14 +528,11 @@ impl Controller {
                     .task(task)
                     .node(node)])
                     .await;
-                self.rewrite(leadership, snap, task, |a| {
-                    a.desired = DesiredState::Drain;
-                    a.drain_since_ms = Some(now_ms);
-                })
-                .await?;
             }
             Action::Stop { task, node, why } => {
                 tracing::info!(service, task, node, why, "stopping task");
+                self.rewrite(leadership, snap, task, |a| a.desired = DesiredState::Stop)
+                    .await?;
                 let stopped = EventKind::Stopped {
                     reason: why.clone(),
                 };
@@ -535,8 +541,6 @@ impl Controller {
                     .task(task)
                     .node(node)])
                     .await;
-                self.rewrite(leadership, snap, task, |a| a.desired = DesiredState::Stop)
-                    .await?;
             }
             Action::Remove { task, node } => {
                 let key = keys::assignment(node, task);

@@ -40,6 +40,58 @@ pub async fn record(store: &dyn Store, events: &[Event]) -> Result<()> {
     Ok(())
 }
 
+/// Records what an agent reports about its node's tasks, and nothing else: only the kinds an
+/// agent sees, only about tasks assigned to `node` (the service taken from the assignment),
+/// stamped as seen by that agent, at a time no later than now and no older than the
+/// retention. A node cannot write about another node's tasks, another service, or the
+/// cluster. Returns how many were kept.
+pub async fn record_from_agent(
+    store: &dyn Store,
+    node: &str,
+    events: Vec<Event>,
+    now_ms: u64,
+) -> Result<usize> {
+    use dozen_model::EventKind as K;
+    let assigned: std::collections::BTreeMap<String, String> = store
+        .range(&keys::assignments(node))
+        .await?
+        .kvs
+        .iter()
+        .filter_map(|kv| decode::<dozen_model::Assignment>(&kv.key, &kv.value).ok())
+        .map(|a| (a.task, a.service))
+        .collect();
+    let by = format!("agent {node}");
+    let kept: Vec<Event> = events
+        .into_iter()
+        .take(MAX_BATCH)
+        .filter(|e| {
+            matches!(
+                e.kind,
+                K::Started { .. }
+                    | K::StartFailed { .. }
+                    | K::HealthCheckFailed { .. }
+                    | K::OutOfRouting { .. }
+                    | K::BackInRouting
+                    | K::Stopped { .. }
+                    | K::Exited { .. }
+                    | K::Restarting { .. }
+            )
+        })
+        .filter_map(|e| {
+            let service = assigned.get(e.task.as_deref()?)?.clone();
+            Some(Event {
+                service: Some(service),
+                node: Some(node.to_string()),
+                by: by.clone(),
+                at_ms: e.at_ms.clamp(now_ms.saturating_sub(KEEP_FOR_MS), now_ms),
+                ..e
+            })
+        })
+        .collect();
+    record(store, &kept).await?;
+    Ok(kept.len())
+}
+
 /// Removes a subject's events past [`KEEP_PER_SUBJECT`] (when more than `slack` over) or
 /// older than [`KEEP_FOR_MS`]; returns how many went.
 pub async fn trim(store: &dyn Store, subject: &str, now_ms: u64, slack: usize) -> Result<usize> {
@@ -165,15 +217,12 @@ fn at_ms_of(key: &str) -> Option<u64> {
     key.rsplit('/').next()?.split('-').next()?.parse().ok()
 }
 
-/// 16 hex digits from the standard library's randomly seeded hasher: enough to keep events
-/// of the same millisecond apart.
+/// A sequence number of this process, then 8 random hex digits: a writer's events of the same
+/// millisecond keep their order (keys sort as written), and two writers never collide.
 fn random_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("{:016x}", hasher.finish())
+    hasher.write_u64(seq);
+    format!("{seq:012x}{:08x}", hasher.finish() as u32)
 }

@@ -90,3 +90,71 @@ async fn trim_all_ages_out_every_subject() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].service.as_deref(), Some("new"));
 }
+
+/// A node records events only about its own tasks, as its agent, now: nothing about another
+/// node's task, another service, the cluster, or the future.
+#[tokio::test]
+async fn an_agent_records_events_about_its_own_tasks_only() {
+    use dozen_model::{Assignment, DesiredState, TaskKind, SCHEMA};
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let assign = |task: &str, node: &str| Assignment {
+        schema: SCHEMA,
+        task: task.into(),
+        service: "web".into(),
+        stack: "shop".into(),
+        node: node.into(),
+        release: 1,
+        generation: 1,
+        desired: DesiredState::Run,
+        kind: TaskKind::Service,
+        start_delay_ms: 0,
+        restarts: 0,
+        restart_generation: 0,
+        spec: dozen_spec::Service::default(),
+        artifact_digest: None,
+        created_at_ms: 0,
+        drain_since_ms: None,
+    };
+    for (task, node) in [("web-1", "n1"), ("web-2", "n2")] {
+        let a = assign(task, node);
+        store
+            .put(
+                &keys::assignment(node, task),
+                serde_json::to_vec(&a).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let now = dozen_control::wall_ms();
+    let reported = vec![
+        // Its own task, claiming another service and a time far in the future.
+        exited(now + 10_000_000_000, "web-1")
+            .service("payments")
+            .node("n2"),
+        // Another node's task.
+        exited(now, "web-2"),
+        // A task that does not exist.
+        exited(now, "web-9"),
+        // A kind only the controller decides.
+        Event::new(
+            now,
+            "agent n1",
+            EventKind::LeaderChanged {
+                server: "me".into(),
+            },
+        ),
+    ];
+    let kept = events::record_from_agent(&store, "n1", reported, now)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    let (listed, _) = events::list(&store, &Filter::default()).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let e = &listed[0];
+    assert_eq!(
+        (e.service.as_deref(), e.task.as_deref(), e.node.as_deref()),
+        (Some("web"), Some("web-1"), Some("n1"))
+    );
+    assert_eq!((e.by.as_str(), e.at_ms), ("agent n1", now));
+}

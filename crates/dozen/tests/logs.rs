@@ -260,3 +260,18 @@ port = false
     assert_eq!(ps["tasks"][0]["status"]["pid"].as_u64(), pid, "{ps}");
     eprintln!("{dropped} lines dropped; the count went from {before} to {after}");
 }
+
+/// An empty line a task writes is a line of its log too.
+#[test]
+fn empty_lines_are_kept() {
+    let d = one_service("blank", "echo first; echo; echo third; sleep 1000");
+    let text = eventually(Duration::from_secs(20), "three lines", || {
+        let text = d.ok(&["logs", "blank"]);
+        text.contains("third").then_some(text)
+    });
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_once(" | ").map_or(l, |x| x.1))
+        .collect();
+    assert_eq!(lines, ["first", "", "third"], "{text}");
+}

@@ -45,6 +45,9 @@ pub(crate) async fn logs(
         }
     }
     let local_only = headers.contains_key(dozen_api::LOCAL_ONLY);
+    // A tail is held whole before it is sent: it has a bound.
+    let mut q = q;
+    q.tail = q.tail.map(|n| n.min(dozen_api::MAX_LOG_TAIL));
     let sources = sources(&s, &snap, local_only).await;
     if !q.follow {
         // Merged oldest first as the agents' answers stream in: one line per agent waits
@@ -202,18 +205,25 @@ struct Feed {
     name: String,
     body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     pending: Vec<u8>,
+    /// Where the unread part of `pending` starts.
+    read: usize,
 }
 
 impl Feed {
     async fn next(&mut self) -> Option<LogLine> {
         loop {
-            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=end).collect();
-                match serde_json::from_slice(&line) {
+            let unread = &self.pending[self.read..];
+            if let Some(end) = unread.iter().position(|b| *b == b'\n') {
+                let line = &unread[..end];
+                self.read += end + 1;
+                match serde_json::from_slice(line) {
                     Ok(parsed) => return Some(parsed),
                     Err(_) => continue,
                 }
             }
+            // Only the partial line is kept before reading more.
+            self.pending.drain(..self.read);
+            self.read = 0;
             if self.pending.len() > MAX_LINE {
                 tracing::warn!(source = %self.name, "a log line over 1 MiB: its answer is cut there");
                 return None;
@@ -245,6 +255,7 @@ async fn merge(s: &AppState, sources: &[Source], q: &LogQuery, tx: &mpsc::Sender
                 name: source.name(),
                 body: resp.bytes_stream().boxed(),
                 pending: Vec::new(),
+                read: 0,
             }),
             Ok(Err(e)) => {
                 tracing::warn!(source = %source.name(), error = %e, "could not read logs")

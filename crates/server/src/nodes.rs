@@ -147,18 +147,9 @@ pub(crate) async fn report_status(
 ) -> ApiResult<StatusCode> {
     nodes::report_status(s.store.as_ref(), &node, &report.statuses).await?;
     if !report.events.is_empty() {
-        // What an agent reports is about its own node, whatever the event says.
-        let by = format!("agent {node}");
-        let events: Vec<_> = report
-            .events
-            .into_iter()
-            .map(|e| dozen_model::Event {
-                node: Some(node.clone()),
-                by: by.clone(),
-                ..e
-            })
-            .collect();
-        dozen_control::events::record(s.store.as_ref(), &events).await?;
+        let now = dozen_control::wall_ms();
+        dozen_control::events::record_from_agent(s.store.as_ref(), &node, report.events, now)
+            .await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }

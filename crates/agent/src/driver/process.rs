@@ -94,8 +94,12 @@ impl ProcessDriver {
                     config.node
                 ))
             })?;
-            uid = Some(u);
-            gid = Some(g);
+            // Switching to the agent's own user is no switch (and a user without the right to
+            // drop supplementary groups would fail it).
+            if u != os::effective_uid() {
+                uid = Some(u);
+                gid = Some(g);
+            }
             // The user's defaults; a HOME or USER the service sets itself wins.
             env.entry("HOME".into()).or_insert(home);
             env.entry("USER".into()).or_insert_with(|| user.clone());
@@ -408,7 +412,9 @@ mod tests {
         );
         assert_eq!(launch.env["USER"], "root");
         assert!(launch.env["PATH"].contains("/usr/bin"));
-        assert_eq!((launch.uid, launch.gid), (Some(0), Some(0)));
+        // Root's ids, unless the agent is root already: then there is nothing to switch.
+        let expected = (os::effective_uid() != 0).then_some(0);
+        assert_eq!((launch.uid, launch.gid), (expected, expected));
         assert_eq!(launch.stop_signal, Some(libc::SIGINT));
         assert_eq!(launch.linger_ms, Some(7_000));
     }
