@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use dozen_api::{LogLine, LogStream};
 
@@ -43,24 +43,57 @@ pub fn append_note(path: &Path, text: &str) {
     }
 }
 
-/// Reads complete lines from `offset`; returns them and the offset after the last one. When
-/// the file is shorter than `offset`, the shim rotated it since: the rest of the previous
-/// file comes first, then the new one from its start.
+/// Where a reader of a task's log is: a file (by inode, which a rotation keeps: the file only
+/// changes its name) and the offset after the last complete line read from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// 0: no file yet.
+    pub inode: u64,
+    pub offset: u64,
+}
+
+fn inode_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Reads complete lines after `at` (at most [`MAX_READ`] bytes of a file per call); returns
+/// them and where to go on. When the shim rotated the file since, the rest of it (now the
+/// previous file) comes first, over as many calls as it takes, then the new file from its
+/// start; a file rotated away twice in between is gone, and the new one is read from its start.
 pub fn read_from(
     path: &Path,
-    offset: u64,
+    at: Position,
     service: &str,
     task: &str,
-) -> std::io::Result<(Vec<LogLine>, u64)> {
-    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    if offset > len {
-        let previous = path.with_file_name(crate::shim::LOG_PREVIOUS);
-        let (mut lines, _) = read_complete(&previous, offset, service, task)?;
-        let (more, next) = read_complete(path, 0, service, task)?;
-        lines.extend(more);
-        return Ok((lines, next));
+) -> std::io::Result<(Vec<LogLine>, Position)> {
+    let current = inode_of(path);
+    if at.inode == 0 || Some(at.inode) == current {
+        let (lines, offset) = read_complete(path, at.offset, service, task)?;
+        let inode = current.unwrap_or(0);
+        let offset = if inode == 0 { 0 } else { offset };
+        return Ok((lines, Position { inode, offset }));
     }
-    read_complete(path, offset, service, task)
+    let previous = path.with_file_name(crate::shim::LOG_PREVIOUS);
+    let mut lines = Vec::new();
+    if inode_of(&previous) == Some(at.inode) {
+        let (rest, offset) = read_complete(&previous, at.offset, service, task)?;
+        let len = std::fs::metadata(&previous).map(|m| m.len()).unwrap_or(0);
+        if offset < len && offset > at.offset {
+            // More of the old file to come: the next call goes on there.
+            let at = Position {
+                inode: at.inode,
+                offset,
+            };
+            return Ok((rest, at));
+        }
+        lines = rest;
+    }
+    let (more, offset) = read_complete(path, 0, service, task)?;
+    lines.extend(more);
+    let inode = current.unwrap_or(0);
+    let offset = if inode == 0 { 0 } else { offset };
+    Ok((lines, Position { inode, offset }))
 }
 
 /// Longest stored line read whole: a shim's line is at most 64 KiB and its prefix.
@@ -71,8 +104,11 @@ const MAX_READ: u64 = 4 * 1024 * 1024;
 /// Every line of a task's log, oldest first (the previous file, then the current one), read as
 /// they are asked for: a whole log is never in memory. A partial last line is not a line yet.
 pub struct LineReader {
-    files: std::collections::VecDeque<PathBuf>,
+    /// Both files, opened together: a rotation while reading renames them, never swaps them.
+    files: std::collections::VecDeque<File>,
     reading: Option<BufReader<File>>,
+    /// The current file's inode (0: none).
+    inode: u64,
     service: String,
     task: String,
     raw: Vec<u8>,
@@ -82,22 +118,29 @@ pub struct LineReader {
 
 impl LineReader {
     pub fn new(path: &Path, service: &str, task: &str) -> LineReader {
+        use std::os::unix::fs::MetadataExt;
+        let previous = File::open(path.with_file_name(crate::shim::LOG_PREVIOUS)).ok();
+        let current = File::open(path).ok();
+        let inode = current
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.ino());
         LineReader {
-            files: [
-                path.with_file_name(crate::shim::LOG_PREVIOUS),
-                path.to_path_buf(),
-            ]
-            .into(),
+            files: previous.into_iter().chain(current).collect(),
             reading: None,
+            inode,
             service: service.to_string(),
             task: task.to_string(),
             raw: Vec::new(),
             offset: 0,
         }
     }
-    /// Where a follower goes on in the current file once every line has been read.
-    pub fn end_offset(&self) -> u64 {
-        self.offset
+    /// Where a follower goes on once every line has been read.
+    pub fn end(&self) -> Position {
+        Position {
+            inode: self.inode,
+            offset: if self.inode == 0 { 0 } else { self.offset },
+        }
     }
 }
 
@@ -106,11 +149,9 @@ impl Iterator for LineReader {
     fn next(&mut self) -> Option<LogLine> {
         loop {
             let Some(reader) = &mut self.reading else {
-                let path = self.files.pop_front()?;
+                let file = self.files.pop_front()?;
                 self.offset = 0;
-                self.reading = File::open(path)
-                    .ok()
-                    .map(|f| BufReader::with_capacity(64 * 1024, f));
+                self.reading = Some(BufReader::with_capacity(64 * 1024, file));
                 continue;
             };
             self.raw.clear();
@@ -145,9 +186,9 @@ pub struct Merge {
 }
 
 impl Merge {
-    /// Per log, where a follower goes on in its current file, once every line has been read.
-    pub fn end_offsets(&self) -> Vec<u64> {
-        self.logs.iter().map(LineReader::end_offset).collect()
+    /// Per log, where a follower goes on, once every line has been read.
+    pub fn ends(&self) -> Vec<Position> {
+        self.logs.iter().map(LineReader::end).collect()
     }
 }
 
@@ -176,7 +217,7 @@ pub fn read_tail(
     n: usize,
     service: &str,
     task: &str,
-) -> std::io::Result<(Vec<LogLine>, u64)> {
+) -> std::io::Result<(Vec<LogLine>, Position)> {
     let (mut raw, end) = tail_lines(path, n)?;
     if raw.len() < n {
         let previous = path.with_file_name(crate::shim::LOG_PREVIOUS);
@@ -192,35 +233,47 @@ pub fn read_tail(
 }
 
 /// The last `n` complete lines of `path` (oldest first) and the offset after the last one.
-fn tail_lines(path: &Path, n: usize) -> std::io::Result<(Vec<Vec<u8>>, u64)> {
+fn tail_lines(path: &Path, n: usize) -> std::io::Result<(Vec<Vec<u8>>, Position)> {
+    use std::os::unix::fs::MetadataExt;
     const BLOCK: u64 = 64 * 1024;
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Vec::new(), Position::default()))
+        }
         Err(e) => return Err(e),
     };
-    let len = f.metadata()?.len();
-    // Bytes from `start` to the end, growing backwards a block at a time.
+    let meta = f.metadata()?;
+    let (len, inode) = (meta.len(), meta.ino());
+    // Blocks from the end backwards, newest first, each counted once, until they hold more
+    // than `n` lines.
     let mut start = len;
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let newlines = buf.iter().filter(|b| **b == b'\n').count();
-        if newlines > n || start == 0 {
-            break;
-        }
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let mut newlines = 0;
+    while newlines <= n && start > 0 {
         let from = start.saturating_sub(BLOCK);
         let mut block = vec![0u8; (start - from) as usize];
         f.seek(SeekFrom::Start(from))?;
         f.read_exact(&mut block)?;
-        block.extend_from_slice(&buf);
-        buf = block;
+        newlines += block.iter().filter(|b| **b == b'\n').count();
+        blocks.push(block);
         start = from;
     }
+    let buf: Vec<u8> = blocks.into_iter().rev().flatten().collect();
     // Up to the last newline: a partial last line is not a line yet.
     let Some(last) = buf.iter().rposition(|b| *b == b'\n') else {
-        return Ok((Vec::new(), start));
+        return Ok((
+            Vec::new(),
+            Position {
+                inode,
+                offset: start,
+            },
+        ));
     };
-    let end = start + last as u64 + 1;
+    let end = Position {
+        inode,
+        offset: start + last as u64 + 1,
+    };
     let mut lines: Vec<Vec<u8>> = buf[..last]
         .split(|b| *b == b'\n')
         .map(<[u8]>::to_vec)
@@ -267,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("output.log");
         std::fs::write(&path, b"1000 o hello world\n1001 e oops\n1002 o part").unwrap();
-        let (lines, off) = read_from(&path, 0, "web", "web-1").unwrap();
+        let (lines, off) = read_from(&path, Position::default(), "web", "web-1").unwrap();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].line, "hello world");
         assert_eq!(lines[1].stream, LogStream::Stderr);
@@ -301,7 +354,7 @@ mod tests {
                 "line 200002"
             ]
         );
-        assert_eq!(end, std::fs::metadata(&current).unwrap().len());
+        assert_eq!(end.offset, std::fs::metadata(&current).unwrap().len());
         let (tail, _) = read_tail(&previous, 2, "web", "web-1").unwrap();
         assert_eq!(tail.len(), 2);
         assert_eq!(tail[1].line, "line 199999");
@@ -310,7 +363,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let current = dir.path().join(crate::shim::LOG);
         std::fs::write(&current, lines(0, 4)).unwrap();
-        let (seen, offset) = read_from(&current, 0, "web", "web-1").unwrap();
+        let (seen, offset) = read_from(&current, Position::default(), "web", "web-1").unwrap();
         assert_eq!(seen.len(), 4);
         std::fs::write(&current, format!("{}{}", lines(0, 4), lines(4, 6))).unwrap();
         std::fs::rename(&current, dir.path().join(crate::shim::LOG_PREVIOUS)).unwrap();
@@ -318,5 +371,37 @@ mod tests {
         let (next, _) = read_from(&current, offset, "web", "web-1").unwrap();
         let texts: Vec<&str> = next.iter().map(|l| l.line.as_str()).collect();
         assert_eq!(texts, ["line 4", "line 5", "line 6"]);
+    }
+
+    /// Seen in review: a follower far behind read only 4 MiB of the rotated file, then jumped
+    /// to the new one; a rotation was told by size, so a new file already past the offset was
+    /// not seen as one. Files are told apart by inode, and the old one is read to its end.
+    #[test]
+    fn a_follower_far_behind_reads_all_of_a_rotated_file_then_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join(crate::shim::LOG);
+        let line = |i: u32| format!("{i} o {} {i}\n", "x".repeat(100));
+        std::fs::write(&current, line(0)).unwrap();
+        let (_, mut at) = read_from(&current, Position::default(), "web", "web-1").unwrap();
+        // 10 MB more in the same file, then it is rotated and the new file grows past `at`.
+        let more: String = (1..100_000).map(line).collect();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&current)
+            .unwrap();
+        std::io::Write::write_all(&mut f, more.as_bytes()).unwrap();
+        std::fs::rename(&current, dir.path().join(crate::shim::LOG_PREVIOUS)).unwrap();
+        let newer: String = (100_000..100_100).map(line).collect();
+        std::fs::write(&current, newer).unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let (lines, next) = read_from(&current, at, "web", "web-1").unwrap();
+            if lines.is_empty() {
+                break;
+            }
+            seen.extend(lines.into_iter().map(|l| l.ts_ms));
+            at = next;
+        }
+        assert_eq!(seen, (1..100_100u64).collect::<Vec<_>>());
     }
 }

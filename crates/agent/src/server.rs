@@ -149,7 +149,7 @@ fn send_existing(
     shared: &Shared,
     q: &LogQuery,
     tx: &mpsc::Sender<Bytes>,
-) -> Option<HashMap<PathBuf, u64>> {
+) -> Option<HashMap<PathBuf, logs::Position>> {
     let since = q.since_ms.unwrap_or(0);
     let tasks = matching(shared, q);
     let paths: Vec<PathBuf> = tasks
@@ -202,7 +202,7 @@ fn send_existing(
     if !chunk.is_empty() {
         tx.blocking_send(Bytes::from(chunk)).ok()?;
     }
-    Some(paths.into_iter().zip(merge.end_offsets()).collect())
+    Some(paths.into_iter().zip(merge.ends()).collect())
 }
 
 /// Sends lines as the tasks write them, new tasks of the service (scale-out, restarts)
@@ -210,7 +210,7 @@ fn send_existing(
 async fn follow(
     shared: &Shared,
     q: &LogQuery,
-    mut offsets: HashMap<PathBuf, u64>,
+    mut offsets: HashMap<PathBuf, logs::Position>,
     tx: &mpsc::Sender<Bytes>,
 ) {
     let mut rescan = tokio::time::Instant::now();
@@ -222,7 +222,7 @@ async fn follow(
         if rescan.elapsed() > Duration::from_secs(1) {
             rescan = tokio::time::Instant::now();
             for (dir, _, _) in matching(shared, q) {
-                offsets.entry(dir.join(shim::LOG)).or_insert(0);
+                offsets.entry(dir.join(shim::LOG)).or_default();
             }
         }
         let tasks: HashMap<PathBuf, (String, String)> = matching(shared, q)
