@@ -218,6 +218,9 @@ fn build_image(tag: &str, files: &[(PathBuf, &str)], entrypoint: &str) {
     std::fs::create_dir(context.path().join("tmp")).unwrap();
     dockerfile.push_str("COPY tmp /tmp\n");
     dockerfile.push_str(&format!("ENTRYPOINT [\"{entrypoint}\"]\n"));
+    // Labelled, so the copy a rebuild replaces (left untagged) is found and removed below:
+    // every run would otherwise leave one image behind.
+    dockerfile.push_str("LABEL dozen-test=1\n");
     std::fs::write(context.path().join("Dockerfile"), dockerfile).unwrap();
     docker(&[
         "build",
@@ -226,6 +229,7 @@ fn build_image(tag: &str, files: &[(PathBuf, &str)], entrypoint: &str) {
         tag,
         &context.path().display().to_string(),
     ]);
+    docker(&["image", "prune", "-f", "--filter", "label=dozen-test=1"]);
 }
 
 /// etcd from Debian is linked against glibc: the image carries the libraries `ldd` lists.
