@@ -136,8 +136,8 @@ pub trait Driver: Send + Sync + 'static {
     async fn stop(&self, handle: &TaskHandle, signal: &str, timeout: Duration) -> ExitInfo;
     fn stats(&self, handle: &TaskHandle) -> TaskStats;
     /// What became of the task in `dir` (last seen as `handle`, when the agent kept one)
-    /// while no agent watched it.
-    fn recover(&self, dir: &Path, handle: Option<&TaskHandle>) -> Recovered;
+    /// while no agent watched it. Async: a driver may have to ask its engine.
+    async fn recover(&self, dir: &Path, handle: Option<&TaskHandle>) -> Recovered;
     /// The task is gone for good: free what the driver keeps for it (limits, groups).
     fn release(&self, _task: &str) {}
 }

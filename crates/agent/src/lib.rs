@@ -183,7 +183,7 @@ pub async fn run(
     );
     tokio::spawn(server::serve(listener, shared.clone(), serving_tls));
     // Re-adopt before anything else, so nothing already running is started again.
-    sync::adopt_existing(&shared);
+    sync::adopt_existing(&shared).await;
     let held = sync::registration(&shared, &address).register().await;
     tokio::spawn(sync::report_loop(shared.clone(), reports_rx, events_rx));
     tokio::spawn(sync::heartbeat_loop(shared.clone(), address, held));

@@ -17,7 +17,7 @@ use crate::driver::{ExitInfo, Recovered};
 use crate::runner::Runner;
 use crate::{shim, Shared, TaskRecord, KEEP_REMOVED, REMOVED_MARKER, TASK_RECORD};
 
-pub(crate) fn adopt_existing(shared: &Arc<Shared>) {
+pub(crate) async fn adopt_existing(shared: &Arc<Shared>) {
     let Ok(entries) = std::fs::read_dir(shared.tasks_dir()) else {
         return;
     };
@@ -38,7 +38,7 @@ pub(crate) fn adopt_existing(shared: &Arc<Shared>) {
         }
         // Each task through its own driver, with the handle that driver gave.
         let recovered = match shared.drivers.get(record.driver()) {
-            Some(driver) => driver.recover(&dir, record.handle.as_ref()),
+            Some(driver) => driver.recover(&dir, record.handle.as_ref()).await,
             None => Recovered::Exited(ExitInfo {
                 code: None,
                 signal: None,

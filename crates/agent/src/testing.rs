@@ -216,7 +216,14 @@ impl Driver for FakeDriver {
         TaskStats::default()
     }
 
-    fn recover(&self, _dir: &std::path::Path, _handle: Option<&TaskHandle>) -> Recovered {
+    async fn recover(&self, _dir: &std::path::Path, _handle: Option<&TaskHandle>) -> Recovered {
+        self.recover_now()
+    }
+}
+
+impl FakeDriver {
+    /// What `recover` answers: the state `recover_as` set, its task running again.
+    pub(crate) fn recover_now(&self) -> Recovered {
         let recovered = self.state.lock().unwrap().recover.take();
         if let Some(Recovered::Running(handle)) = &recovered {
             self.state
@@ -323,7 +330,7 @@ impl Harness {
         let recovered = match recovered {
             Some(r) => {
                 driver.recover_as(r);
-                driver.recover(dir.path(), None)
+                driver.recover_now()
             }
             None => Recovered::Nothing,
         };

@@ -335,7 +335,7 @@ impl Driver for ProcessDriver {
 
     /// The shim's pid files are the truth (the shim writes them; the agent may have died
     /// before it saved a handle), so the saved handle is not needed.
-    fn recover(&self, dir: &Path, _handle: Option<&TaskHandle>) -> Recovered {
+    async fn recover(&self, dir: &Path, _handle: Option<&TaskHandle>) -> Recovered {
         let Some((shim_pid, shim_start)) = shim::read_pid_file(&dir.join(shim::SHIM_PID)) else {
             return Recovered::Nothing;
         };
