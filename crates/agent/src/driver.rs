@@ -16,8 +16,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod docker;
 pub mod process;
 
+pub use docker::DockerDriver;
 pub use process::ProcessDriver;
 
 /// A driver's fingerprint: whether it can run tasks on this node, and what it found.
@@ -140,6 +142,9 @@ pub trait Driver: Send + Sync + 'static {
     async fn recover(&self, dir: &Path, handle: Option<&TaskHandle>) -> Recovered;
     /// The task is gone for good: free what the driver keeps for it (limits, groups).
     fn release(&self, _task: &str) {}
+    /// Looks again whether the driver can run tasks here (an engine that answers, say), for
+    /// [`Driver::fingerprint`].
+    async fn refresh(&self) {}
 }
 
 /// The drivers of this agent, by name.
@@ -160,7 +165,16 @@ impl Drivers {
 
     /// Every driver this node can have: one line per driver.
     pub fn for_node(exe: &Path, cgroups: Box<dyn crate::cgroups::Cgroups>) -> Self {
-        Drivers::new().with(ProcessDriver::new(exe.to_path_buf(), cgroups))
+        Drivers::new()
+            .with(ProcessDriver::new(exe.to_path_buf(), cgroups))
+            .with(DockerDriver::from_env())
+    }
+
+    /// Every driver looks again whether it can run tasks here.
+    pub async fn refresh(&self) {
+        for driver in self.by_name.values() {
+            driver.refresh().await;
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<dyn Driver>> {

@@ -157,6 +157,8 @@ pub async fn run(
         None => None,
     };
     let drivers = Drivers::for_node(&config.exe, cgroups::detect(&config.cgroup_root));
+    // Before registering: the node reports the drivers it has (an engine that answers).
+    drivers.refresh().await;
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::channel(EVENTS_BUFFERED);
     let shared = Arc::new(Shared {

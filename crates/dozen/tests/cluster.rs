@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use dozen_testkit::images::docker;
 use dozen_testkit::{eventually, http_request_at};
 use serde_json::Value;
 
@@ -31,17 +32,6 @@ fn run(cmd: &mut Command) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     out
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = run(Command::new("docker").args(args));
-    assert!(
-        out.status.success(),
-        "docker {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Containers and the network of one run, removed when the test ends (pass or fail).
@@ -167,71 +157,6 @@ impl Cluster {
     }
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Builds dozen and the demo statically (glibc's static libc: no loader, no libraries),
-/// in a target dir of their own so the test build is not disturbed.
-fn build_static_binaries() -> PathBuf {
-    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("cluster-image");
-    let out = run(Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "--target",
-            &triple,
-            "--features",
-            "etcd",
-            "-p",
-            "dozen",
-        ])
-        .args(["--bin", "dozen", "--bin", "dozen-demo"])
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_PROFILE_DEV_DEBUG", "0"));
-    assert!(
-        out.status.success(),
-        "static build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target_dir.join(triple).join("debug")
-}
-
-fn build_image(tag: &str, files: &[(PathBuf, &str)], entrypoint: &str) {
-    let context = tempfile::tempdir().unwrap();
-    let mut dockerfile = String::from("FROM scratch\n");
-    for (i, (src, dest)) in files.iter().enumerate() {
-        let name = format!("f{i}");
-        std::fs::copy(src, context.path().join(&name))
-            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", src.display()));
-        dockerfile.push_str(&format!("COPY {name} {dest}\n"));
-    }
-    std::fs::create_dir(context.path().join("tmp")).unwrap();
-    dockerfile.push_str("COPY tmp /tmp\n");
-    dockerfile.push_str(&format!("ENTRYPOINT [\"{entrypoint}\"]\n"));
-    // Labelled, so the copy a rebuild replaces (left untagged) is found and removed below:
-    // every run would otherwise leave one image behind.
-    dockerfile.push_str("LABEL dozen-test=1\n");
-    std::fs::write(context.path().join("Dockerfile"), dockerfile).unwrap();
-    docker(&[
-        "build",
-        "-q",
-        "-t",
-        tag,
-        &context.path().display().to_string(),
-    ]);
-    docker(&["image", "prune", "-f", "--filter", "label=dozen-test=1"]);
-}
-
 /// etcd from Debian is linked against glibc: the image carries the libraries `ldd` lists.
 fn etcd_image_files(etcd: &Path) -> Vec<(PathBuf, &'static str)> {
     let ldd = run(Command::new("ldd").arg(etcd));
@@ -291,8 +216,8 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
     }
 
     // Images.
-    let bin = build_static_binaries();
-    build_image(
+    let bin = dozen_testkit::images::static_binaries(&["dozen", "dozen-demo"], &["etcd"]);
+    dozen_testkit::images::build(
         "dozen-test/dozen:latest",
         &[
             (bin.join("dozen"), "/bin/dozen"),
@@ -300,7 +225,7 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
         ],
         "/bin/dozen",
     );
-    build_image(
+    dozen_testkit::images::build(
         "dozen-test/etcd:latest",
         &etcd_image_files(&etcd),
         "/usr/bin/etcd",
@@ -491,9 +416,11 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
     });
 
     // The demo stack, its binary inside the image (exec form: a scratch image has no shell).
-    let mut demo = std::fs::read_to_string(workspace_root().join("examples/demo/dozen.toml"))
-        .unwrap()
-        .replace("WORK_EVERY_MS = \"5000\"", "WORK_EVERY_MS = \"300\"");
+    let mut demo = std::fs::read_to_string(
+        dozen_testkit::images::workspace_root().join("examples/demo/dozen.toml"),
+    )
+    .unwrap()
+    .replace("WORK_EVERY_MS = \"5000\"", "WORK_EVERY_MS = \"300\"");
     for role in ["web", "catalog", "orders", "worker"] {
         demo = demo.replace(
             &format!("\"./target/release/dozen-demo {role}\""),

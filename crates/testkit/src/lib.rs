@@ -2,6 +2,7 @@
 //! CLI, with an eventually-helper instead of sleeps, and cleanup of every task it started.
 #![forbid(unsafe_code)]
 
+pub mod images;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -257,6 +258,8 @@ pub struct Dozen {
     pub proxy_internal_port: u16,
     /// More arguments for `dozen server`.
     pub server_args: Vec<String>,
+    /// More environment for `dozen server` (`DOCKER_HOST`, say).
+    pub server_env: Vec<(String, String)>,
     pub proxies: Vec<Child>,
 }
 
@@ -276,6 +279,7 @@ impl Dozen {
             proxy_port: 0,
             proxy_internal_port: 0,
             server_args: Vec::new(),
+            server_env: Vec::new(),
             proxies: Vec::new(),
         }
     }
@@ -347,6 +351,7 @@ impl Dozen {
             cmd.arg("--no-agent");
         }
         cmd.args(&self.server_args);
+        cmd.envs(self.server_env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.path().join("server.log");
         let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         self.server = Some(cmd.spawn().expect("spawn dozen server"));

@@ -1,0 +1,367 @@
+//! The `docker` driver: image tasks as containers of the node's Docker Engine, through its API
+//! (no CLI). A container carries labels naming its task and node, gets the task's environment,
+//! `PORT` published on the same host port, the service's memory, CPU and process limits, stop
+//! signal and timeout; its output goes into the task's log like a process's. A restarted agent
+//! finds its containers again by id (`recover`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyper::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{
+    Driver, DriverError, DriverInfo, ExitInfo, Recovered, TaskConfig, TaskHandle, TaskStats,
+    Workload,
+};
+
+mod engine;
+mod output;
+
+pub use engine::{Engine, EngineError};
+
+pub const NAME: &str = "docker";
+/// Labels on every container dozen creates.
+pub const TASK_LABEL: &str = "dozen.task";
+pub const NODE_LABEL: &str = "dozen.node";
+
+/// The driver's part of a [`TaskHandle`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Contained {
+    id: String,
+    /// The task's log file and its cap, for following the output again after a restart.
+    log: PathBuf,
+    log_cap: u64,
+}
+
+impl Contained {
+    fn of(handle: &TaskHandle) -> Option<Contained> {
+        serde_json::from_value(handle.state.clone()).ok()
+    }
+}
+
+pub struct DockerDriver {
+    engine: Engine,
+    /// Whether the engine answered the last time it was asked, and what it said.
+    seen: Arc<Mutex<(bool, String)>>,
+}
+
+impl DockerDriver {
+    /// The engine of `DOCKER_HOST` (a `unix://` path), else `/var/run/docker.sock`.
+    pub fn from_env() -> DockerDriver {
+        let socket = std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"));
+        DockerDriver {
+            engine: Engine::new(socket),
+            seen: Arc::new(Mutex::new((false, "not asked yet".into()))),
+        }
+    }
+
+    fn exit_of(&self, inspected: &Value) -> ExitInfo {
+        let state = &inspected["State"];
+        let millis = |field: &str| -> Option<u64> {
+            let text = state[field].as_str()?;
+            rfc3339_ms(text)
+        };
+        ExitInfo {
+            code: state["ExitCode"].as_i64().map(|c| c as i32),
+            signal: None,
+            started_at_ms: millis("StartedAt"),
+            finished_at_ms: millis("FinishedAt").unwrap_or_else(crate::shim::wall_ms),
+            error: state["Error"]
+                .as_str()
+                .filter(|e| !e.is_empty())
+                .map(String::from),
+            oom_killed: state["OOMKilled"].as_bool().unwrap_or(false),
+        }
+    }
+
+    /// How container `id` ended, and the container removed (its output is in the task's log).
+    async fn ended(&self, id: &str) -> ExitInfo {
+        let inspected = self
+            .engine
+            .call(Method::GET, &format!("/containers/{id}/json"), None)
+            .await;
+        let exit = match &inspected {
+            Ok(v) => self.exit_of(v),
+            Err(e) => gone(e.to_string()),
+        };
+        let _ = self
+            .engine
+            .call(Method::DELETE, &format!("/containers/{id}?force=1"), None)
+            .await;
+        exit
+    }
+
+    /// Resolves when container `id` is not running (or the engine stops answering).
+    async fn until_stopped(&self, id: &str) {
+        let path = format!("/containers/{id}/wait?condition=not-running");
+        loop {
+            match self.engine.stream(Method::POST, &path).await {
+                Ok(body) => {
+                    let _ = http_body_util::BodyExt::collect(body).await;
+                    return;
+                }
+                Err(EngineError::Refused { .. }) => return,
+                // The engine went away: ask again in a moment.
+                Err(EngineError::Unreachable { .. }) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn follow_output(&self, contained: &Contained, since_s: u64) {
+        tokio::spawn(output::copy(
+            self.engine.clone(),
+            contained.id.clone(),
+            contained.log.clone(),
+            contained.log_cap,
+            since_s,
+        ));
+    }
+}
+
+fn gone(why: String) -> ExitInfo {
+    ExitInfo {
+        code: None,
+        signal: None,
+        started_at_ms: None,
+        finished_at_ms: crate::shim::wall_ms(),
+        error: Some(why),
+        oom_killed: false,
+    }
+}
+
+/// Milliseconds since the epoch of an engine time such as `2026-12-04T18:46:41.123456789Z`;
+/// None for the engine's zero time (`0001-01-01T00:00:00Z`: not started or not finished).
+fn rfc3339_ms(text: &str) -> Option<u64> {
+    let (date, time) = text.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    if y < 1970 {
+        return None;
+    }
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, s) = (t.next()??, t.next()??, t.next()??);
+    let millis: i64 = format!("{:0<3}", &fraction[..fraction.len().min(3)])
+        .parse()
+        .ok()?;
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(((days * 86_400 + h * 3600 + min * 60 + s) * 1000) + millis).ok()
+}
+
+fn unix_seconds() -> u64 {
+    crate::shim::wall_ms() / 1000
+}
+
+#[async_trait]
+impl Driver for DockerDriver {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn fingerprint(&self) -> DriverInfo {
+        let (available, detail) = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        DriverInfo {
+            name: NAME.into(),
+            available,
+            detail,
+        }
+    }
+
+    async fn refresh(&self) {
+        let answer = tokio::time::timeout(Duration::from_secs(3), self.engine.version()).await;
+        let seen = match answer {
+            Ok(Ok(version)) => (true, version),
+            Ok(Err(e)) => (false, e.to_string()),
+            Err(_) => (false, "the Docker Engine did not answer within 3 s".into()),
+        };
+        if let Ok(mut s) = self.seen.lock() {
+            *s = seen;
+        }
+    }
+
+    async fn start(&self, config: &TaskConfig) -> Result<TaskHandle, DriverError> {
+        let (image, args) = match &config.workload {
+            Workload::Image { image, args } => (image, args),
+            Workload::Command(_) => {
+                return Err(DriverError::Unsupported {
+                    driver: NAME,
+                    why: "the task is a host command; the docker driver runs images".into(),
+                })
+            }
+        };
+        let env: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut host = json!({
+            "Memory": config.resources.memory_bytes,
+            "NanoCpus": u64::from(config.resources.cpu_millis) * 1_000_000,
+            "PidsLimit": config.resources.pids,
+        });
+        let mut body = json!({
+            "Image": image,
+            "Env": env,
+            "Labels": { TASK_LABEL: config.task, NODE_LABEL: config.node },
+            "StopSignal": config.stop_signal,
+            "StopTimeout": config.stop_timeout.as_secs().max(1),
+        });
+        if let Some(args) = args {
+            body["Cmd"] = json!(args);
+        }
+        if let Some(port) = config.port {
+            // The same number inside and out: the task listens on $PORT, the proxy reaches
+            // it on the node's address.
+            let key = format!("{port}/tcp");
+            body["ExposedPorts"] = json!({ &key: {} });
+            host["PortBindings"] =
+                json!({ &key: [{ "HostIp": "0.0.0.0", "HostPort": port.to_string() }] });
+        }
+        if let Some(user) = &config.user {
+            // Numbers: a minimal image has no account names.
+            let (uid, gid, _) = crate::os::lookup_user(user).ok_or_else(|| {
+                DriverError::Start(format!(
+                    "user `{user}` does not exist on node `{}`",
+                    config.node
+                ))
+            })?;
+            body["User"] = json!(format!("{uid}:{gid}"));
+        }
+        body["HostConfig"] = host;
+        let name = format!("dozen-{}-{}", config.task, crate::random_id());
+        let created = self
+            .engine
+            .call(
+                Method::POST,
+                &format!("/containers/create?name={name}"),
+                Some(&body),
+            )
+            .await
+            .map_err(|e| DriverError::Start(e.to_string()))?;
+        let id = created["Id"].as_str().unwrap_or_default().to_string();
+        let since = unix_seconds();
+        if let Err(e) = self
+            .engine
+            .call(Method::POST, &format!("/containers/{id}/start"), None)
+            .await
+        {
+            let _ = self
+                .engine
+                .call(Method::DELETE, &format!("/containers/{id}?force=1"), None)
+                .await;
+            return Err(DriverError::Start(e.to_string()));
+        }
+        let inspected = self
+            .engine
+            .call(Method::GET, &format!("/containers/{id}/json"), None)
+            .await
+            .unwrap_or(Value::Null);
+        let contained = Contained {
+            id,
+            log: config.log.clone(),
+            log_cap: config.resources.log_bytes,
+        };
+        self.follow_output(&contained, since);
+        Ok(TaskHandle {
+            driver: NAME.into(),
+            pid: inspected["State"]["Pid"]
+                .as_u64()
+                .filter(|p| *p > 0)
+                .map(|p| p as u32),
+            started_at_ms: Some(crate::shim::wall_ms()),
+            state: serde_json::to_value(&contained).unwrap_or_default(),
+        })
+    }
+
+    async fn wait(&self, handle: &TaskHandle) -> ExitInfo {
+        let Some(contained) = Contained::of(handle) else {
+            return gone(format!(
+                "the docker driver was given a `{}` handle",
+                handle.driver
+            ));
+        };
+        self.until_stopped(&contained.id).await;
+        self.ended(&contained.id).await
+    }
+
+    async fn stop(&self, handle: &TaskHandle, _signal: &str, timeout: Duration) -> ExitInfo {
+        let Some(contained) = Contained::of(handle) else {
+            return gone(format!(
+                "the docker driver was given a `{}` handle",
+                handle.driver
+            ));
+        };
+        // The engine sends the container's stop signal (set at create), then SIGKILL after
+        // the timeout.
+        let path = format!(
+            "/containers/{}/stop?t={}",
+            contained.id,
+            timeout.as_secs().max(1)
+        );
+        let _ = tokio::time::timeout(
+            timeout + Duration::from_secs(10),
+            self.engine.call(Method::POST, &path, None),
+        )
+        .await;
+        self.until_stopped(&contained.id).await;
+        self.ended(&contained.id).await
+    }
+
+    fn stats(&self, _handle: &TaskHandle) -> TaskStats {
+        TaskStats::default()
+    }
+
+    async fn recover(&self, _dir: &Path, handle: Option<&TaskHandle>) -> Recovered {
+        let Some(handle) = handle else {
+            return Recovered::Nothing;
+        };
+        let Some(contained) = Contained::of(handle) else {
+            return Recovered::Nothing;
+        };
+        let inspected = self
+            .engine
+            .call(
+                Method::GET,
+                &format!("/containers/{}/json", contained.id),
+                None,
+            )
+            .await;
+        match inspected {
+            Ok(v) if v["State"]["Running"].as_bool() == Some(true) => {
+                // What it wrote while no agent listened is lost; from now on it is kept.
+                self.follow_output(&contained, unix_seconds());
+                Recovered::Running(handle.clone())
+            }
+            Ok(_) => Recovered::Exited(self.ended(&contained.id).await),
+            // The engine does not know it: gone while no agent watched.
+            Err(EngineError::Refused { .. }) => Recovered::Nothing,
+            // The engine does not answer: the container may well run on; waiting for it
+            // asks again until the engine is back.
+            Err(EngineError::Unreachable { .. }) => Recovered::Running(handle.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn engine_times_read_as_milliseconds() {
+        assert_eq!(super::rfc3339_ms("1970-01-01T00:00:01.5Z"), Some(1500));
+        assert_eq!(
+            super::rfc3339_ms("2026-12-04T16:08:00.007123456Z"),
+            Some(1_796_400_480_007)
+        );
+        assert_eq!(super::rfc3339_ms("0001-01-01T00:00:00Z"), None);
+    }
+}

@@ -1,0 +1,150 @@
+//! A small client of the Docker Engine API over its unix socket: one HTTP/1.1 connection per
+//! request (hyper), JSON in and out. Only what the driver uses.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// The API version asked for: what Docker Engine 20.10 speaks, and newer engines accept.
+const API: &str = "/v1.41";
+/// Longest a plain request may take (a container's wait and logs have none).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer read whole (inspect, list): bigger is refused, not buffered.
+const MAX_ANSWER: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the Docker Engine at {socket} does not answer: {why}")]
+    Unreachable { socket: String, why: String },
+    #[error("the Docker Engine answered {status} to {what}: {message}")]
+    Refused {
+        what: String,
+        status: StatusCode,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Engine {
+    socket: PathBuf,
+}
+
+impl Engine {
+    pub fn new(socket: PathBuf) -> Engine {
+        Engine { socket }
+    }
+
+    fn unreachable(&self, why: impl std::fmt::Display) -> EngineError {
+        EngineError::Unreachable {
+            socket: self.socket.display().to_string(),
+            why: why.to_string(),
+        }
+    }
+
+    /// Sends one request; the answer's status and body stream.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Incoming), EngineError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{API}{path}"))
+            .header("host", "docker")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes.unwrap_or_default())))
+            .map_err(|e| self.unreachable(e))?;
+        let answer = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok((answer.status(), answer.into_body()))
+    }
+
+    /// A request whose whole answer is wanted (bounded), with a timeout; a status of 400 or
+    /// more is an error carrying the engine's message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, EngineError> {
+        let what = format!("{method} {path}");
+        let exchange = async {
+            let (status, mut incoming) = self.send(method, path, body).await?;
+            let mut bytes = Vec::new();
+            while let Some(frame) = incoming.frame().await {
+                let frame = frame.map_err(|e| self.unreachable(e))?;
+                if let Some(data) = frame.data_ref() {
+                    if bytes.len() + data.len() > MAX_ANSWER {
+                        return Err(self.unreachable(format!("{what}: answer over 8 MiB")));
+                    }
+                    bytes.extend_from_slice(data);
+                }
+            }
+            Ok((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| self.unreachable(format!("{what} took over 30 s")))??;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.as_u16() >= 400 {
+            let message = value["message"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
+            return Err(EngineError::Refused {
+                what,
+                status,
+                message,
+            });
+        }
+        Ok(value)
+    }
+
+    /// A request whose answer is a stream (logs, wait): its body, once the status is good.
+    pub async fn stream(&self, method: Method, path: &str) -> Result<Incoming, EngineError> {
+        let (status, body) = self.send(method.clone(), path, None).await?;
+        if status.as_u16() >= 400 {
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Err(EngineError::Refused {
+                what: format!("{method} {path}"),
+                status,
+                message: value["message"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        Ok(body)
+    }
+
+    /// The engine's version, or why it does not answer.
+    pub async fn version(&self) -> Result<String, EngineError> {
+        let v = self.call(Method::GET, "/version", None).await?;
+        Ok(format!(
+            "Docker Engine {} (API {})",
+            v["Version"].as_str().unwrap_or("?"),
+            v["ApiVersion"].as_str().unwrap_or("?")
+        ))
+    }
+}
