@@ -145,6 +145,11 @@ pub trait Driver: Send + Sync + 'static {
     /// Looks again whether the driver can run tasks here (an engine that answers, say), for
     /// [`Driver::fingerprint`].
     async fn refresh(&self) {}
+    /// After re-adoption: ends and removes what this driver made for `node` that no task
+    /// kept (`kept`: the handles of the tasks recovered running); returns how many.
+    async fn forget_strays(&self, _node: &str, _kept: &[TaskHandle]) -> usize {
+        0
+    }
 }
 
 /// The drivers of this agent, by name.
@@ -164,10 +169,20 @@ impl Drivers {
     }
 
     /// Every driver this node can have: one line per driver.
-    pub fn for_node(exe: &Path, cgroups: Box<dyn crate::cgroups::Cgroups>) -> Self {
+    /// `home`: the id of the agent's data directory (see [`docker::HOME_LABEL`]).
+    pub fn for_node(exe: &Path, cgroups: Box<dyn crate::cgroups::Cgroups>, home: String) -> Self {
         Drivers::new()
             .with(ProcessDriver::new(exe.to_path_buf(), cgroups))
-            .with(DockerDriver::from_env())
+            .with(DockerDriver::from_env(home))
+    }
+
+    /// Every driver removes what it made for `node` that no recovered task kept.
+    pub async fn forget_strays(&self, node: &str, kept: &[TaskHandle]) -> usize {
+        let mut removed = 0;
+        for driver in self.by_name.values() {
+            removed += driver.forget_strays(node, kept).await;
+        }
+        removed
     }
 
     /// Every driver looks again whether it can run tasks here.

@@ -118,6 +118,24 @@ impl Shared {
     }
 }
 
+/// The id of this agent's data directory, made on first use: what the agent made elsewhere
+/// (containers) carries it, so a restarted agent knows its own from another's.
+fn home_id(data_dir: &std::path::Path) -> String {
+    let path = data_dir.join("home-id");
+    if let Some(id) = std::fs::read_to_string(&path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+    {
+        return id;
+    }
+    let id = random_id();
+    if let Err(e) = os::write_atomic(&path, id.as_bytes()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot keep the agent's home id");
+    }
+    id
+}
+
 pub(crate) fn random_id() -> String {
     use std::io::Read;
     let mut b = [0u8; 6];
@@ -156,7 +174,11 @@ pub async fn run(
         ),
         None => None,
     };
-    let drivers = Drivers::for_node(&config.exe, cgroups::detect(&config.cgroup_root));
+    let drivers = Drivers::for_node(
+        &config.exe,
+        cgroups::detect(&config.cgroup_root),
+        home_id(&config.data_dir),
+    );
     // Before registering: the node reports the drivers it has (an engine that answers).
     drivers.refresh().await;
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();

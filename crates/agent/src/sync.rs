@@ -18,10 +18,10 @@ use crate::runner::Runner;
 use crate::{shim, Shared, TaskRecord, KEEP_REMOVED, REMOVED_MARKER, TASK_RECORD};
 
 pub(crate) async fn adopt_existing(shared: &Arc<Shared>) {
-    let Ok(entries) = std::fs::read_dir(shared.tasks_dir()) else {
-        return;
-    };
+    // No tasks dir: nothing to adopt, but strays (of a data dir wiped) are still removed.
+    let entries = std::fs::read_dir(shared.tasks_dir()).into_iter().flatten();
     let mut adopted = 0;
+    let mut kept = Vec::new();
     for entry in entries.flatten() {
         let dir = entry.path();
         if dir.join(REMOVED_MARKER).exists() {
@@ -51,13 +51,19 @@ pub(crate) async fn adopt_existing(shared: &Arc<Shared>) {
                 oom_killed: false,
             }),
         };
-        if matches!(recovered, Recovered::Running(_)) {
+        if let Recovered::Running(handle) = &recovered {
             adopted += 1;
+            kept.push(handle.clone());
         }
         spawn_runner(shared, record, recovered);
     }
     if adopted > 0 {
-        tracing::info!(adopted, "re-attached to running shims");
+        tracing::info!(adopted, "re-attached to running tasks");
+    }
+    let node = &shared.config.node_name;
+    let strays = shared.drivers.forget_strays(node, &kept).await;
+    if strays > 0 {
+        tracing::info!(strays, "removed what no task of this node kept");
     }
 }
 

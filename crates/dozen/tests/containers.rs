@@ -20,11 +20,24 @@ fn engine_or_skip() -> bool {
     false
 }
 
-fn containers_of(task_label_value: Option<&str>) -> Vec<String> {
-    let filter = match task_label_value {
-        Some(task) => format!("label=dozen.task={task}"),
-        None => "label=dozen.task".to_string(),
-    };
+/// Waits until every container this installation's agent made is gone (its home's label:
+/// other tests run their own).
+fn gone_after_down(d: &Dozen) {
+    let home = std::fs::read_to_string(d.data_dir().join("agent").join("home-id")).unwrap();
+    let mine = format!("label=dozen.home={}", home.trim());
+    eventually(
+        Duration::from_secs(30),
+        "every container dozen made is gone",
+        || {
+            docker(&["ps", "-aq", "--filter", &mine])
+                .is_empty()
+                .then_some(())
+        },
+    );
+}
+
+fn containers_of(task: Option<&str>) -> Vec<String> {
+    let filter = format!("label=dozen.task={}", task.unwrap_or_default());
     docker(&["ps", "-aq", "--filter", &filter])
         .lines()
         .map(String::from)
@@ -99,13 +112,99 @@ EMIT_LINES = "2"
     let events = d.ok(&["events", "web"]);
     assert!(events.contains("exited with code 137"), "{events}");
 
+    // kill -9 of the server and its agent: the containers run on and are taken back, the
+    // same ones; a container the agent made that no task keeps is removed.
+    let ids = |d: &Dozen| -> Vec<String> {
+        let mut ids: Vec<String> = d
+            .tasks("web")
+            .iter()
+            .flat_map(|t| containers_of(t["task"].as_str()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = ids(&d);
+    assert_eq!(before.len(), 2);
+    let home = std::fs::read_to_string(d.data_dir().join("agent").join("home-id")).unwrap();
+    let stray = docker(&[
+        "create",
+        "--label",
+        &format!("dozen.home={}", home.trim()),
+        "--label",
+        "dozen.task=web-stray",
+        IMAGE,
+    ]);
+    d.kill_server();
+    d.start_server(true);
+    eventually(Duration::from_secs(30), "both tasks re-adopted", || {
+        let ps = d.json(&["ps"]);
+        let tasks = ps["tasks"].as_array()?;
+        (tasks.len() == 2 && tasks.iter().all(|t| t["status"]["adopted"] == true)).then_some(())
+    });
+    assert_eq!(ids(&d), before, "the same containers");
+    eventually(Duration::from_secs(20), "the stray is removed", || {
+        docker(&["ps", "-aq", "--filter", &format!("id={stray}")])
+            .is_empty()
+            .then_some(())
+    });
+    // The limits are on the containers.
+    let limits = docker(&[
+        "inspect",
+        "--format",
+        "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}",
+        &before[0],
+    ]);
+    assert_eq!(limits, "134217728 100000000 4096");
+
     d.ok(&["down"]);
-    eventually(
-        Duration::from_secs(30),
-        "every container dozen made is gone",
-        || containers_of(None).is_empty().then_some(()),
-    );
+    gone_after_down(&d);
     let left = docker(&["ps", "-aq", "--filter", &format!("id={stranger}")]);
     assert!(!left.is_empty(), "the stranger's container is left alone");
     docker(&["rm", "-f", &stranger]);
+}
+
+/// A container over its memory limit is killed by the kernel, and `ps` and `events` say so.
+#[test]
+fn a_container_over_its_memory_limit_says_it_ran_out_of_memory() {
+    if !engine_or_skip() {
+        return;
+    }
+    let bin = images::static_binaries(&["dozen-testapp"], &[]);
+    images::build(
+        IMAGE,
+        &[(bin.join("dozen-testapp"), "/testapp")],
+        "/testapp",
+    );
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "greedy"
+[services.eater]
+image = "{IMAGE}"
+port = false
+resources = {{ memory = "16MiB" }}
+[services.eater.env]
+ALLOC_MB = "256"
+"#
+        ),
+    );
+    d.ok(&["apply", "--no-wait"]);
+    let events = eventually(Duration::from_secs(60), "out of memory", || {
+        let events = d.ok(&["events", "eater"]);
+        events.contains("out of memory").then_some(events)
+    });
+    assert!(events.contains("raise `resources.memory`"), "{events}");
+    let ps = d.json(&["ps"]);
+    assert!(
+        ps["services"][0]["problems"]
+            .to_string()
+            .contains("out of memory"),
+        "{ps}"
+    );
+    d.ok(&["down"]);
+    gone_after_down(&d);
 }

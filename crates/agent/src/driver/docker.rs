@@ -27,6 +27,9 @@ pub const NAME: &str = "docker";
 /// Labels on every container dozen creates.
 pub const TASK_LABEL: &str = "dozen.task";
 pub const NODE_LABEL: &str = "dozen.node";
+/// The agent's data directory, by the id kept there: strays are what this agent made, never
+/// another agent's on the same host.
+pub const HOME_LABEL: &str = "dozen.home";
 
 /// The driver's part of a [`TaskHandle`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,19 +48,22 @@ impl Contained {
 
 pub struct DockerDriver {
     engine: Engine,
+    home: String,
     /// Whether the engine answered the last time it was asked, and what it said.
     seen: Arc<Mutex<(bool, String)>>,
 }
 
 impl DockerDriver {
-    /// The engine of `DOCKER_HOST` (a `unix://` path), else `/var/run/docker.sock`.
-    pub fn from_env() -> DockerDriver {
+    /// The engine of `DOCKER_HOST` (a `unix://` path), else `/var/run/docker.sock`, for the
+    /// agent whose data directory has the id `home`.
+    pub fn from_env(home: String) -> DockerDriver {
         let socket = std::env::var("DOCKER_HOST")
             .ok()
             .and_then(|h| h.strip_prefix("unix://").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"));
         DockerDriver {
             engine: Engine::new(socket),
+            home,
             seen: Arc::new(Mutex::new((false, "not asked yet".into()))),
         }
     }
@@ -163,6 +169,18 @@ fn rfc3339_ms(text: &str) -> Option<u64> {
     u64::try_from(((days * 86_400 + h * 3600 + min * 60 + s) * 1000) + millis).ok()
 }
 
+/// A query value with everything but unreserved characters percent-encoded.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn unix_seconds() -> u64 {
     crate::shim::wall_ms() / 1000
 }
@@ -213,7 +231,7 @@ impl Driver for DockerDriver {
         let mut body = json!({
             "Image": image,
             "Env": env,
-            "Labels": { TASK_LABEL: config.task, NODE_LABEL: config.node },
+            "Labels": { TASK_LABEL: config.task, NODE_LABEL: config.node, HOME_LABEL: self.home },
             "StopSignal": config.stop_signal,
             "StopTimeout": config.stop_timeout.as_secs().max(1),
         });
@@ -316,6 +334,40 @@ impl Driver for DockerDriver {
         .await;
         self.until_stopped(&contained.id).await;
         self.ended(&contained.id).await
+    }
+
+    async fn forget_strays(&self, _node: &str, kept: &[TaskHandle]) -> usize {
+        let keep: Vec<String> = kept
+            .iter()
+            .filter_map(Contained::of)
+            .map(|c| c.id)
+            .collect();
+        let filters = json!({ "label": [format!("{HOME_LABEL}={}", self.home)] }).to_string();
+        let path = format!(
+            "/containers/json?all=1&filters={}",
+            percent_encode(&filters)
+        );
+        let Ok(listed) = self.engine.call(Method::GET, &path, None).await else {
+            return 0;
+        };
+        let mut removed = 0;
+        for container in listed.as_array().into_iter().flatten() {
+            let Some(id) = container["Id"].as_str() else {
+                continue;
+            };
+            if keep.iter().any(|k| k == id) {
+                continue;
+            }
+            tracing::info!(container = %id, "removing a container no task of this node keeps");
+            let gone = self
+                .engine
+                .call(Method::DELETE, &format!("/containers/{id}?force=1"), None)
+                .await;
+            if gone.is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     fn stats(&self, _handle: &TaskHandle) -> TaskStats {

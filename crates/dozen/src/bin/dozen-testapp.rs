@@ -7,6 +7,7 @@
 //!   -> `hello from $DOZEN_TASK`
 //! - logs one line per request to stdout
 //! - `EXIT_AFTER_MS` / `EXIT_CODE`: exits on its own (to test crash handling)
+//! - `ALLOC_MB`: takes and touches that much memory at start (to meet a memory limit)
 //! - `EMIT_LINES=N`: prints N numbered lines at start
 //! - `GET /headers` -> the request headers; `GET /fetch/VAR/PATH` -> GET `$VAR/PATH` (service
 //!   discovery through the proxy)
@@ -165,6 +166,14 @@ fn answer(mut stream: TcpStream) {
 
 fn main() {
     handle_sigterm();
+    // ALLOC_MB: takes (and touches) that much memory at start, to meet a memory limit.
+    let _held: Vec<u8> = match std::env::var("ALLOC_MB")
+        .ok()
+        .and_then(|m| m.parse::<usize>().ok())
+    {
+        Some(mb) => vec![1u8; mb * 1024 * 1024],
+        None => Vec::new(),
+    };
     if let Ok(n) = std::env::var("EMIT_LINES") {
         for i in 0..n.parse::<u32>().unwrap_or(0) {
             println!("line {i}");
