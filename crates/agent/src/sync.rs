@@ -111,11 +111,28 @@ pub(crate) async fn heartbeat_loop(
     mut held: RegisterResponse,
 ) {
     let registration = registration(&shared, &address);
+    // What the node said it can run when it registered: a driver that comes or goes (an
+    // engine stopped, or back) is registered again, so placement follows it.
+    let mut registered = shared.drivers.available();
+    let mut refreshed = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(heartbeat_interval(&held)).await;
         registration.heartbeat(&mut held).await;
+        if refreshed.elapsed() >= DRIVERS_REFRESH {
+            refreshed = tokio::time::Instant::now();
+            shared.drivers.refresh().await;
+            let now = shared.drivers.available();
+            if now != registered {
+                tracing::info!(before = ?registered, now = ?now, "the node's drivers changed; registering again");
+                held = registration.register().await;
+                registered = now;
+            }
+        }
     }
 }
+
+/// How often the drivers look again whether they can run tasks here.
+const DRIVERS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Sends status changes in batches, with the events seen since; keeps the newest status per
 /// task, and the events, until the server has them.

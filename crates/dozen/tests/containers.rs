@@ -208,3 +208,123 @@ ALLOC_MB = "256"
     d.ok(&["down"]);
     gone_after_down(&d);
 }
+
+/// A unix socket that forwards to the real engine's, and can be cut: the engine "stops"
+/// for the agent without stopping the machine's engine.
+struct EngineSwitch {
+    path: std::path::PathBuf,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl EngineSwitch {
+    fn start(dir: &std::path::Path) -> EngineSwitch {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let path = dir.join("engine.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (on2, open2) = (on.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !on2.load(Ordering::SeqCst) {
+                    continue; // dropped: the caller sees the connection closed
+                }
+                let Ok(engine) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                let mut kept = open2.lock().unwrap();
+                kept.push(client.try_clone().unwrap());
+                kept.push(engine.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), engine.try_clone().unwrap()),
+                    (engine, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        EngineSwitch { path, on, open }
+    }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, std::sync::atomic::Ordering::SeqCst);
+        if !on {
+            for stream in self.open.lock().unwrap().drain(..) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Seen in the issue: with the engine stopped, image tasks must wait with the reason, nothing
+/// crashes, process tasks are untouched, and image tasks start once the engine is back.
+#[test]
+fn an_engine_that_stops_answering_holds_image_tasks_back_and_nothing_else() {
+    if !engine_or_skip() {
+        return;
+    }
+    let bin = images::static_binaries(&["dozen-testapp"], &[]);
+    images::build(
+        IMAGE,
+        &[(bin.join("dozen-testapp"), "/testapp")],
+        "/testapp",
+    );
+    let mut d = Dozen::new(DOZEN);
+    let switch = EngineSwitch::start(d.dir.path());
+    d.server_args = vec!["--no-proxy".into()];
+    d.server_env = vec![(
+        "DOCKER_HOST".into(),
+        format!("unix://{}", switch.path.display()),
+    )];
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "mixed"
+[services.boxed]
+image = "{IMAGE}"
+health = {{ http = "/healthz", interval = "200ms" }}
+[services.plain]
+command = "exec sleep 1000"
+port = false
+"#
+        ),
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    let plain_pid = d.tasks("plain")[0]["status"]["pid"].clone();
+
+    switch.set(false);
+    // The node says it has no engine now; a new image task waits, saying why.
+    eventually(
+        Duration::from_secs(30),
+        "the node lost its docker driver",
+        || {
+            let nodes = d.json(&["nodes"]);
+            (!nodes.to_string().contains("\"docker\"")).then_some(())
+        },
+    );
+    d.ok(&["scale", "boxed=2"]);
+    eventually(Duration::from_secs(30), "the reason in ps", || {
+        let ps = d.json(&["ps"]).to_string();
+        ps.contains("no live node has the `docker` driver")
+            .then_some(())
+    });
+    assert_eq!(
+        d.tasks("plain")[0]["status"]["pid"],
+        plain_pid,
+        "process tasks untouched"
+    );
+    assert_eq!(d.tasks("plain")[0]["status"]["state"], "running");
+
+    switch.set(true);
+    d.wait_ready("boxed", 2);
+    assert_eq!(d.tasks("plain")[0]["status"]["pid"], plain_pid);
+    d.ok(&["down"]);
+    gone_after_down(&d);
+}

@@ -96,3 +96,24 @@ pub fn engine_answers() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// Removes, best effort, every container an agent whose home id is `home` made.
+pub fn remove_containers_of(home: &str) {
+    let listed = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=dozen.home={home}")])
+        .output();
+    let Ok(listed) = listed else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .output();
+    }
+}

@@ -597,6 +597,23 @@ impl Dozen {
     }
 }
 
+/// The home ids of every agent data dir under `root` (their `home-id` files).
+fn agent_homes(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(id) = std::fs::read_to_string(dir.join("home-id")) {
+            out.push(id.trim().to_string());
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        stack.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    out
+}
+
 fn task_dirs(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -629,6 +646,10 @@ impl Drop for Dozen {
                 signal_group(t, "KILL");
             }
             signal(shim, "KILL");
+        }
+        // And the containers its agents made (a test that failed half-way left them).
+        for home in agent_homes(self.dir.path()) {
+            images::remove_containers_of(&home);
         }
     }
 }

@@ -104,17 +104,20 @@ impl DockerDriver {
         exit
     }
 
-    /// Resolves when container `id` is not running (or the engine stops answering).
+    /// Resolves when container `id` is not running, as the engine says it (a wait cut short
+    /// by an engine that went away is no answer: the engine is asked again once it is back).
     async fn until_stopped(&self, id: &str) {
-        let path = format!("/containers/{id}/wait?condition=not-running");
+        let wait = format!("/containers/{id}/wait?condition=not-running");
+        let inspect = format!("/containers/{id}/json");
         loop {
-            match self.engine.stream(Method::POST, &path).await {
-                Ok(body) => {
-                    let _ = http_body_util::BodyExt::collect(body).await;
-                    return;
+            if let Ok(body) = self.engine.stream(Method::POST, &wait).await {
+                let _ = http_body_util::BodyExt::collect(body).await;
+            }
+            match self.engine.call(Method::GET, &inspect, None).await {
+                Ok(v) if v["State"]["Running"].as_bool() == Some(true) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(EngineError::Refused { .. }) => return,
-                // The engine went away: ask again in a moment.
+                Ok(_) | Err(EngineError::Refused { .. }) => return,
                 Err(EngineError::Unreachable { .. }) => {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
