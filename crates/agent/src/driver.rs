@@ -142,6 +142,16 @@ pub trait Driver: Send + Sync + 'static {
     async fn recover(&self, dir: &Path, handle: Option<&TaskHandle>) -> Recovered;
     /// The task is gone for good: free what the driver keeps for it (limits, groups).
     fn release(&self, _task: &str) {}
+    /// Runs a `command` health check its own way (inside the container, say): None when the
+    /// driver has none and the check runs on the host, as the task's user.
+    async fn check(
+        &self,
+        _handle: &TaskHandle,
+        _argv: &[String],
+        _timeout: Duration,
+    ) -> Option<Result<(), String>> {
+        None
+    }
     /// Looks again whether the driver can run tasks here (an engine that answers, say), for
     /// [`Driver::fingerprint`].
     async fn refresh(&self) {}

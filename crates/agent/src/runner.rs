@@ -456,13 +456,22 @@ impl Runner {
                     next_probe = None;
                     let Some(c) = &check else { continue };
                     probes += 1;
+                    // A driver may run a command check its own way (inside its container).
+                    let own = match &c.kind {
+                        dozen_spec::HealthKind::Command { argv } => {
+                            let timeout = Duration::from_millis(c.timeout_ms.max(1));
+                            driver.check(&handle, argv, timeout).await
+                        }
+                        _ => None,
+                    };
                     let context = match c.kind {
                         dozen_spec::HealthKind::Command { .. } => self.command_context(),
                         _ => Ok(CommandContext::default()),
                     };
-                    let result = match context {
-                        Ok(context) => self.shared.prober.probe(c, self.record.port, &context).await,
-                        Err(why) => Err(why),
+                    let result = match (own, context) {
+                        (Some(result), _) => result,
+                        (None, Ok(context)) => self.shared.prober.probe(c, self.record.port, &context).await,
+                        (None, Err(why)) => Err(why),
                     };
                     match result {
                         Ok(()) => {

@@ -328,3 +328,46 @@ port = false
     d.ok(&["down"]);
     gone_after_down(&d);
 }
+
+/// A `command` health check of an image task runs inside its container (`/testapp` exists
+/// only there), and its failure is the task's reason.
+#[test]
+fn command_health_checks_run_inside_the_container() {
+    if !engine_or_skip() {
+        return;
+    }
+    let bin = images::static_binaries(&["dozen-testapp"], &[]);
+    images::build(
+        IMAGE,
+        &[(bin.join("dozen-testapp"), "/testapp")],
+        "/testapp",
+    );
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "checked"
+[services.good]
+image = "{IMAGE}"
+port = false
+health = {{ command = ["/testapp", "exit", "0"], interval = "200ms" }}
+[services.bad]
+image = "{IMAGE}"
+port = false
+health = {{ command = ["/testapp", "exit", "3"], interval = "200ms", unhealthy_threshold = 2 }}
+"#
+        ),
+    );
+    d.ok(&["apply", "--no-wait"]);
+    d.wait_ready("good", 1);
+    let events = eventually(Duration::from_secs(30), "the bad check's reason", || {
+        let events = d.ok(&["events", "bad"]);
+        events.contains("health check failed").then_some(events)
+    });
+    assert!(events.contains("exited with exit status: 3"), "{events}");
+    d.ok(&["down"]);
+    gone_after_down(&d);
+}

@@ -125,6 +125,42 @@ impl DockerDriver {
         }
     }
 
+    /// Runs `argv` inside container `id` (as its user), detached; Ok once it exits with 0.
+    async fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<(), String> {
+        let program = argv.first().cloned().unwrap_or_default();
+        let body = json!({ "Cmd": argv, "AttachStdout": false, "AttachStderr": false });
+        let created = self
+            .engine
+            .call(Method::POST, &format!("/containers/{id}/exec"), Some(&body))
+            .await
+            .map_err(|e| format!("health command `{program}`: {e}"))?;
+        let exec = created["Id"].as_str().unwrap_or_default().to_string();
+        let started = json!({ "Detach": true, "Tty": false });
+        self.engine
+            .call(Method::POST, &format!("/exec/{exec}/start"), Some(&started))
+            .await
+            .map_err(|e| format!("health command `{program}`: {e}"))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let state = self
+                .engine
+                .call(Method::GET, &format!("/exec/{exec}/json"), None)
+                .await
+                .map_err(|e| format!("health command `{program}`: {e}"))?;
+            if state["Running"].as_bool() != Some(true) {
+                return match state["ExitCode"].as_i64() {
+                    Some(0) => Ok(()),
+                    Some(code) => Err(format!("health command exited with exit status: {code}")),
+                    None => Err(format!("health command `{program}` did not run")),
+                };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("health command timed out".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn follow_output(&self, contained: &Contained, since_s: u64) {
         tokio::spawn(output::copy(
             self.engine.clone(),
@@ -371,6 +407,16 @@ impl Driver for DockerDriver {
             }
         }
         removed
+    }
+
+    async fn check(
+        &self,
+        handle: &TaskHandle,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Option<Result<(), String>> {
+        let contained = Contained::of(handle)?;
+        Some(self.exec(&contained.id, argv, timeout).await)
     }
 
     fn stats(&self, _handle: &TaskHandle) -> TaskStats {

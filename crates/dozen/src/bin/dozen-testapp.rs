@@ -8,6 +8,7 @@
 //! - logs one line per request to stdout
 //! - `EXIT_AFTER_MS` / `EXIT_CODE`: exits on its own (to test crash handling)
 //! - `ALLOC_MB`: takes and touches that much memory at start (to meet a memory limit)
+//! - `dozen-testapp exit N`: exits with code N at once (a `command` health check)
 //! - `EMIT_LINES=N`: prints N numbered lines at start
 //! - `GET /headers` -> the request headers; `GET /fetch/VAR/PATH` -> GET `$VAR/PATH` (service
 //!   discovery through the proxy)
@@ -165,6 +166,11 @@ fn answer(mut stream: TcpStream) {
 }
 
 fn main() {
+    // `dozen-testapp exit N`: ends at once with code N (a `command` health check).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("exit") {
+        std::process::exit(args.get(2).and_then(|c| c.parse().ok()).unwrap_or(0));
+    }
     handle_sigterm();
     // ALLOC_MB: takes (and touches) that much memory at start, to meet a memory limit.
     let _held: Vec<u8> = match std::env::var("ALLOC_MB")
