@@ -42,12 +42,20 @@ pub enum Workload {
     },
 }
 
-/// A host path made visible to the task.
+/// Storage made visible to the task at `target`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
-    pub source: PathBuf,
+    pub source: MountSource,
     pub target: PathBuf,
     pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSource {
+    /// A directory of the node.
+    HostPath(PathBuf),
+    /// A volume the driver's engine keeps, by name.
+    Volume(String),
 }
 
 /// What a driver needs to run one task generation, whatever the driver.

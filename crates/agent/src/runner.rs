@@ -8,7 +8,9 @@ use std::time::Duration;
 use dozen_model::{Assignment, DesiredState, TaskKind, TaskState, TaskStatus, SCHEMA};
 use tokio::sync::watch;
 
-use crate::driver::{Driver, ExitInfo, Recovered, TaskConfig, TaskHandle, Workload};
+use crate::driver::{
+    Driver, ExitInfo, Mount, MountSource, Recovered, TaskConfig, TaskHandle, Workload,
+};
 use crate::health::CommandContext;
 use crate::logs;
 use crate::{artifacts, env, os, shim, Shared, TaskRecord, REMOVED_MARKER, TASK_RECORD};
@@ -379,7 +381,20 @@ impl Runner {
             stop_signal: spec.stop_signal.clone(),
             stop_timeout: Duration::from_millis(spec.stop_timeout_ms),
             cwd,
-            mounts: Vec::new(),
+            // Named volumes are the stack's: two stacks' `data` are two volumes.
+            mounts: spec
+                .volumes
+                .iter()
+                .map(|v| Mount {
+                    source: if v.is_host_path() {
+                        MountSource::HostPath(PathBuf::from(&v.source))
+                    } else {
+                        MountSource::Volume(format!("{}_{}", a.stack, v.source))
+                    },
+                    target: PathBuf::from(&v.target),
+                    read_only: v.read_only,
+                })
+                .collect(),
             log: self.dir.join(shim::LOG),
         };
         self.record.handle = None;

@@ -371,3 +371,50 @@ health = {{ command = ["/testapp", "exit", "3"], interval = "200ms", unhealthy_t
     d.ok(&["down"]);
     gone_after_down(&d);
 }
+
+/// A named volume keeps its data across the containers of a service: a restart's new
+/// container counts on from where the old one was.
+#[test]
+fn a_named_volume_outlives_its_containers() {
+    if !engine_or_skip() {
+        return;
+    }
+    let bin = images::static_binaries(&["dozen-testapp"], &[]);
+    images::build(
+        IMAGE,
+        &[(bin.join("dozen-testapp"), "/testapp")],
+        "/testapp",
+    );
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    // A stack name of its own: its volume is `<stack>_data`.
+    let stack = format!("vol{}", std::process::id());
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "{stack}"
+[services.db]
+image = "{IMAGE}"
+# A fresh named volume belongs to root.
+user = "root"
+volumes = ["data:/data"]
+health = {{ http = "/healthz", interval = "200ms" }}
+[services.db.env]
+COUNT_FILE = "/data/count"
+"#
+        ),
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    eventually(Duration::from_secs(20), "the first start", || {
+        d.ok(&["logs", "db"]).contains("start 1").then_some(())
+    });
+    d.ok(&["restart", "db", "--wait", "--timeout", "60s"]);
+    eventually(Duration::from_secs(20), "the count goes on", || {
+        d.ok(&["logs", "db"]).contains("start 2").then_some(())
+    });
+    d.ok(&["down"]);
+    gone_after_down(&d);
+    docker(&["volume", "rm", &format!("{stack}_data")]);
+}

@@ -4,14 +4,14 @@
 use crate::node::{Entry, Node, Val};
 use crate::validate::Diag;
 
-/// Keys only a compose file has: at the top level, and in a service.
+/// Keys only a compose file has: at the top level, and in a service (a service's `volumes`
+/// is dozen's too).
 const COMPOSE_TOP: &[&str] = &["version", "volumes", "networks", "configs", "secrets"];
 const COMPOSE_SERVICE: &[&str] = &[
     "ports",
     "environment",
     "depends_on",
     "build",
-    "volumes",
     "container_name",
     "restart",
     "networks",

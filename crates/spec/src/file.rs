@@ -97,6 +97,10 @@ pub struct ServiceFile {
     /// Services this one calls; each is passed as `<NAME>_URL` pointing through the proxy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<String>,
+    /// Image services: storage kept across replacements, `SOURCE:TARGET[:ro]` with a volume
+    /// name or an absolute host path, e.g. `["data:/var/lib/data", "/srv/up:/up:ro"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
 }
 
 /// A command line.

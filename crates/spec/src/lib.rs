@@ -21,6 +21,7 @@ mod plan;
 mod types;
 mod units;
 mod validate;
+mod volumes;
 
 use std::path::Path;
 

@@ -40,6 +40,26 @@ pub struct Service {
     /// Services this one calls: each becomes `<NAME>_URL`, through the proxy.
     #[serde(default)]
     pub uses: Vec<String>,
+    /// Storage a container keeps across its replacements (image services only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+}
+
+/// A volume of a container: a named volume of the node's engine (kept per stack) or a host
+/// directory, at `target` in the container.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
+pub struct Volume {
+    pub source: String,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Volume {
+    /// A host directory (an absolute path), not a named volume.
+    pub fn is_host_path(&self) -> bool {
+        self.source.starts_with('/')
+    }
 }
 
 /// The driver that runs host commands (under a shim).
@@ -82,6 +102,7 @@ impl Default for Service {
             on_disconnect: OnDisconnect::Keep,
             deregistration_delay_ms: DEFAULT_DEREGISTRATION_DELAY_MS,
             uses: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 }

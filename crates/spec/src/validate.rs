@@ -47,6 +47,7 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "stop_after",
     "deregistration_delay",
     "uses",
+    "volumes",
 ];
 pub(crate) const HEALTH_KEYS: &[&str] = &[
     "http",
@@ -123,7 +124,7 @@ impl Validator {
         }
     }
 
-    fn err(&mut self, loc: Loc, message: impl Into<String>, hint: impl Into<String>) {
+    pub(crate) fn err(&mut self, loc: Loc, message: impl Into<String>, hint: impl Into<String>) {
         self.diags.push(Diag::new(loc, message, hint));
     }
 
@@ -490,6 +491,7 @@ impl Validator {
                     }
                 }
                 "uses" => self.uses(e, &se.key, &mut svc),
+                "volumes" => crate::volumes::check(self, e, &mut svc),
                 _ => self.diags.push(unknown_key(
                     e,
                     SERVICE_KEYS,
@@ -519,6 +521,7 @@ impl Validator {
                     "pick one: `command` runs a process (from the artifact), `image` runs a container",
                 );
             }
+            (Some(c), None) if !svc.volumes.is_empty() => self.err(c.key_loc, format!("service `{}` has `volumes` but runs a host command", se.key), "volumes are for image services: a host command reads the host's files where they are"),
             _ => {}
         }
 

@@ -780,3 +780,35 @@ fn a_docker_compose_file_is_named_as_one() {
     let errs = yaml_errors("version: \"3.8\"\nservices:\n  web:\n    image: nginx\n");
     expect(&errs, "compose file (`version`", 1, 1);
 }
+
+#[test]
+fn volumes_parse_and_bad_ones_are_named() {
+    let image = |extra: &str| {
+        format!("name = \"s\"\n[services.db]\nimage = \"db:1\"\nport = false\n{extra}")
+    };
+    let s = parse_str(
+        &image("volumes = [\"data:/var/lib/data\", \"/srv/up:/up:ro\"]\n"),
+        "f",
+        Format::Toml,
+        None,
+    )
+    .unwrap();
+    let v = &s.services["db"].volumes;
+    assert_eq!(
+        (v[0].source.as_str(), v[0].target.as_str(), v[0].read_only),
+        ("data", "/var/lib/data", false)
+    );
+    assert!(v[1].is_host_path() && v[1].read_only);
+    let errs = errors(&image("volumes = [\"data:relative\"]\n"));
+    expect(&errs, "is not an absolute path", 5, 12);
+    let errs = errors(&image("volumes = [\"../x:/x\"]\n"));
+    expect(
+        &errs,
+        "neither a volume name nor an absolute host path",
+        5,
+        12,
+    );
+    let errs = errors(&with("volumes = [\"data:/data\"]\n"));
+    let e = expect(&errs, "has `volumes` but runs a host command", 3, 1);
+    assert!(e.hint.unwrap().contains("image services"));
+}

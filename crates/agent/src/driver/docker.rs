@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    Driver, DriverError, DriverInfo, ExitInfo, Recovered, TaskConfig, TaskHandle, TaskStats,
-    Workload,
+    Driver, DriverError, DriverInfo, ExitInfo, MountSource, Recovered, TaskConfig, TaskHandle,
+    TaskStats, Workload,
 };
 
 mod engine;
@@ -294,6 +294,20 @@ impl Driver for DockerDriver {
                 ))
             })?;
             body["User"] = json!(format!("{uid}:{gid}"));
+        }
+        let mounts: Vec<Value> = config
+            .mounts
+            .iter()
+            .map(|m| {
+                let (kind, source) = match &m.source {
+                    MountSource::HostPath(path) => ("bind", path.display().to_string()),
+                    MountSource::Volume(name) => ("volume", name.clone()),
+                };
+                json!({ "Type": kind, "Source": source, "Target": m.target, "ReadOnly": m.read_only })
+            })
+            .collect();
+        if !mounts.is_empty() {
+            host["Mounts"] = json!(mounts);
         }
         body["HostConfig"] = host;
         let name = format!("dozen-{}-{}", config.task, crate::random_id());

@@ -9,6 +9,7 @@
 //! - `EXIT_AFTER_MS` / `EXIT_CODE`: exits on its own (to test crash handling)
 //! - `ALLOC_MB`: takes and touches that much memory at start (to meet a memory limit)
 //! - `dozen-testapp exit N`: exits with code N at once (a `command` health check)
+//! - `COUNT_FILE`: counts its starts in that file and prints `start N`
 //! - `EMIT_LINES=N`: prints N numbered lines at start
 //! - `GET /headers` -> the request headers; `GET /fetch/VAR/PATH` -> GET `$VAR/PATH` (service
 //!   discovery through the proxy)
@@ -180,6 +181,19 @@ fn main() {
         Some(mb) => vec![1u8; mb * 1024 * 1024],
         None => Vec::new(),
     };
+    // COUNT_FILE: counts its starts in that file, and says the count (data that must outlive
+    // the process, in a volume).
+    if let Ok(path) = std::env::var("COUNT_FILE") {
+        let count = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        match std::fs::write(&path, count.to_string()) {
+            Ok(()) => println!("start {count}"),
+            Err(e) => eprintln!("cannot write {path}: {e}"),
+        }
+    }
     if let Ok(n) = std::env::var("EMIT_LINES") {
         for i in 0..n.parse::<u32>().unwrap_or(0) {
             println!("line {i}");
