@@ -68,6 +68,8 @@ pub struct AgentConfig {
     /// Who runs the tasks whose service names no `user`: None, the agent's own user. An agent
     /// running as root gives them an unprivileged user, so a task cannot read dozen's keys.
     pub task_user: Option<String>,
+    /// The node's labels (`--label`), for services' `node_labels`.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What the agent keeps on disk beside a task's shim files.

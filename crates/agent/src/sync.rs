@@ -97,7 +97,7 @@ fn node_record(shared: &Shared, address: &str) -> NodeRecord {
             cpu_millis: shared.config.cpu_millis,
             memory_bytes: shared.config.memory_bytes,
         },
-        labels: BTreeMap::new(),
+        labels: shared.config.labels.clone(),
         drivers: shared.drivers.available(),
         agent_instance: shared.instance.clone(),
         registered_at_ms: shim::wall_ms(),

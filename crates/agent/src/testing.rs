@@ -316,6 +316,7 @@ impl Harness {
                 proxy_internal_url: "http://127.0.0.1:7781".into(),
                 cgroup_root: PathBuf::from("/nonexistent"),
                 task_user: None,
+                labels: Default::default(),
             },
             // Never called: the tasks under test have no artifact to fetch.
             client: Client::new("http://127.0.0.1:9", ""),

@@ -28,6 +28,7 @@ pub fn node_views(snap: &Snapshot, judging: bool) -> Vec<NodeView> {
                 name: n.record.name.clone(),
                 capacity: n.record.resources.clone(),
                 drivers: n.record.drivers.clone(),
+                labels: n.record.labels.clone(),
                 alive,
                 down: !alive && judging,
             }
@@ -319,6 +320,8 @@ impl Controller {
                 cpu_millis: release.spec.resources.cpu_millis,
                 memory_bytes: release.spec.resources.memory_bytes,
                 driver: release.spec.driver().to_string(),
+                node: release.spec.node.clone(),
+                node_labels: release.spec.node_labels.clone(),
                 routed: release.spec.port,
                 deregistration_delay_ms: release.spec.deregistration_delay_ms,
             };

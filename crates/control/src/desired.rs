@@ -512,6 +512,8 @@ pub async fn run_oneoff(store: &dyn Store, service: &str, argv: Vec<String>) -> 
     let used = dozen_scheduler::usage(&all);
     let needs = dozen_scheduler::Needs {
         driver: release.spec.driver(),
+        node: release.spec.node.as_deref(),
+        labels: &release.spec.node_labels,
         cpu_millis: release.spec.resources.cpu_millis,
         memory_bytes: release.spec.resources.memory_bytes,
     };

@@ -56,6 +56,17 @@ pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
                     format!("{} MiB", n.node.resources.memory_bytes / (1024 * 1024)),
                     n.tasks.to_string(),
                     n.node.drivers.join(","),
+                    if n.node.labels.is_empty() {
+                        "-".into()
+                    } else {
+                        let labels: Vec<String> = n
+                            .node
+                            .labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect();
+                        labels.join(",")
+                    },
                     age(Some(n.node.registered_at_ms)),
                 ]
             })
@@ -69,6 +80,7 @@ pub async fn nodes(global: &Global) -> anyhow::Result<i32> {
                 "MEMORY",
                 "TASKS",
                 "DRIVERS",
+                "LABELS",
                 "REGISTERED",
             ],
             &rows,

@@ -10,6 +10,7 @@ mod commands;
 mod events;
 mod identity;
 mod inventory;
+mod node_flags;
 mod oneoff;
 mod output;
 mod serve;

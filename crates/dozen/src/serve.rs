@@ -164,6 +164,10 @@ pub struct NodeArgs {
     /// uid or uid:gid; `root` keeps tasks as root.
     #[arg(long, env = "DOZEN_TASK_USER")]
     pub task_user: Option<String>,
+    /// A label of this node, KEY=VALUE (repeat for more): services that ask for it with
+    /// `node_labels` run only on nodes that have it.
+    #[arg(long = "label", value_parser = crate::node_flags::parse_label)]
+    pub labels: Vec<(String, String)>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -267,31 +271,9 @@ fn agent_config(
         cgroup_root: node.cgroup_root.clone(),
         host: node.advertise_host.clone(),
         proxy_internal_url: node.proxy_internal_url.clone(),
-        task_user: task_user(node.task_user.as_deref())?,
+        task_user: crate::node_flags::task_user(node.task_user.as_deref())?,
+        labels: node.labels.iter().cloned().collect(),
     })
-}
-
-/// The user tasks run as when their service names none (see `--task-user`).
-fn task_user(given: Option<&str>) -> anyhow::Result<Option<String>> {
-    let user = match given {
-        Some(user) => user.to_string(),
-        // `nobody`, or its conventional numbers where no account names them (a minimal
-        // container without /etc/passwd).
-        None if dozen_agent::os::effective_uid() == 0 => {
-            match dozen_agent::os::lookup_user("nobody") {
-                Some(_) => "nobody".to_string(),
-                None => "65534:65534".to_string(),
-            }
-        }
-        None => return Ok(None),
-    };
-    if dozen_agent::os::lookup_user(&user).is_none() {
-        anyhow::bail!(
-            "the task user `{user}` does not exist on this host; create it, or name another \
-             unprivileged user with --task-user (a name, uid or uid:gid; `root` runs tasks as root)"
-        );
-    }
-    Ok(Some(user))
 }
 
 /// Binds the proxy's public and internal listeners, naming the flags when that fails.

@@ -757,3 +757,57 @@ user = "root"
     assert!(!logs.contains(&d.token()), "{logs}");
     assert!(readable_by_others(&d.data_dir()).is_empty());
 }
+
+/// `node` and `node_labels` keep a service on the nodes it names: a database beside its
+/// data. `dozen nodes` shows each node's labels.
+#[test]
+fn placement_constraints_keep_services_on_their_nodes() {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args = vec!["--no-proxy".into()];
+    d.start_server(true);
+    d.agent_args = vec!["--label".into(), "disk=ssd".into()];
+    d.start_agent("node-b");
+    d.write(
+        "dozen.toml",
+        r#"
+name = "placed"
+[services.db]
+command = "exec sleep 1000"
+port = false
+replicas = 2
+node_labels = { disk = "ssd" }
+[services.cron]
+command = "exec sleep 1000"
+port = false
+node = "node-a"
+[services.nowhere]
+command = "exec sleep 1000"
+port = false
+node = "node-z"
+"#,
+    );
+    d.ok(&["apply", "--no-wait"]);
+    d.wait_ready("db", 2);
+    d.wait_ready("cron", 1);
+    let nodes_of = |service: &str| -> Vec<String> {
+        d.tasks(service)
+            .iter()
+            .map(|t| t["node"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(nodes_of("db"), ["node-b", "node-b"]);
+    assert_eq!(nodes_of("cron"), ["node-a"]);
+    let ps = d.json(&["ps"]).to_string();
+    assert!(
+        ps.contains("it must run on node `node-z` (`node`), which is not a live node"),
+        "{ps}"
+    );
+    let nodes = d.ok(&["nodes"]);
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.starts_with("node-b") && l.contains("disk=ssd")),
+        "{nodes}"
+    );
+    d.ok(&["down"]);
+}

@@ -37,6 +37,8 @@ pub struct NodeView {
     pub capacity: NodeResources,
     /// The drivers the node's agent can run tasks with (its fingerprint).
     pub drivers: Vec<String>,
+    /// What its agent was started with (`--label`), for placement constraints.
+    pub labels: BTreeMap<String, String>,
     /// Holds a live lease (heartbeats arrive): new tasks may go there.
     pub alive: bool,
     /// Missed its lease and is judged: its service tasks no longer count, and are replaced
@@ -115,6 +117,10 @@ pub struct ServiceView {
     pub memory_bytes: u64,
     /// The driver its tasks need (`process`, `docker`).
     pub driver: String,
+    /// Only this node may run its tasks.
+    pub node: Option<String>,
+    /// Only nodes with all these labels may.
+    pub node_labels: BTreeMap<String, String>,
     /// Reachable through the proxy: its tasks leave routing before they stop.
     pub routed: bool,
     pub deregistration_delay_ms: u64,
@@ -182,6 +188,10 @@ pub fn usage(tasks: &[&TaskView]) -> BTreeMap<String, NodeResources> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Needs<'a> {
     pub driver: &'a str,
+    /// Only this node.
+    pub node: Option<&'a str>,
+    /// Only nodes with all these labels.
+    pub labels: &'a BTreeMap<String, String>,
     pub cpu_millis: u32,
     pub memory_bytes: u64,
 }
@@ -198,6 +208,7 @@ pub fn place<'a>(
     nodes
         .iter()
         .filter(|n| n.alive && n.drivers.iter().any(|d| d == needs.driver))
+        .filter(|n| allowed(n, needs))
         .filter_map(|n| {
             let u = used.get(&n.name).cloned().unwrap_or_default();
             let free_cpu = n.capacity.cpu_millis.checked_sub(u.cpu_millis)?;
@@ -218,6 +229,21 @@ pub fn why_unplaceable(nodes: &[NodeView], needs: &Needs) -> String {
     if live.is_empty() {
         return "cannot place a task: no live node (start an agent, or see `dozen nodes`)".into();
     }
+    let live: Vec<&NodeView> = live.into_iter().filter(|n| allowed(n, needs)).collect();
+    if live.is_empty() {
+        return match needs.node {
+            Some(node) => format!(
+                "cannot place a task: it must run on node `{node}` (`node`), which is not a live \
+                 node{}",
+                labels_said(needs.labels, " with")
+            ),
+            None => format!(
+                "cannot place a task: no live node has the labels {} (`node_labels`; `dozen \
+                 agent --label KEY=VALUE` gives a node labels)",
+                labels_said(needs.labels, "").trim()
+            ),
+        };
+    }
     if !live
         .iter()
         .any(|n| n.drivers.iter().any(|d| d == needs.driver))
@@ -235,6 +261,20 @@ pub fn why_unplaceable(nodes: &[NodeView], needs: &Needs) -> String {
         needs.memory_bytes / (1024 * 1024),
         live.len()
     )
+}
+
+/// Whether node `n` meets the placement constraints of `needs`.
+fn allowed(n: &NodeView, needs: &Needs) -> bool {
+    needs.node.is_none_or(|want| n.name == want)
+        && needs.labels.iter().all(|(k, v)| n.labels.get(k) == Some(v))
+}
+
+fn labels_said(labels: &BTreeMap<String, String>, lead: &str) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let said: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{lead} {}", said.join(", "))
 }
 
 /// One step of the service controller for one service.
@@ -388,6 +428,8 @@ pub fn reconcile(
         }
         let needs = Needs {
             driver: &service.driver,
+            node: service.node.as_deref(),
+            labels: &service.node_labels,
             cpu_millis: service.cpu_millis,
             memory_bytes: service.memory_bytes,
         };

@@ -8,6 +8,7 @@ fn node(name: &str, alive: bool) -> NodeView {
             memory_bytes: 8 << 30,
         },
         drivers: vec!["process".into()],
+        labels: BTreeMap::new(),
         alive,
         down: !alive,
     }
@@ -23,6 +24,8 @@ fn svc(replicas: u32) -> ServiceView {
         cpu_millis: 100,
         memory_bytes: 128 << 20,
         driver: "process".into(),
+        node: None,
+        node_labels: BTreeMap::new(),
         routed: false,
         deregistration_delay_ms: 1000,
     }
@@ -514,5 +517,46 @@ fn without_room_an_unhealthy_task_goes_after_the_stated_wait_one_at_a_time() {
         stops(&d),
         ["t1"],
         "the longest unhealthy first, and only one"
+    );
+}
+
+/// `node` and `node_labels` keep a service's tasks on the nodes it names, and say why when
+/// none is there.
+#[test]
+fn placement_constraints_pick_the_named_node_or_the_labelled_ones() {
+    let mut ssd = node("b", true);
+    ssd.labels.insert("disk".into(), "ssd".into());
+    let nodes = [node("a", true), ssd, node("c", true)];
+    let mut s = svc(2);
+    s.node = Some("c".into());
+    let d = reconcile(&s, &[], &[], &nodes, Clock::default());
+    assert_eq!(
+        d.actions,
+        [
+            Action::Create { node: "c".into() },
+            Action::Create { node: "c".into() }
+        ]
+    );
+    let mut s = svc(1);
+    s.node_labels.insert("disk".into(), "ssd".into());
+    let d = reconcile(&s, &[], &[], &nodes, Clock::default());
+    assert_eq!(d.actions, [Action::Create { node: "b".into() }]);
+
+    s.node_labels.insert("zone".into(), "eu".into());
+    let d = reconcile(&s, &[], &[], &nodes, Clock::default());
+    assert!(d.actions.is_empty());
+    assert_eq!(
+        d.problems,
+        [
+            "web: cannot place a task: no live node has the labels disk=ssd, zone=eu \
+          (`node_labels`; `dozen agent --label KEY=VALUE` gives a node labels)"
+        ]
+    );
+    let mut s = svc(1);
+    s.node = Some("z".into());
+    let d = reconcile(&s, &[], &[], &nodes, Clock::default());
+    assert_eq!(
+        d.problems,
+        ["web: cannot place a task: it must run on node `z` (`node`), which is not a live node"]
     );
 }

@@ -101,6 +101,12 @@ pub struct ServiceFile {
     /// name or an absolute host path, e.g. `["data:/var/lib/data", "/srv/up:/up:ro"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
+    /// Only this node runs the service's tasks (a database beside its data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Only nodes whose agents have all these labels (`dozen agent --label disk=ssd`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
 }
 
 /// A command line.

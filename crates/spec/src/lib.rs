@@ -17,6 +17,7 @@ mod error;
 pub mod file;
 mod load;
 mod node;
+mod placement;
 mod plan;
 mod types;
 mod units;

@@ -43,6 +43,12 @@ pub struct Service {
     /// Storage a container keeps across its replacements (image services only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    /// Only this node may run its tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Only nodes with all these labels may run its tasks.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
 }
 
 /// A volume of a container: a named volume of the node's engine (kept per stack) or a host
@@ -103,6 +109,8 @@ impl Default for Service {
             deregistration_delay_ms: DEFAULT_DEREGISTRATION_DELAY_MS,
             uses: Vec::new(),
             volumes: Vec::new(),
+            node: None,
+            node_labels: BTreeMap::new(),
         }
     }
 }

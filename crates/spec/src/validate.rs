@@ -48,6 +48,8 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "deregistration_delay",
     "uses",
     "volumes",
+    "node",
+    "node_labels",
 ];
 pub(crate) const HEALTH_KEYS: &[&str] = &[
     "http",
@@ -492,6 +494,8 @@ impl Validator {
                 }
                 "uses" => self.uses(e, &se.key, &mut svc),
                 "volumes" => crate::volumes::check(self, e, &mut svc),
+                "node" => crate::placement::node(self, e, &mut svc),
+                "node_labels" => crate::placement::labels(self, e, &mut svc),
                 _ => self.diags.push(unknown_key(
                     e,
                     SERVICE_KEYS,

@@ -812,3 +812,20 @@ fn volumes_parse_and_bad_ones_are_named() {
     let e = expect(&errs, "has `volumes` but runs a host command", 3, 1);
     assert!(e.hint.unwrap().contains("image services"));
 }
+
+#[test]
+fn placement_constraints_parse() {
+    let s = parse_str(
+        &with("node = \"n2\"\nnode_labels = { disk = \"ssd\" }\n"),
+        "f",
+        Format::Toml,
+        None,
+    )
+    .unwrap();
+    let web = &s.services["web"];
+    assert_eq!(web.node.as_deref(), Some("n2"));
+    assert_eq!(web.node_labels["disk"], "ssd");
+    let errs = errors(&with("node_labels = { disk = 1 }\n"));
+    let e = expect(&errs, "label `disk` must be a string", 4, 24);
+    assert!(e.hint.unwrap().contains("disk = \"ssd\""));
+}

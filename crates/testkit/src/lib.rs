@@ -260,6 +260,8 @@ pub struct Dozen {
     pub server_args: Vec<String>,
     /// More environment for `dozen server` (`DOCKER_HOST`, say).
     pub server_env: Vec<(String, String)>,
+    /// More arguments for the next `dozen agent` started.
+    pub agent_args: Vec<String>,
     pub proxies: Vec<Child>,
 }
 
@@ -280,6 +282,7 @@ impl Dozen {
             proxy_internal_port: 0,
             server_args: Vec::new(),
             server_env: Vec::new(),
+            agent_args: Vec::new(),
             proxies: Vec::new(),
         }
     }
@@ -395,6 +398,7 @@ impl Dozen {
             .arg(name)
             .arg("--proxy-internal-url")
             .arg(format!("http://127.0.0.1:{}", self.proxy_internal_port))
+            .args(std::mem::take(&mut self.agent_args))
             .env("DOZEN_TOKEN", token)
             .env(
                 "DOZEN_DATA_DIR",
