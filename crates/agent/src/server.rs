@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dozen_api::tls::ConnectionInfo;
-use dozen_api::{bearer_token, paths, token_matches, LogLine, LogQuery, AUTHORIZATION};
+use dozen_api::{bearer_token, ndjson, paths, token_matches, LogLine, LogQuery, AUTHORIZATION};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
@@ -91,15 +91,9 @@ fn matching(shared: &Shared, q: &LogQuery) -> Vec<(PathBuf, String, String)> {
 fn encode(lines: &[LogLine]) -> Bytes {
     let mut out = Vec::new();
     for l in lines {
-        encode_into(&mut out, l);
+        ndjson::push_line(&mut out, l);
     }
     Bytes::from(out)
-}
-
-fn encode_into(out: &mut Vec<u8>, line: &LogLine) {
-    if serde_json::to_writer(&mut *out, line).is_ok() {
-        out.push(b'\n');
-    }
 }
 
 fn agent_logs(
@@ -140,9 +134,6 @@ fn agent_logs(
     ndjson(StreamBody::new(stream).boxed())
 }
 
-/// Most bytes of encoded lines sent at once.
-const CHUNK: usize = 64 * 1024;
-
 /// Sends the lines the query asks for that are written already, oldest first; returns where
 /// each log ends (for a follower), or None when the reader has gone.
 fn send_existing(
@@ -177,30 +168,14 @@ fn send_existing(
         .collect();
     let mut merge = logs::merged(readers);
     // With a tail as well as `since`, only the last lines matching are kept: at most `n`.
-    let mut kept = std::collections::VecDeque::new();
-    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut out = ndjson::Lines::new(q.tail);
     for line in merge.by_ref().filter(|l| l.ts_ms >= since) {
-        match q.tail {
-            Some(n) => {
-                kept.push_back(line);
-                if kept.len() > n {
-                    kept.pop_front();
-                }
-            }
-            None => {
-                encode_into(&mut chunk, &line);
-                if chunk.len() >= CHUNK {
-                    tx.blocking_send(Bytes::from(std::mem::take(&mut chunk)))
-                        .ok()?;
-                }
-            }
+        if let Some(chunk) = out.push(line) {
+            tx.blocking_send(Bytes::from(chunk)).ok()?;
         }
     }
-    for line in &kept {
-        encode_into(&mut chunk, line);
-    }
-    if !chunk.is_empty() {
-        tx.blocking_send(Bytes::from(chunk)).ok()?;
+    if let Some(rest) = out.finish() {
+        tx.blocking_send(Bytes::from(rest)).ok()?;
     }
     Some(paths.into_iter().zip(merge.ends()).collect())
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub mod agent;
 pub mod client;
 pub mod lease;
+pub mod ndjson;
 pub mod paths;
 pub mod serving;
 pub mod tls;

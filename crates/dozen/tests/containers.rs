@@ -10,14 +10,21 @@ use dozen_testkit::{eventually, http_get, Dozen};
 const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
 const IMAGE: &str = "dozen-test/testapp:latest";
 
-/// Fails in CI without an engine (it has one), skips elsewhere, saying so.
-fn engine_or_skip() -> bool {
-    if images::engine_answers() {
-        return true;
+/// Builds [`IMAGE`] (the static test app `FROM scratch`); false (the test skips) without an
+/// engine, which fails in CI (it has one).
+fn testapp_image() -> bool {
+    if !images::engine_answers() {
+        assert!(std::env::var_os("CI").is_none(), "CI has a Docker Engine");
+        eprintln!("skipped: no Docker Engine answers here (this test runs in CI)");
+        return false;
     }
-    assert!(std::env::var_os("CI").is_none(), "CI has a Docker Engine");
-    eprintln!("skipped: no Docker Engine answers here (this test runs in CI)");
-    false
+    let bin = images::static_binaries(&["dozen-testapp"], &[]);
+    images::build(
+        IMAGE,
+        &[(bin.join("dozen-testapp"), "/testapp")],
+        "/testapp",
+    );
+    true
 }
 
 /// Waits until every container this installation's agent made is gone (its home's label:
@@ -46,21 +53,14 @@ fn containers_of(task: Option<&str>) -> Vec<String> {
 
 #[test]
 fn image_tasks_run_as_containers_are_replaced_when_killed_and_removed_by_down() {
-    if !engine_or_skip() {
+    if !testapp_image() {
         return;
     }
-    let bin = images::static_binaries(&["dozen-testapp"], &[]);
-    images::build(
-        IMAGE,
-        &[(bin.join("dozen-testapp"), "/testapp")],
-        "/testapp",
-    );
     // A container dozen did not make: `down` leaves it alone.
     let stranger = docker(&["create", "--label", "dozen-test=1", IMAGE]);
 
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     d.write(
         "dozen.toml",
         &format!(
@@ -166,18 +166,11 @@ EMIT_LINES = "2"
 /// A container over its memory limit is killed by the kernel, and `ps` and `events` say so.
 #[test]
 fn a_container_over_its_memory_limit_says_it_ran_out_of_memory() {
-    if !engine_or_skip() {
+    if !testapp_image() {
         return;
     }
-    let bin = images::static_binaries(&["dozen-testapp"], &[]);
-    images::build(
-        IMAGE,
-        &[(bin.join("dozen-testapp"), "/testapp")],
-        "/testapp",
-    );
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     d.write(
         "dozen.toml",
         &format!(
@@ -265,23 +258,16 @@ impl EngineSwitch {
 /// crashes, process tasks are untouched, and image tasks start once the engine is back.
 #[test]
 fn an_engine_that_stops_answering_holds_image_tasks_back_and_nothing_else() {
-    if !engine_or_skip() {
+    if !testapp_image() {
         return;
     }
-    let bin = images::static_binaries(&["dozen-testapp"], &[]);
-    images::build(
-        IMAGE,
-        &[(bin.join("dozen-testapp"), "/testapp")],
-        "/testapp",
-    );
     let mut d = Dozen::new(DOZEN);
     let switch = EngineSwitch::start(d.dir.path());
-    d.server_args = vec!["--no-proxy".into()];
     d.server_env = vec![(
         "DOCKER_HOST".into(),
         format!("unix://{}", switch.path.display()),
     )];
-    d.start_server(true);
+    d.start_without_proxy();
     d.write(
         "dozen.toml",
         &format!(
@@ -333,18 +319,11 @@ port = false
 /// only there), and its failure is the task's reason.
 #[test]
 fn command_health_checks_run_inside_the_container() {
-    if !engine_or_skip() {
+    if !testapp_image() {
         return;
     }
-    let bin = images::static_binaries(&["dozen-testapp"], &[]);
-    images::build(
-        IMAGE,
-        &[(bin.join("dozen-testapp"), "/testapp")],
-        "/testapp",
-    );
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     d.write(
         "dozen.toml",
         &format!(
@@ -376,18 +355,11 @@ health = {{ command = ["/testapp", "exit", "3"], interval = "200ms", unhealthy_t
 /// container counts on from where the old one was.
 #[test]
 fn a_named_volume_outlives_its_containers() {
-    if !engine_or_skip() {
+    if !testapp_image() {
         return;
     }
-    let bin = images::static_binaries(&["dozen-testapp"], &[]);
-    images::build(
-        IMAGE,
-        &[(bin.join("dozen-testapp"), "/testapp")],
-        "/testapp",
-    );
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     // A stack name of its own: its volume is `<stack>_data`.
     let stack = format!("vol{}", std::process::id());
     d.write(

@@ -13,13 +13,12 @@ const APP: &str = env!("CARGO_BIN_EXE_dozen-testapp");
 
 fn server_with(stack: &str) -> Dozen {
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
     // A node without a container engine: image services have no driver here.
     d.server_env = vec![(
         "DOCKER_HOST".into(),
         "unix:///nonexistent/docker.sock".into(),
     )];
-    d.start_server(true);
+    d.start_without_proxy();
     d.write("dozen.toml", stack);
     d.ok(&["apply", "--no-wait"]);
     d

@@ -704,8 +704,7 @@ fn a_root_servers_tasks_run_unprivileged_and_cannot_read_the_token() {
         return;
     }
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     let app = d.path("app");
     std::fs::create_dir_all(&app).unwrap();
     let script = |name: &str, body: &str| {
@@ -763,8 +762,7 @@ user = "root"
 #[test]
 fn placement_constraints_keep_services_on_their_nodes() {
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     d.agent_args = vec!["--label".into(), "disk=ssd".into()];
     d.start_agent("node-b");
     d.write(

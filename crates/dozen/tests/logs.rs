@@ -47,8 +47,7 @@ port = false
 /// A server (with its agent, no proxy) running one service of shell `command`, applied.
 fn one_service(name: &str, command: &str) -> Dozen {
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     // A TOML literal string: the command's quotes and backslashes stay as they are.
     d.write(
         "dozen.toml",
@@ -66,12 +65,7 @@ fn a_task_writing_300_mb_keeps_within_its_log_cap_and_tails_come_fast() {
         "chatty",
         r#"L=$(head -c 999 /dev/zero | tr '\000' x); yes "$L" | head -c 300000000; echo; echo all-written; sleep 1000"#,
     );
-    eventually(Duration::from_secs(240), "300 MB written", || {
-        let out = d.cli(&["logs", "chatty", "--tail", "1"]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("all-written")
-            .then_some(())
-    });
+    until_written(&d, Duration::from_secs(240), "300 MB written");
     let on_disk = logs_on_disk(&d);
     assert!(
         on_disk <= 100 * 1024 * 1024,
@@ -140,6 +134,16 @@ fn a_very_long_line_is_cut_while_read_and_the_log_says_so() {
     );
 }
 
+/// Waits until the `chatty` task's last line says it wrote everything.
+fn until_written(d: &Dozen, within: Duration, what: &str) {
+    eventually(within, what, || {
+        let out = d.cli(&["logs", "chatty", "--tail", "1"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("all-written")
+            .then_some(())
+    });
+}
+
 /// Bytes of log files a service's tasks keep on disk.
 fn logs_on_disk(d: &Dozen) -> u64 {
     let tasks = d.data_dir().join("agent").join("tasks");
@@ -158,8 +162,7 @@ fn logs_on_disk(d: &Dozen) -> u64 {
 #[test]
 fn a_service_sets_its_own_log_cap() {
     let mut d = Dozen::new(DOZEN);
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     d.write(
         "dozen.toml",
         r#"
@@ -171,12 +174,7 @@ resources = { logs = "2MiB" }
 "#,
     );
     d.ok(&["apply"]);
-    eventually(Duration::from_secs(60), "20 MB written", || {
-        let out = d.cli(&["logs", "chatty", "--tail", "1"]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("all-written")
-            .then_some(())
-    });
+    until_written(&d, Duration::from_secs(60), "20 MB written");
     let on_disk = logs_on_disk(&d);
     assert!(
         on_disk <= 2 * 1024 * 1024,
@@ -199,8 +197,7 @@ fn a_full_disk_drops_and_counts_output_and_the_task_goes_on() {
     // Only the tasks' files on the small disk: the server keeps recording what it sees.
     std::fs::create_dir_all(d.data_dir().join("agent")).unwrap();
     std::os::unix::fs::symlink(disk.path(), d.data_dir().join("agent").join("tasks")).unwrap();
-    d.server_args = vec!["--no-proxy".into()];
-    d.start_server(true);
+    d.start_without_proxy();
     d.write(
         "dozen.toml",
         r#"

@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use bytes::Bytes;
+use dozen_api::ndjson::push_line;
 use dozen_api::EventQuery;
 use dozen_control::events::{self, Filter};
 use dozen_model::{decode, Event};
@@ -30,7 +31,7 @@ pub(crate) async fn events(
     let (listed, revision) = events::list(s.store.as_ref(), &filter).await?;
     let mut first = Vec::new();
     for event in &listed {
-        encode_into(&mut first, event);
+        push_line(&mut first, event);
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let _ = tx.try_send(Bytes::from(first));
@@ -56,7 +57,7 @@ pub(crate) async fn events(
                     }
                     if let Ok(event) = decode::<Event>(&e.kv.key, &e.kv.value) {
                         if filter.matches(&event) {
-                            encode_into(&mut out, &event);
+                            push_line(&mut out, &event);
                         }
                     }
                 }
@@ -73,10 +74,4 @@ pub(crate) async fn events(
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))
         .unwrap_or_default())
-}
-
-fn encode_into(out: &mut Vec<u8>, event: &Event) {
-    if serde_json::to_writer(&mut *out, event).is_ok() {
-        out.push(b'\n');
-    }
 }

@@ -195,8 +195,6 @@ async fn open(
 
 /// How long an agent may take to start answering, and to send each next piece.
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
-/// Most bytes of encoded lines sent at once.
-const CHUNK: usize = 64 * 1024;
 /// Longest line an agent may send: a stored line is at most 64 KiB and its prefix.
 const MAX_LINE: usize = 1024 * 1024;
 
@@ -267,8 +265,7 @@ async fn merge(s: &AppState, sources: &[Source], q: &LogQuery, tx: &mpsc::Sender
     for feed in &mut feeds {
         heads.push(feed.next().await);
     }
-    let mut kept = std::collections::VecDeque::new();
-    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut out = dozen_api::ndjson::Lines::new(q.tail);
     loop {
         let oldest = heads
             .iter()
@@ -280,33 +277,14 @@ async fn merge(s: &AppState, sources: &[Source], q: &LogQuery, tx: &mpsc::Sender
         let line = heads[i].take();
         heads[i] = feeds[i].next().await;
         let Some(line) = line else { continue };
-        match q.tail {
-            Some(n) => {
-                kept.push_back(line);
-                if kept.len() > n {
-                    kept.pop_front();
-                }
-            }
-            None => {
-                encode_into(&mut chunk, &line);
-                if chunk.len() >= CHUNK && tx.send(std::mem::take(&mut chunk).into()).await.is_err()
-                {
-                    return;
-                }
+        if let Some(chunk) = out.push(line) {
+            if tx.send(chunk.into()).await.is_err() {
+                return;
             }
         }
     }
-    for line in &kept {
-        encode_into(&mut chunk, line);
-    }
-    if !chunk.is_empty() {
-        let _ = tx.send(chunk.into()).await;
-    }
-}
-
-fn encode_into(out: &mut Vec<u8>, line: &LogLine) {
-    if serde_json::to_writer(&mut *out, line).is_ok() {
-        out.push(b'\n');
+    if let Some(rest) = out.finish() {
+        let _ = tx.send(rest.into()).await;
     }
 }
 

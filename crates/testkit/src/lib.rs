@@ -385,6 +385,12 @@ impl Dozen {
         });
     }
 
+    /// The server with its agent and no proxy (most tests reach tasks directly).
+    pub fn start_without_proxy(&mut self) {
+        self.server_args.push("--no-proxy".into());
+        self.start_server(true);
+    }
+
     /// Starts `dozen agent` as its own process, with its own data dir.
     pub fn start_agent(&mut self, name: &str) -> u32 {
         let token = self.token();
