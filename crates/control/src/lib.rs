@@ -18,6 +18,7 @@ pub mod leader;
 pub mod nodes;
 pub mod pki;
 pub mod proxies;
+pub mod registry;
 pub mod routes;
 pub mod servers;
 pub mod snapshot;
@@ -38,6 +39,9 @@ pub enum ControlError {
     LeaseLost(String),
     #[error("this server is not the leader any more")]
     LostLeadership,
+    /// A registry request refused in the OCI Distribution spec's terms.
+    #[error(transparent)]
+    Registry(#[from] dozen_model::registry::RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -200,6 +200,8 @@ macro_rules! record {
     };
 }
 
+pub mod registry;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct StackRecord {
     pub schema: u32,

@@ -45,41 +45,45 @@ pub(crate) async fn get_blob(
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let local_only = headers.contains_key(dozen_api::LOCAL_ONLY);
-    if let Some(file) = open(&s, &digest).await? {
-        return Ok(file_response(file));
-    }
-    if !local_only {
-        // Uploaded to another server: fetch it from there (streamed to disk and checked), one
-        // pull per blob at a time; who asks meanwhile waits and reads the copy.
-        let lock = {
-            let mut pulls = s.pulls.lock().unwrap_or_else(|p| p.into_inner());
-            pulls.entry(digest.clone()).or_default().clone()
-        };
-        let held = lock.lock().await;
-        let mut found = open(&s, &digest).await?;
-        if found.is_none() && crate::peers::fetch_blob(&s, &digest).await {
-            found = open(&s, &digest).await?;
+    let found = if headers.contains_key(dozen_api::LOCAL_ONLY) {
+        open(&s, &digest).await?
+    } else {
+        open_or_fetch(&s, &digest).await?
+    };
+    match found {
+        Some(file) => Ok(file_response(file)),
+        None => Err(ControlError::NotFound {
+            kind: "blob",
+            name: digest,
         }
-        drop(held);
-        {
-            let mut pulls = s.pulls.lock().unwrap_or_else(|p| p.into_inner());
-            if pulls
-                .get(&digest)
-                .is_some_and(|l| Arc::strong_count(l) <= 2)
-            {
-                pulls.remove(&digest);
-            }
-        }
-        if let Some(file) = found {
-            return Ok(file_response(file));
+        .into()),
+    }
+}
+
+/// The blob from this server's store or, uploaded to another server, fetched from there
+/// (streamed to disk and checked), one pull per blob at a time; who asks meanwhile waits and
+/// reads the copy.
+pub(crate) async fn open_or_fetch(s: &AppState, digest: &str) -> ApiResult<Option<std::fs::File>> {
+    if let Some(file) = open(s, digest).await? {
+        return Ok(Some(file));
+    }
+    let lock = {
+        let mut pulls = s.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        pulls.entry(digest.to_string()).or_default().clone()
+    };
+    let held = lock.lock().await;
+    let mut found = open(s, digest).await?;
+    if found.is_none() && crate::peers::fetch_blob(s, digest).await {
+        found = open(s, digest).await?;
+    }
+    drop(held);
+    {
+        let mut pulls = s.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if pulls.get(digest).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            pulls.remove(digest);
         }
     }
-    Err(ControlError::NotFound {
-        kind: "blob",
-        name: digest,
-    }
-    .into())
+    Ok(found)
 }
 
 async fn open(s: &AppState, digest: &str) -> ApiResult<Option<std::fs::File>> {
@@ -88,7 +92,7 @@ async fn open(s: &AppState, digest: &str) -> ApiResult<Option<std::fs::File>> {
 }
 
 /// The blob's bytes, read from disk as the client takes them (64 KiB at a time).
-fn file_response(file: std::fs::File) -> Response {
+pub(crate) fn file_response(file: std::fs::File) -> Response {
     let length = file.metadata().map(|m| m.len()).ok();
     let file = tokio::fs::File::from_std(file);
     let chunks = futures_util::stream::unfold(file, |mut file| async move {
@@ -174,9 +178,20 @@ pub async fn collect_once(
             dozen_model::decode(&kv.key, &kv.value).map_err(|e| e.to_string())?;
         keep.extend(release.artifact_digest);
     }
+    let store = state.store.as_ref();
+    keep.extend(
+        dozen_control::registry::kept_blobs(store)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     let blobs = state.blobs.clone();
-    tokio::task::spawn_blocking(move || blobs.collect(&keep, grace))
+    let removed = tokio::task::spawn_blocking(move || blobs.collect(&keep, grace))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let gone = removed.iter().cloned().collect();
+    dozen_control::registry::forget_blobs(store, &gone)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(removed)
 }

@@ -42,6 +42,9 @@ impl From<ControlError> for ApiFailure {
             ControlError::Store(StoreError::TooLarge { .. } | StoreError::TooManyOps { .. }) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ControlError::Registry(e) => {
+                StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ControlError::Store(_) | ControlError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

@@ -28,6 +28,7 @@ mod nodes;
 mod openapi;
 mod peers;
 mod pki;
+pub mod registry;
 mod routes;
 mod stacks;
 mod tasks;
@@ -64,6 +65,8 @@ pub struct AppState {
     /// One pull from a peer per blob at a time: the others wait for it and read the copy.
     pub(crate) pulls:
         std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The registry's blob uploads in progress on this server.
+    pub(crate) uploads: registry::Uploads,
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
             agent_tls: None,
             peer_client: None,
             pulls: Default::default(),
+            uploads: Default::default(),
             retention: Default::default(),
         }
     }
@@ -152,6 +156,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     public_routes()
         .merge(authenticated)
         .into_router()
+        .merge(registry::router(state.clone()))
         .with_state(state)
 }
 

@@ -41,6 +41,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// A writer that keeps `digest` once what is written to it hashes to that digest (and
     /// refuses more than `limit` bytes): content streams through, never whole into memory.
     fn writer(&self, digest: &str, limit: u64) -> Result<BlobWriter, BlobError>;
+    /// A writer for content whose digest is told only at the end ([`BlobWriter::commit_as`]):
+    /// a registry upload that comes in chunks.
+    fn upload(&self, limit: u64) -> Result<BlobWriter, BlobError>;
     /// Removes every blob not in `keep` that is older than `grace` (an upload waits that long
     /// for the release that will name it), and leftovers of interrupted writes; returns the
     /// digests removed.
@@ -71,6 +74,13 @@ impl FsBlobStore {
     }
 }
 
+/// A number for a temporary file of its own: two writes of the same blob at once (peers
+/// fetching a new bundle for several agents) must not write into one file.
+fn next_tmp() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Marks a blob as just wanted: a client that finds it present (and so does not upload it
 /// again) is about to name it in a release, and the collector must not take it meanwhile.
 fn touch(path: &std::path::Path) {
@@ -82,9 +92,10 @@ fn touch(path: &std::path::Path) {
 /// Content on its way into the store: written to a file of its own while hashed, kept under
 /// its digest by [`BlobWriter::commit`] if it matches, removed otherwise (also when dropped).
 pub struct BlobWriter {
+    /// Empty until known (an upload learns it at the end).
     digest: String,
     tmp: PathBuf,
-    path: PathBuf,
+    dir: PathBuf,
     file: Option<tokio::fs::File>,
     hasher: dozen_digest::Hasher,
     written: u64,
@@ -99,15 +110,24 @@ impl BlobWriter {
         }
     }
 
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), BlobError> {
         use tokio::io::AsyncWriteExt;
-        self.written += chunk.len() as u64;
-        if self.written > self.limit {
+        if self.written + chunk.len() as u64 > self.limit {
             return Err(BlobError::TooLarge {
-                digest: self.digest.clone(),
+                digest: if self.digest.is_empty() {
+                    "upload".into()
+                } else {
+                    self.digest.clone()
+                },
                 limit: self.limit,
             });
         }
+        self.written += chunk.len() as u64;
         self.hasher.update(chunk);
         let Some(file) = self.file.as_mut() else {
             return Ok(());
@@ -116,8 +136,17 @@ impl BlobWriter {
         written.map_err(self.io())
     }
 
+    /// Keeps the upload as `digest` if what was written is the content it names.
+    pub async fn commit_as(mut self, digest: &str) -> Result<u64, BlobError> {
+        dozen_digest::check(digest)?;
+        self.digest = digest.to_string();
+        self.commit().await
+    }
+
     /// Keeps the blob if what was written is the content its digest names.
     pub async fn commit(mut self) -> Result<u64, BlobError> {
+        let hex = dozen_digest::check(&self.digest)?;
+        let path = self.dir.join(format!("sha256-{hex}"));
         let Some(file) = self.file.take() else {
             return Ok(self.written);
         };
@@ -131,7 +160,7 @@ impl BlobWriter {
                 actual,
             });
         }
-        let renamed = tokio::fs::rename(&self.tmp, &self.path).await;
+        let renamed = tokio::fs::rename(&self.tmp, &path).await;
         renamed.map_err(self.io())?;
         Ok(self.written)
     }
@@ -162,9 +191,22 @@ impl BlobStore for FsBlobStore {
 
     fn writer(&self, digest: &str, limit: u64) -> Result<BlobWriter, BlobError> {
         let path = self.path(digest)?;
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("{}-{n}.partial", std::process::id()));
+        let mut writer = self.upload(limit)?;
+        writer.digest = digest.to_string();
+        // Named after its blob, for whoever looks in the directory meanwhile.
+        let tmp = path.with_extension(format!("{}-{}.partial", std::process::id(), next_tmp()));
+        if std::fs::rename(&writer.tmp, &tmp).is_ok() {
+            writer.tmp = tmp;
+        }
+        Ok(writer)
+    }
+
+    fn upload(&self, limit: u64) -> Result<BlobWriter, BlobError> {
+        let tmp = self.dir.join(format!(
+            "upload-{}-{}.partial",
+            std::process::id(),
+            next_tmp()
+        ));
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -174,9 +216,9 @@ impl BlobStore for FsBlobStore {
                 source,
             })?;
         Ok(BlobWriter {
-            digest: digest.to_string(),
+            digest: String::new(),
             tmp,
-            path,
+            dir: self.dir.clone(),
             file: Some(tokio::fs::File::from_std(file)),
             hasher: Default::default(),
             written: 0,
@@ -204,11 +246,7 @@ impl BlobStore for FsBlobStore {
             path: path.display().to_string(),
             source,
         };
-        // A temporary file of its own: two puts of the same blob at once (peers fetching a new
-        // bundle for several agents) must not write into one file.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("{}-{n}.partial", std::process::id()));
+        let tmp = path.with_extension(format!("{}-{}.partial", std::process::id(), next_tmp()));
         let written = (|| {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -298,6 +336,39 @@ mod tests {
             Err(BlobError::BadDigest(_))
         ));
         assert!(blobs.get(&sha256_digest(b"other")).unwrap().is_none());
+    }
+
+    /// A registry upload learns its digest at the end: kept only if the content matches, and
+    /// nothing is left behind either way.
+    #[tokio::test]
+    async fn an_upload_is_kept_under_the_digest_it_is_told_if_it_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobStore::new(dir.path().to_path_buf()).unwrap();
+        let mut up = blobs.upload(10).unwrap();
+        up.write(b"hello ").await.unwrap();
+        up.write(b"you").await.unwrap();
+        assert_eq!(up.written(), 9);
+        assert!(matches!(
+            up.write(b"!!").await,
+            Err(BlobError::TooLarge { .. })
+        ));
+        let wrong = sha256_digest(b"hello");
+        let mismatch = up.commit_as(&wrong).await;
+        assert!(
+            matches!(mismatch, Err(BlobError::Mismatch { .. })),
+            "{mismatch:?}"
+        );
+        assert!(!blobs.contains(&wrong).unwrap());
+        let mut up = blobs.upload(10).unwrap();
+        up.write(b"hello you").await.unwrap();
+        let right = sha256_digest(b"hello you");
+        assert_eq!(up.commit_as(&right).await.unwrap(), 9);
+        assert_eq!(blobs.get(&right).unwrap().unwrap(), b"hello you");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec![format!("sha256-{}", &right[7..])]);
     }
 
     /// Seen: blobs were never collected. Those no release names go once past their grace;

@@ -1,0 +1,314 @@
+//! The built-in registry's records over the store: which repository holds which blob and
+//! manifest, where tags point, the catalog, and what the blob collector must keep. The bytes
+//! themselves are the API server's blob store's; a handler stores them, then calls one of these.
+
+use std::collections::BTreeSet;
+
+use dozen_model::registry::{
+    keys, BlobLink, Code, ManifestRecord, ParsedManifest, Reference, RegistryError,
+    RepositoryRecord, TagRecord,
+};
+use dozen_model::{decode, encode, SCHEMA};
+use dozen_store::{Op, Store, Txn};
+
+use crate::{ControlError, Result};
+
+fn spec(code: Code, message: String) -> ControlError {
+    ControlError::Registry(RegistryError::new(code, message))
+}
+
+/// Records that `repo` holds the blob `digest` (pushed into it or mounted from another).
+pub async fn link_blob(store: &dyn Store, repo: &str, digest: &str, size: u64) -> Result<()> {
+    let link = BlobLink {
+        schema: SCHEMA,
+        size,
+        linked_at_ms: crate::wall_ms(),
+    };
+    store.put(&keys::blob(repo, digest), encode(&link)).await?;
+    Ok(())
+}
+
+/// The blob `digest` as `repo` holds it, if it does.
+pub async fn blob_link(store: &dyn Store, repo: &str, digest: &str) -> Result<Option<BlobLink>> {
+    let key = keys::blob(repo, digest);
+    match store.get(&key).await? {
+        Some(kv) => Ok(Some(decode(&key, &kv.value)?)),
+        None => Ok(None),
+    }
+}
+
+/// Removes the blob from `repo` (the bytes go with the next collection if nothing else needs
+/// them). Unknown: `BLOB_UNKNOWN`.
+pub async fn unlink_blob(store: &dyn Store, repo: &str, digest: &str) -> Result<()> {
+    let key = keys::blob(repo, digest);
+    let answer = store
+        .txn(
+            Txn::new()
+                .when(dozen_store::Compare::exists(&key))
+                .then(Op::delete(&key)),
+        )
+        .await?;
+    if answer.succeeded {
+        Ok(())
+    } else {
+        Err(spec(
+            Code::BlobUnknown,
+            format!("repository `{repo}` holds no blob {digest}"),
+        ))
+    }
+}
+
+/// Records a manifest whose bytes (hashing to `digest`) are in the blob store, under `repo`
+/// and, when `reference` is a tag, that tag. Everything it names must be in the repository
+/// already: a missing blob is `MANIFEST_BLOB_UNKNOWN` naming it, and nothing is recorded.
+pub async fn put_manifest(
+    store: &dyn Store,
+    repo: &str,
+    reference: &Reference,
+    digest: &str,
+    size: u64,
+    parsed: ParsedManifest,
+) -> Result<()> {
+    if let Reference::Digest(named) = reference {
+        if named != digest {
+            return Err(spec(
+                Code::DigestInvalid,
+                format!("the manifest was pushed as {named} but its content hashes to {digest}"),
+            ));
+        }
+    }
+    for blob in &parsed.blobs {
+        if store.get(&keys::blob(repo, blob)).await?.is_none() {
+            return Err(spec(
+                Code::ManifestBlobUnknown,
+                format!("the manifest names blob {blob}, which repository `{repo}` does not hold; push it first"),
+            ));
+        }
+    }
+    for child in &parsed.manifests {
+        if store.get(&keys::manifest(repo, child)).await?.is_none() {
+            return Err(spec(
+                Code::ManifestBlobUnknown,
+                format!("the index names manifest {child}, which repository `{repo}` does not hold; push it first"),
+            ));
+        }
+    }
+    let now = crate::wall_ms();
+    let record = ManifestRecord {
+        schema: SCHEMA,
+        repository: repo.to_string(),
+        digest: digest.to_string(),
+        media_type: parsed.media_type,
+        size,
+        references: parsed.blobs.into_iter().chain(parsed.manifests).collect(),
+        config: parsed.config,
+        pushed_at_ms: now,
+    };
+    let mut txn = Txn::new().then(Op::put(keys::manifest(repo, digest), encode(&record)));
+    if let Reference::Tag(tag) = reference {
+        let tag_record = TagRecord {
+            schema: SCHEMA,
+            digest: digest.to_string(),
+            pushed_at_ms: now,
+        };
+        txn = txn.then(Op::put(keys::tag(repo, tag), encode(&tag_record)));
+    }
+    if store.get(&keys::repository(repo)).await?.is_none() {
+        let repository = RepositoryRecord {
+            schema: SCHEMA,
+            created_at_ms: now,
+        };
+        txn = txn.then(Op::put(keys::repository(repo), encode(&repository)));
+    }
+    store.txn(txn).await?;
+    Ok(())
+}
+
+/// The manifest `reference` names in `repo`, if any.
+pub async fn resolve(
+    store: &dyn Store,
+    repo: &str,
+    reference: &Reference,
+) -> Result<Option<ManifestRecord>> {
+    let digest = match reference {
+        Reference::Digest(d) => d.clone(),
+        Reference::Tag(tag) => {
+            let key = keys::tag(repo, tag);
+            match store.get(&key).await? {
+                Some(kv) => decode::<TagRecord>(&key, &kv.value)?.digest,
+                None => return Ok(None),
+            }
+        }
+    };
+    let key = keys::manifest(repo, &digest);
+    match store.get(&key).await? {
+        Some(kv) => Ok(Some(decode(&key, &kv.value)?)),
+        None => Ok(None),
+    }
+}
+
+/// The tags of `repo`, sorted; `NAME_UNKNOWN` if no such repository.
+pub async fn tags(store: &dyn Store, repo: &str) -> Result<Vec<String>> {
+    if store.get(&keys::repository(repo)).await?.is_none() {
+        return Err(spec(
+            Code::NameUnknown,
+            format!("no repository `{repo}` in this registry"),
+        ));
+    }
+    let prefix = keys::tags(repo);
+    let found = store.range(&prefix).await?;
+    Ok(found
+        .kvs
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_string))
+        .collect())
+}
+
+/// Every repository, sorted.
+pub async fn catalog(store: &dyn Store) -> Result<Vec<String>> {
+    let prefix = keys::repositories();
+    let found = store.range(&prefix).await?;
+    Ok(found
+        .kvs
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_string))
+        .collect())
+}
+
+/// Deletes a tag, or a manifest by digest together with every tag pointing at it.
+pub async fn delete_manifest(store: &dyn Store, repo: &str, reference: &Reference) -> Result<()> {
+    let unknown = || {
+        spec(
+            Code::ManifestUnknown,
+            format!("repository `{repo}` has no manifest {}", shown(reference)),
+        )
+    };
+    let txn = match reference {
+        Reference::Tag(tag) => {
+            let key = keys::tag(repo, tag);
+            Txn::new()
+                .when(dozen_store::Compare::exists(&key))
+                .then(Op::delete(key))
+        }
+        Reference::Digest(digest) => {
+            let key = keys::manifest(repo, digest);
+            let current = store.get(&key).await?.ok_or_else(unknown)?;
+            let mut txn = Txn::new()
+                .when(dozen_store::Compare::mod_revision(
+                    &key,
+                    current.mod_revision,
+                ))
+                .then(Op::delete(&key));
+            let prefix = keys::tags(repo);
+            for kv in store.range(&prefix).await?.kvs {
+                if decode::<TagRecord>(&kv.key, &kv.value)?.digest == *digest {
+                    txn = txn.then(Op::delete(kv.key));
+                }
+            }
+            txn
+        }
+    };
+    if store.txn(txn).await?.succeeded {
+        Ok(())
+    } else {
+        Err(unknown())
+    }
+}
+
+fn shown(reference: &Reference) -> String {
+    match reference {
+        Reference::Tag(t) => format!("tagged `{t}`"),
+        Reference::Digest(d) => d.clone(),
+    }
+}
+
+/// Every blob a manifest of any repository needs (the manifests themselves, their configs,
+/// layers and indexed manifests): the blob collector keeps these.
+pub async fn kept_blobs(store: &dyn Store) -> Result<BTreeSet<String>> {
+    let mut keep = BTreeSet::new();
+    for kv in store.range(&keys::all()).await?.kvs {
+        if let Some((_, "_manifests", _)) = keys::parse(&kv.key) {
+            let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+            keep.insert(record.digest);
+            keep.extend(record.references);
+        }
+    }
+    Ok(keep)
+}
+
+/// Forgets the repositories' links to blobs the collector removed (uploads no manifest came
+/// to name): a later request for one is `BLOB_UNKNOWN` rather than a link to nothing.
+pub async fn forget_blobs(store: &dyn Store, removed: &BTreeSet<String>) -> Result<usize> {
+    let mut gone = Vec::new();
+    for kv in store.range(&keys::all()).await?.kvs {
+        if let Some((_, "_blobs", digest)) = keys::parse(&kv.key) {
+            if removed.contains(digest) {
+                gone.push(kv.key.clone());
+            }
+        }
+    }
+    for chunk in gone.chunks(store.max_txn_ops().clamp(1, 100)) {
+        let mut txn = Txn::new();
+        for key in chunk {
+            txn = txn.then(Op::delete(key));
+        }
+        store.txn(txn).await?;
+    }
+    Ok(gone.len())
+}
+
+/// What an image reference in a stack file names in this registry: `repo`, `repo:tag` or
+/// `repo@sha256:…`, without a host. `None` when it is not such a name (it has a host, or is
+/// not a valid repository name), so the engine resolves it itself.
+pub fn local_reference(image: &str) -> Option<(String, Reference)> {
+    let (name, reference) = match image.split_once('@') {
+        Some((name, digest)) => (name, Reference::parse(digest).ok()?),
+        None => {
+            // A `:` after the last `/` starts the tag; one before it is a host's port.
+            let last = image.rfind('/').map_or(0, |i| i + 1);
+            match image[last..].rfind(':') {
+                Some(i) => (
+                    &image[..last + i],
+                    Reference::parse(&image[last + i + 1..]).ok()?,
+                ),
+                None => (image, Reference::Tag("latest".into())),
+            }
+        }
+    };
+    let first = name.split('/').next().unwrap_or("");
+    let has_host = name.contains('/') && (first.contains(['.', ':']) || first == "localhost");
+    if has_host || dozen_model::registry::check_name(name).is_err() {
+        return None;
+    }
+    Some((name.to_string(), reference))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stack_file_images_name_this_registry_only_without_a_host() {
+        let d = dozen_store::blob::sha256_digest(b"m");
+        assert_eq!(
+            local_reference("shop/web:1.2"),
+            Some(("shop/web".into(), Reference::Tag("1.2".into())))
+        );
+        assert_eq!(
+            local_reference("web"),
+            Some(("web".into(), Reference::Tag("latest".into())))
+        );
+        assert_eq!(
+            local_reference(&format!("web@{d}")),
+            Some(("web".into(), Reference::Digest(d)))
+        );
+        for elsewhere in [
+            "registry.example.com/web:1",
+            "localhost:5000/web",
+            "127.0.0.1:7700/web:2",
+            "Web:1",
+        ] {
+            assert_eq!(local_reference(elsewhere), None, "{elsewhere}");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The built-in registry with the clients people use: the real `docker` CLI logs in, pushes
+//! and pulls through the engine, and `skopeo` copies images in and out; every digest stays
+//! the same on the way.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use dozen_testkit::images::{self, docker};
+use dozen_testkit::Dozen;
+
+const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
+
+/// False (the test skips) without an engine or skopeo, which fails in CI (it has both).
+fn clients_here() -> bool {
+    let skopeo = Command::new("skopeo").arg("--version").output().is_ok();
+    if images::engine_answers() && skopeo {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI has a Docker Engine and skopeo"
+    );
+    eprintln!("skipped: needs a Docker Engine and skopeo (this test runs in CI)");
+    false
+}
+
+/// Runs `program args`, feeding `stdin`; (success, stdout, stderr).
+fn run(program: &str, args: &[&str], env: &[(&str, &Path)], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The manifest digest an OCI layout directory holds for its one image.
+fn layout_digest(dir: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Removes the test's images from the engine, however the test ends.
+struct Images(Vec<String>);
+impl Drop for Images {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = Command::new("docker").args(["rmi", "-f", image]).output();
+        }
+    }
+}
+
+#[test]
+fn docker_pushes_and_pulls_and_skopeo_copies_in_and_out_with_equal_digests() {
+    if !clients_here() {
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.server_args.push("--no-proxy".into());
+    d.start_server(false);
+    let registry = format!("127.0.0.1:{}", d.port);
+    let token = d.token();
+    let docker_config = d.dir.path().join("docker-config");
+    let env = [("DOCKER_CONFIG", docker_config.as_path())];
+
+    // An image of its own (a rootfs with a random file, so its layer is new to the registry).
+    let rootfs = d.dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let unique = std::fs::read("/proc/sys/kernel/random/uuid").unwrap();
+    std::fs::write(rootfs.join("data"), unique.repeat(5000)).unwrap();
+    let suffix = format!("{}-{}", d.port, std::process::id());
+    let local = format!("dozen-test/registry-{suffix}:1");
+    let pushed = format!("{registry}/shop/app-{suffix}:1");
+    let _cleanup = Images(vec![local.clone(), pushed.clone()]);
+    let tar = Command::new("tar")
+        .args(["-C", &rootfs.display().to_string(), "-c", "."])
+        .output()
+        .unwrap();
+    let mut import = Command::new("docker")
+        .args(["import", "--change", "LABEL dozen-test=1", "-", &local])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+    assert!(import.wait().unwrap().success());
+    let image_id = docker(&["inspect", "-f", "{{.Id}}", &local]);
+    docker(&["tag", &local, &pushed]);
+
+    // Without logging in, the push is refused; a wrong token does not log in.
+    let (ok, _, err) = run("docker", &["push", &pushed], &env, "");
+    assert!(
+        !ok && (err.contains("no basic auth credentials") || err.contains("unauthorized")),
+        "{err}"
+    );
+    let (ok, _, err) = run(
+        "docker",
+        &["login", &registry, "-u", "dozen", "--password-stdin"],
+        &env,
+        "not-the-token",
+    );
+    assert!(!ok, "a wrong token logged in: {err}");
+    let (ok, _, err) = run(
+        "docker",
+        &["login", &registry, "-u", "dozen", "--password-stdin"],
+        &env,
+        &token,
+    );
+    assert!(ok, "docker login: {err}");
+
+    let (ok, out, err) = run("docker", &["push", &pushed], &env, "");
+    assert!(ok, "docker push: {out}{err}");
+    let digest = out
+        .split_whitespace()
+        .skip_while(|w| *w != "digest:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no digest in the push's output: {out}"))
+        .to_string();
+
+    // Gone from the engine, then pulled back: the same image under the same digest.
+    docker(&["rmi", "-f", &image_id]);
+    let (ok, out, err) = run("docker", &["pull", &pushed], &env, "");
+    assert!(ok, "docker pull: {out}{err}");
+    assert!(out.contains(&digest), "{out}");
+    assert_eq!(docker(&["inspect", "-f", "{{.Id}}", &pushed]), image_id);
+    let repo_digests = docker(&["inspect", "-f", "{{json .RepoDigests}}", &pushed]);
+    assert!(
+        repo_digests.contains(&format!("{registry}/shop/app-{suffix}@{digest}")),
+        "{repo_digests}"
+    );
+
+    // skopeo: registry to registry keeps the digest (a mount across repositories).
+    let creds = format!("dozen:{token}");
+    let skopeo = |args: &[&str]| {
+        let mut all = vec!["--insecure-policy"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = run("skopeo", &all, &[], "");
+        assert!(ok, "skopeo {}: {out}{err}", args.join(" "));
+        out
+    };
+    let copy = format!("docker://{registry}/copies/app-{suffix}:same");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--src-creds",
+        &creds,
+        "--dest-creds",
+        &creds,
+        &format!("docker://{pushed}"),
+        &copy,
+    ]);
+    let inspected = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        "--format",
+        "{{.Digest}}",
+        &copy,
+    ]);
+    assert_eq!(inspected.trim(), digest);
+
+    // Out to an OCI layout, in again from it, and out once more: one digest throughout.
+    let a = d.dir.path().join("oci-a");
+    let b = d.dir.path().join("oci-b");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        &creds,
+        &copy,
+        &format!("oci:{}:v1", a.display()),
+    ]);
+    let oci_digest = layout_digest(&a);
+    let back = format!("docker://{registry}/copies/app-{suffix}:from-oci");
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &format!("oci:{}:v1", a.display()),
+        &back,
+    ]);
+    let inspected = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        "--format",
+        "{{.Digest}}",
+        &back,
+    ]);
+    assert_eq!(inspected.trim(), oci_digest);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        &creds,
+        &back,
+        &format!("oci:{}:v1", b.display()),
+    ]);
+    assert_eq!(layout_digest(&b), oci_digest);
+
+    // Without credentials skopeo is refused too.
+    let (ok, _, err) = run("skopeo", &["inspect", "--tls-verify=false", &back], &[], "");
+    assert!(!ok && err.to_lowercase().contains("unauthorized"), "{err}");
+}
