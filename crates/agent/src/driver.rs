@@ -39,6 +39,9 @@ pub enum Workload {
     Image {
         image: String,
         args: Option<Vec<String>>,
+        /// Set when `image` is the built-in registry's: the exact manifest the release runs,
+        /// pulled through the node's loopback mirror.
+        pin: Option<dozen_model::registry::ImagePin>,
     },
 }
 
@@ -188,10 +191,17 @@ impl Drivers {
 
     /// Every driver this node can have: one line per driver.
     /// `home`: the id of the agent's data directory (see [`docker::HOME_LABEL`]).
-    pub fn for_node(exe: &Path, cgroups: Box<dyn crate::cgroups::Cgroups>, home: String) -> Self {
+    /// `mirror`: the node's loopback registry mirror (`127.0.0.1:PORT`), which the engine
+    /// pulls the built-in registry's images through.
+    pub fn for_node(
+        exe: &Path,
+        cgroups: Box<dyn crate::cgroups::Cgroups>,
+        home: String,
+        mirror: Option<String>,
+    ) -> Self {
         Drivers::new()
             .with(ProcessDriver::new(exe.to_path_buf(), cgroups))
-            .with(DockerDriver::from_env(home))
+            .with(DockerDriver::from_env(home, mirror))
     }
 
     /// Every driver removes what it made for `node` that no recovered task kept.

@@ -28,6 +28,7 @@ pub mod driver;
 pub mod env;
 pub mod health;
 pub mod logs;
+mod mirror;
 pub mod os;
 pub mod ports;
 mod runner;
@@ -176,10 +177,15 @@ pub async fn run(
         ),
         None => None,
     };
+    let mirror = mirror::bind(&config.data_dir)
+        .await
+        .context("cannot listen on loopback for the node's registry mirror")?;
+    let mirror_address = mirror.local_addr()?.to_string();
     let drivers = Drivers::for_node(
         &config.exe,
         cgroups::detect(&config.cgroup_root),
         home_id(&config.data_dir),
+        Some(mirror_address.clone()),
     );
     // Before registering: the node reports the drivers it has (an engine that answers).
     drivers.refresh().await;
@@ -208,6 +214,8 @@ pub async fn run(
         "agent starting"
     );
     tokio::spawn(server::serve(listener, shared.clone(), serving_tls));
+    tracing::info!(address = %mirror_address, "registry mirror listening");
+    tokio::spawn(mirror::serve(mirror, shared.client.clone()));
     // Re-adopt before anything else, so nothing already running is started again.
     sync::adopt_existing(&shared).await;
     let held = sync::registration(&shared, &address).register().await;

@@ -325,6 +325,7 @@ impl Runner {
                 Workload::Image {
                     image: image.clone(),
                     args: Some(argv.clone()),
+                    pin: a.image_pin.clone(),
                 },
                 false,
             ),
@@ -332,6 +333,7 @@ impl Runner {
                 Workload::Image {
                     image: image.clone(),
                     args: spec.command.as_ref().map(|c| c.argv()),
+                    pin: a.image_pin.clone(),
                 },
                 spec.port,
             ),

@@ -42,6 +42,7 @@ pub(crate) fn assignment(task: &str, service: &str) -> Assignment {
             ..dozen_spec::Service::default()
         },
         artifact_digest: None,
+        image_pin: None,
         created_at_ms: 0,
         drain_since_ms: None,
     }

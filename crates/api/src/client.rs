@@ -114,6 +114,44 @@ impl Client {
         build: impl Fn(&str) -> reqwest::RequestBuilder,
         path: &str,
     ) -> Result<reqwest::Response, ApiError> {
+        let resp = self.send_raw(build, path).await?;
+        answer(resp, path).await
+    }
+
+    /// A read of the built-in registry (`path_and_query` under [`paths::REGISTRY`]) as the
+    /// server answers it, refusals included: the agent's loopback mirror hands it on to its
+    /// engine. `accept` is the client's list of manifest types.
+    pub async fn registry_read(
+        &self,
+        head: bool,
+        path_and_query: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, ApiError> {
+        if !path_and_query.starts_with(paths::REGISTRY) {
+            return Err(ApiError::Protocol {
+                url: self.url(path_and_query),
+                detail: "not a registry path".into(),
+            });
+        }
+        let build = |url: &str| {
+            let request = if head {
+                self.http.head(url)
+            } else {
+                self.http.get(url)
+            };
+            match accept {
+                Some(accept) => request.header(reqwest::header::ACCEPT, accept),
+                None => request,
+            }
+        };
+        self.send_raw(build, path_and_query).await
+    }
+
+    async fn send_raw(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<reqwest::Response, ApiError> {
         if let Some(why) = &self.broken {
             return Err(ApiError::Unreachable {
                 url: self.url(path),
@@ -144,7 +182,7 @@ impl Client {
                 }
             }
         };
-        answer(resp, path).await
+        Ok(resp)
     }
 
     async fn json<T: DeserializeOwned>(

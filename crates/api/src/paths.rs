@@ -3,6 +3,8 @@
 //! router's syntax; [`fill`] puts values in for the client.
 
 pub const HEALTHZ: &str = "/healthz";
+/// The built-in image registry (OCI Distribution): every path under it is the registry's.
+pub const REGISTRY: &str = "/v2/";
 /// The cluster CA certificate (no credential: it is public).
 pub const CA: &str = "/v1/ca";
 /// A node joins with a one-time token (the token in the body is the credential).

@@ -453,6 +453,7 @@ impl Controller {
                     restart_generation: svc.record.restart_generation,
                     spec: release.spec.clone(),
                     artifact_digest: release.artifact_digest.clone(),
+                    image_pin: release.image_pin.clone(),
                     created_at_ms: now_ms,
                     drain_since_ms: None,
                 };

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use dozen_model::registry::ImagePin;
 use dozen_model::{
     encode, keys, Assignment, DesiredState, Release, ScaleRecord, ServiceRecord, StackRecord,
     TaskKind, SCHEMA,
@@ -140,10 +141,30 @@ pub async fn plan(
     check_stack(stack)?;
     let snap = Snapshot::read(store).await?;
     check_ownership(&snap, stack)?;
-    Ok(plan_against(&snap, stack, artifacts))
+    let pins = image_pins(store, stack).await?;
+    Ok(plan_against(&snap, stack, artifacts, &pins))
 }
 
-fn plan_against(snap: &Snapshot, stack: &Stack, artifacts: &BTreeMap<String, String>) -> Plan {
+/// The services whose image is one of the built-in registry's, each pinned to the digest its
+/// tag points at now.
+async fn image_pins(store: &dyn Store, stack: &Stack) -> Result<BTreeMap<String, ImagePin>> {
+    let mut pins = BTreeMap::new();
+    for (name, service) in &stack.services {
+        if let Some(image) = &service.image {
+            if let Some(pin) = crate::registry::pin(store, image).await? {
+                pins.insert(name.clone(), pin);
+            }
+        }
+    }
+    Ok(pins)
+}
+
+fn plan_against(
+    snap: &Snapshot,
+    stack: &Stack,
+    artifacts: &BTreeMap<String, String>,
+    pins: &BTreeMap<String, ImagePin>,
+) -> Plan {
     let mut plan = dozen_spec::plan(stack, &live_services(snap, &stack.name));
     // A new artifact bundle is a change even when the spec text is the same.
     for sp in &mut plan.services {
@@ -159,6 +180,16 @@ fn plan_against(snap: &Snapshot, stack: &Stack, artifacts: &BTreeMap<String, Str
                 after: new_digest.cloned().map(Into::into),
             });
         }
+        // So is an image tag of the registry that now points at another manifest.
+        let new_pin = pins.get(&sp.service);
+        if sp.action == PlanAction::Unchanged && current.image_pin.as_ref() != new_pin {
+            sp.action = PlanAction::Update;
+            sp.fields.push(dozen_spec::FieldChange {
+                path: "image_digest".into(),
+                before: current.image_pin.as_ref().map(|p| p.digest.clone().into()),
+                after: new_pin.map(|p| p.digest.clone().into()),
+            });
+        }
     }
     plan
 }
@@ -172,10 +203,11 @@ pub async fn apply(
     retention: &Retention,
 ) -> Result<ApplyOutcome> {
     check_stack(stack)?;
+    let pins = image_pins(store, stack).await?;
     for _ in 0..ATTEMPTS {
         let snap = Snapshot::read(store).await?;
         check_ownership(&snap, stack)?;
-        let plan = plan_against(&snap, stack, artifacts);
+        let plan = plan_against(&snap, stack, artifacts, &pins);
         let now = wall_ms();
         // One part per service (its compares with its writes), then the stack record, then
         // pruning: one transaction where the store takes it, else in that order (see `batch`).
@@ -239,6 +271,7 @@ pub async fn apply(
                         reproducible: spec.image.is_some() || artifact_digest.is_some(),
                         spec,
                         artifact_digest,
+                        image_pin: pins.get(name).cloned(),
                         created_at_ms: now,
                         cause: "apply".into(),
                     };
@@ -540,6 +573,7 @@ pub async fn run_oneoff(store: &dyn Store, service: &str, argv: Vec<String>) -> 
         restart_generation: 0,
         spec: release.spec.clone(),
         artifact_digest: release.artifact_digest.clone(),
+        image_pin: release.image_pin.clone(),
         created_at_ms: wall_ms(),
         drain_since_ms: None,
     };

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use dozen_model::registry::{
-    keys, BlobLink, Code, ManifestRecord, ParsedManifest, Reference, RegistryError,
+    keys, BlobLink, Code, ImagePin, ManifestRecord, ParsedManifest, Reference, RegistryError,
     RepositoryRecord, TagRecord,
 };
 use dozen_model::{decode, encode, SCHEMA};
@@ -257,58 +257,17 @@ pub async fn forget_blobs(store: &dyn Store, removed: &BTreeSet<String>) -> Resu
     Ok(gone.len())
 }
 
-/// What an image reference in a stack file names in this registry: `repo`, `repo:tag` or
-/// `repo@sha256:…`, without a host. `None` when it is not such a name (it has a host, or is
-/// not a valid repository name), so the engine resolves it itself.
-pub fn local_reference(image: &str) -> Option<(String, Reference)> {
-    let (name, reference) = match image.split_once('@') {
-        Some((name, digest)) => (name, Reference::parse(digest).ok()?),
-        None => {
-            // A `:` after the last `/` starts the tag; one before it is a host's port.
-            let last = image.rfind('/').map_or(0, |i| i + 1);
-            match image[last..].rfind(':') {
-                Some(i) => (
-                    &image[..last + i],
-                    Reference::parse(&image[last + i + 1..]).ok()?,
-                ),
-                None => (image, Reference::Tag("latest".into())),
-            }
-        }
+/// The pin of `image` if it names an image of this registry that exists (see
+/// [`dozen_model::registry::local_reference`]); `None` for any other image, which the engine
+/// resolves itself.
+pub async fn pin(store: &dyn Store, image: &str) -> Result<Option<ImagePin>> {
+    let Some((repository, reference)) = dozen_model::registry::local_reference(image) else {
+        return Ok(None);
     };
-    let first = name.split('/').next().unwrap_or("");
-    let has_host = name.contains('/') && (first.contains(['.', ':']) || first == "localhost");
-    if has_host || dozen_model::registry::check_name(name).is_err() {
-        return None;
-    }
-    Some((name.to_string(), reference))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stack_file_images_name_this_registry_only_without_a_host() {
-        let d = dozen_store::blob::sha256_digest(b"m");
-        assert_eq!(
-            local_reference("shop/web:1.2"),
-            Some(("shop/web".into(), Reference::Tag("1.2".into())))
-        );
-        assert_eq!(
-            local_reference("web"),
-            Some(("web".into(), Reference::Tag("latest".into())))
-        );
-        assert_eq!(
-            local_reference(&format!("web@{d}")),
-            Some(("web".into(), Reference::Digest(d)))
-        );
-        for elsewhere in [
-            "registry.example.com/web:1",
-            "localhost:5000/web",
-            "127.0.0.1:7700/web:2",
-            "Web:1",
-        ] {
-            assert_eq!(local_reference(elsewhere), None, "{elsewhere}");
-        }
-    }
+    Ok(resolve(store, &repository, &reference)
+        .await?
+        .map(|manifest| ImagePin {
+            repository,
+            digest: manifest.digest,
+        }))
 }

@@ -113,6 +113,7 @@ async fn an_agent_records_events_about_its_own_tasks_only() {
         restart_generation: 0,
         spec: dozen_spec::Service::default(),
         artifact_digest: None,
+        image_pin: None,
         created_at_ms: 0,
         drain_since_ms: None,
     };

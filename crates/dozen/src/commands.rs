@@ -632,6 +632,9 @@ fn changes(releases: &[Release], release: &Release) -> String {
     if before.artifact_digest != release.artifact_digest {
         said.push("artifact".into());
     }
+    if before.image_pin != release.image_pin && !said.iter().any(|s| s.starts_with("image")) {
+        said.push("image".into());
+    }
     if said.is_empty() {
         "no change (same spec)".into()
     } else {
@@ -667,6 +670,7 @@ pub async fn releases(global: &Global, args: ServiceArg) -> anyhow::Result<i32> 
                     if r.reproducible {
                         r.artifact_digest
                             .clone()
+                            .or(r.image_pin.as_ref().map(ToString::to_string))
                             .or(r.spec.image.clone())
                             .unwrap_or_default()
                     } else {

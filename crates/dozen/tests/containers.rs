@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dozen_testkit::images::{self, docker};
-use dozen_testkit::{eventually, http_get, Dozen};
+use dozen_testkit::{eventually, http_request, Dozen};
 
 const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
 const IMAGE: &str = "dozen-test/testapp:latest";
@@ -51,6 +51,9 @@ fn containers_of(task: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// The whole path of an image: built, pushed to dozen's registry, run as three replicas
+/// pulled through the node's mirror and reached through the proxy; a killed container is
+/// replaced, a restarted agent takes the same containers back, `down` removes what dozen made.
 #[test]
 fn image_tasks_run_as_containers_are_replaced_when_killed_and_removed_by_down() {
     if !testapp_image() {
@@ -60,39 +63,63 @@ fn image_tasks_run_as_containers_are_replaced_when_killed_and_removed_by_down() 
     let stranger = docker(&["create", "--label", "dozen-test=1", IMAGE]);
 
     let mut d = Dozen::new(DOZEN);
-    d.start_without_proxy();
+    d.start_server(true);
+    let digest = images::push_to_registry(&d, IMAGE, "shop/testapp:1");
     d.write(
         "dozen.toml",
-        &format!(
-            r#"
+        r#"
 name = "boxes"
 [services.web]
-image = "{IMAGE}"
-replicas = 2
+image = "shop/testapp:1"
+replicas = 3
 stop_timeout = "2s"
-health = {{ http = "/healthz", interval = "200ms" }}
+health = { http = "/healthz", interval = "200ms" }
+resources = { memory = "128MiB", cpu = "100m" }
+[[services.web.routes]]
+path = "/"
 [services.web.env]
 EMIT_LINES = "2"
-"#
-        ),
+"#,
     );
     d.ok(&["apply", "--timeout", "60s"]);
-    let ready = d.wait_ready("web", 2);
+    let ready = d.wait_ready("web", 3);
+    let releases = d.json(&["releases", "web"]);
+    assert_eq!(
+        releases[0]["image_pin"]["digest"].as_str(),
+        Some(digest.as_str()),
+        "{releases}"
+    );
+    let mirror = std::fs::read_to_string(d.data_dir().join("agent").join("mirror-port")).unwrap();
+    let pulled = format!("127.0.0.1:{}/shop/testapp@{digest}", mirror.trim());
     for task in &ready {
-        let port = task["status"]["host_port"].as_u64().unwrap() as u16;
         let name = task["task"].as_str().unwrap();
-        let (status, body) = http_get(port, "/").unwrap();
-        assert_eq!((status, body), (200, format!("hello from {name}")));
-        assert_eq!(
-            containers_of(Some(name)).len(),
-            1,
-            "one container for {name}"
-        );
+        let mine = containers_of(Some(name));
+        assert_eq!(mine.len(), 1, "one container for {name}");
+        let image = docker(&["inspect", "--format", "{{.Config.Image}}", &mine[0]]);
+        assert_eq!(image, pulled, "pulled by digest through the node's mirror");
     }
+    // Through the proxy, every replica answers.
+    let names: std::collections::BTreeSet<String> = ready
+        .iter()
+        .map(|t| t["task"].as_str().unwrap().to_string())
+        .collect();
+    let answered = eventually(
+        Duration::from_secs(20),
+        "each replica through the proxy",
+        || {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                let r = http_request(d.proxy_port, "localhost", "/")?;
+                seen.insert(r.body.strip_prefix("hello from ")?.to_string());
+            }
+            (seen == names).then_some(seen)
+        },
+    );
+    assert_eq!(answered.len(), 3);
     // Its output is the task's log, as a process's is.
     let logs = eventually(Duration::from_secs(20), "the containers' output", || {
         let logs = d.ok(&["logs", "web"]);
-        (logs.matches("line 1").count() == 2).then_some(logs)
+        (logs.matches("line 1").count() == 3).then_some(logs)
     });
     assert!(logs.contains("listening on"), "{logs}");
 
@@ -106,7 +133,7 @@ EMIT_LINES = "2"
         || {
             let now = containers_of(Some(&victim));
             let ready = d.ready_tasks("web");
-            (ready.len() == 2 && now.len() == 1 && now != before).then_some(())
+            (ready.len() == 3 && now.len() == 1 && now != before).then_some(())
         },
     );
     let events = d.ok(&["events", "web"]);
@@ -124,7 +151,7 @@ EMIT_LINES = "2"
         ids
     };
     let before = ids(&d);
-    assert_eq!(before.len(), 2);
+    assert_eq!(before.len(), 3);
     let home = std::fs::read_to_string(d.data_dir().join("agent").join("home-id")).unwrap();
     let stray = docker(&[
         "create",
@@ -136,10 +163,10 @@ EMIT_LINES = "2"
     ]);
     d.kill_server();
     d.start_server(true);
-    eventually(Duration::from_secs(30), "both tasks re-adopted", || {
+    eventually(Duration::from_secs(30), "every task re-adopted", || {
         let ps = d.json(&["ps"]);
         let tasks = ps["tasks"].as_array()?;
-        (tasks.len() == 2 && tasks.iter().all(|t| t["status"]["adopted"] == true)).then_some(())
+        (tasks.len() == 3 && tasks.iter().all(|t| t["status"]["adopted"] == true)).then_some(())
     });
     assert_eq!(ids(&d), before, "the same containers");
     eventually(Duration::from_secs(20), "the stray is removed", || {

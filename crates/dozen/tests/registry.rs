@@ -5,9 +5,10 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use dozen_testkit::images::{self, docker};
-use dozen_testkit::Dozen;
+use dozen_testkit::{eventually, Dozen};
 
 const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
 
@@ -224,4 +225,92 @@ fn docker_pushes_and_pulls_and_skopeo_copies_in_and_out_with_equal_digests() {
     // Without credentials skopeo is refused too.
     let (ok, _, err) = run("skopeo", &["inspect", "--tls-verify=false", &back], &[], "");
     assert!(!ok && err.to_lowercase().contains("unauthorized"), "{err}");
+}
+
+/// The image each running container of `service` was created from.
+fn running_images(d: &Dozen, service: &str) -> Vec<String> {
+    d.ready_tasks(service)
+        .iter()
+        .flat_map(|t| {
+            let filter = format!("label=dozen.task={}", t["task"].as_str().unwrap());
+            docker(&["ps", "-q", "--filter", &filter])
+                .lines()
+                .map(|id| docker(&["inspect", "--format", "{{.Config.Image}}", id]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A release runs the manifest its tag named when it was made: pushing the tag again changes
+/// nothing that runs until the next apply (which `plan` shows), and rollback returns the
+/// exact image.
+#[test]
+fn a_release_keeps_the_image_its_tag_named_and_rollback_returns_it() {
+    if !clients_here() {
+        return;
+    }
+    let bin = images::static_binaries(&["dozen-testapp"], &[]);
+    let v1 = "dozen-test/testapp:latest";
+    let v2 = "dozen-test/testapp:other";
+    images::build(v1, &[(bin.join("dozen-testapp"), "/testapp")], "/testapp");
+    let version = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(version.path(), "2\n").unwrap();
+    images::build(
+        v2,
+        &[
+            (bin.join("dozen-testapp"), "/testapp"),
+            (version.path().to_path_buf(), "/VERSION"),
+        ],
+        "/testapp",
+    );
+
+    let mut d = Dozen::new(DOZEN);
+    d.start_without_proxy();
+    let first = images::push_to_registry(&d, v1, "shop/pinned:live");
+    d.write(
+        "dozen.toml",
+        r#"
+name = "pins"
+[services.web]
+image = "shop/pinned:live"
+stop_timeout = "2s"
+health = { http = "/healthz", interval = "200ms" }
+"#,
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    let mirror = std::fs::read_to_string(d.data_dir().join("agent").join("mirror-port")).unwrap();
+    let by_digest = |digest: &str| format!("127.0.0.1:{}/shop/pinned@{digest}", mirror.trim());
+    assert_eq!(running_images(&d, "web"), vec![by_digest(&first)]);
+
+    // The tag moves: nothing that runs changes; `plan` says what `apply` would do.
+    let second = images::push_to_registry(&d, v2, "shop/pinned:live");
+    assert_ne!(first, second);
+    let plan = d.ok(&["plan"]);
+    assert!(plan.contains("image_digest"), "{plan}");
+    assert_eq!(running_images(&d, "web"), vec![by_digest(&first)]);
+    let untouched = d.tasks("web");
+    assert_eq!(untouched.len(), 1);
+
+    d.ok(&["apply", "--timeout", "60s"]);
+    eventually(Duration::from_secs(60), "the new image runs", || {
+        (running_images(&d, "web") == vec![by_digest(&second)]).then_some(())
+    });
+    let releases = d.json(&["releases", "web"]);
+    let pinned: Vec<&str> = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["image_pin"]["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(pinned.len(), 2, "{releases}");
+    assert!(pinned.contains(&first.as_str()) && pinned.contains(&second.as_str()));
+
+    // Rollback runs the first manifest again, though the tag names the second.
+    d.ok(&["rollback", "web", "--wait", "--timeout", "60s"]);
+    eventually(
+        Duration::from_secs(60),
+        "the first image runs again",
+        || (running_images(&d, "web") == vec![by_digest(&first)]).then_some(()),
+    );
+    d.ok(&["down"]);
 }

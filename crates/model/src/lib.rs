@@ -247,6 +247,9 @@ pub struct Release {
     pub spec: ServiceSpec,
     /// Content address of the artifact bundle in the blob store, when the service has one.
     pub artifact_digest: Option<String>,
+    /// The image of the built-in registry it runs, pinned by digest when the release was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pin: Option<registry::ImagePin>,
     /// False for a plain host command: what it runs can change under the release.
     pub reproducible: bool,
     pub created_at_ms: u64,
@@ -365,6 +368,9 @@ pub struct Assignment {
     pub restart_generation: u64,
     pub spec: ServiceSpec,
     pub artifact_digest: Option<String>,
+    /// The image of the built-in registry it runs, pinned by digest when the release was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pin: Option<registry::ImagePin>,
     pub created_at_ms: u64,
     /// Wall time the task was taken out of routing (set with `desired = Drain`).
     #[serde(default)]

@@ -302,6 +302,46 @@ pub fn parse_manifest(
     }
 }
 
+/// An image of this registry as a release runs it: the repository and the manifest digest its
+/// tag pointed at when the release was made (a tag moved later changes nothing that runs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct ImagePin {
+    pub repository: String,
+    pub digest: String,
+}
+
+impl std::fmt::Display for ImagePin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.repository, self.digest)
+    }
+}
+
+/// What an image reference in a stack file names in this registry: `repo`, `repo:tag` or
+/// `repo@sha256:…`, without a host. `None` when it is not such a name (it has a host, or is
+/// not a valid repository name), so the engine resolves it itself.
+pub fn local_reference(image: &str) -> Option<(String, Reference)> {
+    let (name, reference) = match image.split_once('@') {
+        Some((name, digest)) => (name, Reference::parse(digest).ok()?),
+        None => {
+            // A `:` after the last `/` starts the tag; one before it is a host's port.
+            let last = image.rfind('/').map_or(0, |i| i + 1);
+            match image[last..].rfind(':') {
+                Some(i) => (
+                    &image[..last + i],
+                    Reference::parse(&image[last + i + 1..]).ok()?,
+                ),
+                None => (image, Reference::Tag("latest".into())),
+            }
+        }
+    };
+    let first = name.split('/').next().unwrap_or("");
+    let has_host = name.contains('/') && (first.contains(['.', ':']) || first == "localhost");
+    if has_host || check_name(name).is_err() {
+        return None;
+    }
+    Some((name.to_string(), reference))
+}
+
 /// A repository's manifest: the bytes are the blob under `digest`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ManifestRecord {
@@ -464,6 +504,31 @@ mod tests {
         ] {
             let e = parse_manifest(None, bad.as_bytes()).unwrap_err();
             assert_eq!(e.code, Code::ManifestInvalid, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stack_file_images_name_this_registry_only_without_a_host() {
+        let d = dozen_digest::sha256_digest(b"m");
+        assert_eq!(
+            local_reference("shop/web:1.2"),
+            Some(("shop/web".into(), Reference::Tag("1.2".into())))
+        );
+        assert_eq!(
+            local_reference("web"),
+            Some(("web".into(), Reference::Tag("latest".into())))
+        );
+        assert_eq!(
+            local_reference(&format!("web@{d}")),
+            Some(("web".into(), Reference::Digest(d)))
+        );
+        for elsewhere in [
+            "registry.example.com/web:1",
+            "localhost:5000/web",
+            "127.0.0.1:7700/web:2",
+            "Web:1",
+        ] {
+            assert_eq!(local_reference(elsewhere), None, "{elsewhere}");
         }
     }
 

@@ -117,3 +117,45 @@ pub fn remove_containers_of(home: &str) {
             .output();
     }
 }
+
+/// Logs the docker CLI in to `d`'s built-in registry (with a docker config of the test's
+/// own), tags `local` as `<registry>/<repo_tag>`, pushes it and drops that tag again; returns
+/// the digest the push reported.
+pub fn push_to_registry(d: &crate::Dozen, local: &str, repo_tag: &str) -> String {
+    use std::io::Write;
+    let registry = format!("{}:{}", d.host, d.port);
+    let config = d.dir.path().join("docker-config");
+    let docker_with_config = |args: &[&str], stdin: &str| {
+        let mut child = Command::new("docker")
+            .args(args)
+            .env("DOCKER_CONFIG", &config)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run docker");
+        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "docker {}: {text}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    docker_with_config(
+        &["login", &registry, "-u", "dozen", "--password-stdin"],
+        &d.token(),
+    );
+    let remote = format!("{registry}/{repo_tag}");
+    docker(&["tag", local, &remote]);
+    let out = docker_with_config(&["push", &remote], "");
+    let _ = Command::new("docker").args(["rmi", &remote]).output();
+    out.split_whitespace()
+        .skip_while(|w| *w != "digest:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no digest in the push's output: {out}"))
+        .to_string()
+}

@@ -49,14 +49,17 @@ impl Contained {
 pub struct DockerDriver {
     engine: Engine,
     home: String,
+    /// The node's loopback registry mirror, `127.0.0.1:PORT`.
+    mirror: Option<String>,
     /// Whether the engine answered the last time it was asked, and what it said.
     seen: Arc<Mutex<(bool, String)>>,
 }
 
 impl DockerDriver {
     /// The engine of `DOCKER_HOST` (a `unix://` path), else `/var/run/docker.sock`, for the
-    /// agent whose data directory has the id `home`.
-    pub fn from_env(home: String) -> DockerDriver {
+    /// agent whose data directory has the id `home`, pulling the built-in registry's images
+    /// through `mirror`.
+    pub fn from_env(home: String, mirror: Option<String>) -> DockerDriver {
         let socket = std::env::var("DOCKER_HOST")
             .ok()
             .and_then(|h| h.strip_prefix("unix://").map(PathBuf::from))
@@ -64,6 +67,7 @@ impl DockerDriver {
         DockerDriver {
             engine: Engine::new(socket),
             home,
+            mirror,
             seen: Arc::new(Mutex::new((false, "not asked yet".into()))),
         }
     }
@@ -85,6 +89,39 @@ impl DockerDriver {
                 .map(String::from),
             oom_killed: state["OOMKilled"].as_bool().unwrap_or(false),
         }
+    }
+
+    /// What the engine is asked to run: a pinned image of the built-in registry by its
+    /// digest through the node's mirror, any other as the stack file names it.
+    fn reference(
+        &self,
+        image: &str,
+        pin: Option<&dozen_model::registry::ImagePin>,
+    ) -> Result<String, DriverError> {
+        match (pin, &self.mirror) {
+            (None, _) => Ok(image.to_string()),
+            (Some(pin), Some(mirror)) => Ok(format!("{mirror}/{pin}")),
+            (Some(pin), None) => Err(DriverError::Start(format!(
+                "image {pin} is in dozen's registry, but this agent has no registry mirror to pull it through"
+            ))),
+        }
+    }
+
+    /// Pulls `reference` unless the engine has it.
+    async fn ensure_image(&self, reference: &str) -> Result<(), DriverError> {
+        let present = self
+            .engine
+            .has_image(reference)
+            .await
+            .map_err(|e| DriverError::Start(e.to_string()))?;
+        if present {
+            return Ok(());
+        }
+        tracing::info!(image = reference, "pulling image");
+        self.engine
+            .pull(reference)
+            .await
+            .map_err(|e| DriverError::Start(format!("cannot pull image `{reference}`: {e}")))
     }
 
     /// How container `id` ended, and the container removed (its output is in the task's log).
@@ -253,7 +290,7 @@ impl Driver for DockerDriver {
 
     async fn start(&self, config: &TaskConfig) -> Result<TaskHandle, DriverError> {
         let (image, args) = match &config.workload {
-            Workload::Image { image, args } => (image, args),
+            Workload::Image { image, args, pin } => (self.reference(image, pin.as_ref())?, args),
             Workload::Command(_) => {
                 return Err(DriverError::Unsupported {
                     driver: NAME,
@@ -261,6 +298,7 @@ impl Driver for DockerDriver {
                 })
             }
         };
+        self.ensure_image(&image).await?;
         let env: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut host = json!({
             "Memory": config.resources.memory_bytes,
@@ -268,7 +306,7 @@ impl Driver for DockerDriver {
             "PidsLimit": config.resources.pids,
         });
         let mut body = json!({
-            "Image": image,
+            "Image": &image,
             "Env": env,
             "Labels": { TASK_LABEL: config.task, NODE_LABEL: config.node, HOME_LABEL: self.home },
             "StopSignal": config.stop_signal,

@@ -433,6 +433,7 @@ mod tests {
         image.workload = Workload::Image {
             image: "shop/web:1".into(),
             args: None,
+            pin: None,
         };
         let e = driver().launch(&image).unwrap_err().to_string();
         assert!(

@@ -17,6 +17,8 @@ const API: &str = "/v1.41";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer read whole (inspect, list): bigger is refused, not buffered.
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
+/// Longest a pull may take.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -136,6 +138,65 @@ impl Engine {
             });
         }
         Ok(body)
+    }
+
+    /// Whether the engine holds image `reference`.
+    pub async fn has_image(&self, reference: &str) -> Result<bool, EngineError> {
+        match self
+            .call(Method::GET, &format!("/images/{reference}/json"), None)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(EngineError::Refused { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pulls image `reference`, reading the engine's progress to its end: an error in it is
+    /// the pull's failure (the engine answers 200 before it knows). Only the last line is
+    /// kept, never the whole progress.
+    pub async fn pull(&self, reference: &str) -> Result<(), EngineError> {
+        let what = format!("pull {reference}");
+        let path = format!("/images/create?fromImage={reference}");
+        let exchange = async {
+            let mut body = self.stream(Method::POST, &path).await?;
+            let mut line = Vec::new();
+            let mut failure = None;
+            let mut take = |line: &[u8]| {
+                let value: Value = serde_json::from_slice(line).unwrap_or(Value::Null);
+                if let Some(message) = value["error"].as_str() {
+                    failure = Some(message.to_string());
+                }
+            };
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| self.unreachable(e))?;
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                for &b in data.iter() {
+                    if b == b'\n' {
+                        take(&line);
+                        line.clear();
+                    } else if line.len() < 64 * 1024 {
+                        line.push(b);
+                    }
+                }
+            }
+            take(&line);
+            match failure {
+                Some(message) => Err(EngineError::Refused {
+                    what: what.clone(),
+                    status: StatusCode::OK,
+                    message,
+                }),
+                None => Ok(()),
+            }
+        };
+        tokio::time::timeout(PULL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| self.unreachable(format!("{what} took over 10 minutes")))?
     }
 
     /// The engine's version, or why it does not answer.
