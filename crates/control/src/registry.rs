@@ -193,6 +193,23 @@ pub async fn delete_manifest(store: &dyn Store, repo: &str, reference: &Referenc
         Reference::Digest(digest) => {
             let key = keys::manifest(repo, digest);
             let current = store.get(&key).await?.ok_or_else(unknown)?;
+            // A release that runs it (or may be rolled back to) keeps it.
+            for kv in store.range(&dozen_model::keys::all_releases()).await?.kvs {
+                let release: dozen_model::Release = decode(&kv.key, &kv.value)?;
+                if release
+                    .image_pin
+                    .as_ref()
+                    .is_some_and(|p| p.repository == repo && p.digest == *digest)
+                {
+                    return Err(spec(
+                        Code::Denied,
+                        format!(
+                            "release #{} of service `{}` runs {repo}@{digest}; it stays while that release is kept (delete the tag instead, or remove the service)",
+                            release.number, release.service
+                        ),
+                    ));
+                }
+            }
             let mut txn = Txn::new()
                 .when(dozen_store::Compare::mod_revision(
                     &key,

@@ -312,5 +312,20 @@ health = { http = "/healthz", interval = "200ms" }
         "the first image runs again",
         || (running_images(&d, "web") == vec![by_digest(&first)]).then_some(()),
     );
+    // The manifest a kept release runs cannot be deleted; its tag can.
+    let registry = format!("http://127.0.0.1:{}", d.port);
+    let delete = |reference: &str| {
+        Command::new("curl")
+            .args(["-s", "-o", "/dev/stderr", "-w", "%{http_code}", "-X", "DELETE"])
+            .args(["-u", &format!("dozen:{}", d.token())])
+            .arg(format!("{registry}/v2/shop/pinned/manifests/{reference}"))
+            .output()
+            .unwrap()
+    };
+    let refused = delete(&first);
+    assert_eq!(String::from_utf8_lossy(&refused.stdout), "403");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("DENIED") && why.contains("of service `web`"), "{why}");
+    assert_eq!(String::from_utf8_lossy(&delete("live").stdout), "202");
     d.ok(&["down"]);
 }
