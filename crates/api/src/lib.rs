@@ -44,6 +44,10 @@ pub struct ApplyRequest {
     /// service -> artifact bundle digest (already uploaded).
     #[serde(default)]
     pub artifacts: BTreeMap<String, String>,
+    /// service -> manifest digest of the image just built and pushed for it (its `build`):
+    /// the release pins exactly that, not whatever the tag names by then.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -141,19 +141,40 @@ pub async fn plan(
     check_stack(stack)?;
     let snap = Snapshot::read(store).await?;
     check_ownership(&snap, stack)?;
-    let pins = image_pins(store, stack).await?;
+    let pins = image_pins(store, stack, &BTreeMap::new()).await?;
     Ok(plan_against(&snap, stack, artifacts, &pins))
 }
 
 /// The services whose image is one of the built-in registry's, each pinned to the digest its
-/// tag points at now.
-async fn image_pins(store: &dyn Store, stack: &Stack) -> Result<BTreeMap<String, ImagePin>> {
+/// tag points at now, or to the one just pushed for it (`built`: service -> digest).
+async fn image_pins(
+    store: &dyn Store,
+    stack: &Stack,
+    built: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, ImagePin>> {
     let mut pins = BTreeMap::new();
     for (name, service) in &stack.services {
-        if let Some(image) = &service.image {
-            if let Some(pin) = crate::registry::pin(store, image).await? {
-                pins.insert(name.clone(), pin);
+        let Some(image) = &service.image else {
+            continue;
+        };
+        let pin = match built.get(name) {
+            Some(digest) => {
+                let pinned = dozen_model::registry::local_reference(image)
+                    .map(|(repository, _)| format!("{repository}@{digest}"));
+                let found = match &pinned {
+                    Some(pinned) => crate::registry::pin(store, pinned).await?,
+                    None => None,
+                };
+                Some(found.ok_or_else(|| {
+                    ControlError::Invalid(format!(
+                        "service `{name}`: the image built for it ({digest}) is not in the registry as `{image}`; build again"
+                    ))
+                })?)
             }
+            None => crate::registry::pin(store, image).await?,
+        };
+        if let Some(pin) = pin {
+            pins.insert(name.clone(), pin);
         }
     }
     Ok(pins)
@@ -202,8 +223,19 @@ pub async fn apply(
     artifacts: &BTreeMap<String, String>,
     retention: &Retention,
 ) -> Result<ApplyOutcome> {
+    apply_built(store, stack, artifacts, &BTreeMap::new(), retention).await
+}
+
+/// [`apply`], with the images just built for some services (service -> pushed digest).
+pub async fn apply_built(
+    store: &dyn Store,
+    stack: &Stack,
+    artifacts: &BTreeMap<String, String>,
+    built: &BTreeMap<String, String>,
+    retention: &Retention,
+) -> Result<ApplyOutcome> {
     check_stack(stack)?;
-    let pins = image_pins(store, stack).await?;
+    let pins = image_pins(store, stack, built).await?;
     for _ in 0..ATTEMPTS {
         let snap = Snapshot::read(store).await?;
         check_ownership(&snap, stack)?;

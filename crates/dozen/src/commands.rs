@@ -174,7 +174,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn client(global: &Global) -> anyhow::Result<Client> {
-    let token = match &global.token {
+    let token = token(global)?;
+    let tls = crate::identity::operator_tls(global)?;
+    Ok(Client::with_tls(global.server(), &token, tls))
+}
+
+/// The operator token: `--token`, else the server's token file in the data directory.
+pub fn token(global: &Global) -> anyhow::Result<String> {
+    Ok(match &global.token {
         Some(t) => t.clone(),
         None => {
             let path = global.data_dir.join("token");
@@ -188,9 +195,7 @@ pub fn client(global: &Global) -> anyhow::Result<Client> {
                     )
                 })?
         }
-    };
-    let tls = crate::identity::operator_tls(global)?;
-    Ok(Client::with_tls(global.server(), &token, tls))
+    })
 }
 
 pub fn load_stack(file: &FileArgs) -> anyhow::Result<dozen_spec::Stack> {
@@ -284,7 +289,12 @@ pub async fn plan(global: &Global, args: FileArgs) -> anyhow::Result<i32> {
     let stack = load_stack(&args)?;
     let api = client(global)?;
     let artifacts = artifacts(&args, &stack, None).await?;
-    let plan: Plan = api.plan(&ApplyRequest { stack, artifacts }).await?;
+    let request = ApplyRequest {
+        stack,
+        artifacts,
+        images: Default::default(),
+    };
+    let plan: Plan = api.plan(&request).await?;
     output::listing(global.output, &plan, || print_plan(&plan));
     Ok(0)
 }
@@ -294,7 +304,14 @@ pub async fn apply(global: &Global, args: ApplyArgs) -> anyhow::Result<i32> {
     let api = client(global)?;
     let services: Vec<String> = stack.services.keys().cloned().collect();
     let artifacts = artifacts(&args.file, &stack, Some(&api)).await?;
-    let outcome: ApplyOutcome = api.apply(&ApplyRequest { stack, artifacts }).await?;
+    let built = crate::build::build_and_push(global, &args.file, &stack, &[]).await?;
+    let images = crate::build::digests(&built);
+    let request = ApplyRequest {
+        stack,
+        artifacts,
+        images,
+    };
+    let outcome: ApplyOutcome = api.apply(&request).await?;
     if global.output == Output::Table {
         print_plan(&outcome.plan);
         for r in &outcome.releases {

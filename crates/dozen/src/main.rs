@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod build;
 mod commands;
 mod events;
 mod identity;
@@ -108,8 +109,12 @@ enum Command {
     Agent(serve::AgentArgs),
     /// Show what `apply` would change, changing nothing (scale drift included).
     Plan(commands::FileArgs),
-    /// Apply a stack file: new releases for what changed, scale, removals; waits for tasks.
+    /// Apply a stack file: builds and pushes the images of services with `build`, then new
+    /// releases for what changed, scale, removals; waits for tasks.
     Apply(commands::ApplyArgs),
+    /// Build the images of services with `build` through this machine's Docker Engine and
+    /// push them to dozen's registry (`apply` then runs them).
+    Build(build::BuildArgs),
     /// List services and their tasks.
     Ps(commands::PsArgs),
     /// Show a service's logs (all its tasks, merged by time).
@@ -249,6 +254,7 @@ fn main() -> ExitCode {
             Command::Proxy(a) => serve::proxy(&global, a).await.map(|_| 0),
             Command::Plan(a) => commands::plan(&global, a).await,
             Command::Apply(a) => commands::apply(&global, a).await,
+            Command::Build(a) => build::build(&global, a).await,
             Command::Ps(a) => commands::ps(&global, a).await,
             Command::Logs(a) => commands::logs(&global, a).await,
             Command::Events(a) => events::events(&global, a).await,

@@ -92,7 +92,13 @@ async fn apply_and_show(
         Some(f) => crate::commands::artifacts(f, &stack, Some(api)).await?,
         None => Default::default(),
     };
-    let _: dozen_api::ApplyOutcome = api.apply(&ApplyRequest { stack, artifacts }).await?;
+    let _: dozen_api::ApplyOutcome = api
+        .apply(&ApplyRequest {
+            stack,
+            artifacts,
+            images: Default::default(),
+        })
+        .await?;
     crate::wait::wait_converged(api, &services, &[], Duration::from_secs(120), true).await?;
     let tasks: Vec<TaskInfo> = api.tasks(None).await?;
     println!("\nstack `{name}` is up");

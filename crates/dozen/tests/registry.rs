@@ -316,7 +316,15 @@ health = { http = "/healthz", interval = "200ms" }
     let registry = format!("http://127.0.0.1:{}", d.port);
     let delete = |reference: &str| {
         Command::new("curl")
-            .args(["-s", "-o", "/dev/stderr", "-w", "%{http_code}", "-X", "DELETE"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/stderr",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "DELETE",
+            ])
             .args(["-u", &format!("dozen:{}", d.token())])
             .arg(format!("{registry}/v2/shop/pinned/manifests/{reference}"))
             .output()
@@ -325,7 +333,109 @@ health = { http = "/healthz", interval = "200ms" }
     let refused = delete(&first);
     assert_eq!(String::from_utf8_lossy(&refused.stdout), "403");
     let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(why.contains("DENIED") && why.contains("of service `web`"), "{why}");
+    assert!(
+        why.contains("DENIED") && why.contains("of service `web`"),
+        "{why}"
+    );
     assert_eq!(String::from_utf8_lossy(&delete("live").stdout), "202");
+    d.ok(&["down"]);
+}
+
+/// `build = { context }`: `apply` builds through the engine (its steps on the terminal),
+/// pushes to dozen's registry and runs exactly what it pushed; a failed build names its step
+/// and applies nothing; `dozen build` pushes without applying.
+#[test]
+fn apply_builds_pushes_and_runs_the_image_and_a_failed_build_changes_nothing() {
+    if !clients_here() {
+        return;
+    }
+    let bin = images::static_binaries(&["dozen-testapp"], &[]);
+    let mut d = Dozen::new(DOZEN);
+    d.start_without_proxy();
+    let context = d.dir.path().join("app");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::copy(bin.join("dozen-testapp"), context.join("testapp")).unwrap();
+    let dockerfile = |extra: &str| {
+        std::fs::write(
+            context.join("Dockerfile"),
+            format!("FROM scratch\nCOPY testapp /testapp\n{extra}ENTRYPOINT [\"/testapp\"]\nLABEL dozen-test=1\n"),
+        )
+        .unwrap();
+    };
+    dockerfile("");
+    let repository = format!("shop/built-{}", d.port);
+    d.write(
+        "dozen.toml",
+        &format!(
+            r#"
+name = "built"
+[services.web]
+image = "{repository}"
+build = {{ context = "./app" }}
+stop_timeout = "2s"
+health = {{ http = "/healthz", interval = "200ms" }}
+"#
+        ),
+    );
+    let _cleanup = Images(vec![format!("127.0.0.1:{}/{repository}:latest", d.port)]);
+    let out = d.command(&["apply", "--timeout", "60s"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Step 1/") && stderr.contains("pushing"),
+        "{stderr}"
+    );
+    d.wait_ready("web", 1);
+    let releases = d.json(&["releases", "web"]);
+    let first = releases[0]["image_pin"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mirror = std::fs::read_to_string(d.data_dir().join("agent").join("mirror-port")).unwrap();
+    let running = |digest: &str| format!("127.0.0.1:{}/{repository}@{digest}", mirror.trim());
+    assert_eq!(running_images(&d, "web"), vec![running(&first)]);
+    let task = d.ready_tasks("web")[0]["task"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A step that fails: said with its step; nothing applied, the task runs on.
+    dockerfile("RUN [\"/testapp\", \"exit\", \"3\"]\n");
+    let out = d.command(&["apply", "--timeout", "60s"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("building `web` failed at Step 3/5 : RUN")
+            && stderr.contains("nothing was applied"),
+        "{stderr}"
+    );
+    assert_eq!(d.json(&["releases", "web"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        d.ready_tasks("web")[0]["task"].as_str(),
+        Some(task.as_str())
+    );
+
+    // `dozen build` pushes a new image; only `apply` runs it.
+    dockerfile("LABEL version=2\n");
+    let out = d.ok(&["build", "web"]);
+    assert!(
+        out.contains(&format!("web: pushed {repository}:latest (sha256:")),
+        "{out}"
+    );
+    assert_eq!(d.json(&["releases", "web"]).as_array().unwrap().len(), 1);
+    let plan = d.ok(&["plan"]);
+    assert!(plan.contains("image_digest"), "{plan}");
+    d.ok(&["apply", "--timeout", "60s"]);
+    let releases = d.json(&["releases", "web"]);
+    let second = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["image_pin"]["digest"].as_str().unwrap().to_string())
+        .find(|d| *d != first)
+        .expect("a release of the new image");
+    eventually(Duration::from_secs(60), "the new image runs", || {
+        (running_images(&d, "web") == vec![running(&second)]).then_some(())
+    });
     d.ok(&["down"]);
 }

@@ -30,8 +30,14 @@ pub(crate) async fn apply(
 ) -> ApiResult<Json<desired::ApplyOutcome>> {
     // Taken before the change, so its event comes before what the controllers do about it.
     let at = dozen_control::wall_ms();
-    let outcome =
-        desired::apply(s.store.as_ref(), &req.stack, &req.artifacts, &s.retention).await?;
+    let outcome = desired::apply_built(
+        s.store.as_ref(),
+        &req.stack,
+        &req.artifacts,
+        &req.images,
+        &s.retention,
+    )
+    .await?;
     tracing::info!(stack = %req.stack.name, releases = outcome.releases.len(), "applied stack");
     note(
         &s,

@@ -5,13 +5,12 @@ use crate::node::{Entry, Node, Val};
 use crate::validate::Diag;
 
 /// Keys only a compose file has: at the top level, and in a service (a service's `volumes`
-/// is dozen's too).
+/// and `build` are dozen's too).
 const COMPOSE_TOP: &[&str] = &["version", "volumes", "networks", "configs", "secrets"];
 const COMPOSE_SERVICE: &[&str] = &[
     "ports",
     "environment",
     "depends_on",
-    "build",
     "container_name",
     "restart",
     "networks",

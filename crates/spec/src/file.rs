@@ -107,6 +107,21 @@ pub struct ServiceFile {
     /// Only nodes whose agents have all these labels (`dozen agent --label disk=ssd`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, String>,
+    /// Build `image` (a name in dozen's registry) from a directory through the Docker Engine
+    /// at `apply` (or `dozen build`), push it, and run what was pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildFile>,
+}
+
+/// Where an image is built from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildFile {
+    /// The directory sent to the engine, relative to the stack file.
+    pub context: String,
+    /// The Dockerfile, relative to the context (default "Dockerfile").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
 }
 
 /// A command line.

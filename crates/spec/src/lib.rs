@@ -12,6 +12,7 @@
 //! [`file`] describe the same format and generate [`json_schema`].
 #![forbid(unsafe_code)]
 
+mod build;
 mod compose;
 mod error;
 pub mod file;

@@ -17,6 +17,10 @@ pub struct Stack {
 pub struct Service {
     pub command: Option<Command>,
     pub image: Option<String>,
+    /// Build `image` from a directory (through the Docker Engine), push it to dozen's
+    /// registry and run what was pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<Build>,
     /// Directory path as written in the file (relative to the stack file's directory).
     pub artifact: Option<String>,
     pub process_type: String,
@@ -49,6 +53,15 @@ pub struct Service {
     /// Only nodes with all these labels may run its tasks.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, String>,
+}
+
+/// Where an image is built from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
+pub struct Build {
+    /// The directory sent to the engine, relative to the stack file.
+    pub context: String,
+    /// The Dockerfile, relative to the context.
+    pub dockerfile: String,
 }
 
 /// A volume of a container: a named volume of the node's engine (kept per stack) or a host
@@ -94,6 +107,7 @@ impl Default for Service {
         Service {
             command: None,
             image: None,
+            build: None,
             artifact: None,
             process_type: DEFAULT_PROCESS_TYPE.to_string(),
             replicas: None,

@@ -50,6 +50,7 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "volumes",
     "node",
     "node_labels",
+    "build",
 ];
 pub(crate) const HEALTH_KEYS: &[&str] = &[
     "http",
@@ -381,6 +382,7 @@ impl Validator {
         let mut svc = Service::default();
         let mut command_key: Option<&Entry> = None;
         let mut image_key: Option<&Entry> = None;
+        let mut build_key: Option<&Entry> = None;
         let mut env_entries: Vec<&Entry> = Vec::new();
         let mut health_entry: Option<&Entry> = None;
         let mut routes_entry: Option<&Entry> = None;
@@ -496,6 +498,10 @@ impl Validator {
                 "volumes" => crate::volumes::check(self, e, &mut svc),
                 "node" => crate::placement::node(self, e, &mut svc),
                 "node_labels" => crate::placement::labels(self, e, &mut svc),
+                "build" => {
+                    build_key = Some(e);
+                    crate::build::check(self, e, &mut svc);
+                }
                 _ => self.diags.push(unknown_key(
                     e,
                     SERVICE_KEYS,
@@ -529,6 +535,9 @@ impl Validator {
             _ => {}
         }
 
+        if let (Some(b), true) = (build_key, svc.build.is_some()) {
+            crate::build::check_target(self, &se.key, b, &svc);
+        }
         for e in env_entries {
             for v in entries(&e.node) {
                 self.env_var(v, &mut svc);

@@ -829,3 +829,42 @@ fn placement_constraints_parse() {
     let e = expect(&errs, "label `disk` must be a string", 4, 24);
     assert!(e.hint.unwrap().contains("disk = \"ssd\""));
 }
+
+#[test]
+fn builds_need_a_context_and_an_image_of_dozen_s_registry() {
+    let svc = |lines: &str| format!("name = \"s\"\n[services.web]\n{lines}");
+    let s = parse_str(
+        &svc("image = \"shop/web\"\nbuild = { context = \"./web\" }\n"),
+        "f",
+        Format::Toml,
+        None,
+    )
+    .unwrap();
+    let build = s.services["web"].build.as_ref().unwrap();
+    assert_eq!(
+        (build.context.as_str(), build.dockerfile.as_str()),
+        ("./web", "Dockerfile")
+    );
+
+    let errs = errors(&svc("build = { context = \"./web\" }\ncommand = \"x\"\n"));
+    let e = expect(&errs, "has `build` but no `image`", 3, 1);
+    assert!(e.hint.unwrap().contains("image = \"shop/web\""));
+    let errs = errors(&svc(
+        "image = \"ghcr.io/x/web:1\"\nbuild = { context = \".\" }\n",
+    ));
+    expect(&errs, "names another registry or a digest", 4, 1);
+    let errs = errors(&svc(
+        "image = \"shop/web\"\nbuild = { dockerfile = \"D\" }\n",
+    ));
+    expect(&errs, "`build` has no `context`", 4, 9);
+    let errs = errors(&svc(
+        "image = \"shop/web\"\nbuild = { context = \".\", dockerfile = \"../D\" }\n",
+    ));
+    expect(&errs, "leaves the build context", 4, 39);
+    let errs = errors(&svc(
+        "image = \"shop/web\"\nbuild = { context = \".\", dockerfil = \"D\" }\n",
+    ));
+    expect(&errs, "unknown field `dockerfil` in `build`", 4, 26);
+    let errs = errors(&svc("image = \"shop/web\"\nbuild = \"./web\"\n"));
+    expect(&errs, "`build` must be a table", 4, 9);
+}

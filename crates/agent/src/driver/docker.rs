@@ -60,12 +60,8 @@ impl DockerDriver {
     /// agent whose data directory has the id `home`, pulling the built-in registry's images
     /// through `mirror`.
     pub fn from_env(home: String, mirror: Option<String>) -> DockerDriver {
-        let socket = std::env::var("DOCKER_HOST")
-            .ok()
-            .and_then(|h| h.strip_prefix("unix://").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"));
         DockerDriver {
-            engine: Engine::new(socket),
+            engine: Engine::from_env(),
             home,
             mirror,
             seen: Arc::new(Mutex::new((false, "not asked yet".into()))),

@@ -42,6 +42,15 @@ impl Engine {
         Engine { socket }
     }
 
+    /// The engine of `DOCKER_HOST` (a `unix://` path), else `/var/run/docker.sock`.
+    pub fn from_env() -> Engine {
+        let socket = std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"));
+        Engine { socket }
+    }
+
     fn unreachable(&self, why: impl std::fmt::Display) -> EngineError {
         EngineError::Unreachable {
             socket: self.socket.display().to_string(),
@@ -56,6 +65,24 @@ impl Engine {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Incoming), EngineError> {
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        let headers = [("content-type", "application/json".to_string())];
+        self.send_raw(
+            method,
+            path,
+            &headers,
+            Bytes::from(bytes.unwrap_or_default()),
+        )
+        .await
+    }
+
+    async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<(StatusCode, Incoming), EngineError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -65,13 +92,15 @@ impl Engine {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(format!("{API}{path}"))
-            .header("host", "docker")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(bytes.unwrap_or_default())))
+            .header("host", "docker");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let request = request
+            .body(Full::new(body))
             .map_err(|e| self.unreachable(e))?;
         let answer = sender
             .send_request(request)
@@ -123,7 +152,19 @@ impl Engine {
 
     /// A request whose answer is a stream (logs, wait): its body, once the status is good.
     pub async fn stream(&self, method: Method, path: &str) -> Result<Incoming, EngineError> {
-        let (status, body) = self.send(method.clone(), path, None).await?;
+        self.stream_with(method, path, &[], Bytes::new()).await
+    }
+
+    /// A request with a body of its own (a build context) and headers (registry credentials)
+    /// whose answer is a stream.
+    pub async fn stream_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<Incoming, EngineError> {
+        let (status, body) = self.send_raw(method.clone(), path, headers, body).await?;
         if status.as_u16() >= 400 {
             let bytes = body
                 .collect()
@@ -161,30 +202,14 @@ impl Engine {
         let what = format!("pull {reference}");
         let path = format!("/images/create?fromImage={reference}");
         let exchange = async {
-            let mut body = self.stream(Method::POST, &path).await?;
-            let mut line = Vec::new();
+            let body = self.stream(Method::POST, &path).await?;
             let mut failure = None;
-            let mut take = |line: &[u8]| {
-                let value: Value = serde_json::from_slice(line).unwrap_or(Value::Null);
+            self.json_lines(body, |value| {
                 if let Some(message) = value["error"].as_str() {
                     failure = Some(message.to_string());
                 }
-            };
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| self.unreachable(e))?;
-                let Some(data) = frame.data_ref() else {
-                    continue;
-                };
-                for &b in data.iter() {
-                    if b == b'\n' {
-                        take(&line);
-                        line.clear();
-                    } else if line.len() < 64 * 1024 {
-                        line.push(b);
-                    }
-                }
-            }
-            take(&line);
+            })
+            .await?;
             match failure {
                 Some(message) => Err(EngineError::Refused {
                     what: what.clone(),
@@ -197,6 +222,37 @@ impl Engine {
         tokio::time::timeout(PULL_TIMEOUT, exchange)
             .await
             .map_err(|_| self.unreachable(format!("{what} took over 10 minutes")))?
+    }
+
+    /// Reads an answer of JSON lines (pull, build and push progress) to its end, handing
+    /// each to `each`; a line is cut at 64 KiB, and nothing else is kept.
+    pub async fn json_lines(
+        &self,
+        mut body: Incoming,
+        mut each: impl FnMut(&Value),
+    ) -> Result<(), EngineError> {
+        let mut line = Vec::new();
+        let mut take = |line: &[u8]| {
+            if !line.is_empty() {
+                each(&serde_json::from_slice(line).unwrap_or(Value::Null));
+            }
+        };
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.unreachable(e))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            for &b in data.iter() {
+                if b == b'\n' {
+                    take(&line);
+                    line.clear();
+                } else if line.len() < 64 * 1024 {
+                    line.push(b);
+                }
+            }
+        }
+        take(&line);
+        Ok(())
     }
 
     /// The engine's version, or why it does not answer.
