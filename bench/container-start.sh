@@ -5,7 +5,9 @@
 #                  the image comes from dozen's own registry, pinned by digest, as users run it;
 #   - Swarm:       `docker service create --detach` (host-mode publish: the routing mesh needs
 #                  IPVS, which this kernel lacks) -> answered on the task's published port;
-#   - docker run:  `docker run -d -p` -> answered on the published port (the floor).
+#   - docker run:  `docker run -d -p` -> answered on the published port (the floor);
+#   - and, for the record (not in the ratios), `docker run -d --network host`: the floor for
+#     the way dozen runs containers (on the node's network, as its processes do).
 # RUNS runs each (default 20), the three alternating in a rotating order. The clock starts as
 # the command is issued; once it returns, one shared poller makes a new attempt every 5 ms,
 # each on its own connection, until the first good answer. (Polling a published port before
@@ -151,6 +153,18 @@ def docker_run(i):
                    capture_output=True)
     return took
 
+def docker_run_host(i):
+    """The floor for dozen's own way: the node's network, no port proxy (not in the ratios)."""
+    port = free_port()
+    start = time.monotonic()
+    proc = run(["docker", "run", "-d", "--label", "dozen-bench-run=1", "-e", f"PORT={port}",
+                "--network", "host", IMAGE])
+    finish(proc, "docker run --network host")
+    took = poll(start, port, "localhost")
+    subprocess.run(["sh", "-c", "docker ps -aq --filter label=dozen-bench-run=1 | xargs -r docker rm -f"],
+                   capture_output=True)
+    return took
+
 def swarm(i):
     port = free_port()
     name = f"dozen-bench-{os.getpid()}-{i}"
@@ -179,12 +193,13 @@ def dozen(i):
     gone(["docker", "ps", "-aq", "--filter", f"label=dozen.home={home}"])
     return took
 
-systems = [("dozen", dozen), ("swarm", swarm), ("docker_run", docker_run)]
+systems = [("dozen", dozen), ("swarm", swarm), ("docker_run", docker_run),
+           ("docker_run_host", docker_run_host)]
 for name, f in systems:
     f(-1)
 times = {name: [] for name, _ in systems}
 for i in range(RUNS):
-    order = systems[i % 3:] + systems[:i % 3]
+    order = systems[i % len(systems):] + systems[:i % len(systems)]
     line = []
     for name, f in order:
         t = f(i)
@@ -195,13 +210,14 @@ for i in range(RUNS):
 def p90(xs):
     xs = sorted(xs); return xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
 print()
-print(f"{'':12}{'median ms':>10}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}")
+print(f"{'':16}{'median ms':>10}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}")
 med = {}
 for name, _ in systems:
     xs = times[name]; med[name] = statistics.median(xs)
-    print(f"{name:12}{med[name] * 1000:10.0f}{p90(xs) * 1000:10.0f}{min(xs) * 1000:10.0f}{max(xs) * 1000:10.0f}")
+    print(f"{name:16}{med[name] * 1000:10.0f}{p90(xs) * 1000:10.0f}{min(xs) * 1000:10.0f}{max(xs) * 1000:10.0f}")
 x = med["swarm"] / med["dozen"]
 y = med["dozen"] / med["docker_run"]
-print(f"\nSwarm / dozen = {x:.2f} (goal >= 1.5); dozen / docker run = {y:.2f} (goal <= 1.3)")
+print(f"\nSwarm / dozen = {x:.2f} (goal >= 1.5); dozen / docker run = {y:.2f} (goal <= 1.3); "
+      f"dozen / docker run --network host = {med['dozen'] / med['docker_run_host']:.2f}")
 print(f"container_start_ratio_vs_swarm={x:.2f} container_start_ratio_vs_docker_run={y:.2f}")
 EOF

@@ -45,7 +45,10 @@ pub async fn build(global: &Global, args: BuildArgs) -> anyhow::Result<i32> {
             Some(_) => {}
         }
     }
-    let pushed = build_and_push(global, &args.file, &stack, &args.services).await?;
+    let api = client(global)?;
+    let token = crate::commands::token(global)?;
+    let quiet = global.output == Output::Json;
+    let pushed = build_and_push(&api, &token, quiet, &args.file, &stack, &args.services).await?;
     if pushed.is_empty() {
         eprintln!("no service in {} has `build`", args.file.file.display());
     }
@@ -62,13 +65,16 @@ pub async fn build(global: &Global, args: BuildArgs) -> anyhow::Result<i32> {
 
 /// Builds and pushes the services of `stack` with `build` (those in `only`, if any); returns
 /// what was pushed, in service order.
+/// `api` is the server whose registry takes the images, with the operator `token`; `quiet`
+/// keeps progress off the terminal.
 pub async fn build_and_push(
-    global: &Global,
+    api: &dozen_api::Client,
+    token: &str,
+    quiet: bool,
     file: &FileArgs,
     stack: &dozen_spec::Stack,
     only: &[String],
 ) -> anyhow::Result<Vec<Pushed>> {
-    let api = client(global)?;
     let registry = registry_host(api.base())?;
     let base = file
         .file
@@ -93,7 +99,6 @@ pub async fn build_and_push(
         })?;
         let (repository, tag) = split_tag(image);
         let target = format!("{registry}/{repository}:{tag}");
-        let quiet = global.output == Output::Json;
         say(
             quiet,
             &format!(
@@ -104,15 +109,7 @@ pub async fn build_and_push(
         );
         run_build(&engine, name, &target, &build.dockerfile, tar, quiet).await?;
         say(quiet, &format!("pushing {repository}:{tag} to {registry}"));
-        let digest = push(
-            &engine,
-            name,
-            &registry,
-            &target,
-            &tag,
-            &crate::commands::token(global)?,
-        )
-        .await?;
+        let digest = push(&engine, name, &registry, &target, &tag, token).await?;
         pushed.push(Pushed {
             service: name.clone(),
             image: format!("{repository}:{tag}"),

@@ -304,7 +304,9 @@ pub async fn apply(global: &Global, args: ApplyArgs) -> anyhow::Result<i32> {
     let api = client(global)?;
     let services: Vec<String> = stack.services.keys().cloned().collect();
     let artifacts = artifacts(&args.file, &stack, Some(&api)).await?;
-    let built = crate::build::build_and_push(global, &args.file, &stack, &[]).await?;
+    let token = token(global)?;
+    let quiet = global.output == Output::Json;
+    let built = crate::build::build_and_push(&api, &token, quiet, &args.file, &stack, &[]).await?;
     let images = crate::build::digests(&built);
     let request = ApplyRequest {
         stack,

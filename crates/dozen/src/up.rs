@@ -82,21 +82,26 @@ fn colour_for(service: &str, services: &[String]) -> &'static str {
 
 async fn apply_and_show(
     api: &Client,
+    token: &str,
     stack: dozen_spec::Stack,
     file: Option<&crate::commands::FileArgs>,
     proxy_url: Option<&str>,
 ) -> anyhow::Result<(String, Vec<String>)> {
     let services: Vec<String> = stack.services.keys().cloned().collect();
     let name = stack.name.clone();
-    let artifacts = match file {
-        Some(f) => crate::commands::artifacts(f, &stack, Some(api)).await?,
+    let (artifacts, images) = match file {
+        Some(f) => {
+            let artifacts = crate::commands::artifacts(f, &stack, Some(api)).await?;
+            let built = crate::build::build_and_push(api, token, false, f, &stack, &[]).await?;
+            (artifacts, crate::build::digests(&built))
+        }
         None => Default::default(),
     };
     let _: dozen_api::ApplyOutcome = api
         .apply(&ApplyRequest {
             stack,
             artifacts,
-            images: Default::default(),
+            images,
         })
         .await?;
     crate::wait::wait_converged(api, &services, &[], Duration::from_secs(120), true).await?;
@@ -134,8 +139,14 @@ pub async fn up(global: &Global, args: UpArgs) -> anyhow::Result<i32> {
     }
     let running = start_server(global, &args.server).await?;
     let api = Client::with_tls(&running.url, &running.token, running.tls.clone());
-    let (name, services) =
-        apply_and_show(&api, stack, file.as_ref(), running.proxy_url.as_deref()).await?;
+    let (name, services) = apply_and_show(
+        &api,
+        &running.token,
+        stack,
+        file.as_ref(),
+        running.proxy_url.as_deref(),
+    )
+    .await?;
     println!("Ctrl-C stops the stack (a second Ctrl-C forces it).\n");
 
     // Every task's output, coloured by service, like `docker compose up`.
@@ -297,7 +308,7 @@ async fn up_detached(
     let token = std::fs::read_to_string(data.join("token"))?;
     let api = Client::new(&server, token.trim());
     let proxy = (!s.no_proxy).then(|| format!("http://{}", s.proxy.proxy_listen));
-    apply_and_show(&api, stack, file, proxy.as_deref()).await?;
+    apply_and_show(&api, token.trim(), stack, file, proxy.as_deref()).await?;
     println!(
         "running in the background (log: {}); `{} down` stops it",
         log_path.display(),

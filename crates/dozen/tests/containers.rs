@@ -417,3 +417,86 @@ COUNT_FILE = "/data/count"
     gone_after_down(&d);
     docker(&["volume", "rm", &format!("{stack}_data")]);
 }
+
+/// The demo in containers, as the README runs it: `dozen up` builds the image from the static
+/// demo binary, pushes it to its own registry, and the services (each a container) reach each
+/// other through the node's proxy; Ctrl-C removes every container.
+#[test]
+fn the_container_demo_builds_its_image_and_its_services_reach_each_other() {
+    if !images::engine_answers() {
+        assert!(std::env::var_os("CI").is_none(), "CI has a Docker Engine");
+        eprintln!("skipped: no Docker Engine answers here (this test runs in CI)");
+        return;
+    }
+    let bin = images::static_binaries(&["dozen-demo"], &[]);
+    let mut d = Dozen::new(DOZEN);
+    d.use_fixed_ports_on_own_address();
+    let demo = d.dir.path().join("demo");
+    std::fs::create_dir_all(&demo).unwrap();
+    let example = images::workspace_root().join("examples/demo-containers");
+    for file in ["dozen.toml", "Dockerfile"] {
+        std::fs::copy(example.join(file), demo.join(file)).unwrap();
+    }
+    std::fs::copy(bin.join("dozen-demo"), demo.join("dozen-demo")).unwrap();
+    let log = d.dir.path().join("up.log");
+    let mut up = std::process::Command::new(DOZEN)
+        .args(["up", "-f", "demo/dozen.toml", "--node-name", "node-a"])
+        .args(["--listen", &format!("{}:{}", d.host, d.port)])
+        .args(["--proxy-listen", &d.proxy_address()])
+        .args([
+            "--proxy-internal-listen",
+            &format!("{}:{}", d.host, d.proxy_internal_port),
+        ])
+        .args([
+            "--port-range",
+            &format!("{}-{}", d.port_range.0, d.port_range.1),
+        ])
+        .current_dir(d.dir.path())
+        .env("DOZEN_DATA_DIR", d.data_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let page = eventually(
+        Duration::from_secs(120),
+        "the shop page through the proxy",
+        || {
+            let r = dozen_testkit::http_request_at(&d.proxy_address(), "demo.local", "/")?;
+            (r.status == 200
+                && r.body.contains("\"products\"")
+                && r.body.contains("\"open_orders\""))
+            .then_some(r.body)
+        },
+    );
+    assert!(page.contains("dozen demo shop (containers)"), "{page}");
+    let built = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        built.contains("Step 1/") && built.contains("pushing demo/shop"),
+        "{built}"
+    );
+    // Every task is a container of the pushed image.
+    let home = std::fs::read_to_string(d.data_dir().join("agent").join("home-id")).unwrap();
+    let mine = format!("label=dozen.home={}", home.trim());
+    let containers = docker(&["ps", "-q", "--filter", &mine]);
+    assert_eq!(containers.lines().count(), 7, "{containers}");
+    let worker = eventually(Duration::from_secs(30), "the worker reaches orders", || {
+        let logs = d.ok(&["logs", "worker"]);
+        logs.contains("checked orders").then_some(logs)
+    });
+    assert!(worker.contains("open_orders"), "{worker}");
+
+    // Once `dozen up` says Ctrl-C stops the stack (it listens for it from then on).
+    eventually(Duration::from_secs(30), "up's banner", || {
+        let said = std::fs::read_to_string(&log).ok()?;
+        said.contains("Ctrl-C stops the stack").then_some(())
+    });
+    dozen_testkit::signal(up.id(), "INT");
+    let status = eventually(
+        Duration::from_secs(60),
+        "dozen up exits after Ctrl-C",
+        || up.try_wait().ok().flatten(),
+    );
+    assert!(status.success(), "{status}");
+    gone_after_down(&d);
+}

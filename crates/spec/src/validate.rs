@@ -523,14 +523,7 @@ impl Validator {
                     hint,
                 );
             }
-            (Some(c), Some(i)) => {
-                let later = if i.key_loc > c.key_loc { i } else { c };
-                self.err(
-                    later.key_loc,
-                    format!("service `{}` sets both `command` and `image`", se.key),
-                    "pick one: `command` runs a process (from the artifact), `image` runs a container",
-                );
-            }
+            // Both: `command` is the container's command (the image's entrypoint gets it).
             (Some(c), None) if !svc.volumes.is_empty() => self.err(c.key_loc, format!("service `{}` has `volumes` but runs a host command", se.key), "volumes are for image services: a host command reads the host's files where they are"),
             _ => {}
         }

@@ -299,9 +299,12 @@ fn command_and_image_rules() {
     let errs = errors("name = \"demo\"\n[services.web]\nport = true\n");
     let e = expect(&errs, "neither `command` nor `image`", 2, 11);
     assert!(e.hint.unwrap().contains("image"));
-    let errs = errors(&with("image = \"nginx\"\n"));
-    let e = expect(&errs, "both `command` and `image`", 4, 1);
-    assert!(e.hint.unwrap().contains("pick one"));
+    // With an image, `command` is the container's command.
+    let s = parse_str(&with("image = \"nginx\"\n"), "f", Format::Toml, None).unwrap();
+    let web = &s.services["web"];
+    assert_eq!(web.image.as_deref(), Some("nginx"));
+    assert!(web.command.is_some());
+    assert_eq!(web.driver(), dozen_spec::DOCKER_DRIVER);
     let errs = errors("name = \"demo\"\n[services.web]\ncommand = \"  \"\n");
     expect(&errs, "`command` is empty", 3, 11);
     let errs = errors("name = \"demo\"\n[services.web]\ncommand = []\n");

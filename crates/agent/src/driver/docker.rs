@@ -311,14 +311,10 @@ impl Driver for DockerDriver {
         if let Some(args) = args {
             body["Cmd"] = json!(args);
         }
-        if let Some(port) = config.port {
-            // The same number inside and out: the task listens on $PORT, the proxy reaches
-            // it on the node's address.
-            let key = format!("{port}/tcp");
-            body["ExposedPorts"] = json!({ &key: {} });
-            host["PortBindings"] =
-                json!({ &key: [{ "HostIp": "0.0.0.0", "HostPort": port.to_string() }] });
-        }
+        // The node's network, as a process has: the task listens on $PORT on the node (the
+        // proxy reaches it at the node's address) and reaches the services it uses through
+        // the node's loopback proxy (`<NAME>_URL`), with no NAT or port proxy in the way.
+        host["NetworkMode"] = json!("host");
         if let Some(user) = &config.user {
             // Numbers: a minimal image has no account names.
             let (uid, gid, _) = crate::os::lookup_user(user).ok_or_else(|| {
