@@ -163,6 +163,25 @@ pub trait Driver: Send + Sync + 'static {
     ) -> Option<Result<(), String>> {
         None
     }
+    /// Runs `argv` inside the running task (`dozen exec`): its output as it comes, then how
+    /// it ended. By default on the host as the task runs (`context`: its environment,
+    /// directory and user), which is the `process` driver's way; `tty` needs a driver that
+    /// gives one.
+    async fn exec(
+        &self,
+        _handle: &TaskHandle,
+        context: &crate::health::CommandContext,
+        argv: &[String],
+        tty: bool,
+    ) -> Result<tokio::sync::mpsc::Receiver<crate::exec::ExecChunk>, DriverError> {
+        if tty {
+            return Err(DriverError::Unsupported {
+                driver: self.name(),
+                why: "a terminal (-t) is for container tasks; run the command without it".into(),
+            });
+        }
+        crate::exec::on_host(context, argv).map_err(DriverError::Start)
+    }
     /// Looks again whether the driver can run tasks here (an engine that answers, say), for
     /// [`Driver::fingerprint`].
     async fn refresh(&self) {}

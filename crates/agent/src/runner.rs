@@ -563,35 +563,12 @@ impl Runner {
     /// when that is someone other than the agent.
     /// A user that is named but cannot be found is an error, never the agent's own rights.
     fn task_user(&self) -> Result<(Option<String>, Option<UidGid>), String> {
-        let user = (self.record.assignment.spec.user.clone())
-            .or_else(|| self.shared.config.task_user.clone());
-        let Some(name) = &user else {
-            return Ok((None, None));
-        };
-        let (uid, gid, _) = os::lookup_user(name).ok_or_else(|| {
-            format!(
-                "user `{name}` does not exist on node `{}`",
-                self.shared.config.node_name
-            )
-        })?;
-        let other = (uid != os::effective_uid()).then_some((uid, gid));
-        Ok((user, other))
+        task_user_of(&self.shared, &self.record)
     }
 
     /// How a `command` health check runs: as the task does.
     fn command_context(&self) -> Result<CommandContext, String> {
-        let a = &self.record.assignment;
-        let (_, user) = self.task_user()?;
-        let mut env = env::task_env(a, self.record.port, &self.shared.config.proxy_internal_url);
-        env.entry("PATH".into())
-            .or_insert_with(|| crate::driver::process::DEFAULT_PATH.into());
-        Ok(CommandContext {
-            env,
-            cwd: a.artifact_digest.as_deref().and_then(|digest| {
-                artifacts::unpacked_path(&self.shared.config.data_dir, digest, user.map(|u| u.1))
-            }),
-            user,
-        })
+        command_context_of(&self.shared, &self.record)
     }
 
     /// Stops the running generation, if any, with the service's signal and timeout.
@@ -650,3 +627,43 @@ impl Runner {
 
 #[cfg(test)]
 mod tests;
+
+/// Who a task runs as: its service's `user`, else the agent's `--task-user`; the ids when
+/// that is not the agent's own user.
+fn task_user_of(
+    shared: &Shared,
+    record: &TaskRecord,
+) -> Result<(Option<String>, Option<UidGid>), String> {
+    let user = (record.assignment.spec.user.clone()).or_else(|| shared.config.task_user.clone());
+    let Some(name) = &user else {
+        return Ok((None, None));
+    };
+    let (uid, gid, _) = os::lookup_user(name).ok_or_else(|| {
+        format!(
+            "user `{name}` does not exist on node `{}`",
+            shared.config.node_name
+        )
+    })?;
+    let other = (uid != os::effective_uid()).then_some((uid, gid));
+    Ok((user, other))
+}
+
+/// How a command runs as the task does (a `command` health check, `dozen exec` on the host):
+/// its environment, directory and user.
+pub(crate) fn command_context_of(
+    shared: &Shared,
+    record: &TaskRecord,
+) -> Result<CommandContext, String> {
+    let a = &record.assignment;
+    let (_, user) = task_user_of(shared, record)?;
+    let mut env = env::task_env(a, record.port, &shared.config.proxy_internal_url);
+    env.entry("PATH".into())
+        .or_insert_with(|| crate::driver::process::DEFAULT_PATH.into());
+    Ok(CommandContext {
+        env,
+        cwd: a.artifact_digest.as_deref().and_then(|digest| {
+            artifacts::unpacked_path(&shared.config.data_dir, digest, user.map(|u| u.1))
+        }),
+        user,
+    })
+}

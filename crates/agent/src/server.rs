@@ -29,7 +29,20 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
             let (shared, connection) = (shared.clone(), connection.clone());
-            async move { Ok::<_, Infallible>(route(&shared, &connection, request)) }
+            async move {
+                let exec = (request.method() == Method::POST)
+                    .then(|| paths::parameters(paths::AGENT_EXEC, request.uri().path()))
+                    .flatten()
+                    .and_then(|values| values.into_iter().next().map(String::from));
+                let response = match exec {
+                    Some(task) if authorised(&shared, &request, &connection) => {
+                        crate::exec::serve(shared, task, request).await
+                    }
+                    Some(_) => plain(StatusCode::UNAUTHORIZED, "missing or wrong token\n"),
+                    None => route(&shared, &connection, request),
+                };
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     if let Err(e) = dozen_api::tls::serve(listener, service, tls).await {

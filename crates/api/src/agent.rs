@@ -47,11 +47,30 @@ impl AgentClient<'_> {
         query: &LogQuery,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, String> {
-        let mut request = self.request(node, paths::AGENT_LOGS).await?.query(query);
+        let mut request = self
+            .request(node, reqwest::Method::GET, paths::AGENT_LOGS)
+            .await?
+            .query(query);
         if let Some(timeout) = timeout {
             request = request.timeout(timeout);
         }
         request.send().await.map_err(|e| e.to_string())
+    }
+
+    /// Runs `request` inside `task` on `node`: the answer streams [`crate::ExecOutput`] lines.
+    pub async fn exec(
+        &self,
+        node: &NodeRecord,
+        task: &str,
+        request: &crate::ExecRequest,
+    ) -> Result<reqwest::Response, String> {
+        let path = paths::fill(paths::AGENT_EXEC, &[task]);
+        self.request(node, reqwest::Method::POST, &path)
+            .await?
+            .json(request)
+            .send()
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// A request to `path` of `node`'s agent. An `https://` agent is reached with the server's
@@ -61,6 +80,7 @@ impl AgentClient<'_> {
     async fn request(
         &self,
         node: &NodeRecord,
+        method: reqwest::Method,
         path: &str,
     ) -> Result<reqwest::RequestBuilder, String> {
         if let Some(via) = reachable_only_through(node).filter(|via| *via != self.server_id) {
@@ -73,7 +93,7 @@ impl AgentClient<'_> {
         let Some(authority) = node.address.strip_prefix("https://") else {
             return Ok(self
                 .http
-                .get(format!("{}{path}", node.address))
+                .request(method, format!("{}{path}", node.address))
                 .bearer_auth(self.token));
         };
         let Some(tls) = self.tls else {
@@ -103,7 +123,7 @@ impl AgentClient<'_> {
             .resolve(&name, addr)
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(client.get(format!("https://{name}:{}{path}", addr.port())))
+        Ok(client.request(method, format!("https://{name}:{}{path}", addr.port())))
     }
 }
 

@@ -458,6 +458,20 @@ impl Client {
         self.ndjson(paths::LOGS, query).await
     }
 
+    /// Runs a command inside a running task: its output as it comes, then its exit code.
+    pub async fn exec(
+        &self,
+        task: &str,
+        request: &crate::ExecRequest,
+    ) -> Result<impl Stream<Item = Result<crate::ExecOutput, ApiError>> + Send + Unpin, ApiError>
+    {
+        let path = fill(paths::TASK_EXEC, &[task]);
+        let resp = self
+            .send(|url| self.http.post(url).json(request), &path)
+            .await?;
+        Ok(ndjson_lines(resp.bytes_stream(), self.url(&path)))
+    }
+
     /// Events, oldest first; with `follow`, then the new ones as they are recorded.
     pub async fn events(
         &self,

@@ -302,6 +302,42 @@ pub struct LogLine {
     pub line: String,
 }
 
+/// `dozen exec`: a command to run inside a running task.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExecRequest {
+    /// Program and arguments (no shell unless the command names one).
+    pub argv: Vec<String>,
+    /// Give the command a terminal (in a container: the engine's TTY; its output then comes
+    /// as one stream).
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// Most arguments, and most bytes of them together, an exec request may carry.
+pub const MAX_EXEC_ARGS: usize = 1024;
+pub const MAX_EXEC_ARG_BYTES: usize = 128 * 1024;
+
+/// One line of an exec's answer (JSON lines): output as it comes, then how it ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExecOutput {
+    /// Output (invalid UTF-8 replaced).
+    Stdout {
+        text: String,
+    },
+    Stderr {
+        text: String,
+    },
+    /// The command ended: its exit code (None: killed by a signal, or unknown).
+    Exit {
+        code: Option<i32>,
+    },
+    /// The command could not run, or its output was cut off.
+    Error {
+        message: String,
+    },
+}
+
 /// Query of `GET /v1/logs` and the agents' `GET /v1/agent/logs`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema, utoipa::IntoParams)]
 pub struct LogQuery {

@@ -24,6 +24,7 @@ pub const SERVICE_ROLLBACK: &str = "/v1/services/{service}/rollback";
 pub const SERVICE_RUN: &str = "/v1/services/{service}/run";
 pub const TASKS: &str = "/v1/tasks";
 pub const TASK: &str = "/v1/tasks/{task}";
+pub const TASK_EXEC: &str = "/v1/tasks/{task}/exec";
 pub const LOGS: &str = "/v1/logs";
 pub const EVENTS: &str = "/v1/events";
 pub const BLOB: &str = "/v1/blobs/{digest}";
@@ -42,6 +43,8 @@ pub const JOIN_TOKENS: &str = "/v1/join-tokens";
 
 /// An agent's own API (served by each agent, called by servers): its tasks' logs.
 pub const AGENT_LOGS: &str = "/v1/agent/logs";
+/// A command run inside one of an agent's tasks (`dozen exec`).
+pub const AGENT_EXEC: &str = "/v1/agent/tasks/{task}/exec";
 
 /// Every route the API server serves, with its methods: the OpenAPI document and the router
 /// are both checked against this list.
@@ -63,6 +66,7 @@ pub const SERVER_ROUTES: &[(&str, &[&str])] = &[
     (SERVICE_RUN, &["post"]),
     (TASKS, &["get"]),
     (TASK, &["get", "delete"]),
+    (TASK_EXEC, &["post"]),
     (LOGS, &["get"]),
     (EVENTS, &["get"]),
     (BLOB, &["get", "head", "put"]),

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod build;
 mod commands;
 mod events;
+mod exec;
 mod identity;
 mod inventory;
 mod node_flags;
@@ -117,6 +118,9 @@ enum Command {
     Build(build::BuildArgs),
     /// List services and their tasks.
     Ps(commands::PsArgs),
+    /// Run a command inside a running task of a service: `dozen exec web -- ls /`; its exit
+    /// code is ours.
+    Exec(exec::ExecArgs),
     /// Show a service's logs (all its tasks, merged by time).
     Logs(commands::LogsArgs),
     /// Show what happened to services, tasks and nodes, and why (`-f` to follow).
@@ -254,6 +258,7 @@ fn main() -> ExitCode {
             Command::Proxy(a) => serve::proxy(&global, a).await.map(|_| 0),
             Command::Plan(a) => commands::plan(&global, a).await,
             Command::Apply(a) => commands::apply(&global, a).await,
+            Command::Exec(a) => exec::exec(&global, a).await,
             Command::Build(a) => build::build(&global, a).await,
             Command::Ps(a) => commands::ps(&global, a).await,
             Command::Logs(a) => commands::logs(&global, a).await,

@@ -500,3 +500,45 @@ fn the_container_demo_builds_its_image_and_its_services_reach_each_other() {
     assert!(status.success(), "{status}");
     gone_after_down(&d);
 }
+
+/// `dozen exec` in a container: through the engine's exec, stdout and stderr apart (or one
+/// stream with a terminal), the command's exit code the CLI's.
+#[test]
+fn exec_runs_inside_the_container() {
+    if !testapp_image() {
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.start_without_proxy();
+    d.write(
+        "dozen.toml",
+        &format!("name = \"exec\"\n[services.web]\nimage = \"{IMAGE}\"\n"),
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    let ready = d.wait_ready("web", 1);
+    let port = ready[0]["status"]["host_port"].as_u64().unwrap();
+    let out = d
+        .command(&["exec", "web", "--", "/testapp", "echo", "hi", "there"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi there\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("stderr hi there port={port}\n")
+    );
+    let out = d.cli(&["exec", "web", "--", "/testapp", "exit", "5"]);
+    assert_eq!(out.status.code(), Some(5));
+    // With a terminal: one stream, both in it.
+    let both = d.ok(&[
+        "exec", "-t", "web", "--", "/testapp", "echo", "on", "a", "tty",
+    ]);
+    assert!(
+        both.contains("on a tty") && both.contains("stderr on a tty"),
+        "{both}"
+    );
+    let out = d.cli(&["exec", "web", "--", "/no/such/program"]);
+    assert!(!out.status.success());
+    d.ok(&["down"]);
+    gone_after_down(&d);
+}

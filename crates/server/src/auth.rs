@@ -104,11 +104,14 @@ async fn node_may(
     }
 }
 /// What another API server's certificate (common name [`dozen_api::tls::SERVER_CN`], which no
-/// node may take) opens besides what a node's does: the logs of the agents only it can reach.
+/// node may take) opens besides what a node's does: the logs of the agents only it can reach,
+/// and commands run in their tasks.
 fn server_route_allowed(name: &str, method: &axum::http::Method, path: &str) -> bool {
     name == dozen_api::tls::SERVER_CN
-        && method == axum::http::Method::GET
-        && dozen_api::paths::parameters(dozen_api::paths::LOGS, path).is_some()
+        && ((method == axum::http::Method::GET
+            && dozen_api::paths::parameters(dozen_api::paths::LOGS, path).is_some())
+            || (method == axum::http::Method::POST
+                && dozen_api::paths::parameters(dozen_api::paths::TASK_EXEC, path).is_some()))
 }
 
 /// The routes a node certificate opens, each named with its method: a list, not a prefix, so

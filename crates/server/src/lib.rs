@@ -302,6 +302,15 @@ fn operator_and_node_routes() -> Routes {
             tasks::remove_task,
         )
         .add(
+            "post",
+            paths::TASK_EXEC,
+            ndjson::<dozen_api::ExecOutput>(
+                "run a command inside a running task: its output as it comes, then its exit code",
+            )
+            .body::<dozen_api::ExecRequest>(),
+            tasks::exec,
+        )
+        .add(
             "get",
             paths::LOGS,
             ndjson::<LogLine>("log lines of every node, merged; with follow, a stream")

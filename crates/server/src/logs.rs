@@ -289,7 +289,7 @@ async fn merge(s: &AppState, sources: &[Source], q: &LogQuery, tx: &mpsc::Sender
 }
 
 /// How this server calls agents: with its certificate over TLS, or the token over plain HTTP.
-fn agent(s: &AppState) -> AgentClient<'_> {
+pub(crate) fn agent(s: &AppState) -> AgentClient<'_> {
     AgentClient {
         http: &s.http,
         tls: s.agent_tls.as_ref(),

@@ -21,9 +21,19 @@ pub(crate) fn request(
     peer: &dozen_model::ServerRecord,
     url: &str,
 ) -> Option<reqwest::RequestBuilder> {
+    request_with(s, peer, reqwest::Method::GET, url)
+}
+
+/// [`request`] with another method.
+pub(crate) fn request_with(
+    s: &AppState,
+    peer: &dozen_model::ServerRecord,
+    method: reqwest::Method,
+    url: &str,
+) -> Option<reqwest::RequestBuilder> {
     match (&s.peer_client, peer.url.starts_with("https://")) {
-        (Some(client), true) => Some(client.get(url)),
-        (None, false) => Some(s.http.get(url).bearer_auth(&s.token)),
+        (Some(client), true) => Some(client.request(method, url)),
+        (None, false) => Some(s.http.request(method, url).bearer_auth(&s.token)),
         _ => None,
     }
 }

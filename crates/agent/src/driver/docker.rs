@@ -19,6 +19,7 @@ use super::{
 };
 
 mod engine;
+mod exec;
 mod output;
 
 pub use engine::{Engine, EngineError};
@@ -461,6 +462,24 @@ impl Driver for DockerDriver {
     ) -> Option<Result<(), String>> {
         let contained = Contained::of(handle)?;
         Some(self.exec(&contained.id, argv, timeout).await)
+    }
+
+    async fn exec(
+        &self,
+        handle: &TaskHandle,
+        _context: &crate::health::CommandContext,
+        argv: &[String],
+        tty: bool,
+    ) -> Result<tokio::sync::mpsc::Receiver<crate::exec::ExecChunk>, DriverError> {
+        let contained = Contained::of(handle).ok_or_else(|| {
+            DriverError::Start(format!(
+                "the docker driver was given a `{}` handle",
+                handle.driver
+            ))
+        })?;
+        exec::run(&self.engine, &contained.id, argv, tty)
+            .await
+            .map_err(DriverError::Start)
     }
 
     fn stats(&self, _handle: &TaskHandle) -> TaskStats {

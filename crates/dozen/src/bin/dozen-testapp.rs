@@ -172,6 +172,17 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("exit") {
         std::process::exit(args.get(2).and_then(|c| c.parse().ok()).unwrap_or(0));
     }
+    // `dozen-testapp echo WORDS...`: says them on stdout, and on stderr with the task's PORT
+    // (a command run inside the task: `dozen exec`).
+    if args.get(1).map(String::as_str) == Some("echo") {
+        let words = args[2..].join(" ");
+        println!("{words}");
+        eprintln!(
+            "stderr {words} port={}",
+            std::env::var("PORT").unwrap_or_default()
+        );
+        return;
+    }
     handle_sigterm();
     // ALLOC_MB: takes (and touches) that much memory at start, to meet a memory limit.
     let _held: Vec<u8> = match std::env::var("ALLOC_MB")

@@ -1,0 +1,137 @@
+//! `dozen exec` in a container: the engine's exec, its output demultiplexed as it comes (or
+//! one raw stream with a TTY), then its exit code from the engine.
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::Method;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::Engine;
+use crate::exec::{ExecChunk, EXEC_BUFFER};
+
+/// Runs `argv` in container `id`. A reader that goes away stops the copying; the command runs
+/// on in the container until it ends (the engine has no way to end an exec).
+pub(super) async fn run(
+    engine: &Engine,
+    id: &str,
+    argv: &[String],
+    tty: bool,
+) -> Result<mpsc::Receiver<ExecChunk>, String> {
+    let body = json!({ "Cmd": argv, "AttachStdout": true, "AttachStderr": true, "Tty": tty });
+    let created = engine
+        .call(Method::POST, &format!("/containers/{id}/exec"), Some(&body))
+        .await
+        .map_err(|e| e.to_string())?;
+    let exec = created["Id"].as_str().unwrap_or_default().to_string();
+    let start = json!({ "Detach": false, "Tty": tty }).to_string();
+    let headers = [("content-type", "application/json".to_string())];
+    let mut output = engine
+        .stream_with(
+            Method::POST,
+            &format!("/exec/{exec}/start"),
+            &headers,
+            Bytes::from(start),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel(EXEC_BUFFER);
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let mut demux = Demux::default();
+        while let Some(Ok(frame)) = output.frame().await {
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            let pieces = if tty {
+                vec![ExecChunk::Stdout(data.clone())]
+            } else {
+                demux.feed(data)
+            };
+            for piece in pieces {
+                if tx.send(piece).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let last = match engine
+            .call(Method::GET, &format!("/exec/{exec}/json"), None)
+            .await
+        {
+            Ok(state) => ExecChunk::Exited(state["ExitCode"].as_i64().map(|c| c as i32)),
+            Err(e) => ExecChunk::Failed(e.to_string()),
+        };
+        let _ = tx.send(last).await;
+    });
+    Ok(rx)
+}
+
+/// The engine's multiplexed stream: 8-byte headers (stream, 0, 0, 0, big-endian size), each
+/// followed by that many bytes, handed on as they arrive rather than once a frame is whole.
+#[derive(Default)]
+struct Demux {
+    header: Vec<u8>,
+    stream: u8,
+    remaining: usize,
+}
+
+impl Demux {
+    fn feed(&mut self, mut data: &[u8]) -> Vec<ExecChunk> {
+        let mut out = Vec::new();
+        while !data.is_empty() {
+            if self.remaining == 0 {
+                let take = (8 - self.header.len()).min(data.len());
+                self.header.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.header.len() == 8 {
+                    let h = &self.header;
+                    self.stream = h[0];
+                    self.remaining = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                    self.header.clear();
+                }
+                continue;
+            }
+            let take = self.remaining.min(data.len());
+            let piece = Bytes::copy_from_slice(&data[..take]);
+            out.push(if self.stream == 2 {
+                ExecChunk::Stderr(piece)
+            } else {
+                ExecChunk::Stdout(piece)
+            });
+            self.remaining -= take;
+            data = &data[take..];
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_anywhere_come_out_in_order_and_by_stream() {
+        let mut wire = vec![1, 0, 0, 0, 0, 0, 0, 3];
+        wire.extend_from_slice(b"out");
+        wire.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 4]);
+        wire.extend_from_slice(b"err!");
+        for cut in 0..wire.len() {
+            let mut demux = Demux::default();
+            let mut got = demux.feed(&wire[..cut]);
+            got.extend(demux.feed(&wire[cut..]));
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            for piece in got {
+                match piece {
+                    ExecChunk::Stdout(b) => out.extend_from_slice(&b),
+                    ExecChunk::Stderr(b) => err.extend_from_slice(&b),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(
+                (out.as_slice(), err.as_slice()),
+                (&b"out"[..], &b"err!"[..]),
+                "cut at {cut}"
+            );
+        }
+    }
+}
