@@ -18,12 +18,27 @@ pub trait Cgroups: Send + Sync {
     /// returns how many.
     fn signal_all(&self, task: &str, signal: i32, except: Option<u32>) -> usize;
     /// How many processes the kernel has killed in the task's groups for want of memory.
+    /// What the task's group uses now: memory (bytes) and CPU time so far (nanoseconds).
+    fn usage(&self, _task: &str) -> Usage {
+        Usage::default()
+    }
     fn oom_kills(&self, _task: &str) -> u64 {
         0
     }
 }
 
 /// The `oom_kill N` line of a cgroup's `memory.oom_control` (v1) or `memory.events` (v2).
+/// A task group's use of memory and CPU, where the machine's cgroups tell it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub memory_bytes: Option<u64>,
+    pub cpu_nanos: Option<u64>,
+}
+
+fn read_u64(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
 fn oom_kill_count(file: &Path) -> u64 {
     std::fs::read_to_string(file)
         .unwrap_or_default()
@@ -54,8 +69,14 @@ pub fn detect(root: &Path) -> Box<dyn Cgroups> {
     if v1_memory.join("memory.limit_in_bytes").exists() && v1_cpu.join("cpu.cfs_quota_us").exists()
     {
         let v1_pids = root.join("pids");
+        // cpuacct is mounted with cpu on some machines, on its own on others.
+        let v1_cpuacct = root.join("cpuacct");
         let v1 = V1 {
             memory: v1_memory.join("dozen"),
+            cpuacct: (!v1_cpu.join("cpuacct.usage").exists()
+                && v1_cpuacct.join("cpuacct.usage").exists())
+            .then(|| v1_cpuacct.join("dozen"))
+            .filter(|dir| std::fs::create_dir_all(dir).is_ok()),
             cpu: v1_cpu.join("dozen"),
             pids: (v1_pids.join("pids.max").exists() || v1_pids.join("tasks").exists())
                 .then(|| v1_pids.join("dozen"))
@@ -89,6 +110,9 @@ pub fn detect(root: &Path) -> Box<dyn Cgroups> {
 struct V1 {
     memory: PathBuf,
     cpu: PathBuf,
+    /// A cpuacct hierarchy of its own (where it is not mounted with cpu): CPU time is read
+    /// there.
+    cpuacct: Option<PathBuf>,
     /// The pids controller, where this machine mounts one.
     pids: Option<PathBuf>,
 }
@@ -118,6 +142,11 @@ impl Cgroups for V1 {
         let quota = (u64::from(r.cpu_millis) * CPU_PERIOD_US / 1000).max(1000);
         std::fs::write(cpu.join("cpu.cfs_quota_us"), quota.to_string())?;
         let mut procs = vec![mem.join("cgroup.procs"), cpu.join("cgroup.procs")];
+        if let Some(acct) = &self.cpuacct {
+            let dir = acct.join(task);
+            std::fs::create_dir_all(&dir)?;
+            procs.push(dir.join("cgroup.procs"));
+        }
         if let Some(pids) = &self.pids {
             let dir = pids.join(task);
             std::fs::create_dir_all(&dir)?;
@@ -129,6 +158,9 @@ impl Cgroups for V1 {
     fn remove(&self, task: &str) {
         let _ = std::fs::remove_dir(self.memory.join(task));
         let _ = std::fs::remove_dir(self.cpu.join(task));
+        if let Some(acct) = &self.cpuacct {
+            let _ = std::fs::remove_dir(acct.join(task));
+        }
         if let Some(pids) = &self.pids {
             let _ = std::fs::remove_dir(pids.join(task));
         }
@@ -139,6 +171,19 @@ impl Cgroups for V1 {
     }
     fn oom_kills(&self, task: &str) -> u64 {
         oom_kill_count(&self.memory.join(task).join("memory.oom_control"))
+    }
+    fn usage(&self, task: &str) -> Usage {
+        Usage {
+            memory_bytes: read_u64(&self.memory.join(task).join("memory.usage_in_bytes")),
+            cpu_nanos: read_u64(
+                &self
+                    .cpuacct
+                    .as_ref()
+                    .unwrap_or(&self.cpu)
+                    .join(task)
+                    .join("cpuacct.usage"),
+            ),
+        }
     }
 }
 
@@ -176,6 +221,21 @@ impl Cgroups for V2 {
     }
     fn oom_kills(&self, task: &str) -> u64 {
         oom_kill_count(&self.base.join(task).join("memory.events"))
+    }
+    fn usage(&self, task: &str) -> Usage {
+        let dir = self.base.join(task);
+        let cpu = std::fs::read_to_string(dir.join("cpu.stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|usec| usec * 1000)
+            });
+        Usage {
+            memory_bytes: read_u64(&dir.join("memory.current")),
+            cpu_nanos: cpu,
+        }
     }
 }
 

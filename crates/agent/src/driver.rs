@@ -112,9 +112,14 @@ pub struct ExitInfo {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskStats {
+    /// The task's main process.
     pub rss_kib: Option<u64>,
     /// What supervising the task costs beside it (the process driver's shim).
     pub overhead_rss_kib: Option<u64>,
+    /// Memory the whole task uses now (its group, or its container), as its limit counts it.
+    pub memory_bytes: Option<u64>,
+    /// CPU time the whole task has used so far: two readings give its rate.
+    pub cpu_nanos: Option<u64>,
 }
 
 /// What a task directory holds after an agent restart.
@@ -147,7 +152,8 @@ pub trait Driver: Send + Sync + 'static {
     /// `signal` (a name such as `SIGTERM`), then a kill after `timeout`; resolves when the
     /// task has ended.
     async fn stop(&self, handle: &TaskHandle, signal: &str, timeout: Duration) -> ExitInfo;
-    fn stats(&self, handle: &TaskHandle) -> TaskStats;
+    /// What the task uses now (memory) and so far (CPU time).
+    async fn stats(&self, handle: &TaskHandle) -> TaskStats;
     /// What became of the task in `dir` (last seen as `handle`, when the agent kept one)
     /// while no agent watched it. Async: a driver may have to ask its engine.
     async fn recover(&self, dir: &Path, handle: Option<&TaskHandle>) -> Recovered;

@@ -35,6 +35,7 @@ pub mod ports;
 pub(crate) mod runner;
 mod server;
 pub mod shim;
+mod stats;
 mod sync;
 #[cfg(test)]
 mod testing;

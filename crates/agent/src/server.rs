@@ -34,11 +34,17 @@ pub(crate) async fn serve(
                     .then(|| paths::parameters(paths::AGENT_EXEC, request.uri().path()))
                     .flatten()
                     .and_then(|values| values.into_iter().next().map(String::from));
+                let stats =
+                    request.method() == Method::GET && request.uri().path() == paths::AGENT_STATS;
                 let response = match exec {
                     Some(task) if authorised(&shared, &request, &connection) => {
                         crate::exec::serve(shared, task, request).await
                     }
+                    None if stats && authorised(&shared, &request, &connection) => {
+                        crate::stats::serve(shared, request.uri().query()).await
+                    }
                     Some(_) => plain(StatusCode::UNAUTHORIZED, "missing or wrong token\n"),
+                    None if stats => plain(StatusCode::UNAUTHORIZED, "missing or wrong token\n"),
                     None => route(&shared, &connection, request),
                 };
                 Ok::<_, Infallible>(response)

@@ -213,7 +213,7 @@ impl Driver for FakeDriver {
         self.wait(handle).await
     }
 
-    fn stats(&self, _handle: &TaskHandle) -> TaskStats {
+    async fn stats(&self, _handle: &TaskHandle) -> TaskStats {
         TaskStats::default()
     }
 

@@ -57,6 +57,22 @@ impl AgentClient<'_> {
         request.send().await.map_err(|e| e.to_string())
     }
 
+    /// What `node`'s tasks use (those of `query.service`, if given).
+    pub async fn stats(
+        &self,
+        node: &NodeRecord,
+        query: &crate::StatsQuery,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, String> {
+        self.request(node, reqwest::Method::GET, paths::AGENT_STATS)
+            .await?
+            .query(query)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Runs `request` inside `task` on `node`: the answer streams [`crate::ExecOutput`] lines.
     pub async fn exec(
         &self,

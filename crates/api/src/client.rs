@@ -458,6 +458,14 @@ impl Client {
         self.ndjson(paths::LOGS, query).await
     }
 
+    /// What each task uses (memory now, CPU time so far), read by its node's agent.
+    pub async fn stats(
+        &self,
+        query: &crate::StatsQuery,
+    ) -> Result<Vec<crate::TaskUsage>, ApiError> {
+        self.get_query(paths::STATS, query).await
+    }
+
     /// Runs a command inside a running task: its output as it comes, then its exit code.
     pub async fn exec(
         &self,

@@ -302,6 +302,32 @@ pub struct LogLine {
     pub line: String,
 }
 
+/// Query of `GET /v1/stats` and the agents' `GET /v1/agent/stats`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema, utoipa::IntoParams)]
+pub struct StatsQuery {
+    /// Only this service's tasks.
+    pub service: Option<String>,
+}
+
+/// What one task uses, as its node's agent read it through the task's driver.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq, utoipa::ToSchema)]
+pub struct TaskUsage {
+    pub task: String,
+    pub service: String,
+    pub node: String,
+    pub driver: String,
+    /// Memory the whole task uses now (its group or container).
+    pub memory_bytes: Option<u64>,
+    /// CPU time the task has used so far; two readings give its rate.
+    pub cpu_nanos: Option<u64>,
+    /// Resident memory of the task's main process.
+    pub rss_kib: Option<u64>,
+    /// What supervising it costs beside it (the process driver's shim).
+    pub overhead_rss_kib: Option<u64>,
+    /// When it was read (ms since the epoch).
+    pub at_ms: u64,
+}
+
 /// `dozen exec`: a command to run inside a running task.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecRequest {

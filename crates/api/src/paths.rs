@@ -26,6 +26,7 @@ pub const TASKS: &str = "/v1/tasks";
 pub const TASK: &str = "/v1/tasks/{task}";
 pub const TASK_EXEC: &str = "/v1/tasks/{task}/exec";
 pub const LOGS: &str = "/v1/logs";
+pub const STATS: &str = "/v1/stats";
 pub const EVENTS: &str = "/v1/events";
 pub const BLOB: &str = "/v1/blobs/{digest}";
 pub const ROUTES: &str = "/v1/routes";
@@ -45,6 +46,8 @@ pub const JOIN_TOKENS: &str = "/v1/join-tokens";
 pub const AGENT_LOGS: &str = "/v1/agent/logs";
 /// A command run inside one of an agent's tasks (`dozen exec`).
 pub const AGENT_EXEC: &str = "/v1/agent/tasks/{task}/exec";
+/// What the agent's tasks use now (memory) and so far (CPU time).
+pub const AGENT_STATS: &str = "/v1/agent/stats";
 
 /// Every route the API server serves, with its methods: the OpenAPI document and the router
 /// are both checked against this list.
@@ -68,6 +71,7 @@ pub const SERVER_ROUTES: &[(&str, &[&str])] = &[
     (TASK, &["get", "delete"]),
     (TASK_EXEC, &["post"]),
     (LOGS, &["get"]),
+    (STATS, &["get"]),
     (EVENTS, &["get"]),
     (BLOB, &["get", "head", "put"]),
     (ROUTES, &["get"]),

@@ -16,6 +16,7 @@ mod node_flags;
 mod oneoff;
 mod output;
 mod serve;
+mod stats;
 mod up;
 mod wait;
 
@@ -121,6 +122,8 @@ enum Command {
     /// Run a command inside a running task of a service: `dozen exec web -- ls /`; its exit
     /// code is ours.
     Exec(exec::ExecArgs),
+    /// What each task uses: CPU over a second, memory now (`-o json` for scripts).
+    Stats(stats::StatsArgs),
     /// Show a service's logs (all its tasks, merged by time).
     Logs(commands::LogsArgs),
     /// Show what happened to services, tasks and nodes, and why (`-f` to follow).
@@ -259,6 +262,7 @@ fn main() -> ExitCode {
             Command::Plan(a) => commands::plan(&global, a).await,
             Command::Apply(a) => commands::apply(&global, a).await,
             Command::Exec(a) => exec::exec(&global, a).await,
+            Command::Stats(a) => stats::stats(&global, a).await,
             Command::Build(a) => build::build(&global, a).await,
             Command::Ps(a) => commands::ps(&global, a).await,
             Command::Logs(a) => commands::logs(&global, a).await,

@@ -542,3 +542,31 @@ fn exec_runs_inside_the_container() {
     d.ok(&["down"]);
     gone_after_down(&d);
 }
+
+/// `dozen stats` of a container: CPU held to its limit and memory, from the engine.
+#[test]
+fn stats_show_what_a_container_uses_within_its_limits() {
+    if !testapp_image() {
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.start_without_proxy();
+    d.write(
+        "dozen.toml",
+        &format!(
+            "name = \"cst\"\n[services.busy]\nimage = \"{IMAGE}\"\nresources = {{ cpu = \"250m\", memory = \"256MiB\" }}\n[services.busy.env]\nSPIN = \"1\"\nALLOC_MB = \"64\"\n"
+        ),
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    d.wait_ready("busy", 1);
+    let rows = eventually(Duration::from_secs(30), "stats with a CPU rate", || {
+        let rows = d.json(&["stats", "busy", "--interval", "2s"]);
+        (rows[0]["cpu_percent"].as_f64()? > 5.0).then_some(rows)
+    });
+    let row = &rows[0];
+    assert_eq!(row["driver"], "docker");
+    assert!(row["cpu_percent"].as_f64().unwrap() < 40.0, "{rows}");
+    assert!(row["memory_bytes"].as_u64().unwrap() >= 64 << 20, "{rows}");
+    d.ok(&["down"]);
+    gone_after_down(&d);
+}

@@ -109,7 +109,8 @@ async fn node_may(
 fn server_route_allowed(name: &str, method: &axum::http::Method, path: &str) -> bool {
     name == dozen_api::tls::SERVER_CN
         && ((method == axum::http::Method::GET
-            && dozen_api::paths::parameters(dozen_api::paths::LOGS, path).is_some())
+            && (dozen_api::paths::parameters(dozen_api::paths::LOGS, path).is_some()
+                || dozen_api::paths::parameters(dozen_api::paths::STATS, path).is_some()))
             || (method == axum::http::Method::POST
                 && dozen_api::paths::parameters(dozen_api::paths::TASK_EXEC, path).is_some()))
 }

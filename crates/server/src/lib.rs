@@ -13,7 +13,7 @@ use dozen_api::{
     JoinResponse, JoinTokenRequest, JoinTokenResponse, LogLine, LogQuery, NodeInfo, ProxyHeartbeat,
     ProxyInfo, ProxyRegisterRequest, RegisterRequest, RegisterResponse, RevokeResponse,
     RollbackRequest, RouteQuery, RunRequest, ScaleRequest, ServiceSummary, StatusReport, TaskInfo,
-    TaskQuery, WatchQuery,
+    TaskQuery, TaskUsage, WatchQuery,
 };
 use dozen_model::{Assignment, Release, RouteTable, StackRecord};
 use dozen_store::blob::BlobStore;
@@ -31,6 +31,7 @@ mod pki;
 pub mod registry;
 mod routes;
 mod stacks;
+mod stats;
 mod tasks;
 mod watch;
 
@@ -300,6 +301,13 @@ fn operator_and_node_routes() -> Routes {
             paths::TASK,
             no_content("remove a finished one-off task"),
             tasks::remove_task,
+        )
+        .add(
+            "get",
+            paths::STATS,
+            json::<Vec<TaskUsage>>("what each task uses: memory now, CPU time so far")
+                .query::<dozen_api::StatsQuery>(),
+            stats::stats,
         )
         .add(
             "post",

@@ -106,8 +106,8 @@ pub(crate) async fn logs(
         .unwrap_or_default())
 }
 
-/// Where a server gets log lines from.
-enum Source {
+/// Where a server gets log lines (and task stats) from.
+pub(crate) enum Source {
     /// An agent this server may call itself.
     Agent(NodeRecord),
     /// Another API server, for the agents only it can reach: those that registered through it
@@ -116,7 +116,7 @@ enum Source {
 }
 
 impl Source {
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             Source::Agent(node) => format!("agent {}", node.name),
             Source::Peer(server) => format!("server {}", server.id),
@@ -127,7 +127,7 @@ impl Source {
 /// The agents of every up node, each through the one server that may call it. A loopback
 /// address means "on the host of the server it registered through": another server calling it
 /// would reach whatever listens on that port of its own host, and hand it the token.
-async fn sources(s: &AppState, snap: &Snapshot, local_only: bool) -> Vec<Source> {
+pub(crate) async fn sources(s: &AppState, snap: &Snapshot, local_only: bool) -> Vec<Source> {
     let mut sources = Vec::new();
     let mut via_peers = std::collections::BTreeSet::new();
     // A down node's agent does not answer: asking it would only hold the answer up.

@@ -482,8 +482,25 @@ impl Driver for DockerDriver {
             .map_err(DriverError::Start)
     }
 
-    fn stats(&self, _handle: &TaskHandle) -> TaskStats {
-        TaskStats::default()
+    async fn stats(&self, handle: &TaskHandle) -> TaskStats {
+        let Some(contained) = Contained::of(handle) else {
+            return TaskStats::default();
+        };
+        let path = format!(
+            "/containers/{}/stats?stream=false&one-shot=true",
+            contained.id
+        );
+        let Ok(stats) = self.engine.call(Method::GET, &path, None).await else {
+            return TaskStats::default();
+        };
+        TaskStats {
+            rss_kib: stats["memory_stats"]["stats"]["rss"]
+                .as_u64()
+                .map(|b| b / 1024),
+            overhead_rss_kib: None,
+            memory_bytes: stats["memory_stats"]["usage"].as_u64(),
+            cpu_nanos: stats["cpu_stats"]["cpu_usage"]["total_usage"].as_u64(),
+        }
     }
 
     async fn recover(&self, _dir: &Path, handle: Option<&TaskHandle>) -> Recovered {

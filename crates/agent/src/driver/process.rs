@@ -323,13 +323,22 @@ impl Driver for ProcessDriver {
         exit
     }
 
-    fn stats(&self, handle: &TaskHandle) -> TaskStats {
+    async fn stats(&self, handle: &TaskHandle) -> TaskStats {
         let Some(shimmed) = Shimmed::of(handle) else {
             return TaskStats::default();
         };
+        let task = shimmed
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let usage = task
+            .map(|task| self.cgroups.usage(&task))
+            .unwrap_or_default();
         TaskStats {
             rss_kib: shimmed.task_pid.and_then(os::rss_kib),
             overhead_rss_kib: os::rss_kib(shimmed.shim_pid),
+            memory_bytes: usage.memory_bytes,
+            cpu_nanos: usage.cpu_nanos,
         }
     }
 

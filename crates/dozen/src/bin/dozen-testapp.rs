@@ -192,6 +192,15 @@ fn main() {
         Some(mb) => vec![1u8; mb * 1024 * 1024],
         None => Vec::new(),
     };
+    // SPIN: a thread that keeps one core busy (a CPU limit to meet, CPU use to see).
+    if std::env::var_os("SPIN").is_some() {
+        std::thread::spawn(|| {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+    }
     // COUNT_FILE: counts its starts in that file, and says the count (data that must outlive
     // the process, in a volume).
     if let Ok(path) = std::env::var("COUNT_FILE") {
