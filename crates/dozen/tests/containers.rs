@@ -389,6 +389,7 @@ fn a_named_volume_outlives_its_containers() {
     d.start_without_proxy();
     // A stack name of its own: its volume is `<stack>_data`.
     let stack = format!("vol{}", std::process::id());
+    let _volume = VolumeGone(format!("{stack}_data"));
     d.write(
         "dozen.toml",
         &format!(
@@ -396,8 +397,7 @@ fn a_named_volume_outlives_its_containers() {
 name = "{stack}"
 [services.db]
 image = "{IMAGE}"
-# A fresh named volume belongs to root.
-user = "root"
+# As the task user a root server gives tasks (nobody): the new volume is given to it.
 volumes = ["data:/data"]
 health = {{ http = "/healthz", interval = "200ms" }}
 [services.db.env]
@@ -415,7 +415,16 @@ COUNT_FILE = "/data/count"
     });
     d.ok(&["down"]);
     gone_after_down(&d);
-    docker(&["volume", "rm", &format!("{stack}_data")]);
+}
+
+/// Removes a test's volume however the test ends.
+struct VolumeGone(String);
+impl Drop for VolumeGone {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["volume", "rm", "-f", &self.0])
+            .output();
+    }
 }
 
 /// The demo in containers, as the README runs it: `dozen up` builds the image from the static

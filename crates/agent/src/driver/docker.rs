@@ -104,6 +104,32 @@ impl DockerDriver {
         }
     }
 
+    /// A named volume the engine makes on first use is root's: a task running as another
+    /// user could not write to it. Made here first and, while still empty and root's, given
+    /// to the task's user (the engine's volumes are on this host, and the agent is root when
+    /// tasks run as another user). Best effort: the task starts either way.
+    async fn give_fresh_volume(&self, volume: &str, uid: u32, gid: u32) {
+        let body = json!({ "Name": volume, "Labels": { HOME_LABEL: self.home } });
+        let made = self
+            .engine
+            .call(Method::POST, "/volumes/create", Some(&body))
+            .await;
+        let mountpoint = made
+            .ok()
+            .and_then(|v| v["Mountpoint"].as_str().map(PathBuf::from));
+        let Some(dir) = mountpoint else {
+            return;
+        };
+        use std::os::unix::fs::MetadataExt;
+        let fresh = std::fs::metadata(&dir).is_ok_and(|m| m.uid() == 0)
+            && std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none());
+        if fresh {
+            if let Err(e) = std::os::unix::fs::chown(&dir, Some(uid), Some(gid)) {
+                tracing::warn!(volume, error = %e, "cannot give a new volume to the task's user");
+            }
+        }
+    }
+
     /// Pulls `reference` unless the engine has it.
     async fn ensure_image(&self, reference: &str) -> Result<(), DriverError> {
         let present = self
@@ -325,6 +351,13 @@ impl Driver for DockerDriver {
                 ))
             })?;
             body["User"] = json!(format!("{uid}:{gid}"));
+            if uid != 0 {
+                for m in &config.mounts {
+                    if let MountSource::Volume(volume) = &m.source {
+                        self.give_fresh_volume(volume, uid, gid).await;
+                    }
+                }
+            }
         }
         let mounts: Vec<Value> = config
             .mounts
