@@ -579,3 +579,66 @@ fn stats_show_what_a_container_uses_within_its_limits() {
     d.ok(&["down"]);
     gone_after_down(&d);
 }
+
+/// The numbers `tick N` in `text`, in order.
+fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.split("tick ").nth(1)?.trim().parse().ok())
+        .collect()
+}
+
+/// What a container writes while no agent listens reaches its log once an agent is back:
+/// every line once, none lost, none twice.
+#[test]
+fn output_written_while_the_agent_is_down_reaches_the_log() {
+    if !testapp_image() {
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.start_without_proxy();
+    d.write(
+        "dozen.toml",
+        &format!("name = \"ticks\"\n[services.ticker]\nimage = \"{IMAGE}\"\n[services.ticker.env]\nTICK_MS = \"50\"\n"),
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    let task = d.wait_ready("ticker", 1)[0]["task"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(20), "ticks in the log", || {
+        (ticks(&d.ok(&["logs", "ticker"])).len() >= 3).then_some(())
+    });
+    let container = containers_of(Some(&task)).remove(0);
+    d.kill_server();
+    // No agent: the container goes on writing; wait until it has written plenty.
+    let log = d
+        .data_dir()
+        .join("agent/tasks")
+        .join(&task)
+        .join("output.log");
+    let kept = ticks(&std::fs::read_to_string(&log).unwrap())
+        .last()
+        .copied()
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "ticks written while no agent listens",
+        || {
+            let out = std::process::Command::new("docker")
+                .args(["logs", &container])
+                .output()
+                .ok()?;
+            let engine = ticks(&String::from_utf8_lossy(&out.stdout));
+            (engine.last().copied()? >= kept + 20).then_some(())
+        },
+    );
+    d.start_server(true);
+    let all = eventually(Duration::from_secs(30), "the gap filled in", || {
+        let seen = ticks(&d.ok(&["logs", "ticker"]));
+        (seen.last().copied()? >= kept + 30).then_some(seen)
+    });
+    let expected: Vec<u64> = (1..=*all.last().unwrap()).collect();
+    assert_eq!(all, expected, "every tick once, in order");
+    d.ok(&["down"]);
+    gone_after_down(&d);
+}

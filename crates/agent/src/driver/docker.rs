@@ -221,13 +221,13 @@ impl DockerDriver {
         }
     }
 
-    fn follow_output(&self, contained: &Contained, since_s: u64) {
+    fn follow_output(&self, contained: &Contained, from: output::Resume) {
         tokio::spawn(output::copy(
             self.engine.clone(),
             contained.id.clone(),
             contained.log.clone(),
             contained.log_cap,
-            since_s,
+            from,
         ));
     }
 }
@@ -407,7 +407,7 @@ impl Driver for DockerDriver {
             log: config.log.clone(),
             log_cap: config.resources.log_bytes,
         };
-        self.follow_output(&contained, since);
+        self.follow_output(&contained, output::Resume::Start(since));
         Ok(TaskHandle {
             driver: NAME.into(),
             pid: inspected["State"]["Pid"]
@@ -553,8 +553,13 @@ impl Driver for DockerDriver {
             .await;
         match inspected {
             Ok(v) if v["State"]["Running"].as_bool() == Some(true) => {
-                // What it wrote while no agent listened is lost; from now on it is kept.
-                self.follow_output(&contained, unix_seconds());
+                // Going on after the last line kept: what it wrote while no agent listened
+                // is copied too.
+                let from = match output::last_line_ms(&contained.log) {
+                    Some(ms) => output::Resume::After(ms),
+                    None => output::Resume::Start(0),
+                };
+                self.follow_output(&contained, from);
                 Recovered::Running(handle.clone())
             }
             Ok(_) => Recovered::Exited(self.ended(&contained.id).await),

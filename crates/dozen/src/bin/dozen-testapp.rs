@@ -201,6 +201,19 @@ fn main() {
             }
         });
     }
+    // TICK_MS: says `tick N` every that many milliseconds (output that goes on while no one
+    // watches).
+    if let Some(every) = std::env::var("TICK_MS")
+        .ok()
+        .and_then(|t| t.parse::<u64>().ok())
+    {
+        std::thread::spawn(move || {
+            for n in 1.. {
+                std::thread::sleep(std::time::Duration::from_millis(every));
+                println!("tick {n}");
+            }
+        });
+    }
     // COUNT_FILE: counts its starts in that file, and says the count (data that must outlive
     // the process, in a volume).
     if let Ok(path) = std::env::var("COUNT_FILE") {

@@ -1,6 +1,8 @@
 //! A container's output into its task's log, in the shim's format (`MILLIS o|e TEXT` lines),
-//! read from the engine's multiplexed log stream (8-byte frame headers: stream, size). Lines
-//! are cut at 64 KiB while read; the file rotates at half the task's cap, like the shim's.
+//! read from the engine's multiplexed log stream (8-byte frame headers: stream, size), each
+//! line stamped with the time the engine took it (`timestamps=1`), so a restarted agent goes on
+//! after the last line it kept and nothing written meanwhile is lost. Lines are cut at 64 KiB
+//! while read; the file rotates at half the task's cap, like the shim's.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,8 +22,8 @@ struct Sink {
 }
 
 impl Sink {
-    fn line(&mut self, stream: u8, text: &[u8]) {
-        let mut line = format!("{} {} ", crate::shim::wall_ms(), stream as char).into_bytes();
+    fn line(&mut self, at_ms: u64, stream: u8, text: &[u8]) {
+        let mut line = format!("{at_ms} {} ", stream as char).into_bytes();
         line.extend_from_slice(text);
         line.push(b'\n');
         if self.size > 0 && self.size + line.len() as u64 > self.cap / 2 {
@@ -52,10 +54,40 @@ impl Sink {
     }
 }
 
-/// Copies container `id`'s output (from `since`, Unix seconds) into `log` until the container
-/// ends or the engine goes away.
-pub(super) async fn copy(engine: Engine, id: String, log: PathBuf, cap: u64, since: u64) {
-    let path = format!("/containers/{id}/logs?follow=1&stdout=1&stderr=1&since={since}");
+/// Where a copy starts: the container's start (a new task), or just after the last line a
+/// previous agent kept (an adopted one).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Resume {
+    /// Unix seconds.
+    Start(u64),
+    /// Milliseconds of the last line kept: lines up to it are not copied again.
+    After(u64),
+}
+
+/// The time of the last line of the task's log (`MILLIS o|e TEXT`), if it has one.
+pub(super) fn last_line_ms(log: &std::path::Path) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    let tail = (MAX_LINE as u64 + 64).min(len);
+    file.seek(SeekFrom::Start(len - tail)).ok()?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .rev()
+        .find_map(|line| line.split(' ').next()?.parse::<u64>().ok())
+}
+
+/// Copies container `id`'s output into `log` until the container ends or the engine goes
+/// away.
+pub(super) async fn copy(engine: Engine, id: String, log: PathBuf, cap: u64, from: Resume) {
+    let (since, after_ms) = match from {
+        Resume::Start(seconds) => (seconds, None),
+        Resume::After(ms) => (ms / 1000, Some(ms)),
+    };
+    let path =
+        format!("/containers/{id}/logs?follow=1&stdout=1&stderr=1&timestamps=1&since={since}");
     let mut body = match engine.stream(Method::GET, &path).await {
         Ok(body) => body,
         Err(e) => {
@@ -70,8 +102,14 @@ pub(super) async fn copy(engine: Engine, id: String, log: PathBuf, cap: u64, sin
         cap: cap.max(dozen_spec::MIN_LOG_BYTES),
     };
     let mut buffer: Vec<u8> = Vec::new();
-    // A partial line per stream (stdout, stderr), never longer than MAX_LINE.
+    // A partial line per stream (stdout, stderr), never longer than MAX_LINE, and when it began.
     let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut began: [u64; 2] = [0, 0];
+    let put = |sink: &mut Sink, at_ms: u64, letter: u8, text: &[u8]| {
+        if after_ms.is_none_or(|after| at_ms > after) {
+            sink.line(at_ms, letter, text);
+        }
+    };
     while let Some(Ok(frame)) = body.frame().await {
         let Some(data) = frame.data_ref() else {
             continue;
@@ -83,18 +121,33 @@ pub(super) async fn copy(engine: Engine, id: String, log: PathBuf, cap: u64, sin
                 break;
             }
             let (which, letter) = if buffer[0] == 2 { (1, b'e') } else { (0, b'o') };
-            for byte in buffer[8..8 + size].iter().copied() {
+            // Each frame starts with the engine's time for it, then a space.
+            let payload = &buffer[8..8 + size];
+            let (at_ms, payload) = match payload.iter().position(|b| *b == b' ') {
+                Some(i) => match std::str::from_utf8(&payload[..i])
+                    .ok()
+                    .and_then(super::rfc3339_ms)
+                {
+                    Some(ms) => (ms, &payload[i + 1..]),
+                    None => (crate::shim::wall_ms(), payload),
+                },
+                None => (crate::shim::wall_ms(), payload),
+            };
+            for byte in payload.iter().copied() {
                 let line = &mut partial[which];
+                if line.is_empty() {
+                    began[which] = at_ms;
+                }
                 if byte == b'\n' {
                     if line.last() == Some(&b'\r') {
                         line.pop();
                     }
-                    sink.line(letter, line);
+                    put(&mut sink, began[which], letter, line);
                     line.clear();
                 } else {
                     line.push(byte);
                     if line.len() >= MAX_LINE {
-                        sink.line(letter, line);
+                        put(&mut sink, began[which], letter, line);
                         line.clear();
                     }
                 }
@@ -104,7 +157,7 @@ pub(super) async fn copy(engine: Engine, id: String, log: PathBuf, cap: u64, sin
     }
     for (which, letter) in [(0, b'o'), (1, b'e')] {
         if !partial[which].is_empty() {
-            sink.line(letter, &partial[which]);
+            put(&mut sink, began[which], letter, &partial[which]);
         }
     }
 }
