@@ -15,6 +15,8 @@ pub enum BundleError {
     NotADirectory(String),
     #[error("bundle entry `{0}` would land outside its directory")]
     UnsafeEntry(String),
+    #[error("{dir} holds over {limit} bytes of files")]
+    TooLarge { dir: String, limit: u64 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
@@ -26,6 +28,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
 
 /// Packs `dir` (regular files, directories and symlinks) into tar bytes.
 pub fn pack_dir(dir: &Path) -> Result<Vec<u8>, BundleError> {
+    pack_dir_with(dir, &|_| false, u64::MAX)
+}
+
+/// [`pack_dir`] without the entries `skip` names (by their path relative to `dir`; a skipped
+/// directory is not entered), refusing more than `limit` bytes of files: the bytes are held in
+/// memory.
+pub fn pack_dir_with(
+    dir: &Path,
+    skip: &dyn Fn(&Path) -> bool,
+    limit: u64,
+) -> Result<Vec<u8>, BundleError> {
     if !dir.is_dir() {
         return Err(BundleError::NotADirectory(dir.display().to_string()));
     }
@@ -34,13 +47,25 @@ pub fn pack_dir(dir: &Path) -> Result<Vec<u8>, BundleError> {
     builder.follow_symlinks(false);
     let mut stack = vec![dir.to_path_buf()];
     let mut entries = Vec::new();
+    let mut total = 0u64;
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).map_err(io(&d))? {
             let e = e.map_err(io(&d))?;
             let p = e.path();
+            if skip(p.strip_prefix(dir).unwrap_or(&p)) {
+                continue;
+            }
             let meta = std::fs::symlink_metadata(&p).map_err(io(&p))?;
             if meta.is_dir() {
                 stack.push(p.clone());
+            } else {
+                total += meta.len();
+                if total > limit {
+                    return Err(BundleError::TooLarge {
+                        dir: dir.display().to_string(),
+                        limit,
+                    });
+                }
             }
             entries.push(p);
         }

@@ -60,9 +60,12 @@ pub fn on_host(
             }
         }
     }
+    // A group of its own: a reader that goes away ends what the command started too.
+    std::os::unix::process::CommandExt::process_group(cmd.as_std_mut(), 0);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run `{program}`: {e}"))?;
+    let group = child.id();
     let (tx, rx) = mpsc::channel(EXEC_BUFFER);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -83,11 +86,42 @@ pub fn on_host(
         // A reader that goes away ends the command (the child is killed when dropped), even
         // one that writes nothing.
         tokio::select! {
-            _ = closed.closed() => {}
+            _ = closed.closed() => {
+                if let Some(group) = group {
+                    let _ = crate::os::kill_group(group, libc::SIGKILL);
+                }
+            }
             _ = run => {}
         }
     });
     Ok(rx)
+}
+
+/// `bytes` after what `carry` held, as text, but for a character cut at the end, which waits
+/// in `carry` for its other bytes (output is read in pieces that need not end between
+/// characters). Bytes that are no UTF-8 become U+FFFD: exec output is text.
+fn complete_utf8(carry: &mut Vec<u8>, bytes: &[u8]) -> String {
+    carry.extend_from_slice(bytes);
+    let mut cut = carry.len();
+    for back in 1..=carry.len().min(3) {
+        let b = carry[carry.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue;
+        }
+        let needs = match b {
+            0xF0.. => 4,
+            0xE0.. => 3,
+            0xC0.. => 2,
+            _ => 1,
+        };
+        if needs > back {
+            cut = carry.len() - back;
+        }
+        break;
+    }
+    let text = String::from_utf8_lossy(&carry[..cut]).into_owned();
+    carry.drain(..cut);
+    text
 }
 
 /// Copies a pipe into the channel; false when the reader went away.
@@ -189,21 +223,46 @@ pub(crate) async fn serve(
     tracing::info!(task, program = %exec.argv.first().cloned().unwrap_or_default(), "exec");
     let (tx, out) = mpsc::channel::<Bytes>(EXEC_BUFFER);
     tokio::spawn(async move {
+        // Held until the command has ended or its reader has gone (which ends the command).
         let _permit = permit;
-        while let Some(chunk) = rx.recv().await {
-            let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
-            let line = match &chunk {
-                ExecChunk::Stdout(b) => ExecOutput::Stdout { text: text(b) },
-                ExecChunk::Stderr(b) => ExecOutput::Stderr { text: text(b) },
-                ExecChunk::Exited(code) => ExecOutput::Exit { code: *code },
-                ExecChunk::Failed(message) => ExecOutput::Error {
-                    message: message.clone(),
-                },
+        let mut carry = [Vec::new(), Vec::new()];
+        loop {
+            let chunk = tokio::select! {
+                chunk = rx.recv() => chunk,
+                // Gone, even while the command says nothing: dropping `rx` ends it.
+                _ = tx.closed() => return,
             };
-            let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-            bytes.push(b'\n');
-            if tx.send(Bytes::from(bytes)).await.is_err() {
+            let Some(chunk) = chunk else {
                 return;
+            };
+            let lines = match chunk {
+                ExecChunk::Stdout(b) => vec![ExecOutput::Stdout {
+                    text: complete_utf8(&mut carry[0], &b),
+                }],
+                ExecChunk::Stderr(b) => vec![ExecOutput::Stderr {
+                    text: complete_utf8(&mut carry[1], &b),
+                }],
+                ExecChunk::Exited(code) => vec![
+                    ExecOutput::Stdout {
+                        text: String::from_utf8_lossy(&std::mem::take(&mut carry[0])).into(),
+                    },
+                    ExecOutput::Stderr {
+                        text: String::from_utf8_lossy(&std::mem::take(&mut carry[1])).into(),
+                    },
+                    ExecOutput::Exit { code },
+                ],
+                ExecChunk::Failed(message) => vec![ExecOutput::Error { message }],
+            };
+            for line in lines {
+                if matches!(&line, ExecOutput::Stdout { text } | ExecOutput::Stderr { text } if text.is_empty())
+                {
+                    continue;
+                }
+                let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+                bytes.push(b'\n');
+                if tx.send(Bytes::from(bytes)).await.is_err() {
+                    return;
+                }
             }
         }
     });
@@ -218,4 +277,23 @@ pub(crate) async fn serve(
         hyper::header::HeaderValue::from_static("application/x-ndjson"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::complete_utf8;
+
+    #[test]
+    fn characters_cut_between_pieces_come_out_whole() {
+        let text = "añ€😀z".as_bytes();
+        for cut in 0..=text.len() {
+            let mut carry = Vec::new();
+            let mut out = complete_utf8(&mut carry, &text[..cut]);
+            out.push_str(&complete_utf8(&mut carry, &text[cut..]));
+            assert_eq!(out, "añ€😀z", "cut at {cut}");
+            assert!(carry.is_empty());
+        }
+        let mut carry = Vec::new();
+        assert_eq!(complete_utf8(&mut carry, b"a\xffb"), "a\u{fffd}b");
+    }
 }

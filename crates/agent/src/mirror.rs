@@ -69,15 +69,27 @@ async fn pass_on(client: &Client, request: Request<hyper::body::Incoming>) -> Re
             )
         }
     };
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    let path_and_query = if path_and_query == "/v2" {
-        paths::REGISTRY.to_string()
-    } else {
-        path_and_query
+    // Only a loopback name: a web page's script that rebinds a name to 127.0.0.1 reads
+    // nothing here.
+    let host = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let host_name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    if !matches!(host_name, "127.0.0.1" | "localhost" | "[::1]") {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "the node's registry mirror answers on 127.0.0.1 only",
+        );
+    }
+    let Some(path_and_query) = registry_read_path(request.uri()) else {
+        return refusal(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "not a registry read: the mirror passes on /v2/ reads of manifests, blobs and tags only",
+        );
     };
     let accept = request
         .headers()
@@ -129,6 +141,55 @@ async fn pass_on(client: &Client, request: Request<hyper::body::Incoming>) -> Re
     })
 }
 
+/// The request as a registry read to pass on, or None: `/v2/`, or `/v2/NAME/manifests/REF`,
+/// `/v2/NAME/blobs/DIGEST`, `/v2/NAME/tags/list` with a name of the registry's grammar. Anything
+/// else (dot segments, encoded characters but `:` in the last one, backslashes, other
+/// routes) is refused here, before a URL library could normalise it into another API path.
+fn registry_read_path(uri: &hyper::Uri) -> Option<String> {
+    let path = uri.path();
+    if path == "/v2" || path == paths::REGISTRY {
+        return Some(paths::REGISTRY.to_string());
+    }
+    let rest = path.strip_prefix(paths::REGISTRY)?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (name, kind, last) = match segments.as_slice() {
+        [name @ .., "tags", "list"] => (name, "tags", None),
+        [name @ .., kind @ ("manifests" | "blobs"), last] => (name, *kind, Some(*last)),
+        _ => return None,
+    };
+    let name = name.join("/");
+    dozen_model::registry::check_name(&name).ok()?;
+    let last = match last {
+        Some(reference) => {
+            let reference = reference.replace("%3A", ":").replace("%3a", ":");
+            dozen_model::registry::Reference::parse(&reference).ok()?;
+            Some(reference)
+        }
+        None => None,
+    };
+    let mut out = format!(
+        "{}{name}/{kind}/{}",
+        paths::REGISTRY,
+        last.as_deref().unwrap_or("list")
+    );
+    // Tag lists page with `n` and `last` (a tag); nothing else is passed on.
+    if let (None, Some(query)) = (&last, uri.query()) {
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (key == "n" && value.bytes().all(|b| b.is_ascii_digit()))
+                    || (key == "last" && dozen_model::registry::check_tag(value).is_ok())
+            })
+            .collect();
+        if !kept.is_empty() {
+            out.push('?');
+            out.push_str(&kept.join("&"));
+        }
+    }
+    Some(out)
+}
+
 fn refusal(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let body =
         serde_json::json!({ "errors": [{ "code": code, "message": message, "detail": null }] });
@@ -143,4 +204,46 @@ fn refusal(status: StatusCode, code: &str, message: &str) -> Response<Body> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::registry_read_path;
+
+    fn read(path: &str) -> Option<String> {
+        registry_read_path(&path.parse().unwrap())
+    }
+
+    #[test]
+    fn only_registry_reads_are_passed_on_as_they_were_asked() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(read("/v2/").as_deref(), Some("/v2/"));
+        assert_eq!(read("/v2").as_deref(), Some("/v2/"));
+        assert_eq!(
+            read("/v2/shop/web/manifests/1.2").as_deref(),
+            Some("/v2/shop/web/manifests/1.2")
+        );
+        assert_eq!(
+            read(&format!("/v2/shop/web/blobs/{}", d.replace(':', "%3A"))),
+            Some(format!("/v2/shop/web/blobs/{d}"))
+        );
+        assert_eq!(
+            read("/v2/shop/web/tags/list?n=5&last=v1&x=1").as_deref(),
+            Some("/v2/shop/web/tags/list?n=5&last=v1")
+        );
+        for hostile in [
+            "/v2/../v1/stacks",
+            "/v2/%2e%2e/v1/logs",
+            "/v2/.%2e/v1/logs",
+            "/v2/..%5cv1/events",
+            "/v2/x/../../v1/stacks/manifests/latest",
+            "/v2/_catalog",
+            "/v2/shop/web/blobs/uploads/",
+            "/v2/shop/web/manifests/%2e%2e",
+            dozen_api::paths::STACKS,
+            "/v2/Shop/manifests/1",
+        ] {
+            assert_eq!(read(hostile), None, "{hostile}");
+        }
+    }
 }

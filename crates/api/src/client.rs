@@ -127,7 +127,15 @@ impl Client {
         path_and_query: &str,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, ApiError> {
-        if !path_and_query.starts_with(paths::REGISTRY) {
+        // No dot segment, backslash or encoded character but `:` may turn it into another
+        // route once a URL library normalises it.
+        let path = path_and_query.split('?').next().unwrap_or("");
+        let normal = path.starts_with(paths::REGISTRY)
+            && !path.contains('\\')
+            && path
+                .split('/')
+                .all(|s| s != "." && s != ".." && !s.replace("%3A", "").contains('%'));
+        if !normal {
             return Err(ApiError::Protocol {
                 url: self.url(path_and_query),
                 detail: "not a registry path".into(),

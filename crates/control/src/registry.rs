@@ -40,6 +40,12 @@ pub async fn blob_link(store: &dyn Store, repo: &str, digest: &str) -> Result<Op
 /// Removes the blob from `repo` (the bytes go with the next collection if nothing else needs
 /// them). Unknown: `BLOB_UNKNOWN`.
 pub async fn unlink_blob(store: &dyn Store, repo: &str, digest: &str) -> Result<()> {
+    if let Some(user) = manifest_needing(store, repo, digest).await? {
+        return Err(spec(
+            Code::Denied,
+            format!("manifest {user} of `{repo}` needs blob {digest}; delete that manifest first"),
+        ));
+    }
     let key = keys::blob(repo, digest);
     let answer = store
         .txn(
@@ -193,6 +199,14 @@ pub async fn delete_manifest(store: &dyn Store, repo: &str, reference: &Referenc
         Reference::Digest(digest) => {
             let key = keys::manifest(repo, digest);
             let current = store.get(&key).await?.ok_or_else(unknown)?;
+            if let Some(index) = manifest_needing(store, repo, digest).await? {
+                return Err(spec(
+                    Code::Denied,
+                    format!(
+                        "index {index} of `{repo}` names manifest {digest}; delete the index first"
+                    ),
+                ));
+            }
             // A release that runs it (or may be rolled back to) keeps it.
             for kv in store.range(&dozen_model::keys::all_releases()).await?.kvs {
                 let release: dozen_model::Release = decode(&kv.key, &kv.value)?;
@@ -232,6 +246,17 @@ pub async fn delete_manifest(store: &dyn Store, repo: &str, reference: &Referenc
     }
 }
 
+/// A manifest of `repo` that names `digest` (as a blob, or an index its manifest), if any.
+async fn manifest_needing(store: &dyn Store, repo: &str, digest: &str) -> Result<Option<String>> {
+    for kv in store.range(&keys::manifests(repo)).await?.kvs {
+        let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+        if record.references.iter().any(|r| r == digest) {
+            return Ok(Some(record.digest));
+        }
+    }
+    Ok(None)
+}
+
 fn shown(reference: &Reference) -> String {
     match reference {
         Reference::Tag(t) => format!("tagged `{t}`"),
@@ -239,39 +264,63 @@ fn shown(reference: &Reference) -> String {
     }
 }
 
-/// Every blob a manifest of any repository needs (the manifests themselves, their configs,
-/// layers and indexed manifests): the blob collector keeps these.
-pub async fn kept_blobs(store: &dyn Store) -> Result<BTreeSet<String>> {
-    let mut keep = BTreeSet::new();
+/// What the blob collector keeps: every blob a manifest of any repository needs (the
+/// manifests themselves, their configs, layers and indexed manifests), and every blob a
+/// repository linked since `linked_after_ms` (an upload whose manifest may be on its way).
+/// Returns (all kept, those manifests need).
+pub async fn kept_blobs(
+    store: &dyn Store,
+    linked_after_ms: u64,
+) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let mut needed = BTreeSet::new();
+    let mut recent = BTreeSet::new();
     for kv in store.range(&keys::all()).await?.kvs {
-        if let Some((_, "_manifests", _)) = keys::parse(&kv.key) {
-            let record: ManifestRecord = decode(&kv.key, &kv.value)?;
-            keep.insert(record.digest);
-            keep.extend(record.references);
+        match keys::parse(&kv.key) {
+            Some((_, "_manifests", _)) => {
+                let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+                needed.insert(record.digest);
+                needed.extend(record.references);
+            }
+            Some((_, "_blobs", digest)) => {
+                let link: BlobLink = decode(&kv.key, &kv.value)?;
+                if link.linked_at_ms > linked_after_ms {
+                    recent.insert(digest.to_string());
+                }
+            }
+            _ => {}
         }
     }
-    Ok(keep)
+    let mut kept = needed.clone();
+    kept.extend(recent);
+    Ok((kept, needed))
 }
 
-/// Forgets the repositories' links to blobs the collector removed (uploads no manifest came
-/// to name): a later request for one is `BLOB_UNKNOWN` rather than a link to nothing.
-pub async fn forget_blobs(store: &dyn Store, removed: &BTreeSet<String>) -> Result<usize> {
-    let mut gone = Vec::new();
+/// Forgets the repositories' links that no manifest needs and that are older than
+/// `linked_before_ms` (uploads no manifest came to name): decided from the records, the same
+/// on every server, never because one server dropped its copy. Each link goes only if it is
+/// unchanged since it was read.
+pub async fn forget_blobs(
+    store: &dyn Store,
+    needed: &BTreeSet<String>,
+    linked_before_ms: u64,
+) -> Result<usize> {
+    let mut gone = 0;
     for kv in store.range(&keys::all()).await?.kvs {
-        if let Some((_, "_blobs", digest)) = keys::parse(&kv.key) {
-            if removed.contains(digest) {
-                gone.push(kv.key.clone());
-            }
+        let Some((_, "_blobs", digest)) = keys::parse(&kv.key) else {
+            continue;
+        };
+        let link: BlobLink = decode(&kv.key, &kv.value)?;
+        if needed.contains(digest) || link.linked_at_ms > linked_before_ms {
+            continue;
+        }
+        let txn = Txn::new()
+            .when(dozen_store::Compare::mod_revision(&kv.key, kv.mod_revision))
+            .then(Op::delete(&kv.key));
+        if store.txn(txn).await?.succeeded {
+            gone += 1;
         }
     }
-    for chunk in gone.chunks(store.max_txn_ops().clamp(1, 100)) {
-        let mut txn = Txn::new();
-        for key in chunk {
-            txn = txn.then(Op::delete(key));
-        }
-        store.txn(txn).await?;
-    }
-    Ok(gone.len())
+    Ok(gone)
 }
 
 /// The pin of `image` if it names an image of this registry that exists (see

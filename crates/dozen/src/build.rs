@@ -91,12 +91,20 @@ pub async fn build_and_push(
             continue;
         }
         let context = base.join(&build.context);
-        let tar = dozen_agent::bundle::pack_dir(&context).with_context(|| {
-            format!(
-                "service `{name}`: cannot read its build context {}",
-                context.display()
-            )
-        })?;
+        let ignored = ignore_patterns(&context);
+        let skip = |rel: &std::path::Path| {
+            let rel = rel.to_string_lossy();
+            ignored.iter().any(|p| ignores(p, &rel))
+        };
+        let tar = dozen_agent::bundle::pack_dir_with(&context, &skip, MAX_CONTEXT_BYTES)
+            .with_context(|| {
+                format!(
+                    "service `{name}`: cannot send its build context {} (at most {} MiB; a \
+                     .dockerignore there leaves out what the image does not need)",
+                    context.display(),
+                    MAX_CONTEXT_BYTES >> 20
+                )
+            })?;
         let (repository, tag) = split_tag(image);
         let target = format!("{registry}/{repository}:{tag}");
         say(
@@ -117,6 +125,57 @@ pub async fn build_and_push(
         });
     }
     Ok(pushed)
+}
+
+/// Largest build context sent (it is held in memory on its way).
+const MAX_CONTEXT_BYTES: u64 = 512 << 20;
+
+/// The patterns of `<context>/.dockerignore`: one per line, `#` comments, a leading `/`
+/// dropped. `!` exceptions are not read (said on stderr).
+fn ignore_patterns(context: &std::path::Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(context.join(".dockerignore")) else {
+        return Vec::new();
+    };
+    let mut patterns = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('!') {
+            eprintln!(
+                "note: .dockerignore exceptions (`{line}`) are not read; that path stays left out"
+            );
+            continue;
+        }
+        patterns.push(
+            line.trim_start_matches('/')
+                .trim_end_matches('/')
+                .to_string(),
+        );
+    }
+    patterns
+}
+
+/// Whether `pattern` (`*` and `?` within a path part, `**` across parts) names `path` or one
+/// of the directories it is in.
+fn ignores(pattern: &str, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    (1..=parts.len()).any(|n| glob(pattern.as_bytes(), parts[..n].join("/").as_bytes()))
+}
+
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern {
+        [] => text.is_empty(),
+        [b'*', b'*', rest @ ..] => {
+            let rest = rest.strip_prefix(b"/").unwrap_or(rest);
+            (0..=text.len()).any(|i| glob(rest, &text[i..]))
+        }
+        [b'*', rest @ ..] => (0..=text.len())
+            .take_while(|&i| i == 0 || text[i - 1] != b'/')
+            .any(|i| glob(rest, &text[i..])),
+        [b'?', rest @ ..] => text.first().is_some_and(|&c| c != b'/') && glob(rest, &text[1..]),
+        [c, rest @ ..] => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
 }
 
 /// Progress goes to stderr (stdout stays the command's answer), unless JSON was asked for.
@@ -285,5 +344,18 @@ mod tests {
             query("127.0.0.1:7700/shop/web:2"),
             "127.0.0.1%3A7700%2Fshop%2Fweb%3A2"
         );
+    }
+
+    #[test]
+    fn dockerignore_patterns_leave_out_paths_and_what_is_under_them() {
+        assert!(ignores("target", "target/debug/app"));
+        assert!(ignores(".git", ".git"));
+        assert!(ignores("*.log", "build.log"));
+        assert!(!ignores("*.log", "logs/build.log"));
+        assert!(ignores("**/*.log", "logs/deep/build.log"));
+        assert!(ignores("docs/*", "docs/a/b.md"));
+        assert!(ignores("a?c", "abc"));
+        assert!(!ignores("target", "src/target.rs"));
+        assert!(!ignores(".env", ".envrc"));
     }
 }

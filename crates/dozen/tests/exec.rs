@@ -6,6 +6,19 @@ use dozen_testkit::Dozen;
 const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
 const APP: &str = env!("CARGO_BIN_EXE_dozen-testapp");
 
+/// Pids of the `sleep 4321` processes on this machine.
+fn sleeps() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            (cmdline == b"sleep\04321\0").then_some(pid)
+        })
+        .collect()
+}
+
 #[test]
 fn exec_runs_a_command_as_the_task_runs_and_gives_back_its_output_and_exit_code() {
     let mut d = Dozen::new(DOZEN);
@@ -70,6 +83,17 @@ GREETING = "hello from the task's env"
         !env.contains("DOZEN_DATA_DIR") && !env.contains("DOZEN_SERVER"),
         "{env}"
     );
+
+    // A command whose reader goes away is ended, even one that says nothing.
+    let mut reader = d.command(&["exec", "web", "--", "sleep", "4321"]).spawn().unwrap();
+    dozen_testkit::eventually(std::time::Duration::from_secs(10), "the exec'd sleep runs", || {
+        (!sleeps().is_empty()).then_some(())
+    });
+    reader.kill().unwrap();
+    reader.wait().unwrap();
+    dozen_testkit::eventually(std::time::Duration::from_secs(10), "it ends with its reader", || {
+        sleeps().is_empty().then_some(())
+    });
 
     // Mistakes say what to do.
     let out = d.cli(&["exec", "web", "--task", "web-nosuch", "--", "true"]);

@@ -170,7 +170,7 @@ pub fn check_digest(digest: &str) -> Result<(), RegistryError> {
             .map_err(|e| RegistryError::new(Code::DigestInvalid, e.to_string()))
     } else {
         Err(RegistryError::new(
-            Code::Unsupported,
+            Code::DigestInvalid,
             format!("`{digest}`: this registry takes sha256 digests only"),
         ))
     }
@@ -471,7 +471,7 @@ mod tests {
         );
         assert_eq!(
             Reference::parse("sha512:ab").unwrap_err().code,
-            Code::Unsupported
+            Code::DigestInvalid
         );
         assert!(Reference::parse(&"t".repeat(129)).is_err());
     }

@@ -179,19 +179,19 @@ pub async fn collect_once(
         keep.extend(release.artifact_digest);
     }
     let store = state.store.as_ref();
-    keep.extend(
-        dozen_control::registry::kept_blobs(store)
-            .await
-            .map_err(|e| e.to_string())?,
-    );
+    let cutoff = dozen_control::wall_ms().saturating_sub(grace.as_millis() as u64);
+    let (registry, needed) = dozen_control::registry::kept_blobs(store, cutoff)
+        .await
+        .map_err(|e| e.to_string())?;
+    keep.extend(registry);
     let blobs = state.blobs.clone();
     let removed = tokio::task::spawn_blocking(move || blobs.collect(&keep, grace))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let gone = removed.iter().cloned().collect();
-    dozen_control::registry::forget_blobs(store, &gone)
+    dozen_control::registry::forget_blobs(store, &needed, cutoff)
         .await
         .map_err(|e| e.to_string())?;
+    state.uploads.sweep();
     Ok(removed)
 }

@@ -10,8 +10,10 @@ use dozen_control::servers;
 
 use crate::AppState;
 
-/// Longest wait for a peer's copy of a blob (bundles are up to a few hundred MiB).
-const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for a peer to start answering with its copy of a blob, and then for each next
+/// piece of it: a big layer may take long as a whole, but never stalls.
+const FETCH_START: Duration = Duration::from_secs(30);
+const FETCH_IDLE: Duration = Duration::from_secs(60);
 
 /// A GET of `url` on `peer`: over TLS with this server's own certificate (never the token); a
 /// plain-HTTP peer (loopback clusters) gets the token, and only when this server is plain HTTP
@@ -59,20 +61,29 @@ pub(crate) async fn fetch_blob(s: &AppState, digest: &str) -> bool {
             continue;
         };
         let fetched = async {
-            let resp = request
-                .header(LOCAL_ONLY, "1")
-                .timeout(FETCH_TIMEOUT)
-                .send()
+            let sent = tokio::time::timeout(FETCH_START, request.header(LOCAL_ONLY, "1").send());
+            let resp = sent
                 .await
+                .map_err(|_| (None, "the peer did not answer in time".to_string()))?
                 .map_err(|e| (e.status(), e.to_string()))?
                 .error_for_status()
                 .map_err(|e| (e.status(), e.to_string()))?;
+            // Image layers are the largest blobs: the registry's bound, not a bundle's.
             let mut writer = s
                 .blobs
-                .writer(digest, crate::blobs::MAX_BLOB_BYTES as u64)
+                .writer(digest, crate::registry::MAX_LAYER_BYTES)
                 .map_err(|e| (None, e.to_string()))?;
             let mut body = resp.bytes_stream();
-            while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+            loop {
+                // A peer that stops sending is given up on; one that sends slowly is not.
+                let next =
+                    tokio::time::timeout(FETCH_IDLE, futures_util::StreamExt::next(&mut body));
+                let Some(chunk) = next
+                    .await
+                    .map_err(|_| (None, "the peer stopped sending".to_string()))?
+                else {
+                    break;
+                };
                 let chunk = chunk.map_err(|e| (None, e.to_string()))?;
                 writer
                     .write(&chunk)

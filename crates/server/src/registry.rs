@@ -51,7 +51,11 @@ impl From<ControlError> for Failure {
             ControlError::Registry(e) => e.into(),
             other => {
                 tracing::error!(error = %other, "registry request failed");
-                Failure::new(Code::Unsupported, other.to_string()).status(500)
+                Failure::new(
+                    Code::Unsupported,
+                    "the registry cannot answer now; the server's log says why",
+                )
+                .status(500)
             }
         }
     }
@@ -72,7 +76,11 @@ impl From<BlobError> for Failure {
             .status(413),
             io @ BlobError::Io { .. } => {
                 tracing::error!(error = %io, "registry blob store failed");
-                Failure::new(Code::Unsupported, io.to_string()).status(500)
+                Failure::new(
+                    Code::Unsupported,
+                    "the registry's blob store failed; the server's log says why",
+                )
+                .status(500)
             }
         }
     }

@@ -322,6 +322,11 @@ async fn manifests_by_tag_and_digest_listings_deletion_and_collection() {
     let (status, code) = r.push_manifest("shop/web", &unknown, &manifest).await;
     assert_eq!((status, code.as_str()), (400, "DIGEST_INVALID"));
 
+    // What a manifest needs cannot be deleted from under it.
+    let (status, code, _) = r
+        .send(r.request("DELETE", &format!("/v2/shop/web/blobs/{layer}")))
+        .await;
+    assert_eq!((status, code.as_str()), (403, "DENIED"));
     let (status, _, got) = r.send(r.request("GET", "/v2/shop/web/manifests/v2")).await;
     assert_eq!(status, 200);
     assert_eq!(header(&got, "content-type"), DOCKER_MANIFEST);
@@ -356,6 +361,28 @@ async fn manifests_by_tag_and_digest_listings_deletion_and_collection() {
         serde_json::json!(["shop/web"])
     );
 
+    // An upload whose file looks old (written early in a long push) but whose link is new
+    // waits for its manifest.
+    let early = r
+        .push_blob("shop/web", b"the first layer of a long push")
+        .await;
+    let file = r
+        ._dir
+        .path()
+        .join("blobs")
+        .join(format!("sha256-{}", &early[7..]));
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+        .unwrap();
+    let removed = dozen_server::blobs::collect_once(&r.state, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(removed.is_empty(), "{removed:?}");
+    assert!(r.blobs.contains(&early).unwrap());
+
     // Blobs nothing names are collected (past their grace): an upload no manifest came to
     // name, and the bytes of the refused manifest. What the manifest names stays.
     let stray = r.push_blob("shop/web", b"uploaded, never named").await;
@@ -363,7 +390,7 @@ async fn manifests_by_tag_and_digest_listings_deletion_and_collection() {
         .await
         .unwrap();
     removed.sort();
-    let mut expected = vec![stray.clone(), sha256_digest(refused.as_bytes())];
+    let mut expected = vec![stray.clone(), early, sha256_digest(refused.as_bytes())];
     expected.sort();
     assert_eq!(removed, expected);
     let (status, code, _) = r

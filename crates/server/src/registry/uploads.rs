@@ -37,13 +37,20 @@ struct Session {
 }
 
 impl Uploads {
-    fn open(&self, repo: &str, writer: BlobWriter) -> Result<String, Failure> {
+    /// Drops the sessions idle past [`IDLE_LIMIT`] and their files (also run with every blob
+    /// collection, so an idle session never holds its disk space for long).
+    pub(crate) fn sweep(&self) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions.retain(|_, s| {
             s.try_lock()
                 .map(|s| s.touched.elapsed() < IDLE_LIMIT)
                 .unwrap_or(true)
         });
+    }
+
+    fn open(&self, repo: &str, writer: BlobWriter) -> Result<String, Failure> {
+        self.sweep();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if sessions.len() >= MAX_SESSIONS {
             return Err(Failure::new(
                 Code::TooManyRequests,

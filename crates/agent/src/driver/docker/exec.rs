@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use super::Engine;
 use crate::exec::{ExecChunk, EXEC_BUFFER};
 
-/// Runs `argv` in container `id`. A reader that goes away stops the copying; the command runs
-/// on in the container until it ends (the engine has no way to end an exec).
+/// Runs `argv` in container `id`. A reader that goes away ends the command: the engine has no
+/// way to end an exec, so its process is killed by pid (the engine runs on this host).
 pub(super) async fn run(
     engine: &Engine,
     id: &str,
@@ -39,25 +39,61 @@ pub(super) async fn run(
     let engine = engine.clone();
     tokio::spawn(async move {
         let mut demux = Demux::default();
-        while let Some(Ok(frame)) = output.frame().await {
-            let Some(data) = frame.data_ref() else {
-                continue;
+        let state = format!("/exec/{exec}/json");
+        loop {
+            let frame = tokio::select! {
+                frame = output.frame() => frame,
+                _ = tx.closed() => None,
+            };
+            let data = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+                Some(Err(e)) => {
+                    let why = format!("the engine's output broke off: {e}");
+                    let _ = tx.send(ExecChunk::Failed(why)).await;
+                    break;
+                }
+                None => break,
             };
             let pieces = if tty {
-                vec![ExecChunk::Stdout(data.clone())]
+                vec![ExecChunk::Stdout(data)]
             } else {
-                demux.feed(data)
+                demux.feed(&data)
             };
             for piece in pieces {
                 if tx.send(piece).await.is_err() {
-                    return;
+                    break;
                 }
             }
         }
-        let last = match engine
-            .call(Method::GET, &format!("/exec/{exec}/json"), None)
-            .await
-        {
+        // The engine may close the output a moment before it marks the exec ended.
+        let mut answer = engine.call(Method::GET, &state, None).await;
+        for _ in 0..25 {
+            let running = matches!(&answer, Ok(v) if v["Running"].as_bool() == Some(true));
+            if !running || tx.is_closed() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            answer = engine.call(Method::GET, &state, None).await;
+        }
+        if tx.is_closed() {
+            // Its reader went away: the engine cannot end an exec, so its process is ended
+            // here (the engine's processes are this host's).
+            if let Ok(state) = &answer {
+                if state["Running"].as_bool() == Some(true) {
+                    if let Some(pid) = state["Pid"].as_u64().and_then(|p| u32::try_from(p).ok()) {
+                        let _ = crate::os::kill_pid(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            return;
+        }
+        let last = match answer {
+            Ok(state) if state["Running"].as_bool() == Some(true) => {
+                ExecChunk::Failed("the engine stopped sending the command's output".into())
+            }
             Ok(state) => ExecChunk::Exited(state["ExitCode"].as_i64().map(|c| c as i32)),
             Err(e) => ExecChunk::Failed(e.to_string()),
         };
