@@ -14,7 +14,7 @@ fn sleeps() -> Vec<u32> {
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            (cmdline == b"sleep\04321\0").then_some(pid)
+            (cmdline == b"sleep\x004321\x00").then_some(pid)
         })
         .collect()
 }
@@ -85,15 +85,22 @@ GREETING = "hello from the task's env"
     );
 
     // A command whose reader goes away is ended, even one that says nothing.
-    let mut reader = d.command(&["exec", "web", "--", "sleep", "4321"]).spawn().unwrap();
-    dozen_testkit::eventually(std::time::Duration::from_secs(10), "the exec'd sleep runs", || {
-        (!sleeps().is_empty()).then_some(())
-    });
+    let mut reader = d
+        .command(&["exec", "web", "--", "sleep", "4321"])
+        .spawn()
+        .unwrap();
+    dozen_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "the exec'd sleep runs",
+        || (!sleeps().is_empty()).then_some(()),
+    );
     reader.kill().unwrap();
     reader.wait().unwrap();
-    dozen_testkit::eventually(std::time::Duration::from_secs(10), "it ends with its reader", || {
-        sleeps().is_empty().then_some(())
-    });
+    dozen_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "it ends with its reader",
+        || sleeps().is_empty().then_some(()),
+    );
 
     // Mistakes say what to do.
     let out = d.cli(&["exec", "web", "--task", "web-nosuch", "--", "true"]);
