@@ -222,6 +222,10 @@ fn main() -> ExitCode {
     ) {
         // Everything dozen writes is its user's alone; tasks keep the umask given here.
         dozen_agent::os::keep_files_private();
+        // A descriptor per connection: a proxy under load needs more than a default 1,024.
+        if let Err(e) = dozen_agent::os::raise_open_files_limit() {
+            eprintln!("warning: cannot raise the open-files limit: {e}");
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

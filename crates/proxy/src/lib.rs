@@ -23,8 +23,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+pub mod edge;
 pub mod table;
 
+pub use edge::{Cidr, Edge};
 use table::Table;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -41,12 +43,15 @@ pub struct ProxyConfig {
     /// For `https://` servers: the cluster CA and the node's certificate.
     pub tls: Option<dozen_api::tls::ClientConfig>,
     pub upstream_timeout: Duration,
+    /// What the proxy takes from clients: timeouts, connections, whose forwarded headers.
+    pub edge: Edge,
 }
 
 struct Shared {
     table: RwLock<Arc<Table>>,
     client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    edge: Edge,
 }
 
 /// Binds both listeners now (so callers learn their addresses), serves once `run` is polled.
@@ -79,6 +84,7 @@ pub async fn run(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<()
         table: RwLock::new(Arc::new(Table::default())),
         client,
         timeout: config.upstream_timeout,
+        edge: config.edge.clone(),
     });
     tracing::info!(%public_address, %internal_address, "proxy listening");
     tokio::spawn(serve(listeners.public, shared.clone(), false));
@@ -150,7 +156,8 @@ async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegist
                 after = Some(t.revision);
                 if changed {
                     let routes = t.routes.len();
-                    let table = Arc::new(Table::new(t.revision, t.routes));
+                    let previous = shared.table.read().ok().map(|t| t.clone());
+                    let table = Arc::new(Table::after(previous.as_deref(), t.revision, t.routes));
                     if let Ok(mut slot) = shared.table.write() {
                         *slot = table;
                     }
@@ -168,6 +175,9 @@ async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegist
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
+    // One permit per open client connection: past the cap a client gets a 503 at once, and
+    // the proxy's descriptors and memory stay bounded.
+    let permits = Arc::new(tokio::sync::Semaphore::new(shared.edge.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -177,15 +187,28 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
                 continue;
             }
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tokio::spawn(edge::turn_away(stream, shared.edge.max_connections));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let _permit = permit;
+            let service = hyper::service::service_fn({
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req, peer, internal).await) }
+                move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req, peer, internal).await) }
+                }
             });
+            // A client that is slow to send its headers (or to start its next request) is
+            // cut off, as is one whose headers are too big (431).
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(shared.edge.header_read_timeout)
+                .max_buf_size(edge::MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -298,6 +321,22 @@ async fn handle(
     internal: bool,
 ) -> Response<Body> {
     let id = request_id(&req);
+    // hyper bounds the whole head by its buffer; the headers get a tighter bound of their own.
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > edge::MAX_HEADER_BYTES {
+        return problem(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "request headers of {header_bytes} bytes; the proxy takes at most {} KiB",
+                edge::MAX_HEADER_BYTES >> 10
+            ),
+            &id,
+        );
+    }
     let Some(host) = req
         .headers()
         .get(HOST)
@@ -363,19 +402,30 @@ async fn handle(
         }
     };
     strip_hop_by_hop(&mut parts.headers);
-    let forwarded_for = match parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
+    // What a client says it forwarded is believed only from a trusted proxy; anyone else's
+    // X-Forwarded-For and -Proto are replaced, so a backend never reads a forged address.
+    let trusted = shared.edge.trusts(peer.ip());
+    let given = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let forwarded_for = match given("x-forwarded-for").filter(|_| trusted) {
         Some(prev) => format!("{prev}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
+    let proto = given("x-forwarded-proto")
+        .filter(|p| trusted && (p == "http" || p == "https"))
+        .unwrap_or_else(|| "http".into());
     let h = &mut parts.headers;
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         h.insert("x-forwarded-for", v);
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Ok(v) = HeaderValue::from_str(&proto) {
+        h.insert("x-forwarded-proto", v);
+    }
     if let Ok(v) = HeaderValue::from_str(&host) {
         h.insert("x-forwarded-host", v);
     }

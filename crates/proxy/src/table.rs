@@ -68,16 +68,35 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 impl Table {
     pub fn new(revision: u64, entries: Vec<RouteEntry>) -> Self {
+        Table::after(None, revision, entries)
+    }
+
+    /// The table for `entries`, each route's round-robin position taken over from the same
+    /// route (service, host, prefix) of `previous`: a table is rebuilt on every status write,
+    /// and starting each at 0 again sent most traffic to the first target.
+    pub fn after(previous: Option<&Table>, revision: u64, entries: Vec<RouteEntry>) -> Self {
+        let position = |e: &RouteEntry| {
+            previous
+                .and_then(|t| {
+                    t.routes.iter().find(|r| {
+                        r.service == e.service && r.host == e.host && r.prefix == e.path_prefix
+                    })
+                })
+                .map_or(0, |r| r.next.load(Ordering::Relaxed))
+        };
         let routes = entries
             .into_iter()
-            .map(|e| Route {
-                service: e.service,
-                host: e.host,
-                prefix: e.path_prefix,
-                internal: e.internal,
-                strip_prefix: e.strip_prefix,
-                targets: e.targets.into_iter().map(|t| t.addr).collect(),
-                next: AtomicUsize::new(0),
+            .map(|e| {
+                let next = AtomicUsize::new(position(&e));
+                Route {
+                    service: e.service,
+                    host: e.host,
+                    prefix: e.path_prefix,
+                    internal: e.internal,
+                    strip_prefix: e.strip_prefix,
+                    targets: e.targets.into_iter().map(|t| t.addr).collect(),
+                    next,
+                }
             })
             .collect();
         Table { revision, routes }
@@ -170,5 +189,30 @@ mod tests {
         let (b, _) = r.pick().unwrap();
         assert_ne!(a, b);
         assert_eq!(retry_a, Some(b));
+    }
+
+    /// Seen: every status write rebuilds the table, and each rebuild started round robin at the
+    /// first target again, which then took most of the traffic.
+    #[test]
+    fn round_robin_goes_on_across_table_rebuilds() {
+        let entries = || {
+            let mut e = entry("web", None, "/", false);
+            e.targets = ["a:1", "b:1", "c:1"]
+                .iter()
+                .map(|addr| Target {
+                    task: addr.to_string(),
+                    addr: addr.to_string(),
+                })
+                .collect();
+            vec![e]
+        };
+        let mut table = Table::new(1, entries());
+        let mut picked = Vec::new();
+        for revision in 2..=7 {
+            let route = table.find("x", "/", false).unwrap();
+            picked.push(route.pick().unwrap().0.to_string());
+            table = Table::after(Some(&table), revision, entries());
+        }
+        assert_eq!(picked, ["a:1", "b:1", "c:1", "a:1", "b:1", "c:1"]);
     }
 }

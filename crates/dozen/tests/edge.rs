@@ -1,0 +1,193 @@
+//! The proxy on a public port: slow and idle clients cost themselves, not the proxy; past its
+//! connection cap a client gets 503 at once; forwarded headers are believed only from trusted
+//! proxies; oversized and malformed requests get a 4xx and never reach a target.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dozen_testkit::{eventually, http_raw, http_request, Dozen};
+
+const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
+const APP: &str = env!("CARGO_BIN_EXE_dozen-testapp");
+
+fn up(extra: &[&str]) -> Dozen {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args.extend(extra.iter().map(|s| s.to_string()));
+    d.start_server(true);
+    d.write(
+        "dozen.toml",
+        &format!(
+            "name = \"edge\"\n[services.web]\ncommand = [\"{APP}\"]\nhealth = {{ http = \"/healthz\", interval = \"200ms\" }}\n[[services.web.routes]]\npath = \"/\"\n"
+        ),
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    d.wait_ready("web", 1);
+    eventually(Duration::from_secs(20), "the route", || {
+        http_request(d.proxy_port, "edge.test", "/").filter(|r| r.status == 200)
+    });
+    d
+}
+
+/// A helper process holding `idle` connections that send nothing and `slow` ones that send a
+/// header byte every 200 ms; it says `ready` once all are open, then, each second, how many
+/// the proxy has closed.
+fn clients(port: u16, idle: usize, slow: usize) -> (std::process::Child, impl FnMut() -> String) {
+    let script = format!(
+        r#"
+import resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+idle = [socket.create_connection(("127.0.0.1", {port})) for _ in range({idle})]
+slow = [socket.create_connection(("127.0.0.1", {port})) for _ in range({slow})]
+for s in slow:
+    s.sendall(b"GET / HTTP/1.1\r\nHost: edge.test\r\nX-Slow: ")
+for s in idle + slow:
+    s.setblocking(False)
+print("ready", flush=True)
+closed = set()
+for tick in range(600):
+    time.sleep(0.2)
+    for i, s in enumerate(idle + slow):
+        if i in closed:
+            continue
+        try:
+            if i >= len(idle):
+                s.send(b"x")
+            if s.recv(65536) == b"":
+                closed.add(i)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed.add(i)
+    if tick % 5 == 4:
+        print("closed", len(closed), flush=True)
+"#
+    );
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let next = move || lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    (child, next)
+}
+
+#[test]
+fn slow_and_idle_clients_do_not_stop_the_proxy_and_are_cut_off() {
+    let d = up(&["--proxy-header-timeout", "2s"]);
+    let (mut helper, mut said) = clients(d.proxy_port, 1000, 1000);
+    assert_eq!(said(), "ready");
+    // 2,000 connections open: a normal request is answered within a second, every time.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = http_request(d.proxy_port, "edge.test", "/").expect("an answer");
+        assert_eq!(r.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // Past the header timeout, the proxy has closed all of them, idle and slow alike.
+    let mut closed = 0;
+    for _ in 0..10 {
+        let line = said();
+        closed = line
+            .strip_prefix("closed ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if closed == 2000 {
+            break;
+        }
+    }
+    let _ = helper.kill();
+    let _ = helper.wait();
+    assert_eq!(closed, 2000, "connections the proxy closed");
+}
+
+#[test]
+fn past_the_connection_cap_a_client_gets_503_at_once() {
+    let d = up(&[
+        "--proxy-max-connections",
+        "50",
+        "--proxy-header-timeout",
+        "3s",
+    ]);
+    let (mut helper, mut said) = clients(d.proxy_port, 50, 0);
+    assert_eq!(said(), "ready");
+    let started = Instant::now();
+    let busy = http_request(d.proxy_port, "edge.test", "/").expect("an answer");
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(busy.body.contains("50 connections"), "{}", busy.body);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let _ = helper.kill();
+    let _ = helper.wait();
+    // Once those are gone, the proxy serves again.
+    eventually(Duration::from_secs(10), "served again", || {
+        http_request(d.proxy_port, "edge.test", "/").filter(|r| r.status == 200)
+    });
+}
+
+#[test]
+fn forwarded_headers_are_believed_only_from_trusted_proxies() {
+    let raw = |port: u16| {
+        http_raw(
+            port,
+            "GET /headers HTTP/1.1\r\nHost: edge.test\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+        )
+        .expect("an answer")
+        .to_lowercase()
+    };
+    let d = up(&[]);
+    let seen = raw(d.proxy_port);
+    assert!(
+        seen.contains("x-forwarded-for: 127.0.0.1\n")
+            || seen.contains("x-forwarded-for: 127.0.0.1\r"),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("6.6.6.6") && seen.contains("x-forwarded-proto: http"),
+        "{seen}"
+    );
+    let d = up(&["--trusted-proxy", "127.0.0.0/8"]);
+    let seen = raw(d.proxy_port);
+    assert!(
+        seen.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: https"), "{seen}");
+}
+
+#[test]
+fn oversized_and_malformed_requests_get_4xx_and_never_reach_a_target() {
+    let d = up(&[]);
+    let status = |raw: &str| -> u16 {
+        let answer = http_raw(d.proxy_port, raw).unwrap_or_default();
+        answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    let big = "x".repeat(80 * 1024);
+    assert_eq!(
+        status(&format!(
+            "GET / HTTP/1.1\r\nHost: edge.test\r\nX-Big: {big}\r\n\r\n"
+        )),
+        431
+    );
+    assert_eq!(
+        status(&format!("GET /{big} HTTP/1.1\r\nHost: edge.test\r\n\r\n")),
+        414
+    );
+    assert_eq!(
+        status("GET / HTTP/1.1\r\nHost: edge.test\r\nBad\u{1}Header: x\r\n\r\n"),
+        400
+    );
+    // None of them reached the task (it logs one line per request).
+    let logs = d.ok(&["logs", "web"]);
+    assert!(!logs.contains("xxxx") && !logs.contains("Bad"), "{logs}");
+}
