@@ -191,3 +191,34 @@ fn oversized_and_malformed_requests_get_4xx_and_never_reach_a_target() {
     let logs = d.ok(&["logs", "web"]);
     assert!(!logs.contains("xxxx") && !logs.contains("Bad"), "{logs}");
 }
+
+/// Bodies stream through: one far over what the proxy used to hold (16 MiB) arrives whole, as
+/// a length or chunked, while the proxy's memory stays where it was.
+#[test]
+fn big_request_bodies_stream_through_without_being_held() {
+    let d = up(&[]);
+    let server = d.server.as_ref().unwrap().id();
+    let file = d.dir.path().join("big.bin");
+    std::fs::write(&file, vec![7u8; 40 << 20]).unwrap();
+    let before = dozen_testkit::peak_rss_mib(server);
+    let post = |extra: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-H", "Host: edge.test", "--data-binary"])
+            .arg(format!("@{}", file.display()))
+            .args(extra)
+            .arg(format!("http://127.0.0.1:{}/count", d.proxy_port))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(post(&[]), format!("bytes={}", 40 << 20));
+    assert_eq!(
+        post(&["-H", "Transfer-Encoding: chunked"]),
+        format!("bytes={}", 40 << 20)
+    );
+    let after = dozen_testkit::peak_rss_mib(server);
+    assert!(
+        after < before + 20,
+        "peak RSS went from {before} to {after} MiB"
+    );
+}

@@ -30,10 +30,14 @@ pub use edge::{Cidr, Edge};
 use table::Table;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+/// A request body on its way to a target: held whole when small, else streamed.
+type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-/// Largest request body the proxy buffers (bodies are buffered so a failed connect can be
-/// retried on another target).
-const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest request body the proxy passes on (streamed, never held whole).
+const MAX_BODY: u64 = 1024 * 1024 * 1024;
+/// A body up to this size (with its length known) is held, so a failed connect can be retried
+/// on another target; a bigger one streams through and is not retried.
+const RETRY_BODY: u64 = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -49,7 +53,7 @@ pub struct ProxyConfig {
 
 struct Shared {
     table: RwLock<Arc<Table>>,
-    client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    client: hyper_util::client::legacy::Client<HttpConnector, UpBody>,
     timeout: Duration,
     edge: Edge,
 }
@@ -391,15 +395,34 @@ async fn handle(
         );
     };
     let (mut parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {} MiB, or cut short", MAX_BODY >> 20),
-                &id,
-            )
+    let length = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = parts.headers.contains_key(hyper::header::TRANSFER_ENCODING);
+    if length.is_some_and(|n| n > MAX_BODY) {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {} MiB", MAX_BODY >> 20),
+            &id,
+        );
+    }
+    // Small and known: held for a retry. Anything else streams through as it comes.
+    let (held, mut streamed) = if !chunked && length.unwrap_or(0) <= RETRY_BODY {
+        match Limited::new(body, RETRY_BODY as usize).collect().await {
+            Ok(b) => (Some(b.to_bytes()), None),
+            Err(_) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "the request body was cut short or longer than its Content-Length".into(),
+                    &id,
+                )
+            }
         }
+    } else {
+        let limited: UpBody = Limited::new(body, MAX_BODY as usize).boxed();
+        (None, Some(limited))
     };
     strip_hop_by_hop(&mut parts.headers);
     // What a client says it forwarded is believed only from a trusted proxy; anyone else's
@@ -446,7 +469,24 @@ async fn handle(
                 )
             }
         };
-        let mut upstream = Request::new(Full::new(body.clone()));
+        let body: UpBody = match (&held, streamed.take()) {
+            (Some(bytes), _) => Full::new(bytes.clone())
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+            (None, Some(stream)) => stream,
+            (None, None) => {
+                // A streamed body goes once: it cannot be sent again.
+                return problem(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "could not connect to a target of service `{}`",
+                        route.service
+                    ),
+                    &id,
+                );
+            }
+        };
+        let mut upstream = Request::new(body);
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers.clone();
@@ -463,6 +503,7 @@ async fn handle(
             Ok(Err(e))
                 if !retried
                     && retry.is_some()
+                    && held.is_some()
                     && (e.is_connect()
                         || (is_idempotent(&parts.method) && closed_without_answer(&e))) =>
             {

@@ -127,6 +127,38 @@ fn answer(mut stream: TcpStream) {
         std::env::var(name).unwrap_or_default()
     } else if path.ends_with("/headers") {
         headers
+    } else if path.ends_with("/count") {
+        // The request body's length (Content-Length or chunked): a body that went through.
+        let lower = headers.to_ascii_lowercase();
+        let length = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let mut sink = std::io::sink();
+        let counted = match length {
+            Some(n) => std::io::copy(&mut (&mut reader).take(n), &mut sink).unwrap_or(0),
+            None if lower.contains("transfer-encoding: chunked") => {
+                let mut total = 0u64;
+                loop {
+                    let mut size = String::new();
+                    if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let n = u64::from_str_radix(size.trim(), 16).unwrap_or(0);
+                    if n == 0 {
+                        let mut end = String::new();
+                        let _ = reader.read_line(&mut end);
+                        break;
+                    }
+                    total += std::io::copy(&mut (&mut reader).take(n), &mut sink).unwrap_or(0);
+                    let mut crlf = String::new();
+                    let _ = reader.read_line(&mut crlf);
+                }
+                total
+            }
+            None => 0,
+        };
+        format!("bytes={counted}")
     } else if path.ends_with("/pid") {
         std::process::id().to_string()
     } else if let Some((_, name)) = path.split_once("/close-once/") {
