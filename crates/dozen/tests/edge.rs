@@ -222,3 +222,37 @@ fn big_request_bodies_stream_through_without_being_held() {
         "peak RSS went from {before} to {after} MiB"
     );
 }
+
+/// An upgrade (as WebSocket asks for one) goes through: the target's 101, then bytes both
+/// ways on the same connection.
+#[test]
+fn upgraded_connections_pass_through_both_ways() {
+    use std::io::{Read, Write};
+    let d = up(&[]);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", d.proxy_port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            conn.read(&mut byte).unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for message in ["hello through the proxy", "and back again"] {
+        conn.write_all(message.as_bytes()).unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        conn.read_exact(&mut echoed).unwrap();
+        assert_eq!(String::from_utf8_lossy(&echoed), message);
+    }
+}

@@ -198,12 +198,22 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            // Held by the connection, and by what it is upgraded into.
+            let permit = Arc::new(permit);
             let service = hyper::service::service_fn({
                 let shared = shared.clone();
+                let permit = permit.clone();
                 move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, req, peer, internal).await) }
+                    let permit = permit.clone();
+                    async move {
+                        let client = Caller {
+                            peer,
+                            internal,
+                            permit,
+                        };
+                        Ok::<_, Infallible>(handle(&shared, req, client).await)
+                    }
                 }
             });
             // A client that is slow to send its headers (or to start its next request) is
@@ -214,6 +224,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
                 .header_read_timeout(shared.edge.header_read_timeout)
                 .max_buf_size(edge::MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -301,6 +312,30 @@ fn closed_without_answer(e: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
+/// Whether `Connection` asks for an upgrade.
+fn wants_upgrade(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Joins an upgraded client connection to the target's, bytes both ways until either ends.
+async fn join_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    target: hyper::upgrade::OnUpgrade,
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let (Ok(client), Ok(target)) = (client.await, target.await) else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut target = TokioIo::new(target);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut target).await;
+}
+
 fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
@@ -318,12 +353,20 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     }
 }
 
-async fn handle(
-    shared: &Shared,
-    req: Request<Incoming>,
+/// Who a request came from, and the connection permit it holds.
+struct Caller {
     peer: SocketAddr,
+    /// Came in on the internal listener.
     internal: bool,
-) -> Response<Body> {
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>, client: Caller) -> Response<Body> {
+    let Caller {
+        peer,
+        internal,
+        permit,
+    } = client;
     let id = request_id(&req);
     // hyper bounds the whole head by its buffer; the headers get a tighter bound of their own.
     let header_bytes: usize = req
@@ -394,6 +437,15 @@ async fn handle(
             &id,
         );
     };
+    // An upgrade (WebSocket and the like): both sides' connections are joined once the target
+    // agrees (101), and bytes flow both ways until either side closes.
+    let upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .filter(|_| wants_upgrade(req.headers()))
+        .cloned();
+    let mut req = req;
+    let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let length = parts
         .headers
@@ -425,6 +477,15 @@ async fn handle(
         (None, Some(limited))
     };
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = &upgrade {
+        parts
+            .headers
+            .insert(hyper::header::UPGRADE, protocol.clone());
+        parts.headers.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
     // What a client says it forwarded is believed only from a trusted proxy; anyone else's
     // X-Forwarded-For and -Proto are replaced, so a backend never reads a forged address.
     let trusted = shared.edge.trusts(peer.ip());
@@ -492,7 +553,26 @@ async fn handle(
         *upstream.headers_mut() = parts.headers.clone();
         let sent = tokio::time::timeout(shared.timeout, shared.client.request(upstream)).await;
         match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
+                if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) =
+                    (client_side, resp.status())
+                {
+                    let target_side = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(join_upgraded(client_side, target_side, permit));
+                    let mut answer = Response::new(full(Bytes::new()));
+                    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    for name in [hyper::header::UPGRADE, hyper::header::CONNECTION] {
+                        if let Some(v) = resp.headers().get(&name) {
+                            answer.headers_mut().insert(name, v.clone());
+                        }
+                    }
+                    for (name, value) in resp.headers() {
+                        if name.as_str().starts_with("sec-websocket-") {
+                            answer.headers_mut().insert(name.clone(), value.clone());
+                        }
+                    }
+                    return answer;
+                }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 if let Ok(v) = HeaderValue::from_str(&id) {

@@ -127,6 +127,22 @@ fn answer(mut stream: TcpStream) {
         std::env::var(name).unwrap_or_default()
     } else if path.ends_with("/headers") {
         headers
+    } else if path.ends_with("/upgrade") {
+        // Switches to a raw echo of whatever comes (an upgraded connection, as WebSocket is).
+        let _ = stream.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n",
+        );
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     } else if path.ends_with("/count") {
         // The request body's length (Content-Length or chunked): a body that went through.
         let lower = headers.to_ascii_lowercase();
