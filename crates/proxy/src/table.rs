@@ -32,7 +32,11 @@ impl Route {
         if !self.strip_prefix {
             return path_and_query.into();
         }
-        let rest = &path_and_query[self.prefix.len().min(path_and_query.len())..];
+        // By byte position, but never inside a character (a path that did not come from a
+        // request's ASCII URI passes through unchanged).
+        let rest = path_and_query
+            .get(self.prefix.len().min(path_and_query.len())..)
+            .unwrap_or(path_and_query);
         if rest.starts_with('/') {
             rest.into()
         } else {
