@@ -11,7 +11,7 @@ fn entry(service: usize, host: Option<String>, prefix: String, internal: bool) -
         host,
         path_prefix: prefix,
         internal,
-        strip_prefix: service % 2 == 0,
+        strip_prefix: service.is_multiple_of(2),
         targets: vec![Target {
             task: format!("s{service}-1"),
             addr: format!("127.0.0.1:{}", 1000 + service),
