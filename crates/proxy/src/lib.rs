@@ -550,7 +550,12 @@ async fn handle(shared: &Shared, req: Request<Incoming>, client: Caller) -> Resp
         let mut upstream = Request::new(body);
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = parts.headers.clone();
+        // Kept for a second attempt only when one can happen.
+        *upstream.headers_mut() = if !retried && retry.is_some() && held.is_some() {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         let sent = tokio::time::timeout(shared.timeout, shared.client.request(upstream)).await;
         match sent {
             Ok(Ok(mut resp)) => {

@@ -109,7 +109,13 @@ impl Table {
     /// The rule for a request. `internal`: the request came in on the internal listener,
     /// which serves every route; the public listener serves only public ones.
     pub fn find(&self, host: &str, path: &str, internal: bool) -> Option<&Route> {
-        let host = host.split(':').next().unwrap_or(host).to_ascii_lowercase();
+        let host = host.split(':').next().unwrap_or(host);
+        // Most clients send it lowercase already: no copy then.
+        let host: std::borrow::Cow<str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            host.to_ascii_lowercase().into()
+        } else {
+            host.into()
+        };
         self.routes
             .iter()
             .filter(|r| internal || !r.internal)
