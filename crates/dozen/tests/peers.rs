@@ -27,6 +27,8 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its agent's tasks outlive it by design; a test leaves none behind.
+        dozen_testkit::end_tasks_under(&self.data);
     }
 }
 

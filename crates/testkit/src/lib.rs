@@ -589,22 +589,27 @@ impl Dozen {
 
     /// Every process started under this installation's shims: (shim pid, task pid).
     pub fn shim_processes(&self) -> Vec<(u32, Option<u32>)> {
-        let mut out = Vec::new();
-        for tasks in task_dirs(self.dir.path()) {
-            let read = |f: &str| -> Option<u32> {
-                std::fs::read_to_string(tasks.join(f))
-                    .ok()?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            };
-            if let Some(shim) = read("shim.pid").filter(|p| process_alive(*p)) {
-                out.push((shim, read("task.pid").filter(|p| process_alive(*p))));
-            }
-        }
-        out
+        shim_processes_under(self.dir.path())
     }
+}
+
+/// The live shims (and their tasks) of every agent data dir under `root`.
+pub fn shim_processes_under(root: &Path) -> Vec<(u32, Option<u32>)> {
+    let mut out = Vec::new();
+    for tasks in task_dirs(root) {
+        let read = |f: &str| -> Option<u32> {
+            std::fs::read_to_string(tasks.join(f))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        };
+        if let Some(shim) = read("shim.pid").filter(|p| process_alive(*p)) {
+            out.push((shim, read("task.pid").filter(|p| process_alive(*p))));
+        }
+    }
+    out
 }
 
 /// The home ids of every agent data dir under `root` (their `home-id` files).
@@ -650,17 +655,21 @@ impl Drop for Dozen {
         self.kill_server();
         self.kill_agents();
         self.kill_proxies();
-        // Tasks outlive dozen by design: end them so tests leave nothing behind.
-        for (shim, task) in self.shim_processes() {
-            if let Some(t) = task {
-                signal_group(t, "KILL");
-            }
-            signal(shim, "KILL");
+        end_tasks_under(self.dir.path());
+    }
+}
+
+/// Tasks outlive dozen by design: ends every task (and shim) of the agent data dirs under
+/// `root`, and the containers their agents made, so a test leaves nothing behind.
+pub fn end_tasks_under(root: &Path) {
+    for (shim, task) in shim_processes_under(root) {
+        if let Some(t) = task {
+            signal_group(t, "KILL");
         }
-        // And the containers its agents made (a test that failed half-way left them).
-        for home in agent_homes(self.dir.path()) {
-            images::remove_containers_of(&home);
-        }
+        signal(shim, "KILL");
+    }
+    for home in agent_homes(root) {
+        images::remove_containers_of(&home);
     }
 }
 
