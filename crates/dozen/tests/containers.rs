@@ -448,7 +448,15 @@ fn the_container_demo_builds_its_image_and_its_services_reach_each_other() {
     }
     std::fs::copy(bin.join("dozen-demo"), demo.join("dozen-demo")).unwrap();
     let log = d.dir.path().join("up.log");
-    let mut up = std::process::Command::new(DOZEN)
+    // Both streams appending: one written at its own offset would overwrite the other.
+    let append = || {
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap()
+    };
+    let up = std::process::Command::new(DOZEN)
         .args(["up", "-f", "demo/dozen.toml", "--node-name", "node-a"])
         .args(["--listen", &format!("{}:{}", d.host, d.port)])
         .args(["--proxy-listen", &d.proxy_address()])
@@ -463,10 +471,12 @@ fn the_container_demo_builds_its_image_and_its_services_reach_each_other() {
         .current_dir(d.dir.path())
         .env("DOZEN_DATA_DIR", d.data_dir())
         .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .stdout(append())
+        .stderr(append())
         .spawn()
         .unwrap();
+    // Declared after `d`: dropped first, so `up` is gone before `d` ends its tasks.
+    let mut up = EndOnDrop(up);
     let page = eventually(
         Duration::from_secs(120),
         "the shop page through the proxy",
@@ -500,11 +510,11 @@ fn the_container_demo_builds_its_image_and_its_services_reach_each_other() {
         let said = std::fs::read_to_string(&log).ok()?;
         said.contains("Ctrl-C stops the stack").then_some(())
     });
-    dozen_testkit::signal(up.id(), "INT");
+    dozen_testkit::signal(up.0.id(), "INT");
     let status = eventually(
         Duration::from_secs(60),
         "dozen up exits after Ctrl-C",
-        || up.try_wait().ok().flatten(),
+        || up.0.try_wait().ok().flatten(),
     );
     assert!(status.success(), "{status}");
     gone_after_down(&d);
@@ -641,4 +651,13 @@ fn output_written_while_the_agent_is_down_reaches_the_log() {
     assert_eq!(all, expected, "every tick once, in order");
     d.ok(&["down"]);
     gone_after_down(&d);
+}
+
+/// A process the test started itself, killed however the test ends.
+struct EndOnDrop(std::process::Child);
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
