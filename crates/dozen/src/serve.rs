@@ -754,10 +754,8 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
         upstream_timeout: args.listen.proxy_timeout,
         edge: args.listen.edge(),
     };
-    tokio::select! {
-        r = dozen_proxy::run(config, listeners) => r,
-        _ = shutdown_signal() => Ok(()),
-    }
+    // On SIGTERM or Ctrl-C: no new connections, the requests in flight finished.
+    dozen_proxy::run_until(config, listeners, shutdown_signal()).await
 }
 
 pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {

@@ -256,3 +256,24 @@ fn upgraded_connections_pass_through_both_ways() {
         assert_eq!(String::from_utf8_lossy(&echoed), message);
     }
 }
+
+/// SIGTERM to a proxy: it takes no new connection, finishes the request in flight, then exits.
+#[test]
+fn a_stopping_proxy_finishes_the_requests_in_flight() {
+    let mut d = up(&[]);
+    let (public, _) = d.start_proxy("p2");
+    let slow = std::thread::spawn(move || http_request(public, "edge.test", "/sleep/1500"));
+    eventually(Duration::from_secs(10), "the request in flight", || {
+        d.ok(&["logs", "web"])
+            .contains("sleeping 1500 ms")
+            .then_some(())
+    });
+    dozen_testkit::signal(d.proxies[0].id(), "TERM");
+    let answer = slow.join().unwrap().expect("an answer");
+    assert_eq!((answer.status, answer.body.as_str()), (200, "slept"));
+    let exited = eventually(Duration::from_secs(10), "the proxy exits", || {
+        d.proxies[0].try_wait().ok().flatten()
+    });
+    assert!(exited.success(), "{exited}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", public)).is_err());
+}

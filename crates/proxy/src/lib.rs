@@ -75,6 +75,20 @@ impl Listeners {
 
 /// Runs the proxy until the process ends.
 pub async fn run(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<()> {
+    run_until(config, listeners, std::future::pending()).await
+}
+
+/// How long a stopping proxy waits for the requests in flight.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs the proxy until `stop` resolves, then stops accepting, lets every connection finish
+/// the request it is serving (and closes it after that), and returns once they are done or
+/// [`DRAIN_LIMIT`] has passed.
+pub async fn run_until(
+    config: ProxyConfig,
+    listeners: Listeners,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let public_address = listeners.public.local_addr()?;
     let internal_address = listeners.internal.local_addr()?;
     let mut connector = HttpConnector::new();
@@ -91,17 +105,39 @@ pub async fn run(config: ProxyConfig, listeners: Listeners) -> anyhow::Result<()
         edge: config.edge.clone(),
     });
     tracing::info!(%public_address, %internal_address, "proxy listening");
-    tokio::spawn(serve(listeners.public, shared.clone(), false));
-    tokio::spawn(serve(listeners.internal, shared.clone(), true));
-    follow_routes(
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let public = tokio::spawn(serve(
+        listeners.public,
+        shared.clone(),
+        false,
+        stopped.clone(),
+    ));
+    let internal = tokio::spawn(serve(listeners.internal, shared.clone(), true, stopped));
+    let routes = follow_routes(
         config,
         shared,
         ProxyRegisterRequest {
             public_address: format!("http://{public_address}"),
             internal_address: format!("http://{internal_address}"),
         },
-    )
+    );
+    tokio::select! {
+        _ = routes => {}
+        _ = stop => {}
+    }
+    tracing::info!("proxy stopping: no new connections; finishing the requests in flight");
+    let _ = stopping.send(true);
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        let _ = public.await;
+        let _ = internal.await;
+    })
     .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "proxy stopped with requests still in flight after {} s",
+            DRAIN_LIMIT.as_secs()
+        );
+    }
     Ok(())
 }
 
@@ -178,12 +214,29 @@ async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegist
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
+/// Resolves once the proxy is stopping (or whoever stops it is gone).
+async fn until_stopped(stopped: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+/// Accepts and serves until `stopped` turns true; then stops accepting and returns once every
+/// connection has finished what it was serving.
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    internal: bool,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     // One permit per open client connection: past the cap a client gets a 503 at once, and
     // the proxy's descriptors and memory stay bounded.
-    let permits = Arc::new(tokio::sync::Semaphore::new(shared.edge.max_connections));
+    let cap = shared.edge.max_connections;
+    let permits = Arc::new(tokio::sync::Semaphore::new(cap));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = until_stopped(&mut stopped) => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -192,11 +245,12 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tokio::spawn(edge::turn_away(stream, shared.edge.max_connections));
+            tokio::spawn(edge::turn_away(stream, cap));
             continue;
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let mut stopped = stopped.clone();
         tokio::spawn(async move {
             // Held by the connection, and by what it is upgraded into.
             let permit = Arc::new(permit);
@@ -218,16 +272,27 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, internal: bool) {
             });
             // A client that is slow to send its headers (or to start its next request) is
             // cut off, as is one whose headers are too big (431).
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(shared.edge.header_read_timeout)
                 .max_buf_size(edge::MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = until_stopped(&mut stopped) => {
+                    // Finishes the request in flight, answers it with `Connection: close`.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
     }
+    drop(listener);
+    // Every permit back: every connection (and upgraded one) has ended.
+    let _ = permits.acquire_many(cap as u32).await;
 }
 
 fn request_id(req: &Request<Incoming>) -> String {
