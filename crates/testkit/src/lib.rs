@@ -3,6 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod images;
+mod processes;
+
+pub use processes::end_tasks_under;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -612,43 +615,8 @@ pub fn shim_processes_under(root: &Path) -> Vec<(u32, Option<u32>)> {
     out
 }
 
-/// Pids of `dozen shim DIR` processes whose DIR is under `root`.
-fn shims_by_command_line(root: &Path) -> Vec<u32> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let dir = std::str::from_utf8(args.get(2)?).ok()?;
-            (args.get(1) == Some(&&b"shim"[..]) && Path::new(dir).starts_with(root)).then_some(pid)
-        })
-        .collect()
-}
-
-/// Pids of the processes in the session `leader` leads (a shim and its task).
-fn session_members(leader: u32) -> Vec<u32> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // Fields after the command (which may hold spaces) in parentheses.
-            let after = stat.rsplit_once(") ")?.1;
-            let session: u32 = after.split_whitespace().nth(3)?.parse().ok()?;
-            (session == leader).then_some(pid)
-        })
-        .collect()
-}
-
 /// The home ids of every agent data dir under `root` (their `home-id` files).
-fn agent_homes(root: &Path) -> Vec<String> {
+pub(crate) fn agent_homes(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -691,27 +659,6 @@ impl Drop for Dozen {
         self.kill_agents();
         self.kill_proxies();
         end_tasks_under(self.dir.path());
-    }
-}
-
-/// Tasks outlive dozen by design: ends every task (and shim) of the agent data dirs under
-/// `root`, and the containers their agents made, so a test leaves nothing behind.
-pub fn end_tasks_under(root: &Path) {
-    for (shim, task) in shim_processes_under(root) {
-        if let Some(t) = task {
-            signal_group(t, "KILL");
-        }
-        signal(shim, "KILL");
-    }
-    // A shim started as its agent was killed may not have written its pid file yet: found by
-    // its command line instead, it goes with everything in its session (its task).
-    for shim in shims_by_command_line(root) {
-        for pid in session_members(shim) {
-            signal(pid, "KILL");
-        }
-    }
-    for home in agent_homes(root) {
-        images::remove_containers_of(&home);
     }
 }
 
