@@ -497,8 +497,11 @@ fn the_container_demo_builds_its_image_and_its_services_reach_each_other() {
     // Every task is a container of the pushed image.
     let home = std::fs::read_to_string(d.data_dir().join("agent").join("home-id")).unwrap();
     let mine = format!("label=dozen.home={}", home.trim());
-    let containers = docker(&["ps", "-q", "--filter", &mine]);
-    assert_eq!(containers.lines().count(), 7, "{containers}");
+    // (The page needs three services; the worker may come a moment later.)
+    eventually(Duration::from_secs(30), "seven containers", || {
+        let containers = docker(&["ps", "-q", "--filter", &mine]);
+        (containers.lines().count() == 7).then_some(())
+    });
     let worker = eventually(Duration::from_secs(30), "the worker reaches orders", || {
         let logs = d.ok(&["logs", "worker"]);
         logs.contains("checked orders").then_some(logs)
