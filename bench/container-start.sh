@@ -142,28 +142,24 @@ def gone(check):
             return
         time.sleep(0.05)
 
-def docker_run(i):
-    port = free_port()
-    start = time.monotonic()
-    proc = run(["docker", "run", "-d", "--label", "dozen-bench-run=1", "-e", "PORT=8080",
-                "-p", f"127.0.0.1:{port}:8080", IMAGE])
-    finish(proc, "docker run")
-    took = poll(start, port, "localhost")
-    subprocess.run(["sh", "-c", "docker ps -aq --filter label=dozen-bench-run=1 | xargs -r docker rm -f"],
-                   capture_output=True)
-    return took
+def docker_run_with(network_args):
+    """`docker run -d` with `network_args` (given the free port), answered on that port."""
+    def start(i):
+        port = free_port()
+        start = time.monotonic()
+        proc = run(["docker", "run", "-d", "--label", "dozen-bench-run=1"] + network_args(port)
+                   + [IMAGE])
+        finish(proc, "docker run")
+        took = poll(start, port, "localhost")
+        subprocess.run(["sh", "-c", "docker ps -aq --filter label=dozen-bench-run=1 | xargs -r docker rm -f"],
+                       capture_output=True)
+        return took
+    return start
 
-def docker_run_host(i):
-    """The floor for dozen's own way: the node's network, no port proxy (not in the ratios)."""
-    port = free_port()
-    start = time.monotonic()
-    proc = run(["docker", "run", "-d", "--label", "dozen-bench-run=1", "-e", f"PORT={port}",
-                "--network", "host", IMAGE])
-    finish(proc, "docker run --network host")
-    took = poll(start, port, "localhost")
-    subprocess.run(["sh", "-c", "docker ps -aq --filter label=dozen-bench-run=1 | xargs -r docker rm -f"],
-                   capture_output=True)
-    return took
+# The floor: a published port.
+docker_run = docker_run_with(lambda port: ["-e", "PORT=8080", "-p", f"127.0.0.1:{port}:8080"])
+# The floor for dozen's own way: the node's network, no port proxy (not in the ratios).
+docker_run_host = docker_run_with(lambda port: ["-e", f"PORT={port}", "--network", "host"])
 
 def swarm(i):
     port = free_port()

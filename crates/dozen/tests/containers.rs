@@ -456,21 +456,8 @@ fn the_container_demo_builds_its_image_and_its_services_reach_each_other() {
             .open(&log)
             .unwrap()
     };
-    let up = std::process::Command::new(DOZEN)
-        .args(["up", "-f", "demo/dozen.toml", "--node-name", "node-a"])
-        .args(["--listen", &format!("{}:{}", d.host, d.port)])
-        .args(["--proxy-listen", &d.proxy_address()])
-        .args([
-            "--proxy-internal-listen",
-            &format!("{}:{}", d.host, d.proxy_internal_port),
-        ])
-        .args([
-            "--port-range",
-            &format!("{}-{}", d.port_range.0, d.port_range.1),
-        ])
-        .current_dir(d.dir.path())
-        .env("DOZEN_DATA_DIR", d.data_dir())
-        .stdin(std::process::Stdio::null())
+    let up = d
+        .up_command("demo/dozen.toml")
         .stdout(append())
         .stderr(append())
         .spawn()
@@ -581,14 +568,8 @@ fn stats_show_what_a_container_uses_within_its_limits() {
     );
     d.ok(&["apply", "--timeout", "60s"]);
     d.wait_ready("busy", 1);
-    let rows = eventually(Duration::from_secs(30), "stats with a CPU rate", || {
-        let rows = d.json(&["stats", "busy", "--interval", "2s"]);
-        (rows[0]["cpu_percent"].as_f64()? > 5.0).then_some(rows)
-    });
-    let row = &rows[0];
+    let row = d.busy_task_stats("busy", 64 << 20);
     assert_eq!(row["driver"], "docker");
-    assert!(row["cpu_percent"].as_f64().unwrap() < 40.0, "{rows}");
-    assert!(row["memory_bytes"].as_u64().unwrap() >= 64 << 20, "{rows}");
     d.ok(&["down"]);
     gone_after_down(&d);
 }

@@ -30,22 +30,8 @@ fn up_log(d: &Dozen) -> std::fs::File {
 }
 
 fn start_up(d: &Dozen) -> Child {
-    Command::new(DOZEN)
-        .args(["up", "-f", "dozen.toml", "--node-name", "node-a"])
-        .args(["--listen", &format!("{}:{}", d.host, d.port)])
-        .args(["--proxy-listen", &d.proxy_address()])
-        .args([
-            "--proxy-internal-listen",
-            &format!("{}:{}", d.host, d.proxy_internal_port),
-        ])
-        .args([
-            "--port-range",
-            &format!("{}-{}", d.port_range.0, d.port_range.1),
-        ])
-        .current_dir(d.dir.path())
-        .env("DOZEN_DATA_DIR", d.data_dir())
+    d.up_command("dozen.toml")
         .env("DOZEN_LOG", "info")
-        .stdin(Stdio::null())
         .stdout(up_log(d))
         .stderr(up_log(d))
         .spawn()

@@ -34,18 +34,24 @@ pub(crate) async fn list_tasks(
             .collect(),
     ))
 }
+fn assignment_or_404<'a>(
+    snap: &'a Snapshot,
+    task: &str,
+) -> Result<&'a dozen_control::snapshot::Versioned<dozen_model::Assignment>, ControlError> {
+    snap.assignments
+        .get(task)
+        .ok_or_else(|| ControlError::NotFound {
+            kind: "task",
+            name: task.to_string(),
+        })
+}
+
 pub(crate) async fn get_task(
     State(s): State<Arc<AppState>>,
     Path(task): Path<String>,
 ) -> ApiResult<Json<TaskInfo>> {
     let snap = Snapshot::read(s.store.as_ref()).await?;
-    let a = snap
-        .assignments
-        .get(&task)
-        .ok_or_else(|| ControlError::NotFound {
-            kind: "task",
-            name: task.clone(),
-        })?;
+    let a = assignment_or_404(&snap, &task)?;
     Ok(Json(TaskInfo::from_records(
         &a.record,
         snap.statuses.get(&task).map(|s| &s.record),
@@ -81,13 +87,7 @@ pub(crate) async fn exec(
         )));
     }
     let snap = Snapshot::read(s.store.as_ref()).await?;
-    let a = snap
-        .assignments
-        .get(&task)
-        .ok_or_else(|| ControlError::NotFound {
-            kind: "task",
-            name: task.clone(),
-        })?;
+    let a = assignment_or_404(&snap, &task)?;
     let running = snap
         .statuses
         .get(&task)

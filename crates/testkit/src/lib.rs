@@ -590,6 +590,43 @@ impl Dozen {
         )
     }
 
+    /// `dozen up -f FILE` in the foreground, on this installation's ports and data dir.
+    pub fn up_command(&self, file: &str) -> Command {
+        let mut up = Command::new(&self.bin);
+        up.args(["up", "-f", file, "--node-name", "node-a"])
+            .arg("--listen")
+            .arg(format!("{}:{}", self.host, self.port))
+            .args(["--proxy-listen", &self.proxy_address()])
+            .arg("--proxy-internal-listen")
+            .arg(format!("{}:{}", self.host, self.proxy_internal_port))
+            .arg("--port-range")
+            .arg(format!("{}-{}", self.port_range.0, self.port_range.1))
+            .current_dir(self.dir.path())
+            .env("DOZEN_DATA_DIR", self.data_dir())
+            .stdin(Stdio::null());
+        up
+    }
+
+    /// `dozen stats` of `service`'s one task, which keeps a core busy under `cpu = "250m"`:
+    /// checks its CPU is held to about a quarter core and its memory is at least
+    /// `memory_at_least` bytes; returns the row.
+    pub fn busy_task_stats(&self, service: &str, memory_at_least: u64) -> Value {
+        let rows = eventually(Duration::from_secs(30), "stats with a CPU rate", || {
+            let rows = self.json(&["stats", service, "--interval", "2s"]);
+            (rows[0]["cpu_percent"].as_f64()? > 5.0).then_some(rows)
+        });
+        let row = rows[0].clone();
+        // A quarter of a core at most, though the task would take a whole one.
+        assert!(row["cpu_percent"].as_f64().unwrap() < 40.0, "{rows}");
+        assert!(
+            row["memory_bytes"].as_u64().unwrap() >= memory_at_least,
+            "{rows}"
+        );
+        let table = self.ok(&["stats", service]);
+        assert!(table.contains("CPU") && table.contains(" MiB"), "{table}");
+        row
+    }
+
     /// Every process started under this installation's shims: (shim pid, task pid).
     pub fn shim_processes(&self) -> Vec<(u32, Option<u32>)> {
         shim_processes_under(self.dir.path())
