@@ -132,6 +132,47 @@ fn check_ownership(snap: &Snapshot, stack: &Stack) -> Result<()> {
     Ok(())
 }
 
+/// A rule another stack already serves (the same conditions), or a priority another stack
+/// already uses, is refused: which of two stacks a request reaches must not depend on names.
+fn check_routes(snap: &Snapshot, stack: &Stack) -> Result<()> {
+    let others: Vec<(&str, &str, &dozen_spec::Route)> = snap
+        .services
+        .iter()
+        .filter(|(_, s)| s.record.stack != stack.name)
+        .filter_map(|(name, s)| Some((name, s, snap.current_release(name)?)))
+        .flat_map(|(name, s, release)| {
+            release
+                .spec
+                .routes
+                .iter()
+                .map(move |r| (name.as_str(), s.record.stack.as_str(), r))
+        })
+        .collect();
+    for (name, service) in &stack.services {
+        for rule in &service.routes {
+            let key = rule.conditions_key();
+            let clash = others.iter().find(|(_, _, r)| r.conditions_key() == key);
+            if let Some((other, other_stack, _)) = clash {
+                return Err(ControlError::Conflict(format!(
+                    "route `{}` of service `{name}` is already served by service `{other}` of stack `{other_stack}`; change a condition of one of them, or remove it from stack `{other_stack}` first",
+                    rule.describe()
+                )));
+            }
+            let taken = others
+                .iter()
+                .find(|(_, _, r)| r.priority.is_some() && r.priority == rule.priority);
+            if let Some((other, other_stack, _)) = taken {
+                return Err(ControlError::Conflict(format!(
+                    "route `{}` of service `{name}` has priority {}, which service `{other}` of stack `{other_stack}` already uses; priorities order rules across stacks, so pick another",
+                    rule.describe(),
+                    rule.priority.unwrap_or(0)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What `apply` would do, changing nothing. `artifacts` maps service -> bundle digest.
 pub async fn plan(
     store: &dyn Store,
@@ -141,6 +182,7 @@ pub async fn plan(
     check_stack(stack)?;
     let snap = Snapshot::read(store).await?;
     check_ownership(&snap, stack)?;
+    check_routes(&snap, stack)?;
     let pins = image_pins(store, stack, &BTreeMap::new()).await?;
     Ok(plan_against(&snap, stack, artifacts, &pins))
 }
@@ -239,6 +281,7 @@ pub async fn apply_built(
     for _ in 0..ATTEMPTS {
         let snap = Snapshot::read(store).await?;
         check_ownership(&snap, stack)?;
+        check_routes(&snap, stack)?;
         let plan = plan_against(&snap, stack, artifacts, &pins);
         let now = wall_ms();
         // One part per service (its compares with its writes), then the stack record, then

@@ -136,8 +136,5 @@ pub async fn wait_for_route_change(store: &dyn Store, after: u64, wait: Duration
 /// The route table as of now.
 pub async fn route_table(store: &dyn Store) -> Result<dozen_model::RouteTable> {
     let snap = Snapshot::read(store).await?;
-    Ok(dozen_model::RouteTable {
-        revision: snap.revision,
-        routes: routes::table(&snap),
-    })
+    Ok(routes::table(&snap))
 }

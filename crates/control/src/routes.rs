@@ -1,7 +1,9 @@
 //! The route table proxies serve, derived from a snapshot: the routes of each service's current
 //! release, and as targets its tasks that are running, healthy, and not leaving service.
 
-use dozen_model::{discovery_prefix, DesiredState, RouteEntry, Target, TaskState};
+use dozen_model::{
+    discovery_prefix, DesiredState, RouteEntry, RouteTable, Target, TargetGroup, TaskState,
+};
 
 use crate::snapshot::Snapshot;
 
@@ -13,13 +15,28 @@ pub fn affects_routes(key: &str) -> bool {
     rest.starts_with("services/") || rest.starts_with("releases/") || rest.starts_with("nodes/")
 }
 
-pub fn table(snap: &Snapshot) -> Vec<RouteEntry> {
+/// The rules of every service's current release, and a target group per service with a port.
+pub fn table(snap: &Snapshot) -> RouteTable {
     let mut routes = Vec::new();
-    for name in snap.services.keys() {
+    let mut groups = Vec::new();
+    for (name, service) in &snap.services {
         let Some(release) = snap.current_release(name) else {
             continue;
         };
+        let stack = &service.record.stack;
         if !release.spec.port {
+            // Rules that answer themselves (redirects, fixed responses) or forward to other
+            // services need no port of their own.
+            for r in release.spec.routes.iter().filter(|r| {
+                !matches!(&r.action, dozen_spec::RouteAction::Forward { weights } if weights.is_empty())
+            }) {
+                routes.push(RouteEntry {
+                    service: name.clone(),
+                    stack: stack.clone(),
+                    rule: r.clone(),
+                    strip_prefix: false,
+                });
+            }
             continue;
         }
         // (rank, target): 0 healthy on an up node, 1 healthy on a down node, 2 running but
@@ -63,21 +80,29 @@ pub fn table(snap: &Snapshot) -> Vec<RouteEntry> {
         for r in &release.spec.routes {
             routes.push(RouteEntry {
                 service: name.clone(),
-                host: r.host.clone(),
-                path_prefix: r.path_prefix.clone(),
-                internal: r.internal,
+                stack: stack.clone(),
+                rule: r.clone(),
                 strip_prefix: false,
-                targets: targets.clone(),
             });
         }
         routes.push(RouteEntry {
             service: name.clone(),
-            host: None,
-            path_prefix: discovery_prefix(name),
-            internal: true,
+            stack: stack.clone(),
+            rule: dozen_spec::Route {
+                internal: true,
+                ..dozen_spec::Route::prefix(&discovery_prefix(name))
+            },
             strip_prefix: true,
+        });
+        groups.push(TargetGroup {
+            name: name.clone(),
+            balance: release.spec.balance.clone(),
             targets,
         });
     }
-    routes
+    RouteTable {
+        revision: snap.revision,
+        routes,
+        groups,
+    }
 }

@@ -15,6 +15,8 @@ mod inventory;
 mod node_flags;
 mod oneoff;
 mod output;
+mod proxy_flags;
+mod routes;
 mod serve;
 mod stats;
 mod up;
@@ -158,6 +160,9 @@ enum Command {
     Context(identity::ContextCommand),
     /// List proxies and the route revision each serves.
     Proxies,
+    /// List the routing rules proxies serve, in the order they try them; `routes test URL`
+    /// says which rule a request meets and why the ones before it did not.
+    Routes(routes::RoutesArgs),
     /// Print the JSON Schema of the stack file.
     Schema,
     /// The HTTP API itself.
@@ -290,6 +295,7 @@ fn main() -> ExitCode {
             }
             Command::Context(c) => identity::context(&global, c),
             Command::Proxies => inventory::proxies(&global).await,
+            Command::Routes(a) => routes::routes(&global, a).await,
             Command::Schema => {
                 println!(
                     "{}",

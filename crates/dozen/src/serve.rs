@@ -1,5 +1,6 @@
 //! `dozen server` and `dozen agent`: the long-running modes.
 
+pub use crate::proxy_flags::ProxyListenArgs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -83,50 +84,6 @@ pub struct ServerArgs {
     pub proxy: ProxyListenArgs,
     #[command(flatten)]
     pub agent: NodeArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ProxyListenArgs {
-    /// Where the proxy serves public routes.
-    #[arg(long, env = "DOZEN_PROXY_LISTEN", default_value = "127.0.0.1:7780")]
-    pub proxy_listen: SocketAddr,
-    /// Where the proxy serves every route, internal ones and `/_/<service>` included.
-    #[arg(
-        long,
-        env = "DOZEN_PROXY_INTERNAL_LISTEN",
-        default_value = "127.0.0.1:7781"
-    )]
-    pub proxy_internal_listen: SocketAddr,
-    /// How long the proxy waits for a target's answer.
-    #[arg(long, env = "DOZEN_PROXY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub proxy_timeout: Duration,
-    /// How long a client may take to send a request's headers (or to start its next request
-    /// on a kept-alive connection) before the proxy closes the connection.
-    #[arg(long, env = "DOZEN_PROXY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub proxy_header_timeout: Duration,
-    /// Most client connections the proxy keeps open on each listener; past it, 503 at once.
-    #[arg(long, env = "DOZEN_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
-    pub proxy_max_connections: usize,
-    /// A proxy in front of this one (an address or a block, e.g. 10.0.0.0/8; repeat it or
-    /// separate with commas) whose X-Forwarded-For and -Proto are kept. Anyone else's are
-    /// replaced with what the proxy sees.
-    #[arg(
-        long = "trusted-proxy",
-        env = "DOZEN_TRUSTED_PROXIES",
-        value_delimiter = ','
-    )]
-    pub trusted_proxies: Vec<dozen_proxy::Cidr>,
-}
-
-impl ProxyListenArgs {
-    /// What the proxy takes from clients.
-    pub fn edge(&self) -> dozen_proxy::Edge {
-        dozen_proxy::Edge {
-            header_read_timeout: self.proxy_header_timeout,
-            max_connections: self.proxy_max_connections.max(1),
-            trusted_proxies: self.trusted_proxies.clone(),
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -632,6 +589,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             tls: client_tls.clone(),
             upstream_timeout: args.proxy.proxy_timeout,
             edge: args.proxy.edge(),
+            access_log_every: args.proxy.proxy_access_log_every,
         };
         tokio::spawn(async move {
             if let Err(e) = dozen_proxy::run(config, listeners).await {
@@ -753,6 +711,7 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
         tls: credentials.tls,
         upstream_timeout: args.listen.proxy_timeout,
         edge: args.listen.edge(),
+        access_log_every: args.listen.proxy_access_log_every,
     };
     // On SIGTERM or Ctrl-C: no new connections, the requests in flight finished.
     dozen_proxy::run_until(config, listeners, shutdown_signal()).await
@@ -779,6 +738,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
             tls: credentials.tls.clone(),
             upstream_timeout: args.proxy.proxy_timeout,
             edge: args.proxy.edge(),
+            access_log_every: args.proxy.proxy_access_log_every,
         };
         tokio::spawn(async move {
             if let Err(e) = dozen_proxy::run(config, listeners).await {

@@ -454,17 +454,43 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// One routing rule with the targets it sends to: what proxies serve, computed from the store.
+/// One routing rule as proxies serve it, computed from the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct RouteEntry {
+    /// The service whose stack declares the rule (its target group unless the rule forwards
+    /// by weight).
     pub service: String,
-    /// None: any host.
-    pub host: Option<String>,
-    pub path_prefix: String,
-    /// Served only on the internal listener (service-to-service).
-    pub internal: bool,
-    /// Remove `path_prefix` before forwarding (the implicit `/_/<service>` routes).
+    /// The stack the service belongs to.
+    #[serde(default)]
+    pub stack: String,
+    pub rule: dozen_spec::Route,
+    /// Remove the rule's path before forwarding (the implicit `/_/<service>` routes).
     pub strip_prefix: bool,
+}
+
+impl RouteEntry {
+    /// The target groups the rule forwards to and their weights (none for a redirect or a
+    /// fixed response).
+    pub fn groups(&self) -> Vec<(&str, u32)> {
+        match &self.rule.action {
+            dozen_spec::RouteAction::Forward { weights } if weights.is_empty() => {
+                vec![(self.service.as_str(), 1)]
+            }
+            dozen_spec::RouteAction::Forward { weights } => weights
+                .iter()
+                .map(|w| (w.service.as_str(), w.weight))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A service's targets and how they share its requests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct TargetGroup {
+    /// The service.
+    pub name: String,
+    pub balance: dozen_spec::Balance,
     pub targets: Vec<Target>,
 }
 
@@ -482,6 +508,8 @@ pub struct RouteTable {
     /// Store revision the table was computed at; a proxy reports it once applied.
     pub revision: u64,
     pub routes: Vec<RouteEntry>,
+    #[serde(default)]
+    pub groups: Vec<TargetGroup>,
 }
 
 /// The prefix under which every service with a port is reachable on the internal listener.

@@ -3,6 +3,8 @@
 //! headers may be, and whose `X-Forwarded-*` headers it believes.
 
 use std::net::IpAddr;
+
+pub use dozen_spec::Cidr;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -36,62 +38,60 @@ impl Edge {
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|c| c.contains(ip))
     }
-}
 
-/// An address block, `10.0.0.0/8` or `::1/128` (a bare address is the block of itself).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    bits: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "`{text}` is not an address block: write e.g. 10.0.0.0/8, 192.168.1.7 or fd00::/8"
-            )
+    /// Who the client is and how it came: from a trusted proxy, the nearest address in
+    /// `X-Forwarded-For` that is not itself a trusted proxy, and its `X-Forwarded-Proto`;
+    /// from anyone else, the connection's address and plain http.
+    pub fn forwarded(&self, peer: IpAddr, headers: &hyper::HeaderMap) -> Forwarded {
+        let plain = Forwarded {
+            client: peer,
+            forwarded_for: peer.to_string(),
+            proto: "http",
         };
-        let (addr, bits) = match text.split_once('/') {
-            Some((a, b)) => (a, Some(b)),
-            None => (text, None),
+        if !self.trusts(peer) {
+            return plain;
+        }
+        let given: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let chain: Vec<IpAddr> = given
+            .iter()
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
+        let client = chain
+            .iter()
+            .rev()
+            .find(|a| !self.trusts(**a))
+            .or(chain.first())
+            .copied()
+            .unwrap_or(peer);
+        let proto = match headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+            Some(b"https") => "https",
+            _ => "http",
         };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let bits = match bits {
-            Some(b) => b
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|b| *b <= max)
-                .ok_or_else(bad)?,
-            None => max,
+        let forwarded_for = if given.is_empty() {
+            peer.to_string()
+        } else {
+            format!("{}, {peer}", given.join(", "))
         };
-        Ok(Cidr { addr, bits })
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match (self.addr, ip) {
-            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            _ => ip,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.bits))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
+        Forwarded {
+            client,
+            forwarded_for,
+            proto,
         }
     }
+}
+
+/// Who a request came from, as far as the proxy believes it.
+pub struct Forwarded {
+    pub client: IpAddr,
+    /// `X-Forwarded-For` as it goes to the target.
+    pub forwarded_for: String,
+    /// `X-Forwarded-Proto` as it goes to the target.
+    pub proto: &'static str,
 }
 
 /// The answer to a client past the connection cap: a 503 that says so, then the connection

@@ -14,16 +14,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use dozen_api::lease::Registration;
 use dozen_api::{Client, ProxyHeartbeat, ProxyRegisterRequest, RouteQuery};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+mod access;
+mod answer;
+pub mod balance;
 pub mod edge;
+mod forward;
 pub mod table;
 
 pub use edge::{Cidr, Edge};
@@ -49,6 +53,8 @@ pub struct ProxyConfig {
     pub upstream_timeout: Duration,
     /// What the proxy takes from clients: timeouts, connections, whose forwarded headers.
     pub edge: Edge,
+    /// Log one request in this many (1: every one; 0: none).
+    pub access_log_every: u64,
 }
 
 struct Shared {
@@ -56,6 +62,7 @@ struct Shared {
     client: hyper_util::client::legacy::Client<HttpConnector, UpBody>,
     timeout: Duration,
     edge: Edge,
+    access: access::AccessLog,
 }
 
 /// Binds both listeners now (so callers learn their addresses), serves once `run` is polled.
@@ -103,6 +110,7 @@ pub async fn run_until(
         client,
         timeout: config.upstream_timeout,
         edge: config.edge.clone(),
+        access: access::AccessLog::new(config.access_log_every),
     });
     tracing::info!(%public_address, %internal_address, "proxy listening");
     let (stopping, stopped) = tokio::sync::watch::channel(false);
@@ -197,11 +205,12 @@ async fn follow_routes(config: ProxyConfig, shared: Arc<Shared>, me: ProxyRegist
                 if changed {
                     let routes = t.routes.len();
                     let previous = shared.table.read().ok().map(|t| t.clone());
-                    let table = Arc::new(Table::after(previous.as_deref(), t.revision, t.routes));
+                    let revision = t.revision;
+                    let table = Arc::new(Table::after(previous.as_deref(), t));
                     if let Ok(mut slot) = shared.table.write() {
                         *slot = table;
                     }
-                    tracing::debug!(revision = t.revision, routes, "route table applied");
+                    tracing::debug!(revision, routes, "route table applied");
                     applied.notify_one();
                 }
             }
@@ -338,86 +347,6 @@ fn problem(status: StatusCode, message: String, id: &str) -> Response<Body> {
     resp
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Methods that may be sent twice (RFC 9110 §9.2.2): only these are retried once the request
-/// went out.
-fn is_idempotent(method: &hyper::Method) -> bool {
-    matches!(
-        *method,
-        hyper::Method::GET
-            | hyper::Method::HEAD
-            | hyper::Method::OPTIONS
-            | hyper::Method::PUT
-            | hyper::Method::DELETE
-    )
-}
-
-/// The target closed the connection before any answer: it was leaving (a stopping task may
-/// drop the connections it still accepts) or it died. Whether it acted on the request is not
-/// known, so only a method that may be sent twice goes to another target.
-fn closed_without_answer(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message();
-        }
-        source = err.source();
-    }
-    false
-}
-
-/// Whether `Connection` asks for an upgrade.
-fn wants_upgrade(headers: &hyper::HeaderMap) -> bool {
-    headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Joins an upgraded client connection to the target's, bytes both ways until either ends.
-async fn join_upgraded(
-    client: hyper::upgrade::OnUpgrade,
-    target: hyper::upgrade::OnUpgrade,
-    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
-) {
-    let (Ok(client), Ok(target)) = (client.await, target.await) else {
-        return;
-    };
-    let mut client = TokioIo::new(client);
-    let mut target = TokioIo::new(target);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut target).await;
-}
-
-fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all("connection")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
-    }
-}
-
 /// Who a request came from, and the connection permit it holds.
 struct Caller {
     peer: SocketAddr,
@@ -426,12 +355,7 @@ struct Caller {
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>, client: Caller) -> Response<Body> {
-    let Caller {
-        peer,
-        internal,
-        permit,
-    } = client;
+async fn handle(shared: &Shared, req: Request<Incoming>, caller: Caller) -> Response<Body> {
     let id = request_id(&req);
     // hyper bounds the whole head by its buffer; the headers get a tighter bound of their own.
     let header_bytes: usize = req
@@ -463,20 +387,27 @@ async fn handle(shared: &Shared, req: Request<Incoming>, client: Caller) -> Resp
             &id,
         );
     };
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
     let table = match shared.table.read() {
         Ok(t) => t.clone(),
         Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "no routes yet".into(), &id),
     };
+    // What a client says it forwarded is believed only from a trusted proxy; anyone else's
+    // X-Forwarded-For and -Proto are replaced, so a backend never reads a forged address.
+    let forwarded = shared.edge.forwarded(caller.peer.ip(), req.headers());
     let path = req.uri().path();
-    let found = table.find(&host, path, internal);
+    let view = table::Request {
+        host: &host,
+        path,
+        query: req.uri().query(),
+        method: req.method().as_str(),
+        headers: req.headers(),
+        client: forwarded.client,
+        internal: caller.internal,
+    };
+    let found = table.find(&view);
     // A discovery URL (`/_/<service>`) reaches that service or nothing: a mistyped name must
     // not fall through to whatever serves `/`.
-    if let Some(name) = path.strip_prefix("/_/").filter(|_| internal) {
+    if let Some(name) = path.strip_prefix("/_/").filter(|_| caller.internal) {
         if !found.is_some_and(|r| r.strip_prefix) {
             let name = name.split('/').next().unwrap_or(name);
             return problem(
@@ -488,204 +419,64 @@ async fn handle(shared: &Shared, req: Request<Incoming>, client: Caller) -> Resp
             );
         }
     }
-    let Some(route) = found else {
+    let Some(rule) = found else {
         return problem(
             StatusCode::NOT_FOUND,
-            format!("no route for host `{host}` and path `{}`", req.uri().path()),
+            format!("no route for host `{host}` and path `{path}`"),
             &id,
         );
     };
-    let Some((target, retry)) = route.pick() else {
+    match &rule.action {
+        table::Action::Redirect(r) => {
+            let location = answer::location(r, forwarded.proto, &host, req.uri());
+            shared.access.log(access::Line {
+                service: &rule.service,
+                method: req.method(),
+                uri: req.uri(),
+                host: &host,
+                target: "-",
+                status: r.status,
+                elapsed_ms: 0,
+                id: &id,
+            });
+            return answer::redirect(r.status, &location, &id);
+        }
+        table::Action::Respond(f) => {
+            shared.access.log(access::Line {
+                service: &rule.service,
+                method: req.method(),
+                uri: req.uri(),
+                host: &host,
+                target: "-",
+                status: f.status,
+                elapsed_ms: 0,
+                id: &id,
+            });
+            return answer::fixed(f, &id);
+        }
+        table::Action::Forward { .. } => {}
+    }
+    let Some((group, pick)) = rule.pick(req.headers()) else {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("no healthy target for service `{}`", route.service),
+            format!("no healthy target for service `{}`", rule.service),
             &id,
         );
     };
-    // An upgrade (WebSocket and the like): both sides' connections are joined once the target
-    // agrees (101), and bytes flow both ways until either side closes.
-    let upgrade = req
-        .headers()
-        .get(hyper::header::UPGRADE)
-        .filter(|_| wants_upgrade(req.headers()))
-        .cloned();
-    let mut req = req;
-    let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let length = parts
-        .headers
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let chunked = parts.headers.contains_key(hyper::header::TRANSFER_ENCODING);
-    if length.is_some_and(|n| n > MAX_BODY) {
-        return problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body over {} MiB", MAX_BODY >> 20),
-            &id,
-        );
-    }
-    // Small and known: held for a retry. Anything else streams through as it comes.
-    let (held, mut streamed) = if !chunked && length.unwrap_or(0) <= RETRY_BODY {
-        match Limited::new(body, RETRY_BODY as usize).collect().await {
-            Ok(b) => (Some(b.to_bytes()), None),
-            Err(_) => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "the request body was cut short or longer than its Content-Length".into(),
-                    &id,
-                )
-            }
-        }
-    } else {
-        let limited: UpBody = Limited::new(body, MAX_BODY as usize).boxed();
-        (None, Some(limited))
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let how = forward::Forward {
+        rule,
+        group,
+        pick,
+        host,
+        path_and_query,
+        forwarded_for: forwarded.forwarded_for,
+        proto: forwarded.proto,
+        id,
     };
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(protocol) = &upgrade {
-        parts
-            .headers
-            .insert(hyper::header::UPGRADE, protocol.clone());
-        parts.headers.insert(
-            hyper::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
-    }
-    // What a client says it forwarded is believed only from a trusted proxy; anyone else's
-    // X-Forwarded-For and -Proto are replaced, so a backend never reads a forged address.
-    let trusted = shared.edge.trusts(peer.ip());
-    let given = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let forwarded_for = match given("x-forwarded-for").filter(|_| trusted) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    let proto = given("x-forwarded-proto")
-        .filter(|p| trusted && (p == "http" || p == "https"))
-        .unwrap_or_else(|| "http".into());
-    let h = &mut parts.headers;
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        h.insert("x-forwarded-for", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&proto) {
-        h.insert("x-forwarded-proto", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        h.insert("x-forwarded-host", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        h.insert("x-request-id", v);
-    }
-    let upstream_path = route.upstream_path(&path_and_query).into_owned();
-    let mut attempt_target = target;
-    let mut retried = false;
-    loop {
-        let uri = match format!("http://{attempt_target}{upstream_path}").parse::<hyper::Uri>() {
-            Ok(u) => u,
-            Err(_) => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "malformed request path".into(),
-                    &id,
-                )
-            }
-        };
-        let body: UpBody = match (&held, streamed.take()) {
-            (Some(bytes), _) => Full::new(bytes.clone())
-                .map_err(|never: Infallible| match never {})
-                .boxed(),
-            (None, Some(stream)) => stream,
-            (None, None) => {
-                // A streamed body goes once: it cannot be sent again.
-                return problem(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "could not connect to a target of service `{}`",
-                        route.service
-                    ),
-                    &id,
-                );
-            }
-        };
-        let mut upstream = Request::new(body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = uri;
-        // Kept for a second attempt only when one can happen.
-        *upstream.headers_mut() = if !retried && retry.is_some() && held.is_some() {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
-        let sent = tokio::time::timeout(shared.timeout, shared.client.request(upstream)).await;
-        match sent {
-            Ok(Ok(mut resp)) => {
-                if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) =
-                    (client_side, resp.status())
-                {
-                    let target_side = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(join_upgraded(client_side, target_side, permit));
-                    let mut answer = Response::new(full(Bytes::new()));
-                    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                    for name in [hyper::header::UPGRADE, hyper::header::CONNECTION] {
-                        if let Some(v) = resp.headers().get(&name) {
-                            answer.headers_mut().insert(name, v.clone());
-                        }
-                    }
-                    for (name, value) in resp.headers() {
-                        if name.as_str().starts_with("sec-websocket-") {
-                            answer.headers_mut().insert(name.clone(), value.clone());
-                        }
-                    }
-                    return answer;
-                }
-                let (mut rparts, rbody) = resp.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
-                if let Ok(v) = HeaderValue::from_str(&id) {
-                    rparts.headers.insert("x-request-id", v);
-                }
-                return Response::from_parts(rparts, rbody.boxed());
-            }
-            Ok(Err(e))
-                if !retried
-                    && retry.is_some()
-                    && held.is_some()
-                    && (e.is_connect()
-                        || (is_idempotent(&parts.method) && closed_without_answer(&e))) =>
-            {
-                tracing::info!(service = %route.service, target = attempt_target, request_id = %id, error = %e, "target failed before answering; retrying on another target");
-                attempt_target = retry.unwrap_or(target);
-                retried = true;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(service = %route.service, target = attempt_target, request_id = %id, error = %e, "upstream failed");
-                let what = if e.is_connect() {
-                    "could not connect to"
-                } else {
-                    "lost the connection to"
-                };
-                return problem(
-                    StatusCode::BAD_GATEWAY,
-                    format!("{what} a target of service `{}`", route.service),
-                    &id,
-                );
-            }
-            Err(_) => {
-                tracing::warn!(service = %route.service, target = attempt_target, request_id = %id, "upstream timed out");
-                return problem(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "a target of service `{}` did not answer within {} s",
-                        route.service,
-                        shared.timeout.as_secs()
-                    ),
-                    &id,
-                );
-            }
-        }
-    }
+    forward::forward(shared, req, caller, how).await
 }

@@ -68,6 +68,9 @@ pub struct ServiceFile {
     pub health: Option<HealthFile>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteFile>,
+    /// How the service's targets share the requests its routes send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<BalanceFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourcesFile>,
     /// Signal sent to stop a task: HUP, INT, QUIT, KILL, USR1, USR2 or TERM, with or
@@ -177,19 +180,123 @@ pub struct HealthFile {
     pub grace_period: Option<String>,
 }
 
-/// An HTTP route. (host, path) pairs must be unique in the stack.
+/// An HTTP routing rule: a request meeting every condition given gets the action (forward to
+/// this service by default). Rules with a `priority` are tried first, lowest first; the others
+/// most specific first. Two rules with the same conditions may not both exist.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteFile {
-    /// Lowercase host name (any host when unset).
+    /// Lowercase host name, or `*.example.com` (any host when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// Path prefix, starting with '/' (default "/").
+    /// Path starting with '/' (default "/"), compared as `path_match` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// "prefix" (default: the path and below it, on a segment boundary), "exact", or "glob"
+    /// (`*` any characters, `?` one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_match: Option<PathMatchFile>,
+    /// HTTP methods, e.g. ["GET", "HEAD"].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<OneOrMany>,
+    /// Headers that must be present with one of the values (case-insensitive, `*` and `?`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, OneOrMany>,
+    /// Query parameters that must be present with one of the values (`*` and `?`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, OneOrMany>,
+    /// Client address blocks, e.g. ["10.0.0.0/8"].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<OneOrMany>,
+    /// 1 to 50000; lower is tried first. Unique in the stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 50000))]
+    pub priority: Option<u32>,
     /// Only reachable from inside the cluster (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal: Option<bool>,
+    /// Split requests between services of the stack by weight, e.g. `{ web = 90, web-next = 10 }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub forward: BTreeMap<String, u32>,
+    /// Answer with a redirect instead of forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectFile>,
+    /// Answer with a fixed response instead of forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub respond: Option<RespondFile>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatchFile {
+    Prefix,
+    Exact,
+    Glob,
+}
+
+/// A string or a list of strings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Parts not given keep the request's; host, path and query may use `#{host}`, `#{path}`,
+/// `#{port}` and `#{query}`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectFile {
+    /// "http" or "https".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// 301 (default), 302, 303, 307 or 308.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RespondFile {
+    /// 200 to 599 (default 200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 200, max = 599))]
+    pub status: Option<u16>,
+    /// At most 64 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Default "text/plain; charset=utf-8".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+/// The service's target group settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceFile {
+    /// "round_robin" (default) or "least_outstanding".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// Ramp a new target's share up over this long, e.g. "30s" (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(0|(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$"))]
+    pub slow_start: Option<String>,
+    /// Keep a client on one target with a cookie: true, a duration ("1h"), or
+    /// `{ cookie = "name", duration = "1h" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<serde_json::Value>,
+    /// Eject a target after failures in a row: `{ errors = 5, ejection = "30s" }` (the
+    /// default), or false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<serde_json::Value>,
 }
 
 /// Resources reserved per task.
@@ -251,8 +358,8 @@ pub struct StopAfterFile {
 mod tests {
     use super::*;
     use crate::validate::{
-        HEALTH_KEYS, ON_DISCONNECT_KEYS, OVERLAY_KEYS, RESOURCES_KEYS, ROUTE_KEYS, SERVICE_KEYS,
-        TOP_KEYS,
+        BALANCE_KEYS, HEALTH_KEYS, ON_DISCONNECT_KEYS, OVERLAY_KEYS, RESOURCES_KEYS, ROUTE_KEYS,
+        SERVICE_KEYS, TOP_KEYS,
     };
 
     fn props(schema: &serde_json::Value, def: Option<&str>) -> Vec<String> {
@@ -282,6 +389,7 @@ mod tests {
         assert_eq!(props(&s, Some("ServiceFile")), sorted(SERVICE_KEYS));
         assert_eq!(props(&s, Some("HealthFile")), sorted(HEALTH_KEYS));
         assert_eq!(props(&s, Some("RouteFile")), sorted(ROUTE_KEYS));
+        assert_eq!(props(&s, Some("BalanceFile")), sorted(BALANCE_KEYS));
         assert_eq!(props(&s, Some("ResourcesFile")), sorted(RESOURCES_KEYS));
         assert_eq!(props(&s, Some("StopAfterFile")), sorted(ON_DISCONNECT_KEYS));
     }

@@ -20,6 +20,7 @@ mod load;
 mod node;
 mod placement;
 mod plan;
+mod routing;
 mod types;
 mod units;
 mod validate;

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::routing::*;
+
 /// A validated stack: a name and its services, keyed by service name.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
 pub struct Stack {
@@ -31,6 +33,9 @@ pub struct Service {
     pub port: bool,
     pub health: Option<HealthCheck>,
     pub routes: Vec<Route>,
+    /// How its targets share the requests its routes send it.
+    #[serde(default, skip_serializing_if = "is_default_balance")]
+    pub balance: Balance,
     pub resources: Resources,
     /// Normalised signal name, e.g. `"SIGTERM"`.
     pub stop_signal: String,
@@ -98,6 +103,10 @@ impl Service {
     }
 }
 
+fn is_default_balance(b: &Balance) -> bool {
+    *b == Balance::default()
+}
+
 fn default_deregistration_delay() -> u64 {
     DEFAULT_DEREGISTRATION_DELAY_MS
 }
@@ -115,6 +124,7 @@ impl Default for Service {
             port: true,
             health: None,
             routes: Vec::new(),
+            balance: Balance::default(),
             resources: Resources::default(),
             stop_signal: DEFAULT_STOP_SIGNAL.to_string(),
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
@@ -185,14 +195,6 @@ pub enum HealthKind {
     Http { path: String },
     Tcp,
     Command { argv: Vec<String> },
-}
-
-/// An HTTP route to the service.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, utoipa::ToSchema)]
-pub struct Route {
-    pub host: Option<String>,
-    pub path_prefix: String,
-    pub internal: bool,
 }
 
 /// Resource reservation of one task.

@@ -6,6 +6,7 @@ use crate::node::{Entry, Loc, Node, Val};
 use crate::types::*;
 use crate::units::*;
 
+mod environment;
 mod health;
 mod routes;
 
@@ -51,6 +52,7 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "node",
     "node_labels",
     "build",
+    "balance",
 ];
 pub(crate) const HEALTH_KEYS: &[&str] = &[
     "http",
@@ -62,7 +64,21 @@ pub(crate) const HEALTH_KEYS: &[&str] = &[
     "unhealthy_threshold",
     "grace_period",
 ];
-pub(crate) const ROUTE_KEYS: &[&str] = &["host", "path", "internal"];
+pub(crate) const ROUTE_KEYS: &[&str] = &[
+    "host",
+    "path",
+    "path_match",
+    "methods",
+    "headers",
+    "query",
+    "source",
+    "priority",
+    "internal",
+    "forward",
+    "redirect",
+    "respond",
+];
+pub(crate) const BALANCE_KEYS: &[&str] = &["algorithm", "slow_start", "sticky", "outlier"];
 pub(crate) const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids", "logs"];
 pub(crate) const ON_DISCONNECT_KEYS: &[&str] = &["stop_after"];
 
@@ -87,6 +103,8 @@ pub(crate) struct Validator {
     syn: Syntax,
     /// Every `uses` entry, checked against the stack's services once all are read.
     uses_seen: Vec<(String, Loc)>,
+    /// Every service a route's `forward` names, checked the same way.
+    forwards_seen: Vec<(String, Loc)>,
 }
 
 /// The error for a key not in `allowed`, with a did-you-mean hint.
@@ -112,8 +130,9 @@ fn entries(node: &Node) -> impl Iterator<Item = &Entry> {
 }
 
 struct RouteSeen {
-    host: Option<String>,
-    path: String,
+    conditions: String,
+    description: String,
+    priority: Option<u32>,
     service: String,
     loc: Loc,
 }
@@ -124,6 +143,7 @@ impl Validator {
             diags: Vec::new(),
             syn,
             uses_seen: Vec::new(),
+            forwards_seen: Vec::new(),
         }
     }
 
@@ -348,6 +368,7 @@ impl Validator {
                     }
                     self.duplicate_routes(routes_seen);
                     let names: Vec<String> = entries(&se.node).map(|e| e.key.clone()).collect();
+                    self.forwards_known(&names, &services);
                     for (name, loc) in std::mem::take(&mut self.uses_seen) {
                         if !names.contains(&name) {
                             self.err(
@@ -495,6 +516,7 @@ impl Validator {
                     }
                 }
                 "uses" => self.uses(e, &se.key, &mut svc),
+                "balance" => svc.balance = self.balance(e),
                 "volumes" => crate::volumes::check(self, e, &mut svc),
                 "node" => crate::placement::node(self, e, &mut svc),
                 "node_labels" => crate::placement::labels(self, e, &mut svc),
@@ -555,11 +577,12 @@ impl Validator {
         }
         if let Some(r) = routes_entry {
             svc.routes = self.routes(r, &se.key, routes_seen);
-            if !svc.port && !svc.routes.is_empty() {
+            let to_itself = |r: &Route| matches!(&r.action, RouteAction::Forward { weights } if weights.is_empty());
+            if !svc.port && svc.routes.iter().any(to_itself) {
                 self.err(
                     r.key_loc,
                     format!("service `{}` has routes but `port = false`", se.key),
-                    "routes forward traffic to $PORT: set `port = true` or remove the routes",
+                    "routes forward traffic to $PORT: set `port = true`, or give the routes a `redirect`, `respond` or `forward` to other services",
                 );
             }
         }
@@ -570,89 +593,6 @@ impl Validator {
         } else {
             Some(svc)
         }
-    }
-
-    /// `uses = ["orders", "catalog"]`: services this one calls (it gets `ORDERS_URL` etc.).
-    fn uses(&mut self, e: &Entry, service: &str, svc: &mut Service) {
-        let Val::Array(items) = &e.node.val else {
-            let found = e.node.val.type_name();
-            self.err(
-                e.node.loc,
-                format!("`uses` must be a list of service names, found {found}"),
-                format!(
-                    "for example {}",
-                    self.syn.ex("uses", "[\"orders\", \"catalog\"]")
-                ),
-            );
-            return;
-        };
-        for item in items {
-            let Val::Str(name) = &item.val else {
-                let found = item.val.type_name();
-                self.err(
-                    item.loc,
-                    format!("`uses` entries are service names, found {found}"),
-                    "write the name of another service of this stack, e.g. \"orders\"",
-                );
-                continue;
-            };
-            if let Err((message, hint)) = check_name(name, "service") {
-                self.err(item.loc, message, hint);
-            } else if name == service {
-                self.err(
-                    item.loc,
-                    format!("service `{service}` lists itself in `uses`"),
-                    "name the other services it calls",
-                );
-            } else if svc.uses.contains(name) {
-                self.err(
-                    item.loc,
-                    format!("`{name}` is listed twice in `uses`"),
-                    "keep one",
-                );
-            } else {
-                self.uses_seen.push((name.clone(), item.loc));
-                svc.uses.push(name.clone());
-            }
-        }
-    }
-
-    fn env_var(&mut self, v: &Entry, svc: &mut Service) {
-        if !is_env_var_name(&v.key) {
-            self.err(
-                v.key_loc,
-                format!("invalid environment variable name `{}`", v.key),
-                "names use letters, digits and '_' and do not start with a digit (e.g. LOG_LEVEL)",
-            );
-            return;
-        }
-        if v.key == "PORT" && svc.port {
-            self.err(
-                v.key_loc,
-                "`PORT` cannot be set in `env`: dozen allocates it because `port = true`",
-                "remove PORT from env and read $PORT in the program, or set `port = false` to manage ports yourself",
-            );
-            return;
-        }
-        let s = match &v.node.val {
-            Val::Str(s) | Val::Datetime(s) => s.clone(),
-            Val::Int(i) => i.to_string(),
-            Val::Float(f) => format!("{f:?}"),
-            Val::Bool(b) => b.to_string(),
-            other => {
-                let found = other.type_name();
-                self.err(
-                    v.node.loc,
-                    format!(
-                        "environment variable `{}` must be a string, found {found}",
-                        v.key
-                    ),
-                    format!("quote the value, e.g. {}", self.syn.ex(&v.key, "\"value\"")),
-                );
-                return;
-            }
-        };
-        svc.env.insert(v.key.clone(), s);
     }
 
     fn resources(&mut self, e: &Entry, out: &mut Resources) {

@@ -401,8 +401,206 @@ fn route_rules() {
     .unwrap();
     let r = &s.services["web"].routes[0];
     assert_eq!(r.host.as_deref(), Some("shop.local"));
-    assert_eq!(r.path_prefix, "/");
+    assert_eq!(r.path, "/");
     assert!(r.internal);
+}
+
+#[test]
+fn rule_conditions_and_actions_read_back() {
+    let src = "name = \"demo\"
+[services.web]
+command = \"./web\"
+[services.web.balance]
+algorithm = \"least_outstanding\"
+slow_start = \"30s\"
+sticky = { cookie = \"shop\", duration = \"1h\" }
+outlier = { errors = 3, ejection = \"10s\" }
+[[services.web.routes]]
+host = \"*.shop.local\"
+path = \"/img/*.png\"
+path_match = \"glob\"
+methods = [\"get\", \"HEAD\"]
+headers = { \"X-Canary\" = [\"on\", \"yes*\"] }
+query = { v = \"2\" }
+source = [\"10.0.0.0/8\", \"::1\"]
+priority = 7
+forward = { web = 90, next = 10 }
+[[services.web.routes]]
+path = \"/old\"
+path_match = \"exact\"
+redirect = { scheme = \"https\", path = \"/new#{path}\", status = 308 }
+[[services.web.routes]]
+path = \"/down\"
+respond = { status = 503, body = \"back soon\" }
+[services.next]
+command = \"./web\"
+";
+    let s = parse_str(src, "f", Format::Toml, None).unwrap();
+    let web = &s.services["web"];
+    let b = &web.balance;
+    assert_eq!(b.algorithm, dozen_spec::Algorithm::LeastOutstanding);
+    assert_eq!(b.slow_start_ms, 30_000);
+    assert_eq!(
+        b.sticky
+            .as_ref()
+            .map(|s| (s.cookie.as_str(), s.duration_ms)),
+        Some(("shop", 3_600_000))
+    );
+    assert_eq!(
+        (b.outlier.consecutive_errors, b.outlier.ejection_ms),
+        (3, 10_000)
+    );
+    let r = &web.routes[0];
+    assert_eq!(r.path_match, dozen_spec::PathMatch::Glob);
+    assert_eq!(r.methods, ["GET", "HEAD"]);
+    assert_eq!(r.headers[0].name, "x-canary");
+    assert_eq!(r.headers[0].values, ["on", "yes*"]);
+    assert_eq!(r.query[0].values, ["2"]);
+    assert_eq!(r.sources, ["10.0.0.0/8", "::1"]);
+    assert_eq!(r.priority, Some(7));
+    let dozen_spec::RouteAction::Forward { weights } = &r.action else {
+        panic!("{r:?}")
+    };
+    assert_eq!(
+        weights
+            .iter()
+            .map(|w| (w.service.as_str(), w.weight))
+            .collect::<Vec<_>>(),
+        [("web", 90), ("next", 10)]
+    );
+    let dozen_spec::RouteAction::Redirect(red) = &web.routes[1].action else {
+        panic!()
+    };
+    assert_eq!(
+        (red.scheme.as_deref(), red.path.as_deref(), red.status),
+        (Some("https"), Some("/new#{path}"), 308)
+    );
+    let dozen_spec::RouteAction::Respond(fixed) = &web.routes[2].action else {
+        panic!()
+    };
+    assert_eq!((fixed.status, fixed.body.as_str()), (503, "back soon"));
+    assert_eq!(s.services["next"].balance, dozen_spec::Balance::default());
+}
+
+#[test]
+fn rule_errors_name_the_bad_input() {
+    let route = |body: &str| with(&format!("[[services.web.routes]]\n{body}\n"));
+    let e = expect(&errors(&route("path = \"/a/*\"")), "has a wildcard", 5, 8);
+    assert!(e.hint.unwrap().contains("glob"));
+    expect(
+        &errors(&route("path_match = \"regex\"")),
+        "unknown path_match `regex`",
+        5,
+        14,
+    );
+    expect(
+        &errors(&route("methods = [\"GE T\"]")),
+        "`GE T` is not an HTTP method",
+        5,
+        12,
+    );
+    expect(
+        &errors(&route("headers = { \"a b\" = \"x\" }")),
+        "`a b` is not a header name",
+        5,
+        13,
+    );
+    expect(
+        &errors(&route("source = \"10.0.0.0/40\"")),
+        "not an address block",
+        5,
+        10,
+    );
+    expect(
+        &errors(&route("priority = 0")),
+        "priority 0 is out of range",
+        5,
+        12,
+    );
+    expect(
+        &errors(&route("forward = { nope = 1 }")),
+        "`forward` names `nope`, which is not a service",
+        5,
+        13,
+    );
+    expect(
+        &errors(&route("forward = { web = 0 }")),
+        "gives no service a share",
+        5,
+        11,
+    );
+    expect(
+        &errors(&route("redirect = { status = 200 }")),
+        "redirect status 200 is not a redirect",
+        5,
+        23,
+    );
+    expect(
+        &errors(&route("redirect = {}")),
+        "sends the client to the URL it asked for",
+        5,
+        12,
+    );
+    expect(
+        &errors(&route("respond = { status = 99 }")),
+        "response status 99 is out of range",
+        5,
+        22,
+    );
+    expect(
+        &errors(&route("respond = {}\nredirect = { scheme = \"https\" }")),
+        "a route takes one action",
+        6,
+        1,
+    );
+    expect(
+        &errors(&route("colour = 1")),
+        "unknown field `colour` in a route",
+        5,
+        1,
+    );
+    expect(
+        &errors(&with("[services.web.balance]\nalgorithm = \"random\"\n")),
+        "unknown balance algorithm",
+        5,
+        13,
+    );
+    expect(
+        &errors(&with(
+            "[services.web.balance]\nsticky = { cookie = \"a;b\" }\n",
+        )),
+        "cannot name a cookie",
+        5,
+        21,
+    );
+    // A redirect needs no port; forwarding to itself does.
+    assert!(parse_str(
+        &with("port = false\n[[services.web.routes]]\nredirect = { scheme = \"https\" }\n"),
+        "f",
+        Format::Toml,
+        None
+    )
+    .is_ok());
+    let src = "name = \"demo\"
+[services.a]
+command = \"a\"
+[[services.a.routes]]
+path = \"/x\"
+priority = 5
+[[services.a.routes]]
+path = \"/y\"
+priority = 5
+[[services.a.routes]]
+path = \"/x\"
+methods = [\"GET\"]
+[[services.a.routes]]
+methods = [\"GET\"]
+path = \"/x\"
+";
+    let errs = errors(src);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    expect(&errs, "route priority 5 is already taken", 7, 1);
+    expect(&errs, "duplicate route `* /x GET`", 13, 1);
 }
 
 #[test]

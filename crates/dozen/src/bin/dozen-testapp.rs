@@ -108,10 +108,18 @@ fn answer(mut stream: TcpStream) {
     // Endpoints are matched anywhere in the path, so they also work behind a route prefix
     // (`/api/env/NAME` reaches `/env/NAME`).
     // `/status/NNN` answers with that status (a health check that fails on purpose).
+    // A task whose name is a file in $FAIL_DIR answers 500 to everything but its health
+    // check: a target that fails while its checks pass (what outlier detection is for).
+    let failing = !path.ends_with("/healthz")
+        && std::env::var_os("FAIL_DIR").is_some_and(|dir| {
+            std::path::Path::new(&dir)
+                .join(std::env::var("DOZEN_TASK").unwrap_or_default())
+                .exists()
+        });
     let status = path
         .split_once("/status/")
         .and_then(|(_, code)| code.parse::<u16>().ok())
-        .unwrap_or(200);
+        .unwrap_or(if failing { 500 } else { 200 });
     let body = if status != 200 {
         format!("status {status}")
     } else if let Some((_, rest)) = path.split_once("/fetch/") {
