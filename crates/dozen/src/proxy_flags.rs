@@ -43,6 +43,15 @@ pub struct ProxyListenArgs {
     /// time taken; never the query): 1 logs every request, 0 none.
     #[arg(long, env = "DOZEN_PROXY_ACCESS_LOG_EVERY", default_value_t = 1)]
     pub proxy_access_log_every: u64,
+    /// Also serve public routes with TLS here (HTTP/2 and HTTP/1.1), e.g. 0.0.0.0:7443; needs
+    /// --proxy-certs.
+    #[arg(long, env = "DOZEN_PROXY_TLS_LISTEN", requires = "proxy_certs")]
+    pub proxy_tls_listen: Option<SocketAddr>,
+    /// Certificates of the TLS listener: `<name>.crt` + `<name>.key` (PEM), or `<name>.pem`
+    /// with both, each serving the DNS names it carries (SNI); `default.*` serves the rest.
+    /// Changes are picked up within 100 ms, connections kept.
+    #[arg(long, env = "DOZEN_PROXY_CERTS", requires = "proxy_tls_listen")]
+    pub proxy_certs: Option<std::path::PathBuf>,
 }
 
 impl ProxyListenArgs {

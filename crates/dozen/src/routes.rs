@@ -178,19 +178,19 @@ struct Tested<'a> {
 }
 
 fn test(out: Output, compiled: &Table, t: TestArgs) -> anyhow::Result<i32> {
-    let (host, rest) = match t.url.split_once("://") {
+    let (scheme, host, rest) = match t.url.split_once("://") {
         Some((scheme, rest)) if scheme == "http" || scheme == "https" => {
             let (host, path) = match rest.find('/') {
                 Some(i) => (&rest[..i], &rest[i..]),
                 None => (rest, "/"),
             };
-            (host.to_string(), path.to_string())
+            (scheme, host.to_string(), path.to_string())
         }
         Some((scheme, _)) => anyhow::bail!(
             "`{}`: the proxy serves http and https, not {scheme}; write e.g. http://shop.local/api",
             t.url
         ),
-        None if t.url.starts_with('/') => ("*".to_string(), t.url.clone()),
+        None if t.url.starts_with('/') => ("http", "*".to_string(), t.url.clone()),
         None => anyhow::bail!(
             "`{}` is not a URL: write e.g. http://shop.local/api/items or /api/items",
             t.url
@@ -214,6 +214,7 @@ fn test(out: Output, compiled: &Table, t: TestArgs) -> anyhow::Result<i32> {
     }
     let method = t.method.to_ascii_uppercase();
     let req = Request {
+        scheme,
         host: &host,
         path: &path,
         query: query.as_deref(),

@@ -280,9 +280,18 @@ async fn bind_proxy(
             )
         })
     };
+    let secure = match (listen.proxy_tls_listen, &listen.proxy_certs) {
+        (Some(address), Some(dir)) => {
+            // Bad certificates stop the start, saying which file and why.
+            dozen_proxy::tls::load(dir).map_err(|e| anyhow::anyhow!("--proxy-certs: {e}"))?;
+            Some(bind(address, "--proxy-tls-listen").await?)
+        }
+        _ => None,
+    };
     Ok(dozen_proxy::Listeners {
         public: bind(listen.proxy_listen, "--proxy-listen").await?,
         internal: bind(listen.proxy_internal_listen, "--proxy-internal-listen").await?,
+        secure,
     })
 }
 
@@ -590,6 +599,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             upstream_timeout: args.proxy.proxy_timeout,
             edge: args.proxy.edge(),
             access_log_every: args.proxy.proxy_access_log_every,
+            certs: args.proxy.proxy_certs.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = dozen_proxy::run(config, listeners).await {
@@ -712,6 +722,7 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
         upstream_timeout: args.listen.proxy_timeout,
         edge: args.listen.edge(),
         access_log_every: args.listen.proxy_access_log_every,
+        certs: args.listen.proxy_certs.clone(),
     };
     // On SIGTERM or Ctrl-C: no new connections, the requests in flight finished.
     dozen_proxy::run_until(config, listeners, shutdown_signal()).await
@@ -739,6 +750,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
             upstream_timeout: args.proxy.proxy_timeout,
             edge: args.proxy.edge(),
             access_log_every: args.proxy.proxy_access_log_every,
+            certs: args.proxy.proxy_certs.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = dozen_proxy::run(config, listeners).await {

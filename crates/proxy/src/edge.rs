@@ -42,11 +42,12 @@ impl Edge {
     /// Who the client is and how it came: from a trusted proxy, the nearest address in
     /// `X-Forwarded-For` that is not itself a trusted proxy, and its `X-Forwarded-Proto`;
     /// from anyone else, the connection's address and plain http.
-    pub fn forwarded(&self, peer: IpAddr, headers: &hyper::HeaderMap) -> Forwarded {
+    pub fn forwarded(&self, peer: IpAddr, headers: &hyper::HeaderMap, tls: bool) -> Forwarded {
+        let own = if tls { "https" } else { "http" };
         let plain = Forwarded {
             client: peer,
             forwarded_for: peer.to_string(),
-            proto: "http",
+            proto: own,
         };
         if !self.trusts(peer) {
             return plain;
@@ -70,7 +71,8 @@ impl Edge {
             .unwrap_or(peer);
         let proto = match headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
             Some(b"https") => "https",
-            _ => "http",
+            Some(b"http") => "http",
+            _ => own,
         };
         let forwarded_for = if given.is_empty() {
             peer.to_string()
@@ -92,6 +94,25 @@ pub struct Forwarded {
     pub forwarded_for: String,
     /// `X-Forwarded-Proto` as it goes to the target.
     pub proto: &'static str,
+}
+
+/// Whether a plain connection starts with HTTP/2's preface (h2c with prior knowledge); None
+/// when the client closed before sending anything. Looks without taking the bytes.
+pub(crate) async fn starts_h2(stream: &tokio::net::TcpStream) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let mut buf = [0u8; 14];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n >= PREFACE.len() || !PREFACE.starts_with(&buf[..n]) {
+            return Some(buf[..n] == *PREFACE);
+        }
+        // A prefix of the preface so far: wait for more (peek returns at once while
+        // anything is unread).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The answer to a client past the connection cap: a 503 that says so, then the connection

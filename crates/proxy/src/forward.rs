@@ -167,6 +167,12 @@ pub(crate) async fn forward(
         (None, Some(limited))
     };
     strip_hop_by_hop(&mut parts.headers);
+    // An HTTP/2 request names its host in the URI only; the target reads it from Host.
+    if !parts.headers.contains_key(hyper::header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(hyper::header::HOST, v);
+        }
+    }
     if let Some(protocol) = &upgrade {
         parts
             .headers

@@ -29,6 +29,7 @@ pub mod balance;
 pub mod edge;
 mod forward;
 pub mod table;
+pub mod tls;
 
 pub use edge::{Cidr, Edge};
 use table::Table;
@@ -55,6 +56,8 @@ pub struct ProxyConfig {
     pub edge: Edge,
     /// Log one request in this many (1: every one; 0: none).
     pub access_log_every: u64,
+    /// The certificate directory of the TLS listener (when there is one).
+    pub certs: Option<std::path::PathBuf>,
 }
 
 struct Shared {
@@ -69,6 +72,8 @@ struct Shared {
 pub struct Listeners {
     pub public: TcpListener,
     pub internal: TcpListener,
+    /// Public too, with TLS terminated (HTTP/2 and HTTP/1.1).
+    pub secure: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -76,7 +81,14 @@ impl Listeners {
         Ok(Listeners {
             public: TcpListener::bind(public).await?,
             internal: TcpListener::bind(internal).await?,
+            secure: None,
         })
+    }
+
+    /// Adds the TLS listener.
+    pub async fn with_secure(mut self, secure: SocketAddr) -> std::io::Result<Listeners> {
+        self.secure = Some(TcpListener::bind(secure).await?);
+        Ok(self)
     }
 }
 
@@ -98,6 +110,13 @@ pub async fn run_until(
 ) -> anyhow::Result<()> {
     let public_address = listeners.public.local_addr()?;
     let internal_address = listeners.internal.local_addr()?;
+    let terminator = match (&listeners.secure, &config.certs) {
+        (Some(_), Some(dir)) => Some(Arc::new(
+            tls::Terminator::new(dir).map_err(|e| anyhow::anyhow!(e))?,
+        )),
+        (Some(_), None) => anyhow::bail!("a TLS listener needs a certificate directory"),
+        _ => None,
+    };
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -114,13 +133,37 @@ pub async fn run_until(
     });
     tracing::info!(%public_address, %internal_address, "proxy listening");
     let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let plain = |internal| Listener {
+        internal,
+        tls: None,
+    };
     let public = tokio::spawn(serve(
         listeners.public,
         shared.clone(),
-        false,
+        plain(false),
         stopped.clone(),
     ));
-    let internal = tokio::spawn(serve(listeners.internal, shared.clone(), true, stopped));
+    let secure = match (listeners.secure, terminator) {
+        (Some(listener), Some(terminator)) => {
+            tracing::info!(secure_address = %listener.local_addr()?, "TLS listener ready");
+            let reloading = tokio::spawn(terminator.clone().reload_forever());
+            let kind = Listener {
+                internal: false,
+                tls: Some(terminator),
+            };
+            Some((
+                tokio::spawn(serve(listener, shared.clone(), kind, stopped.clone())),
+                reloading,
+            ))
+        }
+        _ => None,
+    };
+    let internal = tokio::spawn(serve(
+        listeners.internal,
+        shared.clone(),
+        plain(true),
+        stopped,
+    ));
     let routes = follow_routes(
         config,
         shared,
@@ -138,6 +181,10 @@ pub async fn run_until(
     let drained = tokio::time::timeout(DRAIN_LIMIT, async {
         let _ = public.await;
         let _ = internal.await;
+        if let Some((secure, reloading)) = secure {
+            let _ = secure.await;
+            reloading.abort();
+        }
     })
     .await;
     if drained.is_err() {
@@ -230,10 +277,21 @@ async fn until_stopped(stopped: &mut tokio::sync::watch::Receiver<bool>) {
 
 /// Accepts and serves until `stopped` turns true; then stops accepting and returns once every
 /// connection has finished what it was serving.
+/// What a listener serves.
+#[derive(Clone)]
+struct Listener {
+    /// Every rule, internal ones too (service-to-service).
+    internal: bool,
+    /// TLS terminated here.
+    tls: Option<Arc<tls::Terminator>>,
+}
+
+/// Accepts and serves until `stopped` turns true; then stops accepting and returns once every
+/// connection has finished what it was serving.
 async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    internal: bool,
+    kind: Listener,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     // One permit per open client connection: past the cap a client gets a 503 at once, and
@@ -259,42 +317,34 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let mut stopped = stopped.clone();
+        let stopped = stopped.clone();
+        let kind = kind.clone();
         tokio::spawn(async move {
-            // Held by the connection, and by what it is upgraded into.
-            let permit = Arc::new(permit);
-            let service = hyper::service::service_fn({
-                let shared = shared.clone();
-                let permit = permit.clone();
-                move |req| {
-                    let shared = shared.clone();
-                    let permit = permit.clone();
-                    async move {
-                        let client = Caller {
-                            peer,
-                            internal,
-                            permit,
-                        };
-                        Ok::<_, Infallible>(handle(&shared, req, client).await)
-                    }
+            let caller = Caller {
+                peer,
+                internal: kind.internal,
+                tls: kind.tls.is_some(),
+                // Held by the connection, and by what it is upgraded into.
+                permit: Arc::new(permit),
+            };
+            let limit = shared.edge.header_read_timeout;
+            match &kind.tls {
+                None => {
+                    // HTTP/2 without TLS (h2c) starts with its preface; anything else is
+                    // HTTP/1. A client that sends nothing is cut off like a slow one.
+                    let Ok(Some(h2)) = tokio::time::timeout(limit, edge::starts_h2(&stream)).await
+                    else {
+                        return;
+                    };
+                    connection(TokioIo::new(stream), h2, shared, caller, stopped).await
                 }
-            });
-            // A client that is slow to send its headers (or to start its next request) is
-            // cut off, as is one whose headers are too big (431).
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(shared.edge.header_read_timeout)
-                .max_buf_size(edge::MAX_HEADER_BYTES)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = until_stopped(&mut stopped) => {
-                    // Finishes the request in flight, answers it with `Connection: close`.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                Some(t) => {
+                    let Ok(Ok(tls)) = tokio::time::timeout(limit, t.acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    connection(TokioIo::new(tls), h2, shared, caller, stopped).await
                 }
             }
         });
@@ -302,6 +352,63 @@ async fn serve(
     drop(listener);
     // Every permit back: every connection (and upgraded one) has ended.
     let _ = permits.acquire_many(cap as u32).await;
+}
+
+/// Serves one client connection, HTTP/1.1 or HTTP/2, until it ends or the proxy stops (then
+/// the request in flight is finished first).
+async fn connection<I>(
+    io: I,
+    h2: bool,
+    shared: Arc<Shared>,
+    caller: Caller,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn({
+        let shared = shared.clone();
+        move |req| {
+            let shared = shared.clone();
+            let caller = caller.clone();
+            async move { Ok::<_, Infallible>(handle(&shared, req, caller).await) }
+        }
+    });
+    if h2 {
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(edge::MAX_HEADER_BYTES as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .serve_connection(io, service);
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            _ = until_stopped(&mut stopped) => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+        return;
+    }
+    // A client that is slow to send its headers (or to start its next request) is cut off,
+    // as is one whose headers are too big (431).
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(shared.edge.header_read_timeout)
+        .max_buf_size(edge::MAX_HEADER_BYTES)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = until_stopped(&mut stopped) => {
+            // Finishes the request in flight, answers it with `Connection: close`.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 fn request_id(req: &Request<Incoming>) -> String {
@@ -348,10 +455,13 @@ fn problem(status: StatusCode, message: String, id: &str) -> Response<Body> {
 }
 
 /// Who a request came from, and the connection permit it holds.
+#[derive(Clone)]
 struct Caller {
     peer: SocketAddr,
     /// Came in on the internal listener.
     internal: bool,
+    /// Came in over TLS.
+    tls: bool,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -393,9 +503,12 @@ async fn handle(shared: &Shared, req: Request<Incoming>, caller: Caller) -> Resp
     };
     // What a client says it forwarded is believed only from a trusted proxy; anyone else's
     // X-Forwarded-For and -Proto are replaced, so a backend never reads a forged address.
-    let forwarded = shared.edge.forwarded(caller.peer.ip(), req.headers());
+    let forwarded = shared
+        .edge
+        .forwarded(caller.peer.ip(), req.headers(), caller.tls);
     let path = req.uri().path();
     let view = table::Request {
+        scheme: forwarded.proto,
         host: &host,
         path,
         query: req.uri().query(),

@@ -15,6 +15,8 @@ use crate::balance::{cookie, Group, Pick};
 
 /// What a rule is matched against.
 pub struct Request<'a> {
+    /// `http` or `https`.
+    pub scheme: &'a str,
     /// As the client sent it (a port is ignored, case too).
     pub host: &'a str,
     pub path: &'a str,
@@ -32,6 +34,7 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {
     Internal,
+    Scheme,
     Host,
     Path,
     Method,
@@ -44,6 +47,7 @@ impl std::fmt::Display for Miss {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Miss::Internal => write!(f, "internal rule (served on the internal listener only)"),
+            Miss::Scheme => write!(f, "scheme differs"),
             Miss::Host => write!(f, "host differs"),
             Miss::Path => write!(f, "path differs"),
             Miss::Method => write!(f, "method differs"),
@@ -98,6 +102,9 @@ impl Rule {
         let r = &self.spec;
         if r.internal && !req.internal {
             return Err(Miss::Internal);
+        }
+        if r.scheme.as_deref().is_some_and(|s| s != req.scheme) {
+            return Err(Miss::Scheme);
         }
         if !host_matches(r.host.as_deref(), host) {
             return Err(Miss::Host);

@@ -49,6 +49,7 @@ fn rule() -> impl Strategy<Value = Route> {
             )| {
                 Route {
                     host,
+                    scheme: priority.map(|p| if p % 2 == 0 { "http" } else { "https" }.to_string()),
                     path,
                     path_match: [PathMatch::Prefix, PathMatch::Exact, PathMatch::Glob]
                         [usize::from(kind)],
@@ -114,6 +115,7 @@ proptest! {
             headers.insert(name, value);
         }
         let req = Request {
+            scheme: if internal { "https" } else { "http" },
             host: &host,
             path: &path,
             query: query.as_deref(),

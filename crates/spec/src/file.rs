@@ -189,6 +189,10 @@ pub struct RouteFile {
     /// Lowercase host name, or `*.example.com` (any host when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// "http" or "https": how the request reached the proxy (any when unset); `scheme =
+    /// "http"` with `redirect = { scheme = "https" }` sends plain requests to TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
     /// Path starting with '/' (default "/"), compared as `path_match` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 pub struct Route {
     /// Exact, or `*.example.com` (one or more labels); None: any host.
     pub host: Option<String>,
+    /// `http` or `https`: how the request reached the proxy (`https` through its TLS
+    /// listener, or as a trusted proxy in front says); None: either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
     /// Records written before rules had kinds called it `path_prefix`.
     #[serde(alias = "path_prefix")]
     pub path: String,
@@ -45,6 +49,7 @@ impl Route {
     pub fn prefix(path: &str) -> Route {
         Route {
             host: None,
+            scheme: None,
             path: path.to_string(),
             path_match: PathMatch::Prefix,
             methods: Vec::new(),
@@ -72,7 +77,8 @@ impl Route {
         let mut sources = self.sources.clone();
         sources.sort();
         format!(
-            "host={} path={}:{} methods={} headers={} query={} sources={} internal={}",
+            "scheme={} host={} path={}:{} methods={} headers={} query={} sources={} internal={}",
+            self.scheme.as_deref().unwrap_or("*any*"),
             self.host.as_deref().unwrap_or("*any*"),
             self.path_match.as_str(),
             self.path,
@@ -87,7 +93,11 @@ impl Route {
     /// A one-line description: `shop.local /api/* GET header x-canary=on`.
     pub fn describe(&self) -> String {
         let mut out = format!(
-            "{} {}",
+            "{}{} {}",
+            self.scheme
+                .as_deref()
+                .map(|s| format!("{s}://"))
+                .unwrap_or_default(),
             self.host.as_deref().unwrap_or("*"),
             match self.path_match {
                 PathMatch::Prefix => self.path.clone(),
@@ -128,7 +138,8 @@ impl Route {
                 Some(h) if h.starts_with("*.") => 1,
                 Some(_) => 2,
             },
-            conditions: self.methods.len().min(1)
+            conditions: usize::from(self.scheme.is_some())
+                + self.methods.len().min(1)
                 + self.headers.len()
                 + self.query.len()
                 + self.sources.len().min(1),

@@ -66,6 +66,7 @@ pub(crate) const HEALTH_KEYS: &[&str] = &[
 ];
 pub(crate) const ROUTE_KEYS: &[&str] = &[
     "host",
+    "scheme",
     "path",
     "path_match",
     "methods",

@@ -14,7 +14,11 @@
 //! - `GET /headers` -> the request headers; `GET /fetch/VAR/PATH` -> GET `$VAR/PATH` (service
 //!   discovery through the proxy)
 //! - SIGTERM: stops accepting, finishes the requests in flight, exits 0 (factor IX)
+//! - `GET /ws`: a WebSocket echo; `FAIL_DIR`: a task named by a file there answers 500
 #![deny(unsafe_code)]
+
+#[path = "testapp/websocket.rs"]
+mod websocket;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -135,6 +139,8 @@ fn answer(mut stream: TcpStream) {
         std::env::var(name).unwrap_or_default()
     } else if path.ends_with("/headers") {
         headers
+    } else if path.ends_with("/ws") {
+        return websocket::echo(reader, stream, &headers);
     } else if path.ends_with("/upgrade") {
         // Switches to a raw echo of whatever comes (an upgraded connection, as WebSocket is).
         let _ = stream.write_all(

@@ -70,6 +70,7 @@ impl Req {
 
     fn view(&self) -> Request<'_> {
         Request {
+            scheme: "http",
             host: self.host,
             path: self.path,
             query: self.query,

@@ -79,6 +79,15 @@ impl Validator {
                             path_loc = Some(r.node.loc);
                         }
                     }
+                    "scheme" => match self.str_of(r, "\"http\"") {
+                        Some(s @ ("http" | "https")) => route.scheme = Some(s.to_string()),
+                        Some(s) => self.err(
+                            r.node.loc,
+                            format!("route scheme `{s}` is not http or https"),
+                            "`scheme = \"http\"` matches requests that came without TLS (e.g. to redirect them to https)",
+                        ),
+                        None => {}
+                    },
                     "path_match" => {
                         if let Some(m) = self.str_of(r, "\"exact\"") {
                             match m {
