@@ -27,6 +27,10 @@ pub struct ProxyListenArgs {
     /// on a kept-alive connection) before the proxy closes the connection.
     #[arg(long, env = "DOZEN_PROXY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub proxy_header_timeout: Duration,
+    /// Longest a client may pause while sending a request body: past it, a held body gets 408
+    /// and a streamed one is cut off at the target.
+    #[arg(long, env = "DOZEN_PROXY_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub proxy_body_timeout: Duration,
     /// Most client connections the proxy keeps open on each listener; past it, 503 at once.
     #[arg(long, env = "DOZEN_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub proxy_max_connections: usize,
@@ -59,6 +63,7 @@ impl ProxyListenArgs {
     pub fn edge(&self) -> dozen_proxy::Edge {
         dozen_proxy::Edge {
             header_read_timeout: self.proxy_header_timeout,
+            body_timeout: self.proxy_body_timeout,
             max_connections: self.proxy_max_connections.max(1),
             trusted_proxies: self.trusted_proxies.clone(),
         }

@@ -187,9 +187,33 @@ fn oversized_and_malformed_requests_get_4xx_and_never_reach_a_target() {
         status("GET / HTTP/1.1\r\nHost: edge.test\r\nBad\u{1}Header: x\r\n\r\n"),
         400
     );
+    // Both lengths: ambiguous (the way requests are smuggled), whichever comes first.
+    assert_eq!(
+        status("POST /smuggled HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        400
+    );
+    assert_eq!(
+        status("POST /smuggled HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"),
+        400
+    );
+    // A body that merely looks like such a head is a body: the request after it is served.
+    let inner = "GET /smuggled HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+    let answer = http_raw(
+        d.proxy_port,
+        &format!("POST /count HTTP/1.1\r\nHost: edge.test\r\nContent-Length: {}\r\n\r\n{inner}GET /healthz HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n", inner.len()),
+    )
+    .unwrap_or_default();
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    assert!(
+        answer.contains(&format!("bytes={}", inner.len())),
+        "{answer}"
+    );
     // None of them reached the task (it logs one line per request).
     let logs = d.ok(&["logs", "web"]);
-    assert!(!logs.contains("xxxx") && !logs.contains("Bad"), "{logs}");
+    assert!(
+        !logs.contains("xxxx") && !logs.contains("Bad") && !logs.contains("smuggled"),
+        "{logs}"
+    );
 }
 
 /// Bodies stream through: one far over what the proxy used to hold (16 MiB) arrives whole, as
@@ -276,4 +300,32 @@ fn a_stopping_proxy_finishes_the_requests_in_flight() {
     });
     assert!(exited.success(), "{exited}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", public)).is_err());
+}
+
+/// A client that stops sending its body half-way is answered 408 once it has paused longer
+/// than the body timeout, and its request never reaches a target.
+#[test]
+fn a_client_that_pauses_its_body_gets_408() {
+    use std::io::{Read, Write};
+    let d = up(&["--proxy-body-timeout", "1s"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /paused HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 100\r\n\r\nonly ten..",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("paused its request body for over 1 s"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!d.ok(&["logs", "web"]).contains("paused"));
 }

@@ -17,6 +17,8 @@ pub struct Edge {
     /// Longest a client may take to send a request's headers, the first or the next one on a
     /// kept-alive connection.
     pub header_read_timeout: Duration,
+    /// Longest a client may pause while sending a request body.
+    pub body_timeout: Duration,
     /// Most client connections open at once on each listener.
     pub max_connections: usize,
     /// Proxies in front of this one whose `X-Forwarded-For` and `-Proto` are kept (appended to);
@@ -28,6 +30,7 @@ impl Default for Edge {
     fn default() -> Self {
         Edge {
             header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
         }
@@ -94,6 +97,76 @@ pub struct Forwarded {
     pub forwarded_for: String,
     /// `X-Forwarded-Proto` as it goes to the target.
     pub proto: &'static str,
+}
+
+/// A request body whose client may pause at most `limit` between pieces: past it the body
+/// ends with an error (the target sees the request cut short).
+pub(crate) struct PausedAtMost<B> {
+    inner: B,
+    limit: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> PausedAtMost<B> {
+    pub(crate) fn new(inner: B, limit: Duration) -> PausedAtMost<B> {
+        PausedAtMost {
+            inner,
+            limit,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+}
+
+/// The error a paused body ends with.
+#[derive(Debug)]
+pub(crate) struct BodyPaused(pub Duration);
+
+impl std::fmt::Display for BodyPaused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the client paused its request body for over {} s",
+            self.0.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for BodyPaused {}
+
+impl<B> hyper::body::Body for PausedAtMost<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + self.limit;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyPaused(self.limit))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Whether a plain connection starts with HTTP/2's preface (h2c with prior knowledge); None

@@ -13,6 +13,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use crate::balance::{Group, InFlight, Pick, TargetState};
+use crate::edge::{BodyPaused, PausedAtMost};
 use crate::table::Rule;
 use crate::{full, problem, Body, Caller, Shared, UpBody, MAX_BODY, RETRY_BODY};
 
@@ -152,8 +153,13 @@ pub(crate) async fn forward(
     }
     // Small and known: held for a retry. Anything else streams through as it comes.
     let (held, mut streamed) = if !chunked && length.unwrap_or(0) <= RETRY_BODY {
+        let limit = shared.edge.body_timeout;
+        let body = PausedAtMost::new(body, limit);
         match Limited::new(body, RETRY_BODY as usize).collect().await {
             Ok(b) => (Some(b.to_bytes()), None),
+            Err(e) if e.is::<BodyPaused>() => {
+                return problem(StatusCode::REQUEST_TIMEOUT, e.to_string(), &id);
+            }
             Err(_) => {
                 return problem(
                     StatusCode::BAD_REQUEST,
@@ -163,7 +169,8 @@ pub(crate) async fn forward(
             }
         }
     } else {
-        let limited: UpBody = Limited::new(body, MAX_BODY as usize).boxed();
+        let paused = PausedAtMost::new(body, shared.edge.body_timeout);
+        let limited: UpBody = Limited::new(paused, MAX_BODY as usize).boxed();
         (None, Some(limited))
     };
     strip_hop_by_hop(&mut parts.headers);

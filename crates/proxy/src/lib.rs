@@ -28,6 +28,7 @@ mod answer;
 pub mod balance;
 pub mod edge;
 mod forward;
+mod framing;
 pub mod table;
 pub mod tls;
 
@@ -324,6 +325,7 @@ async fn serve(
                 peer,
                 internal: kind.internal,
                 tls: kind.tls.is_some(),
+                framing: None,
                 // Held by the connection, and by what it is upgraded into.
                 permit: Arc::new(permit),
             };
@@ -336,7 +338,7 @@ async fn serve(
                     else {
                         return;
                     };
-                    connection(TokioIo::new(stream), h2, shared, caller, stopped).await
+                    connection(stream, h2, shared, caller, stopped).await
                 }
                 Some(t) => {
                     let Ok(Ok(tls)) = tokio::time::timeout(limit, t.acceptor.accept(stream)).await
@@ -344,7 +346,7 @@ async fn serve(
                         return;
                     };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    connection(TokioIo::new(tls), h2, shared, caller, stopped).await
+                    connection(tls, h2, shared, caller, stopped).await
                 }
             }
         });
@@ -356,15 +358,23 @@ async fn serve(
 
 /// Serves one client connection, HTTP/1.1 or HTTP/2, until it ends or the proxy stops (then
 /// the request in flight is finished first).
-async fn connection<I>(
-    io: I,
+async fn connection<S>(
+    stream: S,
     h2: bool,
     shared: Arc<Shared>,
-    caller: Caller,
+    mut caller: Caller,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let stream = if h2 {
+        framing::Watched::unwatched(stream)
+    } else {
+        let (stream, verdicts) = framing::Watched::new(stream);
+        caller.framing = Some(verdicts);
+        stream
+    };
+    let io = TokioIo::new(stream);
     let service = hyper::service::service_fn({
         let shared = shared.clone();
         move |req| {
@@ -462,11 +472,20 @@ struct Caller {
     internal: bool,
     /// Came in over TLS.
     tls: bool,
+    /// HTTP/1: which requests had both Content-Length and Transfer-Encoding.
+    framing: Option<framing::Verdicts>,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 async fn handle(shared: &Shared, req: Request<Incoming>, caller: Caller) -> Response<Body> {
     let id = request_id(&req);
+    if caller.framing.as_ref().is_some_and(framing::ambiguous) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "the request has both Content-Length and Transfer-Encoding, so its length is ambiguous; send one of them".into(),
+            &id,
+        );
+    }
     // hyper bounds the whole head by its buffer; the headers get a tighter bound of their own.
     let header_bytes: usize = req
         .headers()
