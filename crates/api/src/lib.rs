@@ -71,6 +71,10 @@ pub struct ServiceSummary {
     pub stack: String,
     pub process_type: String,
     pub current_release: u64,
+    /// Earlier releases that run exactly as the current one (a change of routing only):
+    /// their tasks are current.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs_like_current: Vec<u64>,
     pub latest_release: u64,
     pub desired: u32,
     pub running: u32,

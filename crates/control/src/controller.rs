@@ -315,6 +315,7 @@ impl Controller {
                 name: name.clone(),
                 desired_replicas: snap.desired_replicas(name),
                 current_release: svc.record.current_release,
+                runs_like_current: snap.runs_like_current(name),
                 restart_generation: svc.record.restart_generation,
                 stopped: svc.record.stopped,
                 cpu_millis: release.spec.resources.cpu_millis,

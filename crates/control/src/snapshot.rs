@@ -110,6 +110,21 @@ impl Snapshot {
         self.releases.get(service)?.get(&svc.record.current_release)
     }
 
+    /// Earlier releases of `service` that run exactly as its current one (see
+    /// [`Release::runs_like`]): their tasks are current.
+    pub fn runs_like_current(&self, service: &str) -> Vec<u64> {
+        let Some(current) = self.current_release(service) else {
+            return Vec::new();
+        };
+        self.releases
+            .get(service)
+            .into_iter()
+            .flat_map(|r| r.values())
+            .filter(|r| r.number != current.number && r.runs_like(current))
+            .map(|r| r.number)
+            .collect()
+    }
+
     /// The lowest route revision any live proxy serves (None without proxies).
     pub fn proxies_applied(&self) -> Option<u64> {
         self.proxies

@@ -53,7 +53,8 @@ pub async fn wait_converged(
                 .iter()
                 .filter(|t| {
                     !replaced.contains(&t.task)
-                        && t.release == s.current_release
+                        && (t.release == s.current_release
+                            || s.runs_like_current.contains(&t.release))
                         && t.desired == DesiredState::Run
                         && t.state() == Some(TaskState::Running)
                         && t.status.as_ref().is_some_and(|st| st.healthy)

@@ -258,6 +258,21 @@ pub struct Release {
 }
 record!(Release, "release");
 
+impl Release {
+    /// Whether a task of `other` runs exactly as one of this release would: they differ at
+    /// most in how requests reach the service (its routes and target group), which the
+    /// proxies apply live. Such a change replaces no task.
+    pub fn runs_like(&self, other: &Release) -> bool {
+        let running = |r: &Release| {
+            let mut spec = r.spec.clone();
+            spec.routes.clear();
+            spec.balance = Default::default();
+            (spec, r.artifact_digest.clone(), r.image_pin.clone())
+        };
+        self.service == other.service && running(self) == running(other)
+    }
+}
+
 /// A release an `apply` created.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ReleaseChange {

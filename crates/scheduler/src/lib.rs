@@ -111,6 +111,9 @@ pub struct ServiceView {
     pub name: String,
     pub desired_replicas: u32,
     pub current_release: u64,
+    /// Earlier releases that run exactly as the current one (they differ in routing only):
+    /// their tasks count as current and are not replaced.
+    pub runs_like_current: Vec<u64>,
     pub restart_generation: u64,
     pub stopped: bool,
     pub cpu_millis: u32,
@@ -347,7 +350,8 @@ pub fn reconcile(
         service.desired_replicas as usize
     };
     let is_current = |t: &TaskView| {
-        t.release == service.current_release && t.restart_generation == service.restart_generation
+        (t.release == service.current_release || service.runs_like_current.contains(&t.release))
+            && t.restart_generation == service.restart_generation
     };
     let (current, mut old): (Vec<&TaskView>, Vec<&TaskView>) =
         active.iter().copied().partition(|t| is_current(t));

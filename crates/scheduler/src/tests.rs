@@ -19,6 +19,7 @@ fn svc(replicas: u32) -> ServiceView {
         name: "web".into(),
         desired_replicas: replicas,
         current_release: 2,
+        runs_like_current: Vec::new(),
         restart_generation: 0,
         stopped: false,
         cpu_millis: 100,
@@ -237,6 +238,19 @@ fn new_release_starts_before_old_stops() {
             why: "replaced by release #2 (new before old)".into()
         }]
     );
+}
+
+/// A release that changes only how requests reach the service (routes, balance) replaces no
+/// task: the proxies apply it live.
+#[test]
+fn a_routing_only_release_keeps_the_tasks() {
+    let nodes = [node("a", true)];
+    let old = task("old", "a", 1, Some(TaskState::Running));
+    let tasks = vec![old];
+    let mut view = svc(1);
+    view.runs_like_current = vec![1];
+    let d = reconcile(&view, &tasks, &tasks, &nodes, Clock::default());
+    assert_eq!(d.actions, []);
 }
 
 #[test]

@@ -109,6 +109,7 @@ pub(crate) async fn list_services(
                 .map(|r| r.spec.process_type.clone())
                 .unwrap_or_default(),
             current_release: svc.record.current_release,
+            runs_like_current: snap.runs_like_current(name),
             latest_release: svc.record.latest_release,
             desired: snap.desired_replicas(name),
             running,
