@@ -5,15 +5,18 @@
 # access log (dozen has none yet). ROUNDS rounds (default 3), the order rotating each round;
 # req/s and the proxy's CPU time per request (from /proc) for each.
 #
-# The open-loop latency part of the issue (p50/p99 added at 50 % and 80 % of nginx's capacity)
-# is not measured yet: its key says so.
+# Then latency, open loop (dozen-loadgen: requests due at a fixed rate, each timed from when it
+# was due), at 50 % and 80 % of nginx's median capacity: the backend alone, then each proxy;
+# the p50 and p99 each proxy adds over the backend alone.
 #
-# Usage: bench/proxy.sh [ROUNDS] [SECONDS]
+# Usage: bench/proxy.sh [ROUNDS] [SECONDS]   (LATENCY_SECONDS: each latency run, default 8)
 #   PROFILE=1: a perf profile (cpu-clock) of dozen's proxy during its first round
+#   (PROFILE_OUT=FILE keeps its perf.data)
 #   DOZEN_PROXY_ENV="K=V ...": environment for dozen's proxy (an experiment, e.g.
 #   TOKIO_WORKER_THREADS=1)
 # Last line: proxy_ratio_vs_nginx=X proxy_ratio_vs_haproxy=Y p99_added_ratio_vs_best=Z
 #   X, Y = dozen's median req/s over nginx's / HAProxy's (goal >= 1.1 each)
+#   Z = the p99 dozen adds at 80 % over the lower of nginx's and HAProxy's (goal <= 1.0)
 set -euo pipefail
 
 ROUNDS=${1:-3}
@@ -23,8 +26,9 @@ cd "$ROOT"
 for tool in nginx haproxy wrk taskset; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y nginx haproxy wrk)" >&2; exit 1; }
 done
-cargo build --release --quiet --bin dozen
+cargo build --release --quiet --bin dozen --bin dozen-loadgen
 BIN="$ROOT/target/release/dozen"
+LOADGEN="$ROOT/target/release/dozen-loadgen"
 
 WORK=$(mktemp -d /tmp/dozen-proxy-bench.XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -76,7 +80,7 @@ TASK_PORT=$("$BIN" ps -o json | python3 -c 'import json,sys; print([t for t in j
 cp "$WORK/data/token" "$WORK/token"
 env ${DOZEN_PROXY_ENV:-} taskset -c 0 "$BIN" proxy --token-file "$WORK/token" --id bench \
   --proxy-listen "127.0.0.1:$DOZEN" --proxy-internal-listen "127.0.0.1:$DOZEN_INTERNAL" \
-  --log warn >>"$WORK/proxy.log" 2>&1 &
+  --log warn,dozen::access=info >>"$WORK/proxy.log" 2>&1 &
 DOZEN_PID=$!
 PIDS+=($DOZEN_PID)
 
@@ -151,6 +155,7 @@ measure() { # name port pid
   out=$(taskset -c 1 wrk -t1 -c50 -d"${SECONDS_EACH}s" "http://127.0.0.1:$2/")
   if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+    [ -n "${PROFILE_OUT:-}" ] && cp "$WORK/perf.data" "$PROFILE_OUT"
     echo "  where dozen's proxy spends its time (perf, cpu-clock, self):"
     perf report -i "$WORK/perf.data" --stdio --no-children --sort symbol 2>/dev/null \
       | grep -E '^ +[0-9.]+%' | head -25 | sed -e 's/  */ /g' -e 's/^/    /' | cut -c1-110
@@ -176,10 +181,43 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "${RPS[dozen]}" "${RPS[nginx]}" "${RPS[haproxy]}" <<'EOF'
+NGINX_CAPACITY=$(python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' ${RPS[nginx]})
+
+# Latency, open loop: the backend alone first at each rate, then each proxy, rotating.
+declare -A LAT
+names=(backend dozen nginx haproxy)
+ports=($TASK_PORT $DOZEN $NGINX $HAPROXY)
+for share in 50 80; do
+  rate=$(python3 -c "print(int($NGINX_CAPACITY * $share / 100))")
+  echo "latency at $share % of nginx's capacity ($rate req/s, ${LATENCY_SECONDS:-8} s, 50 connections):"
+  for k in 0 1 2 3; do
+    i=$(( k == 0 ? 0 : 1 + (k - 1 + share / 10) % 3 ))
+    out=$(taskset -c 1 "$LOADGEN" "http://127.0.0.1:${ports[$i]}/" "$rate" "${LATENCY_SECONDS:-8}" 50)
+    echo "  ${names[$i]}: $out"
+    LAT[${names[$i]}_$share]="$out"
+  done
+done
+
+python3 - "${RPS[dozen]}" "${RPS[nginx]}" "${RPS[haproxy]}" \
+  "${LAT[backend_50]}" "${LAT[dozen_50]}" "${LAT[nginx_50]}" "${LAT[haproxy_50]}" \
+  "${LAT[backend_80]}" "${LAT[dozen_80]}" "${LAT[nginx_80]}" "${LAT[haproxy_80]}" <<'EOF'
 import statistics, sys
 d, n, h = ([float(x) for x in a.split()] for a in sys.argv[1:4])
 md, mn, mh = statistics.median(d), statistics.median(n), statistics.median(h)
+lat = [dict(kv.split("=") for kv in a.split()) for a in sys.argv[4:12]]
 print(f"\nmedian req/s: dozen {md:.0f}, nginx {mn:.0f}, haproxy {mh:.0f}")
-print(f"proxy_ratio_vs_nginx={md / mn:.2f} proxy_ratio_vs_haproxy={md / mh:.2f} p99_added_ratio_vs_best=unmeasured")
+z = None
+for k, share in enumerate((50, 80)):
+    backend, rest = lat[4 * k], lat[4 * k + 1 : 4 * k + 4]
+    added = {}
+    parts = []
+    for name, l in zip(("dozen", "nginx", "haproxy"), rest):
+        a50 = int(l["p50_us"]) - int(backend["p50_us"])
+        a99 = int(l["p99_us"]) - int(backend["p99_us"])
+        added[name] = a99
+        parts.append(f"{name} {a50} / {a99} (errors {l['errors']})")
+    print(f"added at {share} %, us p50 / p99 (backend alone {backend['p50_us']} / {backend['p99_us']}): " + ", ".join(parts))
+    if share == 80:
+        z = max(added["dozen"], 1) / max(min(added["nginx"], added["haproxy"]), 1)
+print(f"proxy_ratio_vs_nginx={md / mn:.2f} proxy_ratio_vs_haproxy={md / mh:.2f} p99_added_ratio_vs_best={z:.2f}")
 EOF

@@ -187,6 +187,14 @@ fn oversized_and_malformed_requests_get_4xx_and_never_reach_a_target() {
         status("GET / HTTP/1.1\r\nHost: edge.test\r\nBad\u{1}Header: x\r\n\r\n"),
         400
     );
+    // A body over the proxy's 1 GiB is refused from its length, before any of it is read.
+    let huge = http_raw(
+        d.proxy_port,
+        "POST /toobig HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 2147483648\r\n\r\nsome",
+    )
+    .unwrap_or_default();
+    assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
+    assert!(huge.contains("request body over 1024 MiB"), "{huge}");
     // Both lengths: ambiguous (the way requests are smuggled), whichever comes first.
     assert_eq!(
         status("POST /smuggled HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
@@ -211,7 +219,10 @@ fn oversized_and_malformed_requests_get_4xx_and_never_reach_a_target() {
     // None of them reached the task (it logs one line per request).
     let logs = d.ok(&["logs", "web"]);
     assert!(
-        !logs.contains("xxxx") && !logs.contains("Bad") && !logs.contains("smuggled"),
+        !logs.contains("xxxx")
+            && !logs.contains("Bad")
+            && !logs.contains("smuggled")
+            && !logs.contains("toobig"),
         "{logs}"
     );
 }

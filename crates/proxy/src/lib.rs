@@ -433,16 +433,15 @@ fn request_id(req: &Request<Incoming>) -> String {
 fn new_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // Once: getpid is a system call each time it is asked.
+    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let process = *PROCESS.get_or_init(|| u64::from(std::process::id()) << 40);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    format!(
-        "{:016x}{:08x}",
-        t ^ (u64::from(std::process::id()) << 40),
-        n as u32
-    )
+    format!("{:016x}{:08x}", t ^ process, n as u32)
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
