@@ -259,7 +259,12 @@ fn a_standalone_proxy_routes_too_and_slow_targets_get_504() {
     let mut d = Dozen::new(DOZEN);
     d.server_args = vec!["--proxy-timeout".into(), "1s".into()];
     d.start_server(true);
+    // Given one core, the standalone proxy runs on one thread.
+    d.proxy_cores = Some("0");
     let (public, _) = d.start_proxy("edge-1");
+    assert!(std::fs::read_to_string(d.path("proxy-edge-1.log"))
+        .unwrap()
+        .contains("one core: the proxy serves every connection on one thread"));
     d.write("dozen.toml", &stack(1, "1s"));
     d.ok(&["apply", "--no-wait"]);
     d.wait_ready("web", 1);

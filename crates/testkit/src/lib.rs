@@ -2,12 +2,13 @@
 //! CLI, with an eventually-helper instead of sleeps, and cleanup of every task it started.
 #![forbid(unsafe_code)]
 
+mod http;
 pub mod images;
 mod processes;
 
+pub use http::*;
 pub use processes::end_tasks_under;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -133,69 +134,6 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// A plain HTTP/1.1 GET on loopback; returns (status, body).
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let r = http_request(port, "127.0.0.1", path)?;
-    Some((r.status, r.body))
-}
-
-pub struct HttpResponse {
-    pub status: u16,
-    /// Header lines, lowercased names.
-    pub headers: String,
-    pub body: String,
-}
-
-impl HttpResponse {
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.lines().find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    }
-}
-
-/// GET `path` with a Host header, over a fresh connection (30 s read timeout).
-pub fn http_request(port: u16, host: &str, path: &str) -> Option<HttpResponse> {
-    http_request_at(&format!("127.0.0.1:{port}"), host, path)
-}
-
-/// GET `path` from `address` (`ip:port`, any host) with a Host header.
-pub fn http_request_at(address: &str, host: &str, path: &str) -> Option<HttpResponse> {
-    let raw = http_raw_at(
-        address,
-        &format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
-    )?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let headers = head
-        .split_once("\r\n")
-        .map(|(_, h)| h.to_string())
-        .unwrap_or_default();
-    Some(HttpResponse {
-        status,
-        headers,
-        body: body.to_string(),
-    })
-}
-
-/// Sends `raw` bytes as they are and returns everything the server answers.
-pub fn http_raw(port: u16, raw: &str) -> Option<String> {
-    http_raw_at(&format!("127.0.0.1:{port}"), raw)
-}
-
-fn http_raw_at(address: &str, raw: &str) -> Option<String> {
-    let address: std::net::SocketAddr = address.parse().ok()?;
-    let mut s = TcpStream::connect_timeout(&address, Duration::from_secs(5)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    s.write_all(raw.as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
-}
-
 /// A small tmpfs of its own (unmounted on drop); `None`, saying so, where mounting is not
 /// allowed outside CI.
 pub struct SmallDisk {
@@ -259,6 +197,8 @@ pub struct Dozen {
     /// The in-process proxy's public and internal ports.
     pub proxy_port: u16,
     pub proxy_internal_port: u16,
+    /// Pin `start_proxy`'s proxies to these cores (`taskset -c`), e.g. "0".
+    pub proxy_cores: Option<&'static str>,
     /// More arguments for `dozen server`.
     pub server_args: Vec<String>,
     /// More environment for `dozen server` (`DOCKER_HOST`, say).
@@ -282,6 +222,7 @@ impl Dozen {
             server: None,
             agents: Vec::new(),
             proxy_port: 0,
+            proxy_cores: None,
             proxy_internal_port: 0,
             server_args: Vec::new(),
             server_env: Vec::new(),
@@ -437,7 +378,16 @@ impl Dozen {
     pub fn start_proxy(&mut self, id: &str) -> (u16, u16) {
         let log = self.dir.path().join(format!("proxy-{id}.log"));
         let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let child = Command::new(&self.bin)
+        // `taskset -c CORES dozen proxy ...` when the proxy is to be pinned.
+        let mut command = match self.proxy_cores {
+            Some(cores) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cores]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = command
             .arg("proxy")
             .arg("--server")
             .arg(self.url())
