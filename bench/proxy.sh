@@ -80,7 +80,7 @@ TASK_PORT=$("$BIN" ps -o json | python3 -c 'import json,sys; print([t for t in j
 cp "$WORK/data/token" "$WORK/token"
 env ${DOZEN_PROXY_ENV:-} taskset -c 0 "$BIN" proxy --token-file "$WORK/token" --id bench \
   --proxy-listen "127.0.0.1:$DOZEN" --proxy-internal-listen "127.0.0.1:$DOZEN_INTERNAL" \
-  --log warn,dozen::access=info >>"$WORK/proxy.log" 2>&1 &
+  --log warn >>"$WORK/proxy.log" 2>&1 &
 DOZEN_PID=$!
 PIDS+=($DOZEN_PID)
 

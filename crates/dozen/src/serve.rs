@@ -599,6 +599,7 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
             upstream_timeout: args.proxy.proxy_timeout,
             edge: args.proxy.edge(),
             access_log_every: args.proxy.proxy_access_log_every,
+            access_log_json: matches!(global.log_format, crate::LogFormat::Json),
             certs: args.proxy.proxy_certs.clone(),
         };
         tokio::spawn(async move {
@@ -722,6 +723,7 @@ pub async fn proxy(global: &Global, args: ProxyArgs) -> anyhow::Result<()> {
         upstream_timeout: args.listen.proxy_timeout,
         edge: args.listen.edge(),
         access_log_every: args.listen.proxy_access_log_every,
+        access_log_json: matches!(global.log_format, crate::LogFormat::Json),
         certs: args.listen.proxy_certs.clone(),
     };
     // On SIGTERM or Ctrl-C: no new connections, the requests in flight finished.
@@ -750,6 +752,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> anyhow::Result<()> {
             upstream_timeout: args.proxy.proxy_timeout,
             edge: args.proxy.edge(),
             access_log_every: args.proxy.proxy_access_log_every,
+            access_log_json: matches!(global.log_format, crate::LogFormat::Json),
             certs: args.proxy.proxy_certs.clone(),
         };
         tokio::spawn(async move {

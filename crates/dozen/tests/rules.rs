@@ -260,6 +260,19 @@ fn every_rule_kind_and_target_group_setting_through_the_proxy() {
     let img = split.get("img").copied().unwrap_or(0);
     assert!((7_300..=7_700).contains(&img), "{split:?}");
     assert_eq!(split.values().sum::<usize>(), 10_000, "{split:?}");
+    // Each request has its access line, naming the service that answered; never the query.
+    eventually(Duration::from_secs(5), "the access lines written", || {
+        let log = std::fs::read_to_string(d.path("server.log")).unwrap_or_default();
+        let lines = |service: &str| {
+            log.lines()
+                .filter(|l| l.contains(&format!(" access service={service} method=GET host=x.test path=/split status=200 target=127.0.0.1:")))
+                .count()
+        };
+        (lines("img") == img && lines("canary") == 10_000 - img).then_some(())
+    });
+    let log = std::fs::read_to_string(d.path("server.log")).unwrap();
+    assert!(log.contains(" access service=canary method=GET host=x.test path=/a status=200"));
+    assert!(!log.contains("v=2"), "the query is not logged");
 
     // Sticky: the first answer sets the cookie; with it every request goes to that target.
     let first = c.get("x.test", "/", "");

@@ -277,7 +277,7 @@ pub(crate) async fn forward(
                     }
                 }
                 shared.access.log(crate::access::Line {
-                    service: &rule.service,
+                    service,
                     method: &parts.method,
                     uri: &parts.uri,
                     host: &host,
@@ -309,7 +309,7 @@ pub(crate) async fn forward(
                 group.counters.record(Some(502), elapsed_ms);
                 tracing::warn!(service = %service, target = %attempt.addr, request_id = %id, error = %e, "upstream failed");
                 shared.access.log(crate::access::Line {
-                    service: &rule.service,
+                    service,
                     method: &parts.method,
                     uri: &parts.uri,
                     host: &host,
@@ -335,7 +335,7 @@ pub(crate) async fn forward(
                 group.counters.record(Some(504), elapsed_ms);
                 tracing::warn!(service = %service, target = %attempt.addr, request_id = %id, "upstream timed out");
                 shared.access.log(crate::access::Line {
-                    service: &rule.service,
+                    service,
                     method: &parts.method,
                     uri: &parts.uri,
                     host: &host,

@@ -57,6 +57,8 @@ pub struct ProxyConfig {
     pub edge: Edge,
     /// Log one request in this many (1: every one; 0: none).
     pub access_log_every: u64,
+    /// Access lines in JSON (as the rest of the log, `--log-format json`).
+    pub access_log_json: bool,
     /// The certificate directory of the TLS listener (when there is one).
     pub certs: Option<std::path::PathBuf>,
 }
@@ -130,10 +132,21 @@ pub async fn run_until(
         client,
         timeout: config.upstream_timeout,
         edge: config.edge.clone(),
-        access: access::AccessLog::new(config.access_log_every),
+        access: access::AccessLog::new(config.access_log_every, config.access_log_json),
     });
     tracing::info!(%public_address, %internal_address, "proxy listening");
     let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let flushing = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(access::FLUSH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                shared.access.flush();
+            }
+        })
+    };
     let plain = |internal| Listener {
         internal,
         tls: None,
@@ -167,7 +180,7 @@ pub async fn run_until(
     ));
     let routes = follow_routes(
         config,
-        shared,
+        shared.clone(),
         ProxyRegisterRequest {
             public_address: format!("http://{public_address}"),
             internal_address: format!("http://{internal_address}"),
@@ -188,6 +201,8 @@ pub async fn run_until(
         }
     })
     .await;
+    flushing.abort();
+    shared.access.flush();
     if drained.is_err() {
         tracing::warn!(
             "proxy stopped with requests still in flight after {} s",
