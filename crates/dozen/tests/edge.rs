@@ -179,13 +179,28 @@ fn oversized_and_malformed_requests_get_4xx_and_never_reach_a_target() {
         )),
         431
     );
+    // A URI over 8 KiB is refused as one; over the 64 KiB head, as the head.
+    let long = "x".repeat(9 * 1024);
+    assert_eq!(
+        status(&format!("GET /{long} HTTP/1.1\r\nHost: edge.test\r\n\r\n")),
+        414
+    );
     assert_eq!(
         status(&format!("GET /{big} HTTP/1.1\r\nHost: edge.test\r\n\r\n")),
-        414
+        431
     );
     assert_eq!(
         status("GET / HTTP/1.1\r\nHost: edge.test\r\nBad\u{1}Header: x\r\n\r\n"),
         400
+    );
+    // A Host that is more than a host (it would end up in redirects and the access log).
+    assert_eq!(
+        status("GET /smuggled HTTP/1.1\r\nHost: edge.test:80@evil.test\r\n\r\n"),
+        400
+    );
+    assert_eq!(
+        status("CONNECT smuggled.test:443 HTTP/1.1\r\nHost: smuggled.test:443\r\n\r\n"),
+        405
     );
     // A body over the proxy's 1 GiB is refused from its length, before any of it is read.
     let huge = http_raw(

@@ -107,6 +107,31 @@ redirect = {{ scheme = "https" }}
         out.contains("host: x.test"),
         "the target gets a Host: {out}"
     );
+    // An HTTP/2 upload that states no length streams through (it is not held as if small).
+    let mut upload = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2-prior-knowledge",
+            "-T",
+            "-",
+            "-H",
+            "host: x.test",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/count"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    upload
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&vec![b'x'; 200 * 1024])
+        .unwrap();
+    let counted = upload.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&counted.stdout), "bytes=204800");
     // And HTTP/1.1 on the same port, as before.
     let (_, out) = curl(&[&format!("http://127.0.0.1:{port}/"), version[0], version[1]]);
     assert!(

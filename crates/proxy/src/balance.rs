@@ -268,9 +268,10 @@ impl Group {
         if failures >= limit && !target.ejected(now) {
             let out = self.targets.iter().filter(|t| t.ejected(now)).count();
             if (out + 1) * 2 <= self.targets.len() {
-                target
-                    .ejected_until_ms
-                    .store(now + self.balance.outlier.ejection_ms, Ordering::Relaxed);
+                target.ejected_until_ms.store(
+                    now.saturating_add(self.balance.outlier.ejection_ms),
+                    Ordering::Relaxed,
+                );
                 // Back after the ejection with one failure to spare: its first request
                 // proves it, or puts it out again.
                 target

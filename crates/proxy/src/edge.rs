@@ -11,6 +11,8 @@ use tokio::io::AsyncWriteExt;
 
 /// Largest request head (request line and headers) read: past it the client gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Longest path and query passed on (nginx's default line buffer): past it, 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Edge {
@@ -169,22 +171,120 @@ where
     }
 }
 
-/// Whether a plain connection starts with HTTP/2's preface (h2c with prior knowledge); None
-/// when the client closed before sending anything. Looks without taking the bytes.
-pub(crate) async fn starts_h2(stream: &tokio::net::TcpStream) -> Option<bool> {
+/// Whether a Host header (or HTTP/2 authority) is a host name or address with an optional
+/// port, and nothing else: it goes into redirects, the target's headers and the access log.
+pub(crate) fn host_is_valid(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, after)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => (None, after),
+            _ => return false,
+        },
+        None => match host.split_once(':') {
+            Some((n, _)) => (Some(n), &host[n.len()..]),
+            None => (Some(host), ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| {
+            !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+        });
+    let name_ok = name.is_none_or(|n| {
+        !n.is_empty()
+            && n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    });
+    port_ok && name_ok
+}
+
+/// A plain connection's first bytes, read to tell HTTP/2's preface (h2c with prior
+/// knowledge) from HTTP/1, then given back to whoever reads the connection. None when the
+/// client closed before sending anything.
+pub(crate) async fn sniff_h2(
+    mut stream: tokio::net::TcpStream,
+) -> Option<(Rewind<tokio::net::TcpStream>, bool)> {
+    use tokio::io::AsyncReadExt;
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let mut seen = Vec::with_capacity(PREFACE.len());
     let mut buf = [0u8; 14];
-    loop {
-        let n = stream.peek(&mut buf).await.ok()?;
+    while seen.len() < PREFACE.len() && PREFACE.starts_with(&seen) {
+        let n = stream
+            .read(&mut buf[..PREFACE.len() - seen.len()])
+            .await
+            .ok()?;
         if n == 0 {
             return None;
         }
-        if n >= PREFACE.len() || !PREFACE.starts_with(&buf[..n]) {
-            return Some(buf[..n] == *PREFACE);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let h2 = seen == PREFACE;
+    Some((
+        Rewind {
+            prefix: seen,
+            at: 0,
+            inner: stream,
+        },
+        h2,
+    ))
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+pub(crate) struct Rewind<T> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: T,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
         }
-        // A prefix of the preface so far: wait for more (peek returns at once while
-        // anything is unread).
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -204,6 +304,33 @@ pub(crate) async fn turn_away(mut stream: tokio::net::TcpStream, cap: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_headers() {
+        for ok in [
+            "shop.local",
+            "shop.local:8080",
+            "127.0.0.1:7780",
+            "[::1]:80",
+            "[::1]",
+            "a_b",
+        ] {
+            assert!(host_is_valid(ok), "{ok}");
+        }
+        for bad in [
+            "shop.local:80@evil.com",
+            "a b",
+            "a:b",
+            "[::1",
+            "[zz]:80",
+            "",
+            "x:123456",
+            "user@host",
+            "a/b",
+        ] {
+            assert!(!host_is_valid(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn address_blocks_contain_what_they_name() {

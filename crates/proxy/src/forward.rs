@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -127,6 +127,7 @@ pub(crate) async fn forward(
         id,
     } = how;
     let permit = caller.permit;
+    let framing = caller.framing;
     let started = std::time::Instant::now();
     // An upgrade (WebSocket and the like): both sides' connections are joined once the target
     // agrees (101), and bytes flow both ways until either side closes.
@@ -152,7 +153,9 @@ pub(crate) async fn forward(
         );
     }
     // Small and known: held for a retry. Anything else streams through as it comes.
-    let (held, mut streamed) = if !chunked && length.unwrap_or(0) <= RETRY_BODY {
+    // (An HTTP/2 body states no length unless the client gives one: unknown is not small.)
+    let small = !chunked && length.is_some_and(|n| n <= RETRY_BODY);
+    let (held, mut streamed) = if small || body.is_end_stream() {
         let limit = shared.edge.body_timeout;
         let body = PausedAtMost::new(body, limit);
         match Limited::new(body, RETRY_BODY as usize).collect().await {
@@ -251,6 +254,10 @@ pub(crate) async fn forward(
                 if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (client_side, status)
                 {
                     let target_side = hyper::upgrade::on(&mut resp);
+                    // The client's connection now carries the other protocol.
+                    if let Some(verdicts) = &framing {
+                        crate::framing::upgraded(verdicts);
+                    }
                     tokio::spawn(join_upgraded(client_side, target_side, permit));
                     let mut answer = Response::new(full(Bytes::new()));
                     *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -5,6 +5,12 @@
 //! bytes of an HTTP/1 connection as hyper reads them, follows the framing of each request
 //! (head, then a body by length or by chunks), and notes for every head whether it carried
 //! both; the proxy answers such a request 400 without sending it on.
+//!
+//! It fails closed: when it cannot follow the framing (a line it will not read whole, a chunk
+//! not ended by CRLF, a chunk size it cannot read, more pipelined heads than it keeps), every
+//! later request on the connection gets 400 too. It keeps following across a request that
+//! asks for an upgrade (hyper goes on with HTTP/1 when the answer is not 101), and stops only
+//! once the proxy has joined the connection to a target's after a 101.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -13,22 +19,53 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest header line looked at whole; a longer `Content-Length` or `Transfer-Encoding`
-/// line stops the watching (and hyper refuses such a line anyway).
+/// Longest header, chunk-size or trailer line looked at whole; a longer `Content-Length` or
+/// `Transfer-Encoding` line, chunk-size or trailer line loses the framing.
 const LINE_CAP: usize = 1024;
-/// Most verdicts kept unread (hyper reads at most a pipelined buffer ahead).
+/// Most verdicts kept unread (more pipelined heads than this lose the framing).
 const MAX_PENDING: usize = 1024;
 
-/// Per request head, in order: true when it had both headers.
-pub type Verdicts = Arc<Mutex<VecDeque<bool>>>;
+/// What the watcher found, shared with the requests of its connection.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Per request head, in order: true when it had both headers.
+    heads: VecDeque<bool>,
+    /// The watcher could not follow the framing.
+    lost: bool,
+    /// The connection was joined to a target's (after a 101): no more requests come.
+    upgraded: bool,
+}
 
-/// Takes the verdict of the next request; false when nothing was noted (the watching
-/// stopped, or the connection is not watched).
-pub fn ambiguous(verdicts: &Verdicts) -> bool {
-    verdicts
-        .lock()
-        .map(|mut v| v.pop_front().unwrap_or(false))
-        .unwrap_or(false)
+pub type Verdicts = Arc<Mutex<Found>>;
+
+/// What a request is, as far as its framing goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    /// Both Content-Length and Transfer-Encoding.
+    Ambiguous,
+    /// The watcher lost the connection's framing before this request.
+    Unfollowed,
+}
+
+/// The verdict on the connection's next request. A request whose head was not seen (the
+/// framing was lost before it) is refused: fail closed.
+pub fn next(verdicts: &Verdicts) -> Verdict {
+    let Ok(mut found) = verdicts.lock() else {
+        return Verdict::Unfollowed;
+    };
+    match found.heads.pop_front() {
+        Some(true) => Verdict::Ambiguous,
+        Some(false) => Verdict::Clean,
+        None => Verdict::Unfollowed,
+    }
+}
+
+/// The connection now carries another protocol: the watching ends.
+pub fn upgraded(verdicts: &Verdicts) {
+    if let Ok(mut found) = verdicts.lock() {
+        found.upgraded = true;
+    }
 }
 
 #[derive(Debug)]
@@ -38,12 +75,14 @@ enum Scan {
     Fixed(u64),
     ChunkSize(Vec<u8>),
     ChunkData(u64),
-    /// The CRLF after a chunk's data.
+    /// The CRLF after a chunk's data: how many of its two bytes are still to come.
     ChunkEnd(u8),
     /// Trailer lines after the last chunk, up to an empty one.
     Trailers(Vec<u8>),
-    /// An upgrade, CONNECT, or framing this does not follow: nothing more is noted.
+    /// Not watched, closed by hyper after this, or joined to a target after a 101.
     Off,
+    /// Framing this does not follow: every later request is refused.
+    Lost,
 }
 
 #[derive(Debug, Default)]
@@ -55,8 +94,6 @@ struct Head {
     length: Option<u64>,
     encoding: bool,
     chunked: bool,
-    upgrade: bool,
-    connect: bool,
 }
 
 pub struct Watched<T> {
@@ -88,18 +125,30 @@ impl<T> Watched<T> {
     }
 
     fn note(&mut self, both: bool) {
-        if let Ok(mut v) = self.verdicts.lock() {
-            if v.len() < MAX_PENDING {
-                v.push_back(both);
-            }
+        let Ok(mut found) = self.verdicts.lock() else {
+            return;
+        };
+        if found.heads.len() < MAX_PENDING {
+            found.heads.push_back(both);
+        } else {
+            found.lost = true;
+            drop(found);
+            self.scan = Scan::Lost;
         }
+    }
+
+    fn lose(&mut self) {
+        if let Ok(mut found) = self.verdicts.lock() {
+            found.lost = true;
+        }
+        self.scan = Scan::Lost;
     }
 
     /// Follows `bytes` through the framing.
     fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             match &mut self.scan {
-                Scan::Off => return,
+                Scan::Off | Scan::Lost => return,
                 Scan::Fixed(left) => {
                     let n = (*left).min(bytes.len() as u64);
                     *left -= n;
@@ -117,6 +166,12 @@ impl<T> Watched<T> {
                     }
                 }
                 Scan::ChunkEnd(left) => {
+                    // Exactly CRLF, as hyper wants it.
+                    let want = if *left == 2 { b'\r' } else { b'\n' };
+                    if bytes[0] != want {
+                        self.lose();
+                        return;
+                    }
                     *left -= 1;
                     bytes = &bytes[1..];
                     if *left == 0 {
@@ -127,25 +182,37 @@ impl<T> Watched<T> {
                     let b = bytes[0];
                     bytes = &bytes[1..];
                     if b != b'\n' {
-                        if line.len() < LINE_CAP {
-                            line.push(b);
+                        if line.len() >= LINE_CAP {
+                            self.lose();
+                            return;
                         }
+                        line.push(b);
                         continue;
                     }
                     let text = std::mem::take(line);
-                    let text = text.strip_suffix(b"\r").unwrap_or(&text);
-                    self.scan = match &self.scan {
-                        Scan::Trailers(_) if text.is_empty() => Scan::Head(Head::default()),
-                        Scan::Trailers(_) => Scan::Trailers(Vec::new()),
-                        _ => {
-                            let digits = text.split(|c| *c == b';').next().unwrap_or(b"");
-                            let size = std::str::from_utf8(digits)
-                                .ok()
-                                .and_then(|d| u64::from_str_radix(d.trim(), 16).ok());
-                            match size {
-                                Some(0) => Scan::Trailers(Vec::new()),
-                                Some(n) => Scan::ChunkData(n),
-                                None => Scan::Off,
+                    // hyper ends chunk-size and trailer lines at CRLF only.
+                    let Some(text) = text.strip_suffix(b"\r") else {
+                        self.lose();
+                        return;
+                    };
+                    let trailers = matches!(self.scan, Scan::Trailers(_));
+                    self.scan = if trailers {
+                        if text.is_empty() {
+                            Scan::Head(Head::default())
+                        } else {
+                            Scan::Trailers(Vec::new())
+                        }
+                    } else {
+                        let digits = text.split(|c| *c == b';').next().unwrap_or(b"");
+                        let size = std::str::from_utf8(digits)
+                            .ok()
+                            .and_then(|d| u64::from_str_radix(d.trim(), 16).ok());
+                        match size {
+                            Some(0) => Scan::Trailers(Vec::new()),
+                            Some(n) => Scan::ChunkData(n),
+                            None => {
+                                self.lose();
+                                return;
                             }
                         }
                     };
@@ -170,29 +237,25 @@ impl<T> Watched<T> {
                             continue;
                         }
                         let head = std::mem::take(head);
-                        self.note(head.length.is_some() && head.encoding);
-                        self.scan = if head.upgrade
-                            || head.connect
-                            || head.encoding && head.length.is_some()
-                        {
+                        let both = head.length.is_some() && head.encoding;
+                        // hyper answers both (and a final coding other than chunked) and
+                        // closes the connection: nothing after such a head is read.
+                        let next = if both || head.encoding && !head.chunked {
                             Scan::Off
                         } else if head.encoding {
-                            if head.chunked {
-                                Scan::ChunkSize(Vec::new())
-                            } else {
-                                Scan::Off
-                            }
+                            Scan::ChunkSize(Vec::new())
                         } else {
                             match head.length {
                                 Some(n) if n > 0 => Scan::Fixed(n),
                                 _ => Scan::Head(Head::default()),
                             }
                         };
+                        self.scan = next;
+                        self.note(both);
                         continue;
                     }
                     head.lines += 1;
                     if head.lines == 1 {
-                        head.connect = line.starts_with(b"CONNECT ");
                         continue;
                     }
                     let Some(colon) = line.iter().position(|c| *c == b':') else {
@@ -202,7 +265,10 @@ impl<T> Watched<T> {
                     let value = String::from_utf8_lossy(&line[colon + 1..]).to_ascii_lowercase();
                     let value = value.trim();
                     match name.as_slice() {
-                        b"content-length" | b"transfer-encoding" if long => self.scan = Scan::Off,
+                        b"content-length" | b"transfer-encoding" if long => {
+                            self.lose();
+                            return;
+                        }
                         b"content-length" => head.length = value.parse().ok().or(Some(0)),
                         b"transfer-encoding" => {
                             head.encoding = true;
@@ -211,7 +277,6 @@ impl<T> Watched<T> {
                                 .next()
                                 .is_some_and(|v| v.trim() == "chunked");
                         }
-                        b"upgrade" => head.upgrade = true,
                         _ => {}
                     }
                 }
@@ -229,7 +294,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &polled {
-            if !matches!(self.scan, Scan::Off) {
+            let watching = !matches!(self.scan, Scan::Off | Scan::Lost);
+            if watching && self.verdicts.lock().is_ok_and(|f| f.upgraded) {
+                self.scan = Scan::Off;
+            } else if watching {
                 let fresh = &buf.filled()[before..];
                 self.feed(fresh);
             }
@@ -272,13 +340,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 mod tests {
     use super::*;
 
-    fn verdicts(input: &[&[u8]]) -> Vec<bool> {
+    /// The verdicts noted, and whether the framing was lost.
+    fn watch(input: &[&[u8]]) -> (Vec<bool>, bool) {
         let (mut w, v) = Watched::new(());
         for piece in input {
             w.feed(piece);
         }
-        let out = v.lock().unwrap().iter().copied().collect();
-        out
+        let found = v.lock().unwrap();
+        (found.heads.iter().copied().collect(), found.lost)
     }
 
     #[test]
@@ -298,20 +367,39 @@ mod tests {
             fixed.as_slice(),
             b"\r\nGET /x HTTP/1.1\r\nHost: y\r\n\r\n",
             chunked.as_slice(),
-            b"GET /y HTTP/1.1\r\n\r\n",
+            b"GET /y HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
             both.as_slice(),
             b"GET /after HTTP/1.1\r\n\r\n",
         ]
         .concat();
-        // Whole, and a byte at a time.
-        assert_eq!(verdicts(&[&all]), [false, false, false, false, true]);
+        // Whole, and a byte at a time; an upgrade asked for (and not given) is followed past.
+        let want = (vec![false, false, false, false, true], false);
+        assert_eq!(watch(&[&all]), want);
         let bytes: Vec<&[u8]> = all.chunks(1).collect();
-        assert_eq!(verdicts(&bytes), [false, false, false, false, true]);
+        assert_eq!(watch(&bytes), want);
     }
 
+    /// Seen in review: a trailer section ended by a bare LF is one trailer to hyper; read as
+    /// an end it would queue a phantom head's verdict for the next request to take.
     #[test]
-    fn an_upgrade_stops_the_watching() {
-        let input = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nGET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
-        assert_eq!(verdicts(&[input]), [false]);
+    fn framing_it_cannot_follow_fails_closed() {
+        let bare_lf = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nGET /x HTTP/1.1\n\n\r\n\r\n";
+        assert_eq!(watch(&[bare_lf]), (vec![false], true));
+        let bad_chunk_end =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n";
+        assert!(watch(&[bad_chunk_end]).1);
+        let long_length = format!(
+            "GET / HTTP/1.1\r\nContent-Length: {}5\r\n\r\n",
+            " ".repeat(2000)
+        );
+        assert!(watch(&[long_length.as_bytes()]).1);
+        let many = b"GET / HTTP/1.1\n\n".repeat(MAX_PENDING + 1);
+        let (heads, lost) = watch(&[&many]);
+        assert_eq!((heads.len(), lost), (MAX_PENDING, true));
+        // Past the point it was lost, every request is refused.
+        let (mut w, v) = Watched::new(());
+        w.feed(bad_chunk_end);
+        assert_eq!(next(&v), Verdict::Clean);
+        assert_eq!(next(&v), Verdict::Unfollowed);
     }
 }

@@ -349,7 +349,8 @@ async fn serve(
                 None => {
                     // HTTP/2 without TLS (h2c) starts with its preface; anything else is
                     // HTTP/1. A client that sends nothing is cut off like a slow one.
-                    let Ok(Some(h2)) = tokio::time::timeout(limit, edge::starts_h2(&stream)).await
+                    let Ok(Some((stream, h2))) =
+                        tokio::time::timeout(limit, edge::sniff_h2(stream)).await
                     else {
                         return;
                     };
@@ -493,10 +494,28 @@ struct Caller {
 
 async fn handle(shared: &Shared, req: Request<Incoming>, caller: Caller) -> Response<Body> {
     let id = request_id(&req);
-    if caller.framing.as_ref().is_some_and(framing::ambiguous) {
+    if let Some(verdicts) = &caller.framing {
+        let refused = match framing::next(verdicts) {
+            framing::Verdict::Clean => None,
+            framing::Verdict::Ambiguous => Some(
+                "the request has both Content-Length and Transfer-Encoding, so its length is ambiguous; send one of them",
+            ),
+            framing::Verdict::Unfollowed => Some(
+                "the proxy could not follow this connection's framing (a line too long, a chunk not ended by CRLF, or too many requests sent ahead); open a new connection",
+            ),
+        };
+        if let Some(why) = refused {
+            let mut answer = problem(StatusCode::BAD_REQUEST, why.into(), &id);
+            answer
+                .headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            return answer;
+        }
+    }
+    if req.method() == hyper::Method::CONNECT {
         return problem(
-            StatusCode::BAD_REQUEST,
-            "the request has both Content-Length and Transfer-Encoding, so its length is ambiguous; send one of them".into(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT: the proxy routes requests to services, it does not open tunnels".into(),
             &id,
         );
     }
@@ -530,6 +549,23 @@ async fn handle(shared: &Shared, req: Request<Incoming>, caller: Caller) -> Resp
             &id,
         );
     };
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > edge::MAX_URI_BYTES {
+        return problem(
+            StatusCode::URI_TOO_LONG,
+            format!(
+                "the request's path and query are over {} KiB",
+                edge::MAX_URI_BYTES >> 10
+            ),
+            &id,
+        );
+    }
+    if !edge::host_is_valid(&host) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "the Host header is not a host name with an optional port".into(),
+            &id,
+        );
+    }
     let table = match shared.table.read() {
         Ok(t) => t.clone(),
         Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "no routes yet".into(), &id),

@@ -154,8 +154,9 @@ impl Rule {
         let Action::Forward { groups, next } = &self.action else {
             return None;
         };
-        for (group, _) in groups {
-            let Some(sticky) = &group.balance.sticky else {
+        for (group, weight) in groups {
+            // A group given no share takes no one, not even those holding its cookie.
+            let Some(sticky) = group.balance.sticky.as_ref().filter(|_| *weight > 0) else {
                 continue;
             };
             if let Some(task) = cookie(headers, &sticky.cookie) {
@@ -303,11 +304,14 @@ impl Table {
             .into_iter()
             .map(|e| compile(e, &groups, &positions))
             .collect();
-        // Stable: equal rules keep the table's order (by service name).
+        // Discovery (`/_/<service>`, internal) before any rule a stack declares, so no
+        // priority hides it; then priorities, then specificity. Stable: equal rules keep the
+        // table's order (by service name).
         rules.sort_by(|a, b| {
             let rank = |r: &Rule| match r.spec.priority {
-                Some(p) => (0, p, std::cmp::Reverse(r.spec.specificity())),
-                None => (1, 0, std::cmp::Reverse(r.spec.specificity())),
+                _ if r.strip_prefix => (0, 0, std::cmp::Reverse(r.spec.specificity())),
+                Some(p) => (1, p, std::cmp::Reverse(r.spec.specificity())),
+                None => (2, 0, std::cmp::Reverse(r.spec.specificity())),
             };
             rank(a).cmp(&rank(b))
         });

@@ -314,6 +314,8 @@ pub struct Outlier {
 pub const DEFAULT_OUTLIER_ERRORS: u32 = 5;
 pub const DEFAULT_EJECTION_MS: u64 = 30_000;
 pub const DEFAULT_STICKY_MS: u64 = 24 * 3600 * 1000;
+pub const MAX_SLOW_START_MS: u64 = 15 * 60 * 1000;
+pub const MAX_EJECTION_MS: u64 = 3600 * 1000;
 
 impl Default for Outlier {
     fn default() -> Self {

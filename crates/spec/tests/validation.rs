@@ -541,6 +541,34 @@ fn rule_errors_name_the_bad_input() {
         5,
         12,
     );
+    // The request's host may be used in a redirect's host; its path may not.
+    expect(
+        &errors(&route("redirect = { host = \"#{path}.x\" }")),
+        "is not a host name",
+        5,
+        21,
+    );
+    assert!(parse_str(
+        &with("[[services.web.routes]]\nredirect = { host = \"www.#{host}\" }\n"),
+        "f",
+        Format::Toml,
+        None
+    )
+    .is_ok());
+    expect(
+        &errors(&with(
+            "[services.web.balance]\noutlier = { ejection = \"2h\" }\n",
+        )),
+        "an ejection over an hour",
+        5,
+        24,
+    );
+    expect(
+        &errors(&with("[services.web.balance]\nslow_start = \"1h\"\n")),
+        "`slow_start` over 15 minutes",
+        5,
+        14,
+    );
     expect(
         &errors(&route("respond = { status = 99 }")),
         "response status 99 is out of range",

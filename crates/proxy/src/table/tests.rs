@@ -217,6 +217,29 @@ fn every_condition_kind_and_priorities() {
         .any(|(rule, m)| rule.service == "canary" && *m == Err(Miss::Header("x-canary".into()))));
 }
 
+/// Seen in review: a priority rule on `/` (an http-to-https redirect, say) came before the
+/// implicit `/_/<service>` rules and hid service discovery on the internal listener.
+#[test]
+fn discovery_comes_before_every_declared_rule() {
+    let mut everything = prefix("/");
+    everything.priority = Some(1);
+    let t = table(vec![
+        entry("web", everything),
+        entry(
+            "orders",
+            Route {
+                internal: true,
+                ..prefix("/_/orders")
+            },
+        ),
+    ]);
+    let mut r = req("x", "/_/orders/1");
+    r.internal = true;
+    assert_eq!(r.service(&t).as_deref(), Some("orders"));
+    r.internal = false;
+    assert_eq!(r.service(&t).as_deref(), Some("web"));
+}
+
 #[test]
 fn query_values_are_decoded() {
     let mut q = prefix("/");

@@ -385,11 +385,14 @@ impl Validator {
                 },
                 "host" => {
                     if let Some(h) = self.str_of(k, "\"www.example.com\"") {
-                        if h.is_empty() || h.contains(['/', ' ', '?', '#']) {
+                        // `#{host}` may stand for the request's host; nothing else may come
+                        // from the request here (a path or query would move the redirect).
+                        let plain = h.replace("#{host}", "host");
+                        if plain.starts_with("*.") || !is_route_host(&plain) {
                             self.err(
                                 k.node.loc,
                                 format!("redirect host `{h}` is not a host name"),
-                                "write a host name, or `#{host}` for the request's",
+                                "write a lowercase host name such as \"www.example.com\", or one with `#{host}` for the request's, e.g. \"www.#{host}\"",
                             );
                         }
                         r.host = Some(h.to_string());
@@ -600,11 +603,15 @@ impl Validator {
                     ),
                     None => {}
                 },
-                "slow_start" => {
-                    if let Some(ms) = self.duration_of(k) {
-                        b.slow_start_ms = ms;
-                    }
-                }
+                "slow_start" => match self.duration_of(k) {
+                    Some(ms) if ms <= MAX_SLOW_START_MS => b.slow_start_ms = ms,
+                    Some(_) => self.err(
+                        k.node.loc,
+                        "`slow_start` over 15 minutes",
+                        "a new target reaches its full share over at most \"15m\"",
+                    ),
+                    None => {}
+                },
                 "sticky" => b.sticky = self.sticky(k),
                 "outlier" => {
                     if let Some(o) = self.outlier(k) {
@@ -689,6 +696,11 @@ impl Validator {
                         },
                         "ejection" => match self.duration_of(k)? {
                             0 => self.err(k.node.loc, "an ejection of no time", "use e.g. \"30s\""),
+                            ms if ms > MAX_EJECTION_MS => self.err(
+                                k.node.loc,
+                                "an ejection over an hour",
+                                "use at most \"1h\"; the target proves itself again after it",
+                            ),
                             ms => o.ejection_ms = ms,
                         },
                         _ => self.diags.push(unknown_key(k, OUTLIER_KEYS, "in `outlier`")),
