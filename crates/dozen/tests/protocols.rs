@@ -257,3 +257,38 @@ fn a_websocket_is_echoed_through_the_proxy() {
     let _ = s.read_to_end(&mut rest);
     assert_eq!(rest.first(), Some(&0x88));
 }
+
+/// An HTTP/2 connection that opens no stream is closed once the header timeout has passed
+/// (GOAWAY, then the end), as an idle HTTP/1 connection is: it does not keep its place under
+/// the connection cap for ever.
+#[test]
+fn an_idle_http2_connection_is_closed() {
+    let mut d = Dozen::new(DOZEN);
+    d.server_args
+        .extend(["--proxy-header-timeout", "1s"].map(String::from));
+    d.start_server(true);
+    let mut s = TcpStream::connect(("127.0.0.1", d.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The preface and an empty SETTINGS frame, then nothing.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // Somewhere in what came back: a GOAWAY frame (type 7).
+    let mut at = 0;
+    let mut goaway = false;
+    while at + 9 <= got.len() {
+        let len = (usize::from(got[at]) << 16)
+            | (usize::from(got[at + 1]) << 8)
+            | usize::from(got[at + 2]);
+        goaway |= got[at + 3] == 7;
+        at += 9 + len;
+    }
+    assert!(goaway, "{got:?}");
+}

@@ -391,12 +391,24 @@ async fn connection<S>(
         stream
     };
     let io = TokioIo::new(stream);
+    // When the connection last started a request, and how many it has in flight: an HTTP/2
+    // connection that stays without any for the header timeout is closed, as an idle HTTP/1
+    // one is.
+    let activity = Arc::new(Activity {
+        last_ms: std::sync::atomic::AtomicU64::new(balance::now_ms()),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+    });
     let service = hyper::service::service_fn({
         let shared = shared.clone();
+        let activity = activity.clone();
         move |req| {
             let shared = shared.clone();
             let caller = caller.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, req, caller).await) }
+            let activity = activity.clone();
+            async move {
+                let _busy = activity.start();
+                Ok::<_, Infallible>(handle(&shared, req, caller).await)
+            }
         }
     });
     if h2 {
@@ -408,12 +420,26 @@ async fn connection<S>(
             .keep_alive_timeout(Duration::from_secs(20))
             .serve_connection(io, service);
         tokio::pin!(connection);
-        tokio::select! {
-            _ = connection.as_mut() => {}
-            _ = until_stopped(&mut stopped) => {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+        let idle = shared.edge.header_read_timeout;
+        let stopping = loop {
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = until_stopped(&mut stopped) => break true,
+                _ = tokio::time::sleep(idle / 4) => {
+                    if activity.idle_for(idle) {
+                        tracing::debug!("closing an idle HTTP/2 connection");
+                        break false;
+                    }
+                }
             }
+        };
+        // GOAWAY: streams in flight finish, no new ones start. An idle peer gets as long
+        // again to take it (hyper waits for its ping's answer), then is dropped.
+        connection.as_mut().graceful_shutdown();
+        if stopping {
+            let _ = connection.await;
+        } else {
+            let _ = tokio::time::timeout(idle, connection).await;
         }
         return;
     }
@@ -477,6 +503,40 @@ fn problem(status: StatusCode, message: String, id: &str) -> Response<Body> {
         h.insert("x-request-id", v);
     }
     resp
+}
+
+/// A connection's requests: when the last one started, and how many are being handled.
+struct Activity {
+    last_ms: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a request as being handled until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> Busy {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.last_ms.store(balance::now_ms(), Relaxed);
+        self.in_flight.fetch_add(1, Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Nothing in flight, and nothing started for `limit`.
+    fn idle_for(&self, limit: Duration) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.in_flight.load(Relaxed) == 0
+            && balance::now_ms().saturating_sub(self.last_ms.load(Relaxed))
+                >= limit.as_millis() as u64
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.last_ms.store(balance::now_ms(), Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Who a request came from, and the connection permit it holds.
