@@ -16,6 +16,7 @@ pub mod desired;
 pub mod events;
 pub mod leader;
 pub mod nodes;
+pub mod params;
 pub mod pki;
 pub mod proxies;
 pub mod registry;

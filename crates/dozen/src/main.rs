@@ -12,6 +12,7 @@ mod events;
 mod exec;
 mod identity;
 mod inventory;
+mod master_key;
 mod node_flags;
 mod oneoff;
 mod output;

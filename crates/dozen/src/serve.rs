@@ -17,6 +17,8 @@ use crate::Global;
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
+    #[command(flatten)]
+    pub root_key: crate::master_key::RootKeyArgs,
     /// Address the API listens on. Plain HTTP: keep it on loopback.
     #[arg(long, env = "DOZEN_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
@@ -510,6 +512,15 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let tls = server_tls(args)?;
     let server_id = read_or_create_secret(&data.join("server-id"), 8)?;
     let store = open_store(data, args).await?;
+    // The parameter store's keys open with the root key, or nothing starts (and nothing is
+    // written).
+    let stored_keks = dozen_control::params::stored_keks(&*store).await?;
+    let (root, root_source) =
+        crate::master_key::root_key(data, &args.root_key, !stored_keks.is_empty())?;
+    let _keyring = dozen_control::params::open_keyring(&*store, &root, &stored_keks)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (the root key given: {root_source})"))?;
+    drop(root);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {

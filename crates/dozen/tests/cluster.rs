@@ -307,6 +307,8 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
     // Two servers over TLS, each given the CA directory. etcd's shortest lease here is 3 s
     // (1.5 election timeouts).
     let token = cluster.token.clone();
+    // Servers of one store share its root key.
+    let master_key = dozen_api::tls::random_hex(32).unwrap();
     let ca_mount = format!("{}:/ca:ro", cluster.ca_dir().display());
     for (i, ip) in [(1, 21u8), (2, 22u8)] {
         let container = format!("{}-server{i}", cluster.prefix);
@@ -315,7 +317,7 @@ fn demo_stack_across_nodes_survives_losing_the_leader() {
             &container,
             ip,
             "dozen-test/dozen:latest",
-            &[("DOZEN_TOKEN", &token)],
+            &[("DOZEN_TOKEN", &token), ("DOZEN_MASTER_KEY", &master_key)],
             &["-d", "-v", &ca_mount],
             &[
                 "server",

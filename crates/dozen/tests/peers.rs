@@ -51,6 +51,9 @@ fn start_server_with_agent(work: &Path, name: &str, store: &str, node: Option<&s
         .arg(work.join("ca"))
         .arg("--token-file")
         .arg(work.join("token"))
+        // Servers of one store share its root key.
+        .arg("--master-key-file")
+        .arg(work.join("master.key"))
         .args(match node {
             Some(node) => {
                 let (low, high) = dozen_testkit::random_port_range();

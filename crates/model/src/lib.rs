@@ -200,6 +200,7 @@ macro_rules! record {
     };
 }
 
+pub mod params;
 pub mod registry;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]

@@ -1,0 +1,94 @@
+//! The root key of the parameter store: it seals the key-encryption keys, which seal the data
+//! keys of secret values. From `DOZEN_MASTER_KEY`, else the key file, else (only for a store
+//! that holds no keys yet) a new one written to the key file, readable by its owner alone.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use dozen_params::Key;
+
+#[derive(Args, Debug, Clone)]
+pub struct RootKeyArgs {
+    /// The parameter store's root key file (64 hex digits, mode 0600). Default:
+    /// <data-dir>/master.key, written on first start. Back it up: without it no secret this
+    /// store holds can be read. `DOZEN_MASTER_KEY` (the key itself) takes precedence.
+    #[arg(long, env = "DOZEN_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+}
+
+/// The root key, and where it came from (for messages; never the key).
+pub fn root_key(
+    data: &Path,
+    args: &RootKeyArgs,
+    store_has_keys: bool,
+) -> anyhow::Result<(Key, String)> {
+    if let Some(given) = std::env::var_os("DOZEN_MASTER_KEY").filter(|v| !v.is_empty()) {
+        let key = Key::parse(&given.to_string_lossy()).context("DOZEN_MASTER_KEY")?;
+        return Ok((key, "DOZEN_MASTER_KEY".into()));
+    }
+    let path = args
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| data.join("master.key"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                bail!(
+                    "the root key file {} can be read by others (mode {:o}): `chmod 600 {}`",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                );
+            }
+            let key = Key::parse(&text)
+                .with_context(|| format!("the root key file {}", path.display()))?;
+            Ok((key, path.display().to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if store_has_keys {
+                bail!(
+                    "this store's secrets are sealed with a root key, and none was given: set DOZEN_MASTER_KEY, or put the key file this store was first started with at {} (--master-key-file)",
+                    path.display()
+                );
+            }
+            let key = Key::generate()?;
+            match write_new(&path, &key) {
+                Ok(()) => {
+                    tracing::info!(file = %path.display(), "a new root key for the parameter store: back it up; without it no secret stored here can be read");
+                    Ok((key, path.display().to_string()))
+                }
+                // Another server sharing the file made it first: use that one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    root_key(data, args, store_has_keys)
+                }
+                Err(e) => Err(e)
+                    .with_context(|| format!("cannot create the root key file {}", path.display())),
+            }
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot read the root key file {}", path.display()))
+        }
+    }
+}
+
+/// Writes the key aside and links it into place, so a reader never sees half a key and a
+/// second writer finds the first one's file.
+fn write_new(path: &Path, key: &Key) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{}\n", key.to_hex()).as_bytes())?;
+    f.sync_all()?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked
+}
