@@ -205,6 +205,23 @@ pub(crate) async fn forward(
     }
     let upstream_path = rule.upstream_path(&path_and_query).into_owned();
     let service = &group.name;
+    let access = |parts: &hyper::http::request::Parts, target: &str, status: u16, elapsed_ms| {
+        shared.access.log(crate::access::Line {
+            service,
+            method: &parts.method,
+            uri: &parts.uri,
+            host: &host,
+            target,
+            status,
+            elapsed_ms,
+            id: &id,
+        })
+    };
+    // An attempt that got no answer: it counts against its target.
+    let failed = |attempt: &TargetState, elapsed_ms| {
+        group.outcome(attempt, false);
+        attempt.counters.record(None, elapsed_ms);
+    };
     let mut attempt: Arc<TargetState> = pick.target.clone();
     let mut retried = false;
     loop {
@@ -283,16 +300,7 @@ pub(crate) async fn forward(
                         rparts.headers.append(hyper::header::SET_COOKIE, v);
                     }
                 }
-                shared.access.log(crate::access::Line {
-                    service,
-                    method: &parts.method,
-                    uri: &parts.uri,
-                    host: &host,
-                    target: &attempt.addr,
-                    status: status.as_u16(),
-                    elapsed_ms,
-                    id: &id,
-                });
+                access(&parts, &attempt.addr, status.as_u16(), elapsed_ms);
                 let body = Tracked {
                     inner: rbody,
                     _in_flight: in_flight,
@@ -304,27 +312,16 @@ pub(crate) async fn forward(
                     && (e.is_connect()
                         || (is_idempotent(&parts.method) && closed_without_answer(&e))) =>
             {
-                group.outcome(&attempt, false);
-                attempt.counters.record(None, elapsed_ms);
+                failed(&attempt, elapsed_ms);
                 tracing::info!(service = %service, target = %attempt.addr, request_id = %id, error = %e, "target failed before answering; retrying on another target");
                 attempt = pick.retry.clone().unwrap_or_else(|| pick.target.clone());
                 retried = true;
             }
             Ok(Err(e)) => {
-                group.outcome(&attempt, false);
-                attempt.counters.record(None, elapsed_ms);
+                failed(&attempt, elapsed_ms);
                 group.counters.record(Some(502), elapsed_ms);
                 tracing::warn!(service = %service, target = %attempt.addr, request_id = %id, error = %e, "upstream failed");
-                shared.access.log(crate::access::Line {
-                    service,
-                    method: &parts.method,
-                    uri: &parts.uri,
-                    host: &host,
-                    target: &attempt.addr,
-                    status: 502,
-                    elapsed_ms,
-                    id: &id,
-                });
+                access(&parts, &attempt.addr, 502, elapsed_ms);
                 let what = if e.is_connect() {
                     "could not connect to"
                 } else {
@@ -337,20 +334,10 @@ pub(crate) async fn forward(
                 );
             }
             Err(_) => {
-                group.outcome(&attempt, false);
-                attempt.counters.record(None, elapsed_ms);
+                failed(&attempt, elapsed_ms);
                 group.counters.record(Some(504), elapsed_ms);
                 tracing::warn!(service = %service, target = %attempt.addr, request_id = %id, "upstream timed out");
-                shared.access.log(crate::access::Line {
-                    service,
-                    method: &parts.method,
-                    uri: &parts.uri,
-                    host: &host,
-                    target: &attempt.addr,
-                    status: 504,
-                    elapsed_ms,
-                    id: &id,
-                });
+                access(&parts, &attempt.addr, 504, elapsed_ms);
                 return problem(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
