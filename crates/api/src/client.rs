@@ -261,6 +261,29 @@ impl Client {
         Ok(())
     }
 
+    /// Any method, with a query and a JSON body, answering JSON.
+    pub(crate) async fn request<T: DeserializeOwned, Q: Serialize, B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &Q,
+        body: Option<&B>,
+    ) -> Result<T, ApiError> {
+        let build = |url: &str| {
+            let req = self
+                .http
+                .request(method.clone(), url)
+                .query(query)
+                .timeout(ONE_SHOT_TIMEOUT);
+            match body {
+                Some(body) => req.json(body),
+                None => req,
+            }
+        };
+        let resp = self.send(build, path).await?;
+        self.json(resp, path).await
+    }
+
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let resp = self
             .send(|url| self.http.delete(url).timeout(ONE_SHOT_TIMEOUT), path)

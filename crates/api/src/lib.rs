@@ -17,6 +17,7 @@ pub mod agent;
 pub mod client;
 pub mod lease;
 pub mod ndjson;
+pub mod params;
 pub mod paths;
 pub mod serving;
 pub mod tls;

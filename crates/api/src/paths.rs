@@ -41,6 +41,21 @@ pub const NODE_ASSIGNMENTS: &str = "/v1/nodes/{node}/assignments";
 pub const NODE_STATUS: &str = "/v1/nodes/{node}/status";
 pub const NODE_REVOKE: &str = "/v1/nodes/{node}/revoke";
 pub const JOIN_TOKENS: &str = "/v1/join-tokens";
+/// The parameter store: one parameter (`?name=`), a listing by path, history, labels.
+pub const PARAM: &str = "/v1/param";
+pub const PARAMS: &str = "/v1/params";
+pub const PARAM_HISTORY: &str = "/v1/param/history";
+pub const PARAM_LABELS: &str = "/v1/param/labels";
+/// Key-encryption keys: list, rotate (or import), rewrap.
+pub const KEYS: &str = "/v1/keys";
+pub const KEYS_ROTATE: &str = "/v1/keys/rotate";
+pub const KEYS_REWRAP: &str = "/v1/keys/rewrap";
+/// Operator tokens with policies.
+pub const TOKENS: &str = "/v1/tokens";
+pub const TOKEN: &str = "/v1/tokens/{name}";
+/// This server's audit trail, and the check of its hash chain.
+pub const AUDIT: &str = "/v1/audit";
+pub const AUDIT_VERIFY: &str = "/v1/audit/verify";
 
 /// An agent's own API (served by each agent, called by servers): its tasks' logs.
 pub const AGENT_LOGS: &str = "/v1/agent/logs";
@@ -86,6 +101,17 @@ pub const SERVER_ROUTES: &[(&str, &[&str])] = &[
     (NODE_STATUS, &["put"]),
     (NODE_REVOKE, &["post"]),
     (JOIN_TOKENS, &["post"]),
+    (PARAM, &["get", "put", "delete"]),
+    (PARAMS, &["get"]),
+    (PARAM_HISTORY, &["get"]),
+    (PARAM_LABELS, &["post"]),
+    (KEYS, &["get"]),
+    (KEYS_ROTATE, &["post"]),
+    (KEYS_REWRAP, &["post"]),
+    (TOKENS, &["get", "post"]),
+    (TOKEN, &["delete"]),
+    (AUDIT, &["get"]),
+    (AUDIT_VERIFY, &["get"]),
 ];
 
 /// `template` with each `{name}` segment replaced, in order, by `values` (percent-encoded, so

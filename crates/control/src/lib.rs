@@ -10,6 +10,7 @@
 //!   parse and authorise, then call one of these.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 mod batch;
 pub mod controller;
 pub mod desired;
@@ -31,10 +32,16 @@ use dozen_store::StoreError;
 pub enum ControlError {
     #[error("{kind} `{name}` not found")]
     NotFound { kind: &'static str, name: String },
+    /// Not found, in a sentence of its own (what is there instead).
+    #[error("{0}")]
+    Absent(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// It existed, and is no longer readable (an expired parameter).
+    #[error("{0}")]
+    Gone(String),
     /// A heartbeat for a lease the record no longer holds: register again.
     #[error("{0}")]
     LeaseLost(String),

@@ -16,6 +16,7 @@ mod master_key;
 mod node_flags;
 mod oneoff;
 mod output;
+mod params;
 mod proxy_flags;
 mod routes;
 mod serve;
@@ -164,6 +165,18 @@ enum Command {
     /// List the routing rules proxies serve, in the order they try them; `routes test URL`
     /// says which rule a request meets and why the ones before it did not.
     Routes(routes::RoutesArgs),
+    /// The parameter store: config and secrets, versioned, labelled, encrypted at rest.
+    #[command(subcommand)]
+    Param(params::ParamCommand),
+    /// The key-encryption keys that seal secret values: list, rotate, import, rewrap.
+    #[command(subcommand)]
+    Keys(params::KeysCommand),
+    /// Operator tokens with policies (admin, read-only, read:/path/*, write:/path/*).
+    #[command(subcommand)]
+    Token(params::TokenCommand),
+    /// The audit trail: every secret read, write, denial and key operation (`verify` checks
+    /// its hash chain).
+    Audit(params::AuditArgs),
     /// Print the JSON Schema of the stack file.
     Schema,
     /// The HTTP API itself.
@@ -306,6 +319,10 @@ fn main() -> ExitCode {
             Command::Context(c) => identity::context(&global, c),
             Command::Proxies => inventory::proxies(&global).await,
             Command::Routes(a) => routes::routes(&global, a).await,
+            Command::Param(c) => params::param(&global, c).await,
+            Command::Keys(c) => params::keys(&global, c).await,
+            Command::Token(c) => params::token(&global, c).await,
+            Command::Audit(a) => params::audit(&global, a).await,
             Command::Schema => {
                 println!(
                     "{}",

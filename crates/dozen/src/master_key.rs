@@ -15,6 +15,48 @@ pub struct RootKeyArgs {
     /// store holds can be read. `DOZEN_MASTER_KEY` (the key itself) takes precedence.
     #[arg(long, env = "DOZEN_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// How often parameters' expiry dates are checked (warning and expiry events).
+    #[arg(long, default_value = "10s", value_parser = crate::commands::parse_duration, hide = true)]
+    pub param_expiry_every: std::time::Duration,
+}
+
+/// The parameter store (its keys opened with the root key) and this server's audit trail.
+/// A root key that does not open the store's keys stops the start before anything is written.
+pub async fn open_param_store(
+    data: &Path,
+    args: &RootKeyArgs,
+    store: &std::sync::Arc<dyn dozen_store::Store>,
+    server_id: &str,
+) -> anyhow::Result<(
+    std::sync::Arc<dozen_control::params::ParamStore>,
+    std::sync::Arc<dozen_control::audit::AuditLog>,
+)> {
+    let stored = dozen_control::params::stored_keks(store.as_ref()).await?;
+    let (root, root_source) = root_key(data, args, !stored.is_empty())?;
+    let params = dozen_control::params::ParamStore::open(store.clone(), root)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (the root key given: {root_source})"))?;
+    let audit_dir = data.join("audit");
+    let audit = dozen_control::audit::AuditLog::open(&audit_dir, server_id)
+        .with_context(|| format!("cannot open the audit trail in {}", audit_dir.display()))?;
+    Ok((std::sync::Arc::new(params), std::sync::Arc::new(audit)))
+}
+
+/// Records each parameter's expiry warning and expiry as they come due.
+pub async fn expiry_loop(
+    params: std::sync::Arc<dozen_control::params::ParamStore>,
+    every: std::time::Duration,
+    server_id: String,
+) {
+    let by = format!("server {server_id}");
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = params.expiry_pass(dozen_control::wall_ms(), &by).await {
+            tracing::warn!(error = %e, "cannot check parameters' expiry");
+        }
+    }
 }
 
 /// The root key, and where it came from (for messages; never the key).

@@ -514,13 +514,8 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let store = open_store(data, args).await?;
     // The parameter store's keys open with the root key, or nothing starts (and nothing is
     // written).
-    let stored_keks = dozen_control::params::stored_keks(&*store).await?;
-    let (root, root_source) =
-        crate::master_key::root_key(data, &args.root_key, !stored_keks.is_empty())?;
-    let _keyring = dozen_control::params::open_keyring(&*store, &root, &stored_keks)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} (the root key given: {root_source})"))?;
-    drop(root);
+    let (params, audit) =
+        crate::master_key::open_param_store(data, &args.root_key, &store, &server_id).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -568,7 +563,14 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
         ),
         None => None,
     };
+    state.params = Some(params.clone());
+    state.audit = Some(audit);
     let state = Arc::new(state);
+    tokio::spawn(crate::master_key::expiry_loop(
+        params,
+        args.root_key.param_expiry_every,
+        server_id.clone(),
+    ));
     tokio::spawn(dozen_server::blobs::collect_loop(state.clone()));
     let advertised = advertised_url(args, address, tls.is_some());
     tokio::spawn(dozen_server::register_with_peers(

@@ -88,6 +88,15 @@ pub enum EventKind {
     LeaderChanged {
         server: String,
     },
+    /// A parameter's expiry is near.
+    ParamExpiring {
+        name: String,
+        expires_at_ms: u64,
+    },
+    /// A parameter expired: reads of it are refused until a new version is put.
+    ParamExpired {
+        name: String,
+    },
 }
 
 impl EventKind {
@@ -141,6 +150,16 @@ impl EventKind {
             EventKind::NodeDown => "node down: its heartbeats stopped".into(),
             EventKind::NodeUp => "node up".into(),
             EventKind::LeaderChanged { server } => format!("{server} leads the controllers"),
+            EventKind::ParamExpiring {
+                name,
+                expires_at_ms,
+            } => format!(
+                "parameter {name} expires at {}: put a new version before then",
+                crate::utc_time(*expires_at_ms)
+            ),
+            EventKind::ParamExpired { name } => {
+                format!("parameter {name} expired: reads are refused until a new version is put")
+            }
         }
     }
 
@@ -156,6 +175,8 @@ impl EventKind {
                 | EventKind::Exited { .. }
                 | EventKind::Restarting { .. }
                 | EventKind::NodeDown
+                | EventKind::ParamExpiring { .. }
+                | EventKind::ParamExpired { .. }
         )
     }
 }

@@ -12,6 +12,10 @@
 //! No IO here beyond the system's random numbers: the shell stores the sealed records.
 #![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod names;
+pub mod policy;
+
 use base64::Engine as _;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};

@@ -9,6 +9,7 @@ use axum::response::Response;
 use dozen_api::tls::PeerIdentity;
 use dozen_api::{bearer_token, token_matches, AUTHORIZATION};
 use dozen_control::pki;
+use dozen_params::policy::Policy;
 
 use crate::error::error;
 use crate::{AppState, ConnectionInfo};
@@ -24,6 +25,32 @@ pub(crate) async fn authenticate(
     if token_matches(given.as_bytes(), state.token.as_bytes()) {
         request.extensions_mut().insert(Caller::Operator);
         return next.run(request).await;
+    }
+    if dozen_control::params::tokens::claimed_name(given).is_some() {
+        return match dozen_control::params::tokens::authenticate(state.store.as_ref(), given).await
+        {
+            Ok(Some((name, policy))) => {
+                let caller = Caller::Token {
+                    name,
+                    policy: Arc::new(policy),
+                };
+                if let Err(reason) = token_may(&caller, request.method(), request.uri().path()) {
+                    return error(StatusCode::FORBIDDEN, reason, None);
+                }
+                request.extensions_mut().insert(caller);
+                next.run(request).await
+            }
+            Ok(None) => error(
+                StatusCode::UNAUTHORIZED,
+                "the token is not valid: revoked, expired or mistyped".into(),
+                Some("`dozen token ls` lists the tokens that exist".into()),
+            ),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot check the token now: {e}"),
+                None,
+            ),
+        };
     }
     let connection = request.extensions().get::<ConnectionInfo>().cloned();
     if let Some(ConnectionInfo {
@@ -67,10 +94,70 @@ pub(crate) async fn authenticate(
 /// Who a request comes from, as [`authenticate`] established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// Showed the API token.
+    /// Showed the cluster's first token (the data dir's `token` file): an admin.
     Operator,
+    /// Showed a token made with `dozen token create`, which carries a policy.
+    Token { name: String, policy: Arc<Policy> },
     /// Showed a node certificate (and no token) naming this node.
     Node(String),
+}
+
+impl Caller {
+    /// How the audit trail and denials name the caller.
+    pub fn who(&self) -> String {
+        match self {
+            Caller::Operator => "root token".into(),
+            Caller::Token { name, .. } => format!("token {name}"),
+            Caller::Node(node) => format!("node {node}"),
+        }
+    }
+
+    pub fn policy(&self) -> std::borrow::Cow<'_, Policy> {
+        match self {
+            Caller::Operator => std::borrow::Cow::Owned(Policy::admin()),
+            Caller::Token { policy, .. } => std::borrow::Cow::Borrowed(policy),
+            Caller::Node(_) => std::borrow::Cow::Owned(Policy::default()),
+        }
+    }
+}
+
+/// The routes of the parameter store check their caller's policy themselves, per parameter.
+fn is_param_route(path: &str) -> bool {
+    use dozen_api::paths;
+    [
+        paths::PARAM,
+        paths::PARAMS,
+        paths::PARAM_HISTORY,
+        paths::PARAM_LABELS,
+        paths::KEYS,
+        paths::KEYS_ROTATE,
+        paths::KEYS_REWRAP,
+        paths::TOKENS,
+        paths::TOKEN,
+        paths::AUDIT,
+        paths::AUDIT_VERIFY,
+    ]
+    .iter()
+    .any(|route| dozen_api::paths::parameters(route, path).is_some())
+}
+
+/// What a token's policy opens outside the parameter store: everything for `admin`, reads
+/// for `read-only`, nothing for path permissions alone.
+fn token_may(caller: &Caller, method: &axum::http::Method, path: &str) -> Result<(), String> {
+    let policy = caller.policy();
+    if policy.is_admin() || is_param_route(path) {
+        return Ok(());
+    }
+    let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
+    if read && policy.may_read_state() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} may not {method} {path}: that needs the permission `{}` (it has {})",
+        caller.who(),
+        if read { "read-only" } else { "admin" },
+        policy.describe()
+    ))
 }
 /// What a node's certificate allows: acting as that node (and its proxy), reading routes,
 /// blobs and cluster facts; never as another node or as an operator. A revoked certificate

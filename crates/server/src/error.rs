@@ -33,9 +33,12 @@ impl IntoResponse for ApiFailure {
 impl From<ControlError> for ApiFailure {
     fn from(e: ControlError) -> Self {
         let status = match &e {
-            ControlError::NotFound { .. } | ControlError::LeaseLost(_) => StatusCode::NOT_FOUND,
+            ControlError::NotFound { .. }
+            | ControlError::LeaseLost(_)
+            | ControlError::Absent(_) => StatusCode::NOT_FOUND,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::Gone(_) => StatusCode::GONE,
             ControlError::LostLeadership => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Store(StoreError::Compacted { .. }) => StatusCode::GONE,
             ControlError::Store(StoreError::NoSpace { .. }) => StatusCode::SERVICE_UNAVAILABLE,

@@ -26,6 +26,7 @@ mod events;
 mod logs;
 mod nodes;
 mod openapi;
+mod params;
 mod peers;
 mod pki;
 pub mod registry;
@@ -68,6 +69,10 @@ pub struct AppState {
         std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The registry's blob uploads in progress on this server.
     pub(crate) uploads: registry::Uploads,
+    /// The parameter store, with its keys open (None: its routes answer 503).
+    pub params: Option<Arc<dozen_control::params::ParamStore>>,
+    /// This server's audit trail (None: the parameter store's routes answer 503).
+    pub audit: Option<Arc<dozen_control::audit::AuditLog>>,
 }
 
 impl AppState {
@@ -95,6 +100,8 @@ impl AppState {
             pulls: Default::default(),
             uploads: Default::default(),
             retention: Default::default(),
+            params: None,
+            audit: None,
         }
     }
 }
@@ -438,6 +445,7 @@ fn operator_and_node_routes() -> Routes {
                 .body::<JoinTokenRequest>(),
             pki::create_join_token,
         )
+        .merge(params::routes())
 }
 
 async fn openapi_document() -> axum::Json<serde_json::Value> {
