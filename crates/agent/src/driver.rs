@@ -85,7 +85,23 @@ pub struct TaskConfig {
     pub mounts: Vec<Mount>,
     /// Where the task's stdout and stderr go (`MILLIS o|e TEXT` lines, read by `dozen logs`).
     pub log: PathBuf,
+    /// Its secrets and identity, on a memory file system (see [`crate::secrets`]).
+    pub secrets: Option<Secrets>,
 }
+
+/// Where a task's secrets were delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secrets {
+    /// One file per secret (`secrets_as = "file"`), and the identity token.
+    pub dir: PathBuf,
+    pub token_file: PathBuf,
+    /// `secrets_as = "env"`: the values, for the driver to put in the environment.
+    pub env_file: Option<PathBuf>,
+    pub expires_at_ms: u64,
+}
+
+/// Where a container sees its secrets directory.
+pub const CONTAINER_SECRETS_DIR: &str = "/run/secrets";
 
 /// A running (or adopted) task as its driver knows it. `state` is the driver's own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,6 +33,7 @@ mod mirror;
 pub mod os;
 pub mod ports;
 pub(crate) mod runner;
+pub mod secrets;
 mod server;
 pub mod shim;
 mod stats;

@@ -47,6 +47,8 @@ pub(crate) struct Runner {
     status: TaskStatus,
     /// Why the last generation ended badly, for the message of the next one's backoff.
     last_failure: Option<String>,
+    /// Keeps the task's identity token fresh while it runs.
+    renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runner {
@@ -87,6 +89,7 @@ impl Runner {
             record,
             status,
             last_failure: None,
+            renewal: None,
         };
         match recovered {
             Recovered::Running(handle) => {
@@ -371,6 +374,29 @@ impl Runner {
             }
             None => None,
         };
+        let secrets = if crate::secrets::wanted(a) {
+            let delivered = crate::secrets::deliver(
+                &self.shared.client,
+                &self.shared.config.node_name,
+                &self.shared.config.data_dir,
+                a,
+                other,
+            )
+            .await?;
+            if let Some(previous) = self.renewal.take() {
+                previous.abort();
+            }
+            self.renewal = Some(tokio::spawn(crate::secrets::renew(
+                self.shared.client.clone(),
+                self.shared.config.node_name.clone(),
+                self.task.clone(),
+                delivered.clone(),
+                other,
+            )));
+            Some(delivered)
+        } else {
+            None
+        };
         let config = TaskConfig {
             task: self.task.clone(),
             node: self.shared.config.node_name.clone(),
@@ -398,6 +424,7 @@ impl Runner {
                 })
                 .collect(),
             log: self.dir.join(shim::LOG),
+            secrets,
         };
         self.record.handle = None;
         self.save_record();
@@ -608,6 +635,10 @@ impl Runner {
         if let Some(port) = self.record.port.take() {
             self.shared.ports.release(port);
         }
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        crate::secrets::remove(&self.shared.config.data_dir, &self.task);
         self.shared.drivers.release(&self.task);
         let _ = std::fs::write(self.dir.join(REMOVED_MARKER), shim::wall_ms().to_string());
         let mut runners = self

@@ -59,6 +59,10 @@ pub struct Launch {
     /// Disk the task's logs may take; None: [`LOG_MAX_BYTES`].
     #[serde(default)]
     pub log_max_bytes: Option<u64>,
+    /// A JSON object of environment variables to add (the task's secrets, for
+    /// `secrets_as = "env"`), on a memory file system: never in this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<PathBuf>,
 }
 
 /// How long the rest of a task's process group may linger when the launch does not say.
@@ -410,10 +414,21 @@ pub fn main(dir: &Path) -> i32 {
     let Some((program, args)) = launch.argv.split_first() else {
         return fail("empty command".into());
     };
+    let secret_env: BTreeMap<String, String> = match &launch.secret_env {
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(values) => values,
+            Err(e) => return fail(format!("cannot read the task's secrets ({e})")),
+        },
+        None => BTreeMap::new(),
+    };
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
         .envs(&launch.env)
+        .envs(&secret_env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

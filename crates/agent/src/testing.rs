@@ -43,6 +43,7 @@ pub(crate) fn assignment(task: &str, service: &str) -> Assignment {
         },
         artifact_digest: None,
         image_pin: None,
+        secrets: Default::default(),
         created_at_ms: 0,
         drain_since_ms: None,
     }

@@ -97,6 +97,14 @@ impl Client {
         }
     }
 
+    /// The same servers and TLS, presenting `token` instead (a task's identity).
+    pub fn with_token(&self, token: &str) -> Client {
+        Client {
+            token: token.to_string(),
+            ..self.clone()
+        }
+    }
+
     /// The server calls go to now.
     pub fn base(&self) -> &str {
         let i = self.current.load(Ordering::Relaxed);

@@ -171,6 +171,20 @@ pub struct AuditVerification {
     pub broken: Option<String>,
 }
 
+/// `POST /v1/tasks/{task}/token`: the identity of a task, for its node's agent.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskTokenRequest {
+    /// The node the task is assigned to (a node certificate may ask for its own only).
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskToken {
+    pub token: String,
+    pub expires_at_ms: u64,
+}
+
 use crate::client::{ApiError, Client};
 use crate::paths::{self, fill};
 use reqwest::Method;
@@ -243,6 +257,13 @@ impl Client {
 
     pub async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, ApiError> {
         self.request::<_, _, ()>(Method::GET, paths::AUDIT, query, None)
+            .await
+    }
+
+    pub async fn task_token(&self, task: &str, node: &str) -> Result<TaskToken, ApiError> {
+        let path = fill(paths::TASK_TOKEN, &[task]);
+        let req = TaskTokenRequest { node: node.into() };
+        self.request(Method::POST, &path, NO_QUERY, Some(&req))
             .await
     }
 

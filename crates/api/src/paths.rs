@@ -25,6 +25,8 @@ pub const SERVICE_RUN: &str = "/v1/services/{service}/run";
 pub const TASKS: &str = "/v1/tasks";
 pub const TASK: &str = "/v1/tasks/{task}";
 pub const TASK_EXEC: &str = "/v1/tasks/{task}/exec";
+/// A task's identity (a short-lived token), for its node's agent.
+pub const TASK_TOKEN: &str = "/v1/tasks/{task}/token";
 pub const LOGS: &str = "/v1/logs";
 pub const STATS: &str = "/v1/stats";
 pub const EVENTS: &str = "/v1/events";
@@ -85,6 +87,7 @@ pub const SERVER_ROUTES: &[(&str, &[&str])] = &[
     (TASKS, &["get"]),
     (TASK, &["get", "delete"]),
     (TASK_EXEC, &["post"]),
+    (TASK_TOKEN, &["post"]),
     (LOGS, &["get"]),
     (STATS, &["get"]),
     (EVENTS, &["get"]),

@@ -455,6 +455,7 @@ impl Controller {
                     spec: release.spec.clone(),
                     artifact_digest: release.artifact_digest.clone(),
                     image_pin: release.image_pin.clone(),
+                    secrets: release.secrets.clone(),
                     created_at_ms: now_ms,
                     drain_since_ms: None,
                 };

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use dozen_model::params::PinnedSecret;
 use dozen_model::registry::ImagePin;
 use dozen_model::{
     encode, keys, Assignment, DesiredState, Release, ScaleRecord, ServiceRecord, StackRecord,
@@ -184,7 +185,8 @@ pub async fn plan(
     check_ownership(&snap, stack)?;
     check_routes(&snap, stack)?;
     let pins = image_pins(store, stack, &BTreeMap::new()).await?;
-    Ok(plan_against(&snap, stack, artifacts, &pins))
+    let secret_pins = crate::params::pins::for_stack(store, stack).await?;
+    Ok(plan_against(&snap, stack, artifacts, &pins, &secret_pins))
 }
 
 /// The services whose image is one of the built-in registry's, each pinned to the digest its
@@ -227,6 +229,7 @@ fn plan_against(
     stack: &Stack,
     artifacts: &BTreeMap<String, String>,
     pins: &BTreeMap<String, ImagePin>,
+    secret_pins: &BTreeMap<String, BTreeMap<String, PinnedSecret>>,
 ) -> Plan {
     let mut plan = dozen_spec::plan(stack, &live_services(snap, &stack.name));
     // A new artifact bundle is a change even when the spec text is the same.
@@ -251,6 +254,17 @@ fn plan_against(
                 path: "image_digest".into(),
                 before: current.image_pin.as_ref().map(|p| p.digest.clone().into()),
                 after: new_pin.map(|p| p.digest.clone().into()),
+            });
+        }
+        // And a secret whose reference now names another version.
+        let empty = BTreeMap::new();
+        let new_secrets = secret_pins.get(&sp.service).unwrap_or(&empty);
+        if sp.action == PlanAction::Unchanged && &current.secrets != new_secrets {
+            sp.action = PlanAction::Update;
+            sp.fields.push(dozen_spec::FieldChange {
+                path: "secret_versions".into(),
+                before: Some(crate::params::pins::describe(&current.secrets).into()),
+                after: Some(crate::params::pins::describe(new_secrets).into()),
             });
         }
     }
@@ -278,11 +292,12 @@ pub async fn apply_built(
 ) -> Result<ApplyOutcome> {
     check_stack(stack)?;
     let pins = image_pins(store, stack, built).await?;
+    let secret_pins = crate::params::pins::for_stack(store, stack).await?;
     for _ in 0..ATTEMPTS {
         let snap = Snapshot::read(store).await?;
         check_ownership(&snap, stack)?;
         check_routes(&snap, stack)?;
-        let plan = plan_against(&snap, stack, artifacts, &pins);
+        let plan = plan_against(&snap, stack, artifacts, &pins, &secret_pins);
         let now = wall_ms();
         // One part per service (its compares with its writes), then the stack record, then
         // pruning: one transaction where the store takes it, else in that order (see `batch`).
@@ -347,6 +362,7 @@ pub async fn apply_built(
                         spec,
                         artifact_digest,
                         image_pin: pins.get(name).cloned(),
+                        secrets: secret_pins.get(name).cloned().unwrap_or_default(),
                         created_at_ms: now,
                         cause: "apply".into(),
                     };
@@ -557,6 +573,49 @@ pub async fn rollback(
         .ok_or_else(|| ControlError::Conflict("rollback made no release".into()))
 }
 
+/// A new release repeating the current one with `secrets` (the newest versions its
+/// references name): `on_change = "redeploy"`.
+pub async fn repin(
+    store: &dyn Store,
+    service: &str,
+    secrets: BTreeMap<String, PinnedSecret>,
+    retention: &Retention,
+) -> Result<Option<Release>> {
+    let made = std::sync::Mutex::new(None);
+    update_service(store, service, |snap, rec| {
+        let current = snap
+            .current_release(service)
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "release",
+                name: format!("{service} #{}", rec.current_release),
+            })?;
+        if current.secrets == secrets {
+            return Ok(vec![]);
+        }
+        let number = rec.latest_release + 1;
+        let release = Release {
+            number,
+            created_at_ms: wall_ms(),
+            cause: format!(
+                "secret changed: {}",
+                crate::params::pins::describe(&secrets)
+            ),
+            secrets: secrets.clone(),
+            ..current.clone()
+        };
+        rec.current_release = number;
+        rec.latest_release = number;
+        let mut ops = vec![Op::put(keys::release(service, number), encode(&release))];
+        for old in releases_to_prune(snap, service, number, retention.keep_releases) {
+            ops.push(Op::delete(keys::release(service, old)));
+        }
+        *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(release);
+        Ok(ops)
+    })
+    .await?;
+    Ok(made.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// Removes a stack: its services stop and their records go.
 pub async fn down(store: &dyn Store, stack: &str) -> Result<Vec<String>> {
     let snap = Snapshot::read(store).await?;
@@ -649,6 +708,7 @@ pub async fn run_oneoff(store: &dyn Store, service: &str, argv: Vec<String>) -> 
         spec: release.spec.clone(),
         artifact_digest: release.artifact_digest.clone(),
         image_pin: release.image_pin.clone(),
+        secrets: release.secrets.clone(),
         created_at_ms: wall_ms(),
         drain_since_ms: None,
     };

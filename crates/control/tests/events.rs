@@ -114,6 +114,7 @@ async fn an_agent_records_events_about_its_own_tasks_only() {
         spec: dozen_spec::Service::default(),
         artifact_digest: None,
         image_pin: None,
+        secrets: Default::default(),
         created_at_ms: 0,
         drain_since_ms: None,
     };

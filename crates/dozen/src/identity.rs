@@ -105,6 +105,8 @@ pub fn ca_init(global: &Global, dir: Option<PathBuf>) -> anyhow::Result<i32> {
     let dir = dir.unwrap_or_else(|| global.data_dir.join("ca"));
     let ca = Ca::generate()?;
     ca.save(&dir)?;
+    // The parameter store's root key goes with the CA: every server gets both.
+    crate::master_key::create(&dir.join(crate::master_key::FILE))?;
     let hash = ca.fingerprint()?;
     if global.output == crate::Output::Json {
         output::json(&serde_json::json!({ "dir": dir, "ca_hash": hash }));
@@ -113,6 +115,7 @@ pub fn ca_init(global: &Global, dir: Option<PathBuf>) -> anyhow::Result<i32> {
     println!("cluster CA written to {}", dir.display());
     println!("  ca.crt  public; CLIs and nodes trust it");
     println!("  ca.key  secret (0600); copy the directory to every server, nowhere else");
+    println!("  master.key  secret (0600): the parameter store's root key; back it up");
     println!("  hash    {hash}");
     println!();
     println!("next:");

@@ -11,19 +11,23 @@ use dozen_params::Key;
 #[derive(Args, Debug, Clone)]
 pub struct RootKeyArgs {
     /// The parameter store's root key file (64 hex digits, mode 0600). Default:
-    /// <data-dir>/master.key, written on first start. Back it up: without it no secret this
-    /// store holds can be read. `DOZEN_MASTER_KEY` (the key itself) takes precedence.
+    /// <ca-dir>/master.key with --ca-dir (`dozen ca init` writes it: every server gets it
+    /// with the CA), else <data-dir>/master.key, written on first start. Back it up: without
+    /// it no secret this store holds can be read. `DOZEN_MASTER_KEY` (the key itself) takes
+    /// precedence.
     #[arg(long, env = "DOZEN_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
-    /// How often parameters' expiry dates are checked (warning and expiry events).
-    #[arg(long, default_value = "10s", value_parser = crate::commands::parse_duration, hide = true)]
-    pub param_expiry_every: std::time::Duration,
+    /// How often parameters' expiry dates, and the secret versions of services with
+    /// `on_change = "redeploy"`, are checked.
+    #[arg(long, default_value = "2s", value_parser = crate::commands::parse_duration, hide = true)]
+    pub param_check_every: std::time::Duration,
 }
 
 /// The parameter store (its keys opened with the root key) and this server's audit trail.
 /// A root key that does not open the store's keys stops the start before anything is written.
 pub async fn open_param_store(
     data: &Path,
+    ca_dir: Option<&Path>,
     args: &RootKeyArgs,
     store: &std::sync::Arc<dyn dozen_store::Store>,
     server_id: &str,
@@ -32,7 +36,8 @@ pub async fn open_param_store(
     std::sync::Arc<dozen_control::audit::AuditLog>,
 )> {
     let stored = dozen_control::params::stored_keks(store.as_ref()).await?;
-    let (root, root_source) = root_key(data, args, !stored.is_empty())?;
+    let default = ca_dir.unwrap_or(data).join(FILE);
+    let (root, root_source) = root_key(&default, args, !stored.is_empty())?;
     let params = dozen_control::params::ParamStore::open(store.clone(), root)
         .await
         .map_err(|e| anyhow::anyhow!("{e} (the root key given: {root_source})"))?;
@@ -42,9 +47,12 @@ pub async fn open_param_store(
     Ok((std::sync::Arc::new(params), std::sync::Arc::new(audit)))
 }
 
-/// Records each parameter's expiry warning and expiry as they come due.
-pub async fn expiry_loop(
+/// Records each parameter's expiry warning and expiry as they come due, and redeploys the
+/// services with `on_change = "redeploy"` whose secrets name new versions.
+pub async fn params_loop(
     params: std::sync::Arc<dozen_control::params::ParamStore>,
+    store: std::sync::Arc<dyn dozen_store::Store>,
+    retention: dozen_control::desired::Retention,
     every: std::time::Duration,
     server_id: String,
 ) {
@@ -56,12 +64,42 @@ pub async fn expiry_loop(
         if let Err(e) = params.expiry_pass(dozen_control::wall_ms(), &by).await {
             tracing::warn!(error = %e, "cannot check parameters' expiry");
         }
+        match dozen_control::params::pins::redeploy_changed(store.as_ref(), &retention).await {
+            Ok(made) => {
+                let events: Vec<dozen_model::Event> = made
+                    .iter()
+                    .map(|r| {
+                        tracing::info!(service = %r.service, release = r.number, cause = %r.cause, "redeploying for a new secret version");
+                        dozen_model::Event::new(
+                            r.created_at_ms,
+                            by.clone(),
+                            dozen_model::EventKind::ReleaseCreated { release: r.number },
+                        )
+                        .service(&r.service)
+                    })
+                    .collect();
+                if let Err(e) = dozen_control::events::record(store.as_ref(), &events).await {
+                    tracing::warn!(error = %e, "cannot record redeploy events");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check services' secret versions"),
+        }
     }
 }
 
 /// The root key, and where it came from (for messages; never the key).
+/// The root key file's name, in the data dir or beside the CA.
+pub const FILE: &str = "master.key";
+
+/// Writes a new root key to `path` (0600), refusing to replace one.
+pub fn create(path: &Path) -> anyhow::Result<()> {
+    let key = Key::generate()?;
+    write_new(path, &key)
+        .with_context(|| format!("cannot create the root key file {}", path.display()))
+}
+
 pub fn root_key(
-    data: &Path,
+    default: &Path,
     args: &RootKeyArgs,
     store_has_keys: bool,
 ) -> anyhow::Result<(Key, String)> {
@@ -72,7 +110,7 @@ pub fn root_key(
     let path = args
         .master_key_file
         .clone()
-        .unwrap_or_else(|| data.join("master.key"));
+        .unwrap_or_else(|| default.to_path_buf());
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             use std::os::unix::fs::PermissionsExt;
@@ -104,7 +142,7 @@ pub fn root_key(
                 }
                 // Another server sharing the file made it first: use that one.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    root_key(data, args, store_has_keys)
+                    root_key(default, args, store_has_keys)
                 }
                 Err(e) => Err(e)
                     .with_context(|| format!("cannot create the root key file {}", path.display())),

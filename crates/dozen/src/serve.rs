@@ -514,8 +514,14 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     let store = open_store(data, args).await?;
     // The parameter store's keys open with the root key, or nothing starts (and nothing is
     // written).
-    let (params, audit) =
-        crate::master_key::open_param_store(data, &args.root_key, &store, &server_id).await?;
+    let (params, audit) = crate::master_key::open_param_store(
+        data,
+        args.ca_dir.as_deref(),
+        &args.root_key,
+        &store,
+        &server_id,
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -566,9 +572,11 @@ pub async fn start_server(global: &Global, args: &ServerArgs) -> anyhow::Result<
     state.params = Some(params.clone());
     state.audit = Some(audit);
     let state = Arc::new(state);
-    tokio::spawn(crate::master_key::expiry_loop(
+    tokio::spawn(crate::master_key::params_loop(
         params,
-        args.root_key.param_expiry_every,
+        store.clone(),
+        state.retention,
+        args.root_key.param_check_every,
         server_id.clone(),
     ));
     tokio::spawn(dozen_server::blobs::collect_loop(state.clone()));

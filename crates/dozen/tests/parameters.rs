@@ -14,7 +14,7 @@ const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
 fn server() -> Dozen {
     let mut d = Dozen::new(DOZEN);
     d.server_args.extend(
-        ["--no-proxy", "--param-expiry-every", "100ms"]
+        ["--no-proxy", "--param-check-every", "100ms"]
             .iter()
             .map(|s| s.to_string()),
     );

@@ -277,6 +277,10 @@ pub struct Release {
     pub image_pin: Option<registry::ImagePin>,
     /// False for a plain host command: what it runs can change under the release.
     pub reproducible: bool,
+    /// Each of `spec.secrets` pinned to the version it named when the release was made, so a
+    /// rollback restores the old configuration too.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, params::PinnedSecret>,
     pub created_at_ms: u64,
     /// Why it exists: "apply", "rollback to 3".
     pub cause: String,
@@ -292,7 +296,12 @@ impl Release {
             let mut spec = r.spec.clone();
             spec.routes.clear();
             spec.balance = Default::default();
-            (spec, r.artifact_digest.clone(), r.image_pin.clone())
+            (
+                spec,
+                r.artifact_digest.clone(),
+                r.image_pin.clone(),
+                r.secrets.clone(),
+            )
         };
         self.service == other.service && running(self) == running(other)
     }
@@ -411,6 +420,9 @@ pub struct Assignment {
     /// The image of the built-in registry it runs, pinned by digest when the release was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pin: Option<registry::ImagePin>,
+    /// Its release's secrets, pinned to versions (the agent fetches exactly these).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, params::PinnedSecret>,
     pub created_at_ms: u64,
     /// Wall time the task was taken out of routing (set with `desired = Drain`).
     #[serde(default)]

@@ -201,3 +201,10 @@ pub struct TokenView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
 }
+
+/// A secret of a release: the parameter and the version it was pinned to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct PinnedSecret {
+    pub name: String,
+    pub version: u64,
+}

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod identity;
 pub mod names;
 pub mod policy;
 

@@ -26,6 +26,39 @@ pub(crate) async fn authenticate(
         request.extensions_mut().insert(Caller::Operator);
         return next.run(request).await;
     }
+    if given.starts_with(dozen_params::identity::PREFIX) {
+        let Some(params) = state.params.as_ref() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this server runs without a parameter store".into(),
+                None,
+            );
+        };
+        return match params.task_caller(given).await {
+            Ok(Some((claims, policy))) => {
+                let caller = Caller::Task {
+                    task: claims.task,
+                    service: format!("{}/{}", claims.stack, claims.service),
+                    policy: Arc::new(policy),
+                };
+                if let Err(reason) = token_may(&caller, request.method(), request.uri().path()) {
+                    return error(StatusCode::FORBIDDEN, reason, None);
+                }
+                request.extensions_mut().insert(caller);
+                next.run(request).await
+            }
+            Ok(None) => error(
+                StatusCode::UNAUTHORIZED,
+                "the task token is not valid: expired, or its task no longer runs".into(),
+                None,
+            ),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot check the task token now: {e}"),
+                None,
+            ),
+        };
+    }
     if dozen_control::params::tokens::claimed_name(given).is_some() {
         return match dozen_control::params::tokens::authenticate(state.store.as_ref(), given).await
         {
@@ -98,6 +131,12 @@ pub enum Caller {
     Operator,
     /// Showed a token made with `dozen token create`, which carries a policy.
     Token { name: String, policy: Arc<Policy> },
+    /// Showed a task's identity token: the task, its `stack/service`, and what it may read.
+    Task {
+        task: String,
+        service: String,
+        policy: Arc<Policy>,
+    },
     /// Showed a node certificate (and no token) naming this node.
     Node(String),
 }
@@ -108,6 +147,7 @@ impl Caller {
         match self {
             Caller::Operator => "root token".into(),
             Caller::Token { name, .. } => format!("token {name}"),
+            Caller::Task { task, service, .. } => format!("task {task} ({service})"),
             Caller::Node(node) => format!("node {node}"),
         }
     }
@@ -115,7 +155,9 @@ impl Caller {
     pub fn policy(&self) -> std::borrow::Cow<'_, Policy> {
         match self {
             Caller::Operator => std::borrow::Cow::Owned(Policy::admin()),
-            Caller::Token { policy, .. } => std::borrow::Cow::Borrowed(policy),
+            Caller::Token { policy, .. } | Caller::Task { policy, .. } => {
+                std::borrow::Cow::Borrowed(policy)
+            }
             Caller::Node(_) => std::borrow::Cow::Owned(Policy::default()),
         }
     }
@@ -145,6 +187,20 @@ fn is_param_route(path: &str) -> bool {
 /// for `read-only`, nothing for path permissions alone.
 fn token_may(caller: &Caller, method: &axum::http::Method, path: &str) -> Result<(), String> {
     let policy = caller.policy();
+    if let Caller::Task { .. } = caller {
+        // A task's identity reads and writes parameters, nothing else.
+        let params_only = [dozen_api::paths::PARAM, dozen_api::paths::PARAMS]
+            .iter()
+            .any(|route| dozen_api::paths::parameters(route, path).is_some());
+        return if params_only {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} may use the parameter store only, not {method} {path}",
+                caller.who()
+            ))
+        };
+    }
     if policy.is_admin() || is_param_route(path) {
         return Ok(());
     }
@@ -216,6 +272,8 @@ fn node_route_allowed(node: &str, method: &axum::http::Method, path: &str) -> bo
         (Method::POST, paths::PROXY_REGISTER, true),
         (Method::POST, paths::PROXY_HEARTBEAT, true),
         (Method::GET, paths::ROUTES, false),
+        // Its own tasks' identities: the handler checks the task is assigned to this node.
+        (Method::POST, paths::TASK_TOKEN, false),
         (Method::GET, paths::CLUSTER, false),
         (Method::GET, paths::BLOB, false),
         (Method::HEAD, paths::BLOB, false),
@@ -246,6 +304,7 @@ mod tests {
             (Method::POST, fill(paths::PROXY_HEARTBEAT, &["n1"])),
             (Method::GET, String::from(paths::ROUTES)),
             (Method::GET, String::from(paths::CLUSTER)),
+            (Method::POST, fill(paths::TASK_TOKEN, &["web-1"])),
             (Method::GET, fill(paths::BLOB, &["sha256:ab"])),
             (Method::HEAD, fill(paths::BLOB, &["sha256:ab"])),
         ];

@@ -10,7 +10,7 @@ use axum::{Extension, Json};
 use dozen_api::params::{
     AuditQuery, AuditRecord, AuditVerification, CreateTokenRequest, CreatedToken, KeyView,
     LabelRequest, ParamListQuery, ParamNameQuery, ParamPage, ParamQuery, ParamView,
-    PutParamRequest, RewrapResponse, RotateKeyRequest, TokenView,
+    PutParamRequest, RewrapResponse, RotateKeyRequest, TaskToken, TaskTokenRequest, TokenView,
 };
 use dozen_control::audit::{AuditFilter, AuditLog};
 use dozen_control::params::{tokens, ParamStore, PutParam, Reveal};
@@ -329,6 +329,44 @@ pub(crate) async fn delete(
     Ok(Json(serde_json::json!({ "deleted": q.name })))
 }
 
+/// A task's identity, for the agent of the node it is assigned to.
+pub(crate) async fn task_token(
+    State(s): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    connection: Option<Extension<ConnectionInfo>>,
+    Path(task): Path<String>,
+    Json(req): Json<TaskTokenRequest>,
+) -> ApiResult<Json<TaskToken>> {
+    let a = ask(&s, &caller, connection.as_deref())?;
+    let node = match &caller {
+        Caller::Node(node) if *node == req.node => node.clone(),
+        Caller::Node(node) => {
+            let reason = format!(
+                "node {node} may not ask for the identity of a task of node {}",
+                req.node
+            );
+            return Err(a.deny("identity.issue", &task, reason).await);
+        }
+        _ => {
+            a.need_admin("identity.issue", &task).await?;
+            req.node.clone()
+        }
+    };
+    let result = a
+        .params
+        .issue_task_token(
+            &node,
+            &task,
+            dozen_control::params::identity::TASK_TOKEN_TTL_MS,
+        )
+        .await;
+    let (token, expires_at_ms) = a.finish("identity.issue", &task, result).await?;
+    Ok(Json(TaskToken {
+        token,
+        expires_at_ms,
+    }))
+}
+
 pub(crate) async fn keys(
     State(s): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -600,6 +638,13 @@ pub(crate) fn routes() -> crate::openapi::Routes {
             json::<Vec<AuditRecord>>("this server's audit records, newest last")
                 .query::<AuditQuery>(),
             audit,
+        )
+        .add(
+            "post",
+            paths::TASK_TOKEN,
+            json::<TaskToken>("a task's identity token, for the agent of its node")
+                .body::<TaskTokenRequest>(),
+            task_token,
         )
         .add(
             "get",

@@ -110,6 +110,21 @@ pub struct ServiceFile {
     /// Only nodes whose agents have all these labels (`dozen agent --label disk=ssd`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, String>,
+    /// Values from the parameter store: `{ DB_PASSWORD = "/shop/prod/db/password@prod" }`
+    /// (a name, `name@label` or `name:version`), pinned to versions when the release is made.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+    /// "file" (default: files in $DOZEN_SECRETS_DIR on a memory file system, readable by the
+    /// task's user alone) or "env" (environment variables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_as: Option<String>,
+    /// "keep" (default) or "redeploy": a new version of a secret starts a new release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_change: Option<String>,
+    /// What the tasks' identity may do in the parameter store besides reading its secrets:
+    /// `["read:/shop/prod/orders/*", "write:/shop/prod/orders/cache"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<String>,
     /// Build `image` (a name in dozen's registry) from a directory through the Docker Engine
     /// at `apply` (or `dozen build`), push it, and run what was pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

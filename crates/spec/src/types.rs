@@ -58,6 +58,49 @@ pub struct Service {
     /// Only nodes with all these labels may run its tasks.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, String>,
+    /// Name (the variable or file it becomes) → parameter reference (`/a/b`, `/a/b@label`,
+    /// `/a/b:3`), pinned to a version when a release is made.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub secrets_as: SecretsAs,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_change: OnChange,
+    /// What its tasks' identity may read or write in the parameter store besides its own
+    /// secrets (`read:/shop/prod/orders/*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<String>,
+}
+
+/// How a service's secrets reach its tasks.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretsAs {
+    /// Files named after each secret in `$DOZEN_SECRETS_DIR`, on a memory file system,
+    /// readable by the task's user alone (`/run/secrets` in a container).
+    #[default]
+    File,
+    /// Environment variables.
+    Env,
+}
+
+/// What a new version of a parameter the service reads does.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum OnChange {
+    /// Tasks keep the versions their release pinned until the next apply.
+    #[default]
+    Keep,
+    /// A new release (and deploy) with the new versions.
+    Redeploy,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// Where an image is built from.
@@ -135,6 +178,10 @@ impl Default for Service {
             volumes: Vec::new(),
             node: None,
             node_labels: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            secrets_as: SecretsAs::File,
+            on_change: OnChange::Keep,
+            access: Vec::new(),
         }
     }
 }

@@ -9,6 +9,7 @@ use crate::units::*;
 mod environment;
 mod health;
 mod routes;
+mod secrets;
 
 /// An error before file names are attached.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,6 +54,10 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "node_labels",
     "build",
     "balance",
+    "secrets",
+    "secrets_as",
+    "on_change",
+    "access",
 ];
 pub(crate) const HEALTH_KEYS: &[&str] = &[
     "http",
@@ -410,6 +415,7 @@ impl Validator {
         let mut routes_entry: Option<&Entry> = None;
         let mut on_disc_entry: Option<&Entry> = None;
         let mut stop_after_entry: Option<&Entry> = None;
+        let mut secrets_key: Option<&Entry> = None;
 
         for e in entries(&se.node) {
             match e.key.as_str() {
@@ -517,6 +523,13 @@ impl Validator {
                     }
                 }
                 "uses" => self.uses(e, &se.key, &mut svc),
+                "secrets" => {
+                    secrets_key = Some(e);
+                    self.secrets(e, &mut svc)
+                }
+                "secrets_as" => self.secrets_as(e, &mut svc),
+                "on_change" => self.on_change(e, &mut svc),
+                "access" => self.access(e, &mut svc),
                 "balance" => svc.balance = self.balance(e),
                 "volumes" => crate::volumes::check(self, e, &mut svc),
                 "node" => crate::placement::node(self, e, &mut svc),
@@ -533,6 +546,9 @@ impl Validator {
             }
         }
 
+        if let Some(e) = secrets_key {
+            self.secrets_against_env(e, &svc);
+        }
         match (command_key, image_key) {
             (None, None) => {
                 let hint = format!(

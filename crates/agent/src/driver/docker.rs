@@ -322,7 +322,38 @@ impl Driver for DockerDriver {
             }
         };
         self.ensure_image(&image).await?;
-        let env: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut env = config.env.clone();
+        let mut mounts_wanted = config.mounts.clone();
+        if let Some(secrets) = &config.secrets {
+            // The same memory-backed directory, read-only, at the usual place.
+            mounts_wanted.push(crate::driver::Mount {
+                source: MountSource::HostPath(secrets.dir.clone()),
+                target: crate::driver::CONTAINER_SECRETS_DIR.into(),
+                read_only: true,
+            });
+            env.insert(
+                "DOZEN_SECRETS_DIR".into(),
+                crate::driver::CONTAINER_SECRETS_DIR.into(),
+            );
+            env.insert(
+                "DOZEN_TOKEN_FILE".into(),
+                format!(
+                    "{}/{}",
+                    crate::driver::CONTAINER_SECRETS_DIR,
+                    crate::secrets::TOKEN_FILE
+                ),
+            );
+            // Asked for as environment variables: the engine keeps a container's environment
+            // in its own files, which is why files are the default.
+            if let Some(file) = &secrets.env_file {
+                let values: std::collections::BTreeMap<String, String> = std::fs::read(file)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .ok_or_else(|| DriverError::Start("cannot read the task's secrets".into()))?;
+                env.extend(values);
+            }
+        }
+        let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut host = json!({
             "Memory": config.resources.memory_bytes,
             "NanoCpus": u64::from(config.resources.cpu_millis) * 1_000_000,
@@ -352,15 +383,14 @@ impl Driver for DockerDriver {
             })?;
             body["User"] = json!(format!("{uid}:{gid}"));
             if uid != 0 {
-                for m in &config.mounts {
+                for m in &mounts_wanted {
                     if let MountSource::Volume(volume) = &m.source {
                         self.give_fresh_volume(volume, uid, gid).await;
                     }
                 }
             }
         }
-        let mounts: Vec<Value> = config
-            .mounts
+        let mounts: Vec<Value> = mounts_wanted
             .iter()
             .map(|m| {
                 let (kind, source) = match &m.source {

@@ -86,6 +86,16 @@ impl ProcessDriver {
         let mut env = config.env.clone();
         env.entry("PATH".into())
             .or_insert_with(|| DEFAULT_PATH.into());
+        if let Some(secrets) = &config.secrets {
+            env.insert(
+                "DOZEN_SECRETS_DIR".into(),
+                secrets.dir.display().to_string(),
+            );
+            env.insert(
+                "DOZEN_TOKEN_FILE".into(),
+                secrets.token_file.display().to_string(),
+            );
+        }
         let (mut uid, mut gid) = (None, None);
         if let Some(user) = &config.user {
             let (u, g, home) = os::lookup_user(user).ok_or_else(|| {
@@ -125,6 +135,7 @@ impl ProcessDriver {
             stop_signal: os::signal_number(&config.stop_signal),
             umask: os::task_umask(),
             log_max_bytes: Some(config.resources.log_bytes),
+            secret_env: config.secrets.as_ref().and_then(|s| s.env_file.clone()),
         })
     }
 
@@ -402,6 +413,7 @@ mod tests {
             cwd: None,
             mounts: Vec::new(),
             log: PathBuf::from("/nonexistent/web-1/output.log"),
+            secrets: None,
         }
     }
 

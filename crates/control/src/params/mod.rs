@@ -6,7 +6,9 @@
 //! A [`ParamStore`] holds the keyring open for the server's life; the root key stays in it
 //! too, because rotating or importing a key-encryption key seals the new one with it.
 
+pub mod identity;
 mod keys;
+pub mod pins;
 pub mod tokens;
 mod values;
 
@@ -26,6 +28,8 @@ pub struct ParamStore {
     store: Arc<dyn Store>,
     root: Key,
     ring: RwLock<Arc<Keyring>>,
+    /// Signs task tokens: derived from the root key, so every server holds the same one.
+    task_key: Key,
 }
 
 impl ParamStore {
@@ -36,6 +40,7 @@ impl ParamStore {
         let ring = open_keyring(store.as_ref(), &root, &stored).await?;
         Ok(ParamStore {
             store,
+            task_key: root.derive("dozen task identity v1"),
             root,
             ring: RwLock::new(Arc::new(ring)),
         })

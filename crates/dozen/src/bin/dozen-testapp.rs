@@ -137,6 +137,14 @@ fn answer(mut stream: TcpStream) {
         "ok".to_string()
     } else if let Some((_, name)) = path.split_once("/env/") {
         std::env::var(name).unwrap_or_default()
+    } else if let Some((_, name)) = path.split_once("/secret/") {
+        // A file of the task's secrets directory (`.token` is its identity).
+        let dir = std::env::var("DOZEN_SECRETS_DIR").unwrap_or_default();
+        if name.contains('/') || dir.is_empty() {
+            String::new()
+        } else {
+            std::fs::read_to_string(format!("{dir}/{name}")).unwrap_or_default()
+        }
     } else if path.ends_with("/headers") {
         headers
     } else if path.ends_with("/ws") {
