@@ -195,6 +195,21 @@ impl Runner {
     }
 
     pub(crate) async fn run(mut self) {
+        // A task adopted after an agent restart keeps its identity fresh too.
+        if self.handle.is_some() && crate::secrets::wanted(&self.record.assignment) {
+            if let (Some(secrets), Ok((_, owner))) = (
+                crate::secrets::existing(&self.shared.config.data_dir, &self.record.assignment),
+                self.task_user(),
+            ) {
+                self.renewal = Some(tokio::spawn(crate::secrets::renew(
+                    self.shared.client.clone(),
+                    self.shared.config.node_name.clone(),
+                    self.task.clone(),
+                    secrets,
+                    owner,
+                )));
+            }
+        }
         loop {
             let desired = self.rx.borrow_and_update().clone();
             match desired {

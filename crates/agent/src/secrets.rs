@@ -61,6 +61,10 @@ pub async fn deliver(
     let as_task = client.with_token(&identity.token);
     let mut values = BTreeMap::new();
     for (key, pinned) in &a.secrets {
+        // A file name of the directory, nothing else, whatever the server sent.
+        if !dozen_spec::is_env_var_name(key) {
+            return Err(format!("secret name `{key}` is not a plain name"));
+        }
         let view = as_task
             .get_param(&ParamQuery {
                 name: format!("{}:{}", pinned.name, pinned.version),
@@ -105,10 +109,15 @@ fn write_all(
     delivery: SecretsAs,
     owner: Option<UidGid>,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(root)?;
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+    ensure_own_dir(root, 0o711)?;
     let _ = std::fs::remove_dir_all(dir);
+    // The agent's, never the task's: a task that could write here could plant a link for
+    // the agent to follow. Its group may enter and read the files it owns.
     std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    if let Some((_, gid)) = owner {
+        std::os::unix::fs::chown(dir, None, Some(gid))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+    }
     match delivery {
         SecretsAs::File => {
             for (key, value) in values {
@@ -121,31 +130,73 @@ fn write_all(
             write_private(&dir.join(ENV_FILE), &json, None)?;
         }
     }
-    write_private(&dir.join(TOKEN_FILE), token.as_bytes(), owner)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    write_private(&dir.join(TOKEN_FILE), token.as_bytes(), owner)
+}
+
+/// Makes `dir` (in a directory anyone may write, such as `/dev/shm`) or checks that the one
+/// there is a real directory of this user's that no one else may write: one made by someone
+/// else first is refused, never used.
+fn ensure_own_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        // Its mode set after, not by `mode` (which the umask trims).
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir()
+        || meta.uid() != crate::os::effective_uid()
+        || meta.mode() & 0o022 != 0
+    {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory of this agent's user that only it may write (someone made it first?); remove it",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }
 
-/// A file readable by `owner` (or the agent) alone, replaced whole.
+/// Removes the secrets of tasks this agent no longer runs (it was down when they stopped).
+pub fn forget_strays(data_dir: &Path, kept: &[String]) {
+    let Ok(entries) = std::fs::read_dir(root(data_dir)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !kept.contains(&name) {
+            remove(data_dir, &name);
+        }
+    }
+}
+
+/// A file readable by `owner` (or the agent) alone, replaced whole; never through a link.
 fn write_private(path: &Path, bytes: &[u8], owner: Option<UidGid>) -> std::io::Result<()> {
     let aside = path.with_extension("new");
+    match std::fs::remove_file(&aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o400)
         .open(&aside)?;
     f.write_all(bytes)?;
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&aside, Some(uid), Some(gid))?;
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
     }
     std::fs::rename(&aside, path)
 }
 
 /// Keeps the task's identity token fresh while its directory exists: a new one at half its
-/// life. Ends when the task is gone (no directory, or the servers no longer issue one).
+/// life, retried with a growing pause (1 s to a minute) while the servers cannot be reached.
+/// Ends when the task is gone (no directory, or the servers no longer issue one).
 pub async fn renew(
     client: Client,
     node: String,
@@ -154,26 +205,49 @@ pub async fn renew(
     owner: Option<UidGid>,
 ) {
     let mut expires_at_ms = secrets.expires_at_ms;
+    let mut retry: Option<Duration> = None;
     loop {
-        let now = crate::shim::wall_ms();
-        let wait = expires_at_ms.saturating_sub(now) / 2;
-        tokio::time::sleep(Duration::from_millis(wait.max(1000))).await;
+        let wait = match retry {
+            Some(pause) => pause,
+            None => Duration::from_millis(
+                (expires_at_ms.saturating_sub(crate::shim::wall_ms()) / 2).max(1000),
+            ),
+        };
+        tokio::time::sleep(wait).await;
         if !secrets.dir.exists() {
             return;
         }
         match client.task_token(&task, &node).await {
             Ok(fresh) => {
-                if write_private(&secrets.token_file, fresh.token.as_bytes(), owner).is_err() {
+                if let Err(e) = write_private(&secrets.token_file, fresh.token.as_bytes(), owner) {
+                    tracing::warn!(task, error = %e, "cannot write the task's renewed identity; renewal stops");
                     return;
                 }
                 expires_at_ms = fresh.expires_at_ms;
+                retry = None;
             }
             Err(e) if e.status() == Some(404) => return,
             Err(e) => {
-                tracing::warn!(task, error = %e, "cannot renew the task's identity; trying again")
+                let next = retry.map_or(Duration::from_secs(1), |p| {
+                    (p * 2).min(Duration::from_secs(60))
+                });
+                tracing::warn!(task, error = %e, retry_in_ms = next.as_millis() as u64, "cannot renew the task's identity");
+                retry = Some(next);
             }
         }
     }
+}
+
+/// The secrets a task adopted after an agent restart already has (their token renewed from
+/// now on), if its directory is there.
+pub fn existing(data_dir: &Path, a: &Assignment) -> Option<Secrets> {
+    let dir = root(data_dir).join(&a.task);
+    dir.is_dir().then(|| Secrets {
+        env_file: (a.spec.secrets_as == SecretsAs::Env).then(|| dir.join(ENV_FILE)),
+        token_file: dir.join(TOKEN_FILE),
+        dir,
+        expires_at_ms: 0,
+    })
 }
 
 /// Removes a task's secrets (it stopped, or is no longer this node's).

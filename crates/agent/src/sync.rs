@@ -22,6 +22,7 @@ pub(crate) async fn adopt_existing(shared: &Arc<Shared>) {
     let entries = std::fs::read_dir(shared.tasks_dir()).into_iter().flatten();
     let mut adopted = 0;
     let mut kept = Vec::new();
+    let mut kept_tasks: Vec<String> = Vec::new();
     for entry in entries.flatten() {
         let dir = entry.path();
         if dir.join(REMOVED_MARKER).exists() {
@@ -54,6 +55,7 @@ pub(crate) async fn adopt_existing(shared: &Arc<Shared>) {
         if let Recovered::Running(handle) = &recovered {
             adopted += 1;
             kept.push(handle.clone());
+            kept_tasks.push(record.assignment.task.clone());
         }
         spawn_runner(shared, record, recovered);
     }
@@ -62,6 +64,7 @@ pub(crate) async fn adopt_existing(shared: &Arc<Shared>) {
     }
     let node = &shared.config.node_name;
     let strays = shared.drivers.forget_strays(node, &kept).await;
+    crate::secrets::forget_strays(&shared.config.data_dir, &kept_tasks);
     if strays > 0 {
         tracing::info!(strays, "removed what no task of this node kept");
     }

@@ -10,9 +10,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use dozen_params::audit::{self, Broken, Event, Record, Tip};
+use dozen_params::audit::{self, Broken, ChainKey, Event, Record, Tip};
 use tokio::sync::{mpsc, oneshot};
 
 /// Records waiting for the writer at most; callers wait for room beyond it.
@@ -37,6 +38,7 @@ type Pending = (Event, oneshot::Sender<Result<u64, AuditError>>);
 pub struct AuditLog {
     dir: PathBuf,
     sender: mpsc::Sender<Pending>,
+    key: std::sync::Arc<ChainKey>,
 }
 
 /// Which records a query wants.
@@ -62,25 +64,14 @@ pub struct Verified {
 }
 
 impl AuditLog {
-    /// Opens (or starts) the chain in `dir` for server `server`, and starts its writer.
-    pub fn open(dir: &Path, server: &str) -> std::io::Result<AuditLog> {
+    /// Opens (or starts) the chain in `dir` for server `server`, and starts its writer. A
+    /// record a crash left half-written (never acknowledged) is cut off first; the chain goes
+    /// on in the last segment.
+    pub fn open(dir: &Path, server: &str, key: ChainKey) -> std::io::Result<AuditLog> {
         std::fs::create_dir_all(dir)?;
-        let segments = segments(dir)?;
-        // Carry on from the last readable record; a break before it is `verify`'s to report.
-        let mut tip = Tip::default();
-        if let Some(last) = segments.last() {
-            for line in BufReader::new(File::open(last)?).lines() {
-                let line = line?;
-                if let Ok(r) = serde_json::from_str::<Record>(&line) {
-                    tip = Tip {
-                        records: tip.records + 1,
-                        seq: r.seq,
-                        hash: r.hash,
-                    };
-                }
-            }
-        }
-        let verified = verify_dir(dir)?;
+        let key = std::sync::Arc::new(key);
+        let (tip, file) = recover(dir)?;
+        let verified = verify_dir(dir, &key)?;
         if let Some(broken) = &verified.broken {
             tracing::error!(dir = %dir.display(), %broken, "the audit trail was altered; new records carry on from its last record");
         }
@@ -89,7 +80,8 @@ impl AuditLog {
             dir: dir.to_path_buf(),
             server: server.to_string(),
             tip,
-            file: None,
+            file,
+            key: key.clone(),
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -97,6 +89,7 @@ impl AuditLog {
         Ok(AuditLog {
             dir: dir.to_path_buf(),
             sender,
+            key,
         })
     }
 
@@ -147,7 +140,7 @@ impl AuditLog {
 
     /// Follows the whole chain on disk.
     pub fn verify(&self) -> std::io::Result<Verified> {
-        verify_dir(&self.dir)
+        verify_dir(&self.dir, &self.key)
     }
 }
 
@@ -165,7 +158,46 @@ fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
-fn verify_dir(dir: &Path) -> std::io::Result<Verified> {
+/// The tip of the chain on disk and the last segment to append to (None: start one). Cuts
+/// the last segment back to its last whole record, and removes a last segment left empty.
+fn recover(dir: &Path) -> std::io::Result<(Tip, Option<(File, u64)>)> {
+    let mut all = segments(dir)?;
+    while let Some(last) = all.pop() {
+        let bytes = std::fs::read(&last)?;
+        let mut keep = 0usize;
+        let mut tip = None;
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            if !line.ends_with(b"\n") {
+                break;
+            }
+            let Ok(r) = serde_json::from_slice::<Record>(&line[..line.len() - 1]) else {
+                break;
+            };
+            keep += line.len();
+            tip = Some(Tip {
+                records: 0,
+                seq: r.seq,
+                hash: r.hash,
+            });
+        }
+        let Some(tip) = tip else {
+            // Nothing whole in it: it goes, and the one before carries the chain.
+            std::fs::remove_file(&last)?;
+            File::open(dir)?.sync_all()?;
+            continue;
+        };
+        let file = OpenOptions::new().append(true).open(&last)?;
+        if keep < bytes.len() {
+            tracing::warn!(file = %last.display(), cut = bytes.len() - keep, "cutting a half-written audit record (never acknowledged)");
+            file.set_len(keep as u64)?;
+            file.sync_all()?;
+        }
+        return Ok((tip, Some((file, keep as u64))));
+    }
+    Ok((Tip::default(), None))
+}
+
+fn verify_dir(dir: &Path, key: &ChainKey) -> std::io::Result<Verified> {
     let mut tip = Tip::default();
     let mut first_seq = 0;
     for segment in segments(dir)? {
@@ -178,6 +210,26 @@ fn verify_dir(dir: &Path) -> std::io::Result<Verified> {
                 .first()
                 .and_then(|l| serde_json::from_str::<Record>(l).ok())
             {
+                // A segment is named after its first record: lines cut from its head show.
+                let named = segment
+                    .file_stem()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<u64>().ok());
+                if named != Some(first.seq) {
+                    return Ok(Verified {
+                        tip,
+                        first_seq: first.seq,
+                        broken: Some(Broken {
+                            seq: first.seq,
+                            line: 1,
+                            reason: format!(
+                                "{} starts at record {} (records were removed from its head)",
+                                segment.display(),
+                                first.seq
+                            ),
+                        }),
+                    });
+                }
                 first_seq = first.seq;
                 if first.seq > 1 {
                     tip = Tip {
@@ -188,7 +240,7 @@ fn verify_dir(dir: &Path) -> std::io::Result<Verified> {
                 }
             }
         }
-        match audit::verify(lines.iter().copied(), tip.clone()) {
+        match audit::verify(key, lines.iter().copied(), tip.clone()) {
             Ok(t) => tip = t,
             Err(mut broken) => {
                 broken.reason = format!("{} (in {})", broken.reason, segment.display());
@@ -212,6 +264,7 @@ struct Writer {
     server: String,
     tip: Tip,
     file: Option<(File, u64)>,
+    key: std::sync::Arc<ChainKey>,
 }
 
 impl Writer {
@@ -253,7 +306,7 @@ impl Writer {
             } else {
                 tip.hash.clone()
             };
-            let record = Record::chain(&self.server, tip.seq + 1, &prev, event.clone());
+            let record = Record::chain(&self.key, &self.server, tip.seq + 1, &prev, event.clone());
             serde_json::to_writer(&mut bytes, &record)?;
             bytes.push(b'\n');
             tip = Tip {
@@ -276,7 +329,11 @@ impl Writer {
 
     fn next_segment(&mut self) -> std::io::Result<()> {
         let path = self.dir.join(format!("{:012}.log", self.tip.seq + 1));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
         let size = file.metadata()?.len();
         // Its name in the directory must survive a crash too.
         File::open(&self.dir)?.sync_all()?;
@@ -296,6 +353,10 @@ mod tests {
     use super::*;
     use dozen_params::audit::Outcome;
 
+    fn key() -> ChainKey {
+        ChainKey::new(&dozen_params::Key::parse(&"55".repeat(32)).unwrap())
+    }
+
     fn event(target: &str) -> Event {
         Event {
             at_ms: crate::wall_ms(),
@@ -311,7 +372,7 @@ mod tests {
     #[tokio::test]
     async fn records_are_durable_chained_and_carry_on_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), "s1").unwrap();
+        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
         let seqs = futures_util::future::join_all((0..50).map(|i| {
             let log = &log;
             async move { log.record(event(&format!("/a/{i}"))).await.unwrap() }
@@ -321,7 +382,7 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, (1..=50).collect::<Vec<_>>());
         drop(log);
-        let log = AuditLog::open(dir.path(), "s1").unwrap();
+        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
         assert_eq!(log.record(event("/b")).await.unwrap(), 51);
         let verified = log.verify().unwrap();
         assert!(verified.broken.is_none(), "{:?}", verified.broken);
@@ -340,7 +401,7 @@ mod tests {
     #[tokio::test]
     async fn an_edited_record_is_found_by_verify() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), "s1").unwrap();
+        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
         for i in 0..5 {
             log.record(event(&format!("/a/{i}"))).await.unwrap();
         }
@@ -349,5 +410,34 @@ mod tests {
         std::fs::write(&segment, text.replacen("/a/3", "/a/9", 1)).unwrap();
         let broken = log.verify().unwrap().broken.expect("the edit is found");
         assert_eq!(broken.seq, 4, "{broken}");
+    }
+
+    #[tokio::test]
+    async fn a_half_written_record_is_cut_and_the_chain_goes_on_in_the_same_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
+        for i in 0..3 {
+            log.record(event(&format!("/a/{i}"))).await.unwrap();
+        }
+        drop(log);
+        let segment = segments(dir.path()).unwrap().remove(0);
+        let mut f = OpenOptions::new().append(true).open(&segment).unwrap();
+        f.write_all(b"{\"seq\":4,\"server\":\"s1\",\"at_").unwrap();
+        drop(f);
+        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
+        assert_eq!(log.record(event("/b")).await.unwrap(), 4);
+        assert_eq!(
+            segments(dir.path()).unwrap().len(),
+            1,
+            "no new segment per restart"
+        );
+        let verified = log.verify().unwrap();
+        assert!(verified.broken.is_none(), "{:?}", verified.broken);
+        assert_eq!(verified.tip.seq, 4);
+        // Lines cut from the head of the first segment are found.
+        let text = std::fs::read_to_string(&segment).unwrap();
+        let rest: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&segment, rest).unwrap();
+        assert!(log.verify().unwrap().broken.is_some());
     }
 }

@@ -97,6 +97,8 @@ pub fn check_stack(stack: &Stack) -> Result<()> {
                 dozen_spec::MAX_REPLICAS
             )));
         }
+        dozen_spec::check_secrets(svc)
+            .map_err(|why| ControlError::Invalid(format!("service `{name}`: {why}")))?;
     }
     Ok(())
 }
@@ -578,11 +580,18 @@ pub async fn rollback(
 pub async fn repin(
     store: &dyn Store,
     service: &str,
+    from_release: u64,
     secrets: BTreeMap<String, PinnedSecret>,
     retention: &Retention,
 ) -> Result<Option<Release>> {
     let made = std::sync::Mutex::new(None);
     update_service(store, service, |snap, rec| {
+        *made.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // The pins were worked out from `from_release`; another release since (an apply, a
+        // rollback) decides for itself.
+        if rec.current_release != from_release {
+            return Ok(vec![]);
+        }
         let current = snap
             .current_release(service)
             .ok_or_else(|| ControlError::NotFound {

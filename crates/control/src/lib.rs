@@ -39,6 +39,9 @@ pub enum ControlError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The server's own failure (a sealed value that does not open, no randomness).
+    #[error("{0}")]
+    Internal(String),
     /// It existed, and is no longer readable (an expired parameter).
     #[error("{0}")]
     Gone(String),

@@ -42,7 +42,7 @@ pub async fn open_param_store(
         .await
         .map_err(|e| anyhow::anyhow!("{e} (the root key given: {root_source})"))?;
     let audit_dir = data.join("audit");
-    let audit = dozen_control::audit::AuditLog::open(&audit_dir, server_id)
+    let audit = dozen_control::audit::AuditLog::open(&audit_dir, server_id, params.audit_key())
         .with_context(|| format!("cannot open the audit trail in {}", audit_dir.display()))?;
     Ok((std::sync::Arc::new(params), std::sync::Arc::new(audit)))
 }

@@ -170,11 +170,40 @@ fn tasks_get_their_secrets_and_nothing_leaks_anywhere_else() {
     assert_eq!(get(port_of(&envy), "/env/API_KEY"), api_key_1);
     assert_eq!(get(port_of(&envy), "/secret/API_KEY"), "");
 
+    // The file is the task user's alone, in a directory the task cannot write (so it cannot
+    // plant a link for the agent to follow).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let task = web["task"].as_str().unwrap();
+        let found = files_holding(Path::new("/dev/shm"), db_password.as_bytes());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].ends_with(&format!("/{task}/DB_PASSWORD")),
+            "{found:?}"
+        );
+        let file = std::fs::metadata(&found[0]).unwrap();
+        let dir = std::fs::metadata(Path::new(&found[0]).parent().unwrap()).unwrap();
+        assert_eq!(file.mode() & 0o777, 0o400);
+        assert_ne!(
+            file.uid(),
+            dir.uid(),
+            "the task's user owns the file, not the directory"
+        );
+        assert_eq!(dir.mode() & 0o777, 0o750);
+    }
+
     // The task's identity reads its own secret and nothing of another service.
     let token = get(port_of(&web), "/secret/.token");
     assert!(token.starts_with("dzk."), "{token}");
     let (code, body) = read_as(&d, &token, "/shop/prod/db/password:1");
     assert_eq!(code, 200, "{body}");
+    // Its own secret, but not the version its release pinned: refused, saying which.
+    let (code, body) = read_as(&d, &token, "/shop/prod/db/password");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("pinned /shop/prod/db/password:1 only"),
+        "{body}"
+    );
     let (code, body) = read_as(&d, &token, "/shop/other/x");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("`read:/shop/other/x`"), "{body}");

@@ -3,8 +3,23 @@
 //! any record breaks the chain at that point, and [`verify`] names where. The writing (files,
 //! fsync, group commit) is the shell's.
 
-use ring::digest::{digest, SHA256};
+use ring::hmac;
 use serde::{Deserialize, Serialize};
+
+use crate::Key;
+
+/// The key a chain's hashes are made with (HMAC-SHA256, derived from the root key): without
+/// it, records cannot be rewritten with hashes that verify.
+pub struct ChainKey(hmac::Key);
+
+impl ChainKey {
+    pub fn new(root: &Key) -> ChainKey {
+        ChainKey(hmac::Key::new(
+            hmac::HMAC_SHA256,
+            &root.derive("dozen audit chain v1").0,
+        ))
+    }
+}
 
 /// The `prev` of a chain's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -63,7 +78,7 @@ pub struct Record {
 impl Record {
     /// The record that follows a chain whose last record has `seq` and `hash` (or [`GENESIS`]
     /// and 0 for a new chain).
-    pub fn chain(server: &str, seq: u64, prev: &str, event: Event) -> Record {
+    pub fn chain(key: &ChainKey, server: &str, seq: u64, prev: &str, event: Event) -> Record {
         let mut record = Record {
             seq,
             server: server.to_string(),
@@ -71,16 +86,16 @@ impl Record {
             prev: prev.to_string(),
             hash: String::new(),
         };
-        record.hash = record.expected_hash();
+        record.hash = record.expected_hash(key);
         record
     }
 
-    /// The hash over every field but `hash` itself.
-    pub fn expected_hash(&self) -> String {
+    /// The keyed hash over every field but `hash` itself.
+    pub fn expected_hash(&self, key: &ChainKey) -> String {
         let mut unhashed = self.clone();
         unhashed.hash.clear();
         let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
-        hex(digest(&SHA256, &bytes).as_ref())
+        hex(hmac::sign(&key.0, &bytes).as_ref())
     }
 }
 
@@ -107,7 +122,11 @@ pub struct Tip {
 
 /// Follows a chain through `lines` (one JSON record each, in order), starting after `from`
 /// (the tip of what came before, or the default for a chain's start).
-pub fn verify<'a>(lines: impl IntoIterator<Item = &'a str>, from: Tip) -> Result<Tip, Broken> {
+pub fn verify<'a>(
+    key: &ChainKey,
+    lines: impl IntoIterator<Item = &'a str>,
+    from: Tip,
+) -> Result<Tip, Broken> {
     let mut tip = from;
     for (i, line) in lines.into_iter().enumerate() {
         let line_no = i + 1;
@@ -139,7 +158,10 @@ pub fn verify<'a>(lines: impl IntoIterator<Item = &'a str>, from: Tip) -> Result
                 reason: "it does not follow the record before it (its `prev` differs)".into(),
             });
         }
-        if record.hash != record.expected_hash() {
+        // The line exactly as written: nothing added, nothing reordered.
+        if record.hash != record.expected_hash(key)
+            || serde_json::to_string(&record).ok().as_deref() != Some(line)
+        {
             return Err(Broken {
                 seq: record.seq,
                 line: line_no,
@@ -171,11 +193,15 @@ mod tests {
         }
     }
 
+    fn key() -> ChainKey {
+        ChainKey::new(&Key::parse(&"33".repeat(32)).unwrap())
+    }
+
     fn chain(n: u64) -> Vec<String> {
         let mut prev = GENESIS.to_string();
         (1..=n)
             .map(|seq| {
-                let r = Record::chain("s1", seq, &prev, event(seq));
+                let r = Record::chain(&key(), "s1", seq, &prev, event(seq));
                 prev = r.hash.clone();
                 serde_json::to_string(&r).unwrap()
             })
@@ -185,12 +211,17 @@ mod tests {
     #[test]
     fn an_untouched_chain_verifies() {
         let lines = chain(5);
-        let tip = verify(lines.iter().map(String::as_str), Tip::default()).unwrap();
+        let tip = verify(&key(), lines.iter().map(String::as_str), Tip::default()).unwrap();
         assert_eq!((tip.records, tip.seq), (5, 5));
         // And in two pieces, the second starting at the first's tip.
-        let first = verify(lines[..2].iter().map(String::as_str), Tip::default()).unwrap();
+        let first = verify(
+            &key(),
+            lines[..2].iter().map(String::as_str),
+            Tip::default(),
+        )
+        .unwrap();
         assert_eq!(
-            verify(lines[2..].iter().map(String::as_str), first).unwrap(),
+            verify(&key(), lines[2..].iter().map(String::as_str), first).unwrap(),
             tip
         );
     }
@@ -198,7 +229,8 @@ mod tests {
     #[test]
     fn any_change_removal_or_reordering_is_found() {
         let lines = chain(4);
-        let check = |lines: &[String]| verify(lines.iter().map(String::as_str), Tip::default());
+        let check =
+            |lines: &[String]| verify(&key(), lines.iter().map(String::as_str), Tip::default());
         let mut changed = lines.clone();
         changed[2] = changed[2].replace("token ci", "token cj");
         assert_eq!(check(&changed).unwrap_err().seq, 3);
@@ -208,14 +240,26 @@ mod tests {
         let mut swapped = lines.clone();
         swapped.swap(1, 2);
         assert!(check(&swapped).is_err());
-        // A record rewritten with a fresh hash still breaks the next one's link.
+        // A record rewritten with a fresh hash still breaks the next one's link; and without
+        // the key, no hash that verifies can be made at all.
         let mut rehashed = lines.clone();
         let mut r: Record = serde_json::from_str(&rehashed[1]).unwrap();
         r.event.outcome = Outcome::Denied;
-        r.hash = r.expected_hash();
+        r.hash = r.expected_hash(&key());
         rehashed[1] = serde_json::to_string(&r).unwrap();
         let broken = check(&rehashed).unwrap_err();
         assert_eq!(broken.seq, 3, "{broken}");
+        let other = ChainKey::new(&Key::parse(&"44".repeat(32)).unwrap());
+        let mut forged = lines.clone();
+        let mut r: Record = serde_json::from_str(&forged[3]).unwrap();
+        r.event.who = "someone else".into();
+        r.hash = r.expected_hash(&other);
+        forged[3] = serde_json::to_string(&r).unwrap();
+        assert_eq!(check(&forged).unwrap_err().seq, 4);
+        // A field added to a line.
+        let mut added = lines.clone();
+        added[0] = added[0].replacen('{', "{\"extra\":1,", 1);
+        assert_eq!(check(&added).unwrap_err().seq, 1);
         let mut garbage = lines;
         garbage[3] = "{not json".into();
         assert!(check(&garbage)

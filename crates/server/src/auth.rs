@@ -35,23 +35,38 @@ pub(crate) async fn authenticate(
             );
         };
         return match params.task_caller(given).await {
-            Ok(Some((claims, policy))) => {
+            Ok(Some(identity)) => {
                 let caller = Caller::Task {
-                    task: claims.task,
-                    service: format!("{}/{}", claims.stack, claims.service),
-                    policy: Arc::new(policy),
+                    task: identity.claims.task,
+                    service: format!("{}/{}", identity.claims.stack, identity.claims.service),
+                    policy: Arc::new(identity.access),
+                    pinned: Arc::new(identity.pinned),
                 };
                 if let Err(reason) = token_may(&caller, request.method(), request.uri().path()) {
-                    return error(StatusCode::FORBIDDEN, reason, None);
+                    return refuse(
+                        &state,
+                        RequestLine::of(&request),
+                        caller.who(),
+                        StatusCode::FORBIDDEN,
+                        reason,
+                        None,
+                    )
+                    .await;
                 }
                 request.extensions_mut().insert(caller);
                 next.run(request).await
             }
-            Ok(None) => error(
-                StatusCode::UNAUTHORIZED,
-                "the task token is not valid: expired, or its task no longer runs".into(),
-                None,
-            ),
+            Ok(None) => {
+                refuse(
+                    &state,
+                    RequestLine::of(&request),
+                    "a task token".into(),
+                    StatusCode::UNAUTHORIZED,
+                    "the task token is not valid: expired, or its task no longer runs".into(),
+                    None,
+                )
+                .await
+            }
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cannot check the task token now: {e}"),
@@ -68,16 +83,33 @@ pub(crate) async fn authenticate(
                     policy: Arc::new(policy),
                 };
                 if let Err(reason) = token_may(&caller, request.method(), request.uri().path()) {
-                    return error(StatusCode::FORBIDDEN, reason, None);
+                    return refuse(
+                        &state,
+                        RequestLine::of(&request),
+                        caller.who(),
+                        StatusCode::FORBIDDEN,
+                        reason,
+                        None,
+                    )
+                    .await;
                 }
                 request.extensions_mut().insert(caller);
                 next.run(request).await
             }
-            Ok(None) => error(
-                StatusCode::UNAUTHORIZED,
-                "the token is not valid: revoked, expired or mistyped".into(),
-                Some("`dozen token ls` lists the tokens that exist".into()),
-            ),
+            Ok(None) => {
+                let claimed = dozen_control::params::tokens::claimed_name(given)
+                    .map(|(name, _)| format!("token {name} (not valid)"))
+                    .unwrap_or_default();
+                refuse(
+                    &state,
+                    RequestLine::of(&request),
+                    claimed,
+                    StatusCode::UNAUTHORIZED,
+                    "the token is not valid: revoked, expired or mistyped".into(),
+                    Some("`dozen token ls` lists the tokens that exist".into()),
+                )
+                .await
+            }
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cannot check the token now: {e}"),
@@ -124,6 +156,57 @@ pub(crate) async fn authenticate(
         Some("the CLI reads the token from --token / DOZEN_TOKEN or <data-dir>/token".into()),
     )
 }
+/// Where a request came from and what it asked, for the audit record of a refusal.
+struct RequestLine {
+    from: String,
+    target: String,
+}
+
+impl RequestLine {
+    fn of(request: &Request) -> RequestLine {
+        RequestLine {
+            from: request
+                .extensions()
+                .get::<ConnectionInfo>()
+                .map(|c| c.peer.to_string())
+                .unwrap_or_else(|| "local".into()),
+            target: format!("{} {}", request.method(), request.uri().path()),
+        }
+    }
+}
+
+/// Refuses a request that showed a token of the parameter store's kinds, with the refusal on
+/// the audit trail first (a denial is audited like any other).
+async fn refuse(
+    state: &AppState,
+    request: RequestLine,
+    who: String,
+    status: StatusCode,
+    reason: String,
+    hint: Option<String>,
+) -> Response {
+    if let Some(audit) = state.audit.clone() {
+        let event = dozen_params::audit::Event {
+            at_ms: dozen_control::wall_ms(),
+            who: crate::params::clip(&who),
+            from: request.from,
+            action: "auth".into(),
+            target: crate::params::clip(&request.target),
+            outcome: dozen_params::audit::Outcome::Denied,
+            detail: Some(crate::params::clip(&reason)),
+        };
+        let written = tokio::spawn(async move { audit.record(event).await }).await;
+        if !matches!(written, Ok(Ok(_))) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the refusal cannot be audited; the request is refused".into(),
+                None,
+            );
+        }
+    }
+    error(status, reason, hint)
+}
+
 /// Who a request comes from, as [`authenticate`] established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
@@ -135,7 +218,10 @@ pub enum Caller {
     Task {
         task: String,
         service: String,
+        /// What its service's `access` grants.
         policy: Arc<Policy>,
+        /// The secret versions its release pinned (readable besides `policy`).
+        pinned: Arc<Vec<(String, u64)>>,
     },
     /// Showed a node certificate (and no token) naming this node.
     Node(String),
@@ -149,6 +235,16 @@ impl Caller {
             Caller::Token { name, .. } => format!("token {name}"),
             Caller::Task { task, service, .. } => format!("task {task} ({service})"),
             Caller::Node(node) => format!("node {node}"),
+        }
+    }
+
+    /// A task reading one of the exact versions its release pinned.
+    pub fn pinned(&self, name: &str, version: Option<u64>) -> bool {
+        match self {
+            Caller::Task { pinned, .. } => {
+                version.is_some_and(|v| pinned.iter().any(|(n, pv)| n == name && *pv == v))
+            }
+            _ => false,
         }
     }
 

@@ -48,7 +48,9 @@ impl From<ControlError> for ApiFailure {
             ControlError::Registry(e) => {
                 StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST)
             }
-            ControlError::Store(_) | ControlError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Store(_) | ControlError::Model(_) | ControlError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "request failed");

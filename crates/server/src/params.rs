@@ -25,9 +25,23 @@ use crate::{AppState, Caller, ConnectionInfo};
 /// What every handler here needs: the store, the trail, and who is asking from where.
 pub(crate) struct Ask<'a> {
     params: &'a ParamStore,
-    audit: &'a AuditLog,
+    audit: Arc<AuditLog>,
     caller: &'a Caller,
     from: String,
+}
+
+/// Most bytes of a caller-given text an audit record keeps (a name, a reason).
+const MAX_AUDITED_TEXT: usize = 1024;
+
+pub(crate) fn clip(text: &str) -> String {
+    if text.len() <= MAX_AUDITED_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_AUDITED_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
 }
 
 fn unavailable(what: &str) -> ApiFailure {
@@ -50,7 +64,7 @@ fn ask<'a>(
             .ok_or_else(|| unavailable("a parameter store"))?,
         audit: s
             .audit
-            .as_deref()
+            .clone()
             .ok_or_else(|| unavailable("an audit trail"))?,
         caller,
         from: connection
@@ -69,12 +83,12 @@ impl Ask<'_> {
     ) -> AuditEvent {
         AuditEvent {
             at_ms: dozen_control::wall_ms(),
-            who: self.caller.who(),
+            who: clip(&self.caller.who()),
             from: self.from.clone(),
             action: action.into(),
-            target: target.into(),
+            target: clip(target),
             outcome,
-            detail,
+            detail: detail.as_deref().map(clip),
         }
     }
 
@@ -86,9 +100,13 @@ impl Ask<'_> {
         outcome: Outcome,
         detail: Option<String>,
     ) -> ApiResult<()> {
-        self.audit
-            .record(self.event(action, target, outcome, detail))
+        // Its own task: a client that goes away cannot cancel a record once the change it
+        // records is made.
+        let audit = self.audit.clone();
+        let event = self.event(action, target, outcome, detail);
+        tokio::spawn(async move { audit.record(event).await })
             .await
+            .unwrap_or(Err(dozen_control::audit::AuditError::Stopped))
             .map(|_| ())
             .map_err(|e| {
                 tracing::error!(error = %e, "audit trail write failed");
@@ -194,18 +212,37 @@ pub(crate) async fn get(
     let a = ask(&s, &caller, connection.as_deref())?;
     let reference = Reference::parse(&q.name).map_err(|e| bad_request(e.0))?;
     let policy = caller.policy();
-    let reveal = if policy.may(Action::Read, &reference.name) {
-        if q.decrypt {
-            Reveal::Decrypted
-        } else {
-            Reveal::Plain
-        }
-    } else if policy.may_read_state() && !q.decrypt {
-        Reveal::Nothing
-    } else {
-        let reason = policy.denial(&caller.who(), Action::Read, &reference.name);
-        return Err(a.deny("param.read", &reference.to_string(), reason).await);
+    let version = match reference.selector {
+        dozen_params::names::Selector::Version(v) => Some(v),
+        _ => None,
     };
+    let reveal =
+        if policy.may(Action::Read, &reference.name) || caller.pinned(&reference.name, version) {
+            if q.decrypt {
+                Reveal::Decrypted
+            } else {
+                Reveal::Plain
+            }
+        } else if policy.may_read_state() && !q.decrypt {
+            Reveal::Nothing
+        } else {
+            let mut reason = policy.denial(&caller.who(), Action::Read, &reference.name);
+            if let Caller::Task { pinned, .. } = &caller {
+                let versions: Vec<String> = pinned
+                    .iter()
+                    .filter(|(n, _)| *n == reference.name)
+                    .map(|(n, v)| format!("{n}:{v}"))
+                    .collect();
+                if !versions.is_empty() {
+                    reason = format!(
+                        "{}; of this parameter its release pinned {} only",
+                        reason,
+                        versions.join(", ")
+                    );
+                }
+            }
+            return Err(a.deny("param.read", &reference.to_string(), reason).await);
+        };
     let view = a.params.get(&reference, reveal).await?;
     // Every read of a SecureString is on the record, decrypted or not.
     if view.kind == ParamType::SecureString.as_str() {
@@ -487,7 +524,13 @@ pub(crate) async fn audit(
         .ok_or_else(|| unavailable("an audit trail"))?;
     let records = tokio::task::spawn_blocking(move || audit.read(&filter))
         .await
-        .map_err(|e| bad_request(e.to_string()))?
+        .map_err(|e| {
+            ApiFailure::from_response(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                None,
+            ))
+        })?
         .map_err(|e| {
             ApiFailure::from_response(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -528,7 +571,13 @@ pub(crate) async fn verify(
         .ok_or_else(|| unavailable("an audit trail"))?;
     let verified = tokio::task::spawn_blocking(move || audit.verify())
         .await
-        .map_err(|e| bad_request(e.to_string()))?
+        .map_err(|e| {
+            ApiFailure::from_response(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                None,
+            ))
+        })?
         .map_err(|e| {
             ApiFailure::from_response(error(
                 StatusCode::INTERNAL_SERVER_ERROR,

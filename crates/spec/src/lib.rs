@@ -24,6 +24,7 @@ mod routing;
 mod types;
 mod units;
 mod validate;
+pub use validate::check_secrets;
 mod volumes;
 
 use std::path::Path;
@@ -33,6 +34,7 @@ pub use plan::{
     diff_services, plan, FieldChange, LiveService, Plan, PlanAction, ReplicaPlan, ServicePlan,
 };
 pub use types::*;
+pub use units::is_env_var_name;
 
 use load::{Sibling, Source};
 

@@ -208,7 +208,7 @@ pub(crate) fn check_name(name: &str, what: &str) -> Result<(), (String, String)>
 }
 
 /// `^[A-Za-z_][A-Za-z0-9_]*$`
-pub(crate) fn is_env_var_name(name: &str) -> bool {
+pub fn is_env_var_name(name: &str) -> bool {
     let b = name.as_bytes();
     b.first()
         .is_some_and(|&c| c.is_ascii_alphabetic() || c == b'_')

@@ -11,6 +11,8 @@ mod health;
 mod routes;
 mod secrets;
 
+pub use secrets::check_secrets;
+
 /// An error before file names are attached.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Diag {

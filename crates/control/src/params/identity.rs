@@ -5,7 +5,7 @@
 
 use dozen_model::{decode, keys, Assignment, DesiredState};
 use dozen_params::identity::{self, TaskClaims};
-use dozen_params::policy::{Action, Permission, Policy};
+use dozen_params::policy::{Permission, Policy};
 
 use super::ParamStore;
 use crate::{ControlError, Result};
@@ -48,8 +48,9 @@ impl ParamStore {
         Ok((identity::mint(&self.task_key, &claims), expires_at_ms))
     }
 
-    /// Who a task token names and what it may do, if it is valid and its task still runs.
-    pub async fn task_caller(&self, token: &str) -> Result<Option<(TaskClaims, Policy)>> {
+    /// Who a task token names and what it may do, if it is valid and its task still runs:
+    /// the service's `access` grants, and the exact versions its release pinned.
+    pub async fn task_caller(&self, token: &str) -> Result<Option<TaskIdentity>> {
         let Some(claims) = identity::open(&self.task_key, token, crate::wall_ms()) else {
             return Ok(None);
         };
@@ -57,20 +58,33 @@ impl ParamStore {
             return Ok(None);
         };
         let mut permissions: Vec<Permission> = assignment
-            .secrets
-            .values()
-            .map(|p| Permission::Param {
-                action: Action::Read,
-                pattern: p.name.clone(),
+            .spec
+            .access
+            .iter()
+            .filter_map(|text| match Permission::parse(text) {
+                Ok(p @ Permission::Param { .. }) => Some(p),
+                _ => None,
             })
             .collect();
-        for text in &assignment.spec.access {
-            if let Ok(p @ Permission::Param { .. }) = Permission::parse(text) {
-                permissions.push(p);
-            }
-        }
         permissions.sort();
         permissions.dedup();
-        Ok(Some((claims, Policy(permissions))))
+        Ok(Some(TaskIdentity {
+            claims,
+            access: Policy(permissions),
+            pinned: assignment
+                .secrets
+                .values()
+                .map(|p| (p.name.clone(), p.version))
+                .collect(),
+        }))
     }
+}
+
+/// What a valid task token stands for.
+pub struct TaskIdentity {
+    pub claims: TaskClaims,
+    /// What the service's `access` grants.
+    pub access: Policy,
+    /// The secrets its release pinned: these versions, and no other, besides `access`.
+    pub pinned: Vec<(String, u64)>,
 }

@@ -46,6 +46,11 @@ impl ParamStore {
         })
     }
 
+    /// The key the audit trail's hash chain is made with (derived from the root key).
+    pub fn audit_key(&self) -> dozen_params::audit::ChainKey {
+        dozen_params::audit::ChainKey::new(&self.root)
+    }
+
     pub(crate) fn store(&self) -> &dyn Store {
         self.store.as_ref()
     }
@@ -182,8 +187,15 @@ fn check_key_name(name: &str) -> Result<()> {
     }
 }
 
+/// A missing key is the caller's to fix (400); a value or key that does not open, or no
+/// randomness, is the server's (500).
 fn crypto(e: CryptoError) -> ControlError {
-    ControlError::Invalid(e.to_string())
+    match e {
+        CryptoError::NoKek { .. } | CryptoError::BadRootKey { .. } => {
+            ControlError::Invalid(e.to_string())
+        }
+        CryptoError::Open { .. } | CryptoError::Random => ControlError::Internal(e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -138,7 +138,9 @@ pub async fn redeploy_changed(store: &dyn Store, retention: &Retention) -> Resul
         {
             continue;
         }
-        if let Some(release) = crate::desired::repin(store, service, pinned, retention).await? {
+        if let Some(release) =
+            crate::desired::repin(store, service, current.number, pinned, retention).await?
+        {
             made.push(release);
         }
     }

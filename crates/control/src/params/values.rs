@@ -137,7 +137,8 @@ impl ParamStore {
             });
             names::check_value(kind, &put.value).map_err(invalid)?;
             let value = match kind {
-                ParamType::SecureString => StoredValue::Sealed(
+                ParamType::SecureString => StoredValue::Sealed({
+                    let envelope =
                     self.with_ring(|ring| {
                         ring.seal(kek, &context(&put.name, version), put.value.as_bytes())
                     })
@@ -149,8 +150,16 @@ impl ParamStore {
                             ))
                         }
                         other => other,
-                    })?,
-                ),
+                    })?;
+                    // Sealed under the newest version this server knows: refused if another
+                    // server has rotated since (then the keyring is reloaded and it is sealed
+                    // again), so a rotation takes effect on every server at once.
+                    txn = txn.when(Compare::missing(records::kek(
+                        &envelope.kek,
+                        envelope.kek_version + 1,
+                    )));
+                    envelope
+                }),
                 _ => StoredValue::Plain(put.value.clone()),
             };
             record.kind = kind;
@@ -189,6 +198,9 @@ impl ParamStore {
                 ));
             if self.store().txn(txn).await?.succeeded {
                 return Ok(view(&record, &stored, None));
+            }
+            if kind == ParamType::SecureString {
+                self.reload().await?;
             }
         }
         Err(busy(&put.name))

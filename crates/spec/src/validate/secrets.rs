@@ -136,3 +136,32 @@ impl Validator {
         }
     }
 }
+
+/// The same rules for a service that arrived over the wire (the API is also for scripts):
+/// secret names are plain names, references parse, at most [`MAX_SECRETS`], none shadows an
+/// `env` variable, and `access` holds parameter permissions only.
+pub fn check_secrets(svc: &Service) -> Result<(), String> {
+    if svc.secrets.len() > MAX_SECRETS {
+        return Err(format!(
+            "{} secrets; a service takes at most {MAX_SECRETS}",
+            svc.secrets.len()
+        ));
+    }
+    for (key, reference) in &svc.secrets {
+        if !is_env_var_name(key) {
+            return Err(format!("invalid secret name `{key}`"));
+        }
+        Reference::parse(reference).map_err(|e| format!("secret `{key}`: {e}"))?;
+        if svc.env.contains_key(key) {
+            return Err(format!("`{key}` is both in `env` and in `secrets`"));
+        }
+    }
+    for text in &svc.access {
+        match Permission::parse(text) {
+            Ok(Permission::Param { .. }) => {}
+            Ok(_) => return Err(format!("`access` gives parameters only, not `{text}`")),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
