@@ -94,12 +94,21 @@ impl AuditLog {
     }
 
     /// Appends `event`; returns its sequence number once it is on disk.
+    ///
+    /// Once called, the record is written even if the caller stops waiting: queued at once,
+    /// or, when the queue is full, by a task of its own that waits for room.
     pub async fn record(&self, event: Event) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
-        self.sender
-            .send((event, done))
-            .await
-            .map_err(|_| AuditError::Stopped)?;
+        match self.sender.try_send((event, done)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(pending)) => {
+                let sender = self.sender.clone();
+                tokio::spawn(async move {
+                    let _ = sender.send(pending).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(AuditError::Stopped),
+        }
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 

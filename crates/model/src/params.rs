@@ -28,7 +28,9 @@ pub struct KekRecord {
     pub schema: u32,
     pub name: String,
     pub version: u32,
+    #[serde(with = "dozen_params::bytes_b64")]
     pub nonce: Vec<u8>,
+    #[serde(with = "dozen_params::bytes_b64")]
     pub sealed: Vec<u8>,
     pub created_at_ms: u64,
 }

@@ -6,7 +6,7 @@
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 
-use crate::Key;
+use crate::{hex, Key};
 
 /// The key a chain's hashes are made with (HMAC-SHA256, derived from the root key): without
 /// it, records cannot be rewritten with hashes that verify.
@@ -97,10 +97,6 @@ impl Record {
         let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
         hex(hmac::sign(&key.0, &bytes).as_ref())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Where a chain breaks.

@@ -24,6 +24,17 @@ use serde::{Deserialize, Serialize};
 
 pub const KEY_BYTES: usize = 32;
 
+/// Lower-case hex of `bytes` (no formatter per byte: it is on every audited request).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
     #[error("the system gave no random numbers")]
@@ -144,8 +155,37 @@ impl Key {
 /// Ciphertext with its tag, and the nonce it was sealed with.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Sealed {
+    #[serde(with = "bytes_b64")]
     pub nonce: Vec<u8>,
+    #[serde(with = "bytes_b64")]
     pub data: Vec<u8>,
+}
+
+/// Bytes in a record as base64 text: a JSON array of numbers is four times the size and
+/// several times slower to read. Arrays (what earlier records hold) are still read.
+pub mod bytes_b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Array(Vec<u8>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        match Either::deserialize(d)? {
+            Either::Text(text) => base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(serde::de::Error::custom),
+            Either::Array(bytes) => Ok(bytes),
+        }
+    }
 }
 
 /// A key-encryption key as stored: sealed with the root key, bound to its name and version.

@@ -122,3 +122,16 @@ fn root_keys_read_from_hex_or_base64_and_errors_never_echo_them() {
         .to_string()
         .contains("found 16 bytes"));
 }
+
+#[test]
+fn sealed_bytes_are_stored_as_base64_and_old_arrays_still_read() {
+    let sealed = Sealed {
+        nonce: vec![1, 2, 3],
+        data: vec![255, 0],
+    };
+    let json = serde_json::to_string(&sealed).unwrap();
+    assert_eq!(json, r#"{"nonce":"AQID","data":"/wA="}"#);
+    assert_eq!(serde_json::from_str::<Sealed>(&json).unwrap(), sealed);
+    let old: Sealed = serde_json::from_str(r#"{"nonce":[1,2,3],"data":[255,0]}"#).unwrap();
+    assert_eq!(old, sealed);
+}

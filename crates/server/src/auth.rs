@@ -195,8 +195,7 @@ async fn refuse(
             outcome: dozen_params::audit::Outcome::Denied,
             detail: Some(crate::params::clip(&reason)),
         };
-        let written = tokio::spawn(async move { audit.record(event).await }).await;
-        if !matches!(written, Ok(Ok(_))) {
+        if audit.record(event).await.is_err() {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the refusal cannot be audited; the request is refused".into(),

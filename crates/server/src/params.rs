@@ -100,13 +100,10 @@ impl Ask<'_> {
         outcome: Outcome,
         detail: Option<String>,
     ) -> ApiResult<()> {
-        // Its own task: a client that goes away cannot cancel a record once the change it
-        // records is made.
-        let audit = self.audit.clone();
-        let event = self.event(action, target, outcome, detail);
-        tokio::spawn(async move { audit.record(event).await })
+        // A client that goes away cannot cancel a record once asked for (see `record`).
+        self.audit
+            .record(self.event(action, target, outcome, detail))
             .await
-            .unwrap_or(Err(dozen_control::audit::AuditError::Stopped))
             .map(|_| ())
             .map_err(|e| {
                 tracing::error!(error = %e, "audit trail write failed");

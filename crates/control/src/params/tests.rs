@@ -247,3 +247,19 @@ async fn bad_input_is_refused_and_stores_nothing() {
         .len();
     assert_eq!(before, after);
 }
+
+#[tokio::test]
+async fn a_rotation_on_another_server_is_used_by_the_next_write_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, store) = open(dir.path()).await;
+    let root = dozen_params::Key::parse(&"ab".repeat(32)).unwrap();
+    let b = ParamStore::open(store.clone(), root).await.unwrap();
+    b.put(put("/k", Some(ParamType::SecureString), "one"), "t")
+        .await
+        .unwrap();
+    a.rotate("default", None).await.unwrap();
+    let second = b.put(put("/k", None, "two"), "t").await.unwrap();
+    assert_eq!(second.key.as_deref(), Some("default:2"));
+    let read = b.get(&get_ref("/k:1"), Reveal::Decrypted).await.unwrap();
+    assert_eq!(read.value.as_deref(), Some("one"));
+}

@@ -39,11 +39,7 @@ pub fn check_name(name: &str) -> Result<()> {
 }
 
 fn sha256_hex(text: &str) -> String {
-    digest(&SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    dozen_params::hex(digest(&SHA256, text.as_bytes()).as_ref())
 }
 
 /// Makes token `name` with `policy`; answers the token itself, which is shown this once.

@@ -17,8 +17,9 @@ use dozen_store::{Compare, KeyValue, Op, Txn};
 use super::{crypto, ParamStore, DEFAULT_KEK};
 use crate::{ControlError, Result};
 
-/// Attempts at a guarded write before giving up with 409.
-const ATTEMPTS: usize = 8;
+/// Attempts at a guarded write before giving up with 409 (each lost only to another writer
+/// of the same parameter, which made progress).
+const ATTEMPTS: usize = 32;
 /// Most parameters one page lists.
 pub const MAX_PAGE: usize = 100;
 /// The warning before an expiry, unless the put says otherwise.
@@ -199,9 +200,15 @@ impl ParamStore {
             if self.store().txn(txn).await?.succeeded {
                 return Ok(view(&record, &stored, None));
             }
-            if kind == ParamType::SecureString {
-                self.reload().await?;
+            // Lost to another writer of this parameter, or to a rotation: only the second
+            // needs the keyring again.
+            if let StoredValue::Sealed(e) = &stored.value {
+                let next = records::kek(&e.kek, e.kek_version + 1);
+                if self.store().get(&next).await?.is_some() {
+                    self.reload().await?;
+                }
             }
+            tokio::task::yield_now().await;
         }
         Err(busy(&put.name))
     }
