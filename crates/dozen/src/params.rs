@@ -73,8 +73,9 @@ pub struct PutArgs {
 
 #[derive(Args, Debug)]
 pub struct GetArgs {
-    /// `name`, `name:version` or `name@label`.
-    name: String,
+    /// `name`, `name:version` or `name@label`; several: one `name value` line each.
+    #[arg(required = true)]
+    names: Vec<String>,
     /// Show a SecureString in plain text (needs `read` on it; the read is audited).
     #[arg(long)]
     with_decryption: bool,
@@ -168,21 +169,34 @@ pub async fn param(global: &Global, command: ParamCommand) -> anyhow::Result<i32
             }
         }
         ParamCommand::Get(a) => {
-            let view = api
-                .get_param(&ParamQuery {
-                    name: a.name.clone(),
-                    decrypt: a.with_decryption,
-                })
-                .await?;
-            match (global.output, &view.value) {
-                (Output::Json, _) => output::json(&view),
-                (Output::Table, Some(value)) => println!("{value}"),
-                (Output::Table, None) => {
+            let mut views = Vec::with_capacity(a.names.len());
+            for name in &a.names {
+                views.push(
+                    api.get_param(&ParamQuery {
+                        name: name.clone(),
+                        decrypt: a.with_decryption,
+                    })
+                    .await?,
+                );
+            }
+            if global.output == Output::Json {
+                match views.as_slice() {
+                    [one] => output::json(one),
+                    many => output::json(&many),
+                }
+                return Ok(0);
+            }
+            for view in &views {
+                let Some(value) = &view.value else {
                     bail!(
                         "{} is a {}: add --with-decryption to see its value",
                         view.name,
                         view.kind
-                    )
+                    );
+                };
+                match views.len() {
+                    1 => println!("{value}"),
+                    _ => println!("{} {value}", view.name),
                 }
             }
         }

@@ -552,6 +552,51 @@ fn exec_runs_inside_the_container() {
     gone_after_down(&d);
 }
 
+/// A container gets its secrets as files at `/run/secrets` (the same memory-backed directory
+/// the agent wrote), readable by its user; and as environment variables when asked.
+#[test]
+fn a_container_reads_its_secrets_from_run_secrets() {
+    if !testapp_image() {
+        return;
+    }
+    let mut d = Dozen::new(DOZEN);
+    d.start_without_proxy();
+    for (name, value) in [
+        ("/c/file", "container-file-secret"),
+        ("/c/env", "container-env-secret"),
+    ] {
+        let mut child = d
+            .command(&["param", "put", name, "--secure"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), value.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    d.write(
+        "dozen.toml",
+        &format!(
+            "name = \"csec\"\n[services.files]\nimage = \"{IMAGE}\"\nsecrets = {{ S = \"/c/file\" }}\n[services.envs]\nimage = \"{IMAGE}\"\nsecrets = {{ S = \"/c/env\" }}\nsecrets_as = \"env\"\n"
+        ),
+    );
+    d.ok(&["apply", "--timeout", "60s"]);
+    let get = |service: &str, path: &str| {
+        let port = d.wait_ready(service, 1)[0]["status"]["host_port"]
+            .as_u64()
+            .unwrap() as u16;
+        http_request(port, "localhost", path)
+            .map(|r| r.body)
+            .unwrap_or_default()
+    };
+    assert_eq!(get("files", "/env/DOZEN_SECRETS_DIR"), "/run/secrets");
+    assert_eq!(get("files", "/secret/S"), "container-file-secret");
+    assert!(get("files", "/secret/.token").starts_with("dzk."));
+    assert_eq!(get("envs", "/env/S"), "container-env-secret");
+    assert_eq!(get("envs", "/secret/S"), "");
+    d.ok(&["down"]);
+    gone_after_down(&d);
+}
+
 /// `dozen stats` of a container: CPU held to its limit and memory, from the engine.
 #[test]
 fn stats_show_what_a_container_uses_within_its_limits() {

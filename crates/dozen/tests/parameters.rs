@@ -118,6 +118,11 @@ fn parameters_have_versions_labels_paths_pages_and_expiry() {
         d.ok(&["param", "get", "/shop/prod/db/host:1"]),
         "db1.local\n"
     );
+    // Several at once: one `name value` line each.
+    assert_eq!(
+        d.ok(&["param", "get", "/shop/prod/db/host", "/shop/prod/hosts"]),
+        "/shop/prod/db/host db2.local\n/shop/prod/hosts a,b,c\n"
+    );
     d.ok(&["param", "label", "/shop/prod/db/host:1", "prod", "stable"]);
     assert_eq!(
         d.ok(&["param", "get", "/shop/prod/db/host@prod"]),
