@@ -553,19 +553,13 @@ pub async fn rollback(
                 kind: "release",
                 name: format!("{service} #{target}"),
             })?;
-        let number = rec.latest_release + 1;
-        let release = Release {
-            number,
-            created_at_ms: wall_ms(),
-            cause: format!("rollback to {target}"),
-            ..source.clone()
-        };
-        rec.current_release = number;
-        rec.latest_release = number;
-        let mut ops = vec![Op::put(keys::release(service, number), encode(&release))];
-        for old in releases_to_prune(snap, service, number, retention.keep_releases) {
-            ops.push(Op::delete(keys::release(service, old)));
-        }
+        let (release, ops) = next_release(
+            snap,
+            rec,
+            source.clone(),
+            format!("rollback to {target}"),
+            retention,
+        );
         *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(release);
         Ok(ops)
     })
@@ -573,6 +567,32 @@ pub async fn rollback(
     made.into_inner()
         .unwrap_or_else(|p| p.into_inner())
         .ok_or_else(|| ControlError::Conflict("rollback made no release".into()))
+}
+
+/// `like` as the service's next release, made current: the release and the writes (with the
+/// pruning of releases past the retention).
+fn next_release(
+    snap: &Snapshot,
+    rec: &mut ServiceRecord,
+    like: Release,
+    cause: String,
+    retention: &Retention,
+) -> (Release, Vec<Op>) {
+    let number = rec.latest_release + 1;
+    let release = Release {
+        number,
+        created_at_ms: wall_ms(),
+        cause,
+        ..like
+    };
+    rec.current_release = number;
+    rec.latest_release = number;
+    let service = &release.service;
+    let mut ops = vec![Op::put(keys::release(service, number), encode(&release))];
+    for old in releases_to_prune(snap, service, number, retention.keep_releases) {
+        ops.push(Op::delete(keys::release(service, old)));
+    }
+    (release, ops)
 }
 
 /// A new release repeating the current one with `secrets` (the newest versions its
@@ -601,23 +621,19 @@ pub async fn repin(
         if current.secrets == secrets {
             return Ok(vec![]);
         }
-        let number = rec.latest_release + 1;
-        let release = Release {
-            number,
-            created_at_ms: wall_ms(),
-            cause: format!(
+        let (release, ops) = next_release(
+            snap,
+            rec,
+            Release {
+                secrets: secrets.clone(),
+                ..current.clone()
+            },
+            format!(
                 "secret changed: {}",
                 crate::params::pins::describe(&secrets)
             ),
-            secrets: secrets.clone(),
-            ..current.clone()
-        };
-        rec.current_release = number;
-        rec.latest_release = number;
-        let mut ops = vec![Op::put(keys::release(service, number), encode(&release))];
-        for old in releases_to_prune(snap, service, number, retention.keep_releases) {
-            ops.push(Op::delete(keys::release(service, old)));
-        }
+            retention,
+        );
         *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(release);
         Ok(ops)
     })

@@ -565,13 +565,8 @@ fn a_container_reads_its_secrets_from_run_secrets() {
         ("/c/file", "container-file-secret"),
         ("/c/env", "container-env-secret"),
     ] {
-        let mut child = d
-            .command(&["param", "put", name, "--secure"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), value.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
+        let out = d.cli_with_stdin(&["param", "put", name, "--secure"], value);
+        assert!(out.status.success());
     }
     d.write(
         "dozen.toml",

@@ -2,8 +2,7 @@
 //! pages and expiry; tokens with policies and their denials; the audit trail of each case,
 //! and an altered record found by `dozen audit verify`; bad input refused, storing nothing.
 
-use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use dozen_testkit::{eventually, Dozen};
@@ -24,20 +23,7 @@ fn server() -> Dozen {
 
 /// The CLI with `stdin` piped in.
 fn with_stdin(d: &Dozen, args: &[&str], stdin: &str) -> Output {
-    let mut child = d
-        .command(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    d.cli_with_stdin(args, stdin)
 }
 
 fn stderr(out: &Output) -> String {

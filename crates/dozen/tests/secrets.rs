@@ -6,9 +6,7 @@
 //! environment: not in the data dir, the store, the logs, the audit trail, a command line or
 //! any other process's environment.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use dozen_testkit::{eventually, http_get, Dozen};
@@ -18,20 +16,7 @@ const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
 const APP: &str = env!("CARGO_BIN_EXE_dozen-testapp");
 
 fn put_secret(d: &Dozen, name: &str, value: &str) {
-    let mut child = d
-        .command(&["param", "put", name, "--secure"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = d.cli_with_stdin(&["param", "put", name, "--secure"], value);
     assert!(
         out.status.success(),
         "{}",

@@ -42,19 +42,7 @@ pub(crate) async fn authenticate(
                     policy: Arc::new(identity.access),
                     pinned: Arc::new(identity.pinned),
                 };
-                if let Err(reason) = token_may(&caller, request.method(), request.uri().path()) {
-                    return refuse(
-                        &state,
-                        RequestLine::of(&request),
-                        caller.who(),
-                        StatusCode::FORBIDDEN,
-                        reason,
-                        None,
-                    )
-                    .await;
-                }
-                request.extensions_mut().insert(caller);
-                next.run(request).await
+                admit(&state, caller, request, next).await
             }
             Ok(None) => {
                 refuse(
@@ -82,19 +70,7 @@ pub(crate) async fn authenticate(
                     name,
                     policy: Arc::new(policy),
                 };
-                if let Err(reason) = token_may(&caller, request.method(), request.uri().path()) {
-                    return refuse(
-                        &state,
-                        RequestLine::of(&request),
-                        caller.who(),
-                        StatusCode::FORBIDDEN,
-                        reason,
-                        None,
-                    )
-                    .await;
-                }
-                request.extensions_mut().insert(caller);
-                next.run(request).await
+                admit(&state, caller, request, next).await
             }
             Ok(None) => {
                 let claimed = dozen_control::params::tokens::claimed_name(given)
@@ -156,6 +132,25 @@ pub(crate) async fn authenticate(
         Some("the CLI reads the token from --token / DOZEN_TOKEN or <data-dir>/token".into()),
     )
 }
+/// Runs the request as `caller` (a token of the parameter store's kinds) when its policy
+/// opens the route, else refuses it on the record.
+async fn admit(state: &AppState, caller: Caller, mut request: Request, next: Next) -> Response {
+    if let Err(reason) = token_may(&caller, request.method(), request.uri().path()) {
+        let line = RequestLine::of(&request);
+        return refuse(
+            state,
+            line,
+            caller.who(),
+            StatusCode::FORBIDDEN,
+            reason,
+            None,
+        )
+        .await;
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
 /// Where a request came from and what it asked, for the audit record of a refusal.
 struct RequestLine {
     from: String,

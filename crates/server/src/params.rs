@@ -44,6 +44,32 @@ pub(crate) fn clip(text: &str) -> String {
     format!("{}… ({} bytes)", &text[..end], text.len())
 }
 
+/// Reads this server's audit files off the runtime's threads.
+async fn read_trail<T: Send + 'static>(
+    s: &AppState,
+    read: impl FnOnce(&AuditLog) -> std::io::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    let audit = s
+        .audit
+        .clone()
+        .ok_or_else(|| unavailable("an audit trail"))?;
+    let internal = |message: String| {
+        ApiFailure::from_response(error(StatusCode::INTERNAL_SERVER_ERROR, message, None))
+    };
+    tokio::task::spawn_blocking(move || read(&audit))
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(format!("cannot read the audit trail: {e}")))
+}
+
+/// The audit target of a change: what it made (`name:version`), or what was asked.
+fn made<T>(result: &Result<T, ControlError>, of: impl Fn(&T) -> String, asked: &str) -> String {
+    match result {
+        Ok(value) => of(value),
+        Err(_) => asked.to_string(),
+    }
+}
+
 fn unavailable(what: &str) -> ApiFailure {
     ApiFailure::from_response(error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -193,10 +219,7 @@ pub(crate) async fn put(
         key: req.key,
     };
     let result = a.params.put(put, &caller.who()).await;
-    let target = match &result {
-        Ok(view) => format!("{}:{}", view.name, view.version),
-        Err(_) => req.name.clone(),
-    };
+    let target = made(&result, |v| format!("{}:{}", v.name, v.version), &req.name);
     Ok(Json(a.finish("param.write", &target, result).await?))
 }
 
@@ -342,10 +365,7 @@ pub(crate) async fn label(
         .params
         .label(&req.name, req.version, &req.add, &req.remove, &caller.who())
         .await;
-    let target = match &result {
-        Ok(view) => format!("{}:{}", view.name, view.version),
-        Err(_) => req.name.clone(),
-    };
+    let target = made(&result, |v| format!("{}:{}", v.name, v.version), &req.name);
     Ok(Json(a.finish("param.label", &target, result).await?))
 }
 
@@ -434,10 +454,7 @@ pub(crate) async fn rotate(
         None => None,
     };
     let result = a.params.rotate(&req.name, imported).await;
-    let target = match &result {
-        Ok(view) => format!("{}:{}", view.name, view.version),
-        Err(_) => req.name.clone(),
-    };
+    let target = made(&result, |v| format!("{}:{}", v.name, v.version), &req.name);
     Ok(Json(a.finish(action, &target, result).await?))
 }
 
@@ -515,26 +532,7 @@ pub(crate) async fn audit(
         outcome: q.outcome,
         limit: q.limit.unwrap_or(100),
     };
-    let audit = s
-        .audit
-        .clone()
-        .ok_or_else(|| unavailable("an audit trail"))?;
-    let records = tokio::task::spawn_blocking(move || audit.read(&filter))
-        .await
-        .map_err(|e| {
-            ApiFailure::from_response(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                None,
-            ))
-        })?
-        .map_err(|e| {
-            ApiFailure::from_response(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read the audit trail: {e}"),
-                None,
-            ))
-        })?;
+    let records = read_trail(&s, move |audit| audit.read(&filter)).await?;
     Ok(Json(
         records
             .into_iter()
@@ -562,26 +560,7 @@ pub(crate) async fn verify(
 ) -> ApiResult<Json<Vec<AuditVerification>>> {
     let a = ask(&s, &caller, connection.as_deref())?;
     a.need_admin("audit.verify", "audit").await?;
-    let audit = s
-        .audit
-        .clone()
-        .ok_or_else(|| unavailable("an audit trail"))?;
-    let verified = tokio::task::spawn_blocking(move || audit.verify())
-        .await
-        .map_err(|e| {
-            ApiFailure::from_response(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                None,
-            ))
-        })?
-        .map_err(|e| {
-            ApiFailure::from_response(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read the audit trail: {e}"),
-                None,
-            ))
-        })?;
+    let verified = read_trail(&s, |audit| audit.verify()).await?;
     Ok(Json(vec![AuditVerification {
         server: s.server_id.clone(),
         records: verified.tip.records,

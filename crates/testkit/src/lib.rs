@@ -475,6 +475,22 @@ impl Dozen {
         self.command(args).output().expect("run dozen")
     }
 
+    /// Runs the CLI with `stdin` as its input (a secret's value, never an argument).
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run dozen");
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("run dozen")
+    }
+
     /// Runs the CLI and insists it succeeds; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);

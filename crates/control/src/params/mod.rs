@@ -172,6 +172,11 @@ impl ParamStore {
 }
 
 fn check_key_name(name: &str) -> Result<()> {
+    check_plain_name(name, "key")
+}
+
+/// A key's or a token's name: 1 to 64 letters, digits, `_` or `-`.
+pub(crate) fn check_plain_name(name: &str, what: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -181,7 +186,7 @@ fn check_key_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(ControlError::Invalid(format!(
-            "key name `{}` must be 1 to 64 letters, digits, `_` or `-`",
+            "{what} name `{}` must be 1 to 64 letters, digits, `_` or `-`",
             name.chars().take(80).collect::<String>()
         )))
     }

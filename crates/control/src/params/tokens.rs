@@ -23,19 +23,7 @@ pub fn claimed_name(token: &str) -> Option<(&str, &str)> {
 }
 
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ControlError::Invalid(format!(
-            "token name `{}` must be 1 to 64 letters, digits, `_` or `-`",
-            name.chars().take(80).collect::<String>()
-        )))
-    }
+    super::check_plain_name(name, "token")
 }
 
 fn sha256_hex(text: &str) -> String {
