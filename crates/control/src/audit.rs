@@ -4,13 +4,23 @@
 //! answered. Group commit keeps that fast: one thread writes whatever records have queued
 //! while the previous fsync ran, then one fsync for all of them.
 //!
+//! The live segment is zeroed ahead of its last record, in chunks that grow with it (64 KiB
+//! to 256 KiB): a record is then written over zeros the file already holds, and its fdatasync
+//! flushes that data alone, without the inode's size (one device round trip fewer, which
+//! is most of the cost of a synced append). Readers stop at the first zero byte (a record,
+//! being JSON, has none); a closed segment is cut to its last record.
+//!
+//! A busy server (its live segment past 256 KiB) has a thread write a segment's worth of
+//! zeros into a spare file, paced, and the next segment is that file: the writer never waits
+//! for zeros to be written then.
+//!
 //! Bounds: at most [`QUEUE`] records wait; a segment is closed at [`SEGMENT_BYTES`] and at
 //! most [`KEEP_SEGMENTS`] are kept (the oldest go first; the chain then starts at the oldest
-//! kept record, and `verify` says so).
+//! kept record, and `verify` says so), plus one spare of [`SEGMENT_BYTES`].
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use dozen_params::audit::{self, Broken, ChainKey, Event, Record, Tip};
@@ -22,6 +32,26 @@ pub const QUEUE: usize = 8192;
 const BATCH: usize = 4096;
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 pub const KEEP_SEGMENTS: usize = 16;
+/// Zeros written ahead of the live segment's last record: as many as it holds already,
+/// within these bounds.
+const ZEROED_AHEAD_MIN: u64 = 64 * 1024;
+const ZEROED_AHEAD_MAX: u64 = 256 * 1024;
+/// The spare segment of zeros, and the name it is made under.
+const SPARE: &str = "spare.zeros";
+const SPARE_MAKING: &str = "spare.zeros.part";
+
+/// Where segments close and when a spare is made (smaller in tests).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    segment: u64,
+    /// A spare is made once the live segment holds this much.
+    spare_after: u64,
+}
+
+const SIZES: Sizes = Sizes {
+    segment: SEGMENT_BYTES,
+    spare_after: ZEROED_AHEAD_MAX,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -68,7 +98,29 @@ impl AuditLog {
     /// record a crash left half-written (never acknowledged) is cut off first; the chain goes
     /// on in the last segment.
     pub fn open(dir: &Path, server: &str, key: ChainKey) -> std::io::Result<AuditLog> {
+        AuditLog::open_sized(dir, server, key, SIZES)
+    }
+
+    fn open_sized(
+        dir: &Path,
+        server: &str,
+        key: ChainKey,
+        sizes: Sizes,
+    ) -> std::io::Result<AuditLog> {
         std::fs::create_dir_all(dir)?;
+        // A spare cut short by a crash is made again when it is wanted.
+        match std::fs::remove_file(dir.join(SPARE_MAKING)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let spare = match std::fs::metadata(dir.join(SPARE)) {
+            Ok(m) if m.len() == sizes.segment => Spare::Ready,
+            Ok(_) => {
+                std::fs::remove_file(dir.join(SPARE))?;
+                Spare::None
+            }
+            Err(_) => Spare::None,
+        };
         let key = std::sync::Arc::new(key);
         let (tip, file) = recover(dir)?;
         let verified = verify_dir(dir, &key)?;
@@ -82,6 +134,8 @@ impl AuditLog {
             tip,
             file,
             key: key.clone(),
+            sizes,
+            spare,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -117,8 +171,16 @@ impl AuditLog {
         let limit = filter.limit.clamp(1, 10_000);
         let mut kept = std::collections::VecDeque::with_capacity(limit.min(1024));
         for segment in segments(&self.dir)? {
-            for line in BufReader::new(File::open(segment)?).lines() {
-                let Ok(record) = serde_json::from_str::<Record>(&line?) else {
+            let mut reader = BufReader::new(File::open(segment)?);
+            let mut line = Vec::new();
+            loop {
+                // The zeros ahead of the live segment's last record end it.
+                if reader.fill_buf()?.first().is_none_or(|b| *b == 0) {
+                    break;
+                }
+                line.clear();
+                reader.read_until(b'\n', &mut line)?;
+                let Ok(record) = serde_json::from_slice::<Record>(line.trim_ascii_end()) else {
                     continue;
                 };
                 if filter.since_ms.is_some_and(|s| record.event.at_ms < s)
@@ -167,15 +229,22 @@ fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
-/// The tip of the chain on disk and the last segment to append to (None: start one). Cuts
-/// the last segment back to its last whole record, and removes a last segment left empty.
-fn recover(dir: &Path) -> std::io::Result<(Tip, Option<(File, u64)>)> {
+/// What a segment's bytes hold: everything before the first zero byte.
+fn written(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    &bytes[..end]
+}
+
+/// The tip of the chain on disk and the last segment to append to (None: start one). Zeroes
+/// whatever follows the last segment's last whole record (a record a crash left half-written,
+/// never acknowledged), and removes a last segment left empty.
+fn recover(dir: &Path) -> std::io::Result<(Tip, Option<Segment>)> {
     let mut all = segments(dir)?;
     while let Some(last) = all.pop() {
         let bytes = std::fs::read(&last)?;
         let mut keep = 0usize;
         let mut tip = None;
-        for line in bytes.split_inclusive(|b| *b == b'\n') {
+        for line in written(&bytes).split_inclusive(|b| *b == b'\n') {
             if !line.ends_with(b"\n") {
                 break;
             }
@@ -195,13 +264,20 @@ fn recover(dir: &Path) -> std::io::Result<(Tip, Option<(File, u64)>)> {
             File::open(dir)?.sync_all()?;
             continue;
         };
-        let file = OpenOptions::new().append(true).open(&last)?;
-        if keep < bytes.len() {
-            tracing::warn!(file = %last.display(), cut = bytes.len() - keep, "cutting a half-written audit record (never acknowledged)");
-            file.set_len(keep as u64)?;
-            file.sync_all()?;
+        let file = OpenOptions::new().write(true).open(&last)?;
+        if let Some(stray) = bytes[keep..].iter().rposition(|b| *b != 0) {
+            tracing::warn!(file = %last.display(), cut = stray + 1, "zeroing a half-written audit record (never acknowledged)");
+            file.write_all_at(&vec![0; stray + 1], keep as u64)?;
+            file.sync_data()?;
         }
-        return Ok((tip, Some((file, keep as u64))));
+        return Ok((
+            tip,
+            Some(Segment {
+                file,
+                end: keep as u64,
+                zeroed: bytes.len() as u64,
+            }),
+        ));
     }
     Ok((Tip::default(), None))
 }
@@ -210,7 +286,8 @@ fn verify_dir(dir: &Path, key: &ChainKey) -> std::io::Result<Verified> {
     let mut tip = Tip::default();
     let mut first_seq = 0;
     for segment in segments(dir)? {
-        let text = std::fs::read_to_string(&segment)?;
+        let bytes = std::fs::read(&segment)?;
+        let text = String::from_utf8_lossy(written(&bytes));
         let lines: Vec<&str> = text.lines().collect();
         if tip.hash.is_empty() {
             // The oldest kept segment: its first record starts the chain (it follows the
@@ -272,8 +349,87 @@ struct Writer {
     dir: PathBuf,
     server: String,
     tip: Tip,
-    file: Option<(File, u64)>,
+    file: Option<Segment>,
     key: std::sync::Arc<ChainKey>,
+    sizes: Sizes,
+    spare: Spare,
+}
+
+/// The spare segment of zeros.
+enum Spare {
+    None,
+    Making(std::thread::JoinHandle<std::io::Result<()>>),
+    Ready,
+    /// Making one failed: not tried again before the next segment.
+    Failed,
+}
+
+impl Spare {
+    /// Whether it is there to be taken (a finished making is looked at once).
+    fn ready(&mut self) -> bool {
+        if let Spare::Making(handle) = self {
+            if !handle.is_finished() {
+                return false;
+            }
+            let Spare::Making(handle) = std::mem::replace(self, Spare::None) else {
+                unreachable!("matched above");
+            };
+            *self = match handle.join() {
+                Ok(Ok(())) => Spare::Ready,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot make a spare audit segment; zeros are written as records come");
+                    Spare::Failed
+                }
+                Err(_) => Spare::Failed,
+            };
+        }
+        matches!(self, Spare::Ready)
+    }
+}
+
+/// Writes a segment's worth of zeros to `dir/spare.zeros`, 256 KiB and a sync at a time, so the
+/// writer's own syncs never queue behind much of it.
+fn make_spare(dir: &Path, size: u64) -> std::io::Result<()> {
+    let making = dir.join(SPARE_MAKING);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&making)?;
+    let chunk = vec![0u8; 256 * 1024];
+    let mut at = 0;
+    while at < size {
+        let n = chunk.len().min((size - at) as usize);
+        let started = std::time::Instant::now();
+        file.write_all_at(&chunk[..n], at)?;
+        file.sync_data()?;
+        at += n as u64;
+        // Paced: the device gives the writer's records three times the time it gives zeros
+        // (measured here: a 256 KiB chunk at a time, so paced, kept the writer's p99 sync
+        // within 1.7 times what it is alone; MiB chunks unpaced made it 3.4 times).
+        std::thread::sleep((started.elapsed() * 3).max(std::time::Duration::from_millis(1)));
+    }
+    std::fs::rename(&making, dir.join(SPARE))?;
+    File::open(dir)?.sync_all()
+}
+
+/// The live segment: records up to `end`, zeros from there up to `zeroed`.
+struct Segment {
+    file: File,
+    end: u64,
+    zeroed: u64,
+}
+
+impl Segment {
+    /// Cuts the zeros off: a closed segment ends with its last record.
+    fn close(self) -> std::io::Result<()> {
+        if self.zeroed > self.end {
+            self.file.set_len(self.end)?;
+            self.file.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 impl Writer {
@@ -295,58 +451,107 @@ impl Writer {
                 });
             }
         }
+        if let Some(segment) = self.file.take() {
+            if let Err(e) = segment.close() {
+                tracing::warn!(error = %e, "cannot cut the zeros off the audit segment; the next start reads past them");
+            }
+        }
     }
 
     /// Writes and syncs `batch`; answers the first one's sequence number. On failure the
     /// file is cut back to where it was, and the chain does not move.
     fn append(&mut self, batch: &[Pending]) -> std::io::Result<u64> {
-        if self
-            .file
-            .as_ref()
-            .is_none_or(|(_, size)| *size >= SEGMENT_BYTES)
-        {
-            self.next_segment()?;
-        }
         let mut tip = self.tip.clone();
-        let mut bytes = Vec::with_capacity(batch.len() * 256);
+        let mut bytes = Vec::with_capacity(batch.len() * 320);
         for (event, _) in batch {
             let prev = if tip.hash.is_empty() {
-                audit::GENESIS.to_string()
+                audit::GENESIS
             } else {
-                tip.hash.clone()
+                &tip.hash
             };
-            let record = Record::chain(&self.key, &self.server, tip.seq + 1, &prev, event.clone());
-            serde_json::to_writer(&mut bytes, &record)?;
-            bytes.push(b'\n');
+            let seq = tip.seq + 1;
+            let hash = Record::append_line(&self.key, &self.server, seq, prev, event, &mut bytes);
             tip = Tip {
                 records: tip.records + 1,
-                seq: record.seq,
-                hash: record.hash,
+                seq,
+                hash,
             };
         }
-        let (file, size) = self.file.as_mut().expect("a segment is open");
-        let written = file.write_all(&bytes).and_then(|_| file.sync_data());
+        let rotate = match &self.file {
+            None => true,
+            Some(segment) => {
+                segment.end >= self.sizes.segment
+                    // Out of zeros: a spare is better than writing more of them now.
+                    || (segment.end + bytes.len() as u64 > segment.zeroed && self.spare.ready())
+            }
+        };
+        if rotate {
+            self.next_segment()?;
+        }
+        let segment = self.file.as_mut().expect("a segment is open");
+        let records_end = segment.end + bytes.len() as u64;
+        if records_end > segment.zeroed {
+            // More zeros, in the same write and sync: the file's size changes this once.
+            let ahead = segment.end.clamp(ZEROED_AHEAD_MIN, ZEROED_AHEAD_MAX);
+            let zeroed = (records_end + ahead).min(records_end.max(self.sizes.segment));
+            bytes.resize(bytes.len() + (zeroed - records_end) as usize, 0);
+        }
+        let written = segment
+            .file
+            .write_all_at(&bytes, segment.end)
+            .and_then(|_| segment.file.sync_data());
         if let Err(e) = written {
-            let _ = file.set_len(*size);
+            // Cut back to the last acknowledged record: what was written may be in the file.
+            let _ = segment.file.set_len(segment.end);
+            segment.zeroed = segment.end;
             return Err(e);
         }
-        *size += bytes.len() as u64;
+        segment.zeroed = segment.zeroed.max(segment.end + bytes.len() as u64);
+        segment.end = records_end;
+        if segment.end >= self.sizes.spare_after && matches!(self.spare, Spare::None) {
+            let (dir, size) = (self.dir.clone(), self.sizes.segment);
+            self.spare = match std::thread::Builder::new()
+                .name("audit-spare".into())
+                .spawn(move || make_spare(&dir, size))
+            {
+                Ok(handle) => Spare::Making(handle),
+                Err(_) => Spare::Failed,
+            };
+        }
         let first = self.tip.seq + 1;
         self.tip = tip;
         Ok(first)
     }
 
     fn next_segment(&mut self) -> std::io::Result<()> {
+        if let Some(closed) = self.file.take() {
+            closed.close()?;
+        }
         let path = self.dir.join(format!("{:012}.log", self.tip.seq + 1));
+        let spare = self.spare.ready() && std::fs::rename(self.dir.join(SPARE), &path).is_ok();
+        if !matches!(self.spare, Spare::Making(_)) {
+            self.spare = Spare::None;
+        }
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .write(true)
             .mode(0o600)
             .open(&path)?;
-        let size = file.metadata()?.len();
+        let zeroed = if spare {
+            file.metadata()?.len()
+        } else {
+            // A file of that name holds nothing of the chain (recovery removed it, or it is new).
+            file.set_len(0)?;
+            0
+        };
         // Its name in the directory must survive a crash too.
         File::open(&self.dir)?.sync_all()?;
-        self.file = Some((file, size));
+        self.file = Some(Segment {
+            file,
+            end: 0,
+            zeroed,
+        });
         let all = segments(&self.dir)?;
         if all.len() > KEEP_SEGMENTS {
             for old in &all[..all.len() - KEEP_SEGMENTS] {
@@ -361,6 +566,7 @@ impl Writer {
 mod tests {
     use super::*;
     use dozen_params::audit::Outcome;
+    use std::io::Write;
 
     fn key() -> ChainKey {
         ChainKey::new(&dozen_params::Key::parse(&"55".repeat(32)).unwrap())
@@ -390,6 +596,13 @@ mod tests {
         let mut sorted = seqs.clone();
         sorted.sort();
         assert_eq!(sorted, (1..=50).collect::<Vec<_>>());
+        // The live segment holds its records, then zeros ahead of them.
+        let bytes = std::fs::read(segments(dir.path()).unwrap().remove(0)).unwrap();
+        let records = written(&bytes);
+        assert_eq!(records.iter().filter(|b| **b == b'\n').count(), 50);
+        assert!(records.ends_with(b"\n"));
+        assert!(bytes.len() > records.len() && bytes.len() as u64 >= ZEROED_AHEAD_MIN);
+        assert!(bytes[records.len()..].iter().all(|b| *b == 0));
         drop(log);
         let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
         assert_eq!(log.record(event("/b")).await.unwrap(), 51);
@@ -405,6 +618,57 @@ mod tests {
             .unwrap();
         assert_eq!(only_b.len(), 1);
         assert_eq!(only_b[0].seq, 51);
+    }
+
+    #[tokio::test]
+    async fn a_busy_trail_moves_onto_spare_segments_of_zeros_and_the_chain_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = Sizes {
+            segment: 96 * 1024,
+            spare_after: 8 * 1024,
+        };
+        let log = AuditLog::open_sized(dir.path(), "s1", key(), sizes).unwrap();
+        // Past `spare_after`, a spare is made in the background.
+        let mut seq = 0;
+        while !dir.path().join(SPARE).exists() {
+            seq = log.record(event(&format!("/a/{seq}"))).await.unwrap();
+            assert!(seq < 100_000, "no spare was made");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            std::fs::metadata(dir.path().join(SPARE)).unwrap().len(),
+            sizes.segment
+        );
+        // Once the live segment runs out of zeros, the spare is the next segment.
+        let before = segments(dir.path()).unwrap().len();
+        while segments(dir.path()).unwrap().len() == before {
+            seq = log.record(event(&format!("/a/{seq}"))).await.unwrap();
+            assert!(seq < 100_000, "no next segment");
+        }
+        let live = segments(dir.path()).unwrap().pop().unwrap();
+        let name = live.file_stem().unwrap().to_str().unwrap().parse::<u64>();
+        assert_eq!(name.unwrap(), seq, "named after its first record");
+        assert_eq!(std::fs::metadata(&live).unwrap().len(), sizes.segment);
+        // The closed segments end with their last record: no zeros left in them.
+        for closed in &segments(dir.path()).unwrap()[..before] {
+            let bytes = std::fs::read(closed).unwrap();
+            assert!(bytes.ends_with(b"\n") && !bytes.contains(&0));
+        }
+        let verified = log.verify().unwrap();
+        assert!(verified.broken.is_none(), "{:?}", verified.broken);
+        assert_eq!(verified.tip.seq, seq);
+        // And a restart carries on in the live segment, over its zeros.
+        drop(log);
+        let log = AuditLog::open_sized(dir.path(), "s1", key(), sizes).unwrap();
+        assert_eq!(log.record(event("/b")).await.unwrap(), seq + 1);
+        assert!(log.verify().unwrap().broken.is_none());
+        let all = log
+            .read(&AuditFilter {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(all.len() as u64, seq + 1);
     }
 
     #[tokio::test]

@@ -127,27 +127,33 @@ impl Key {
         })
     }
 
-    fn open(&self, sealed: &Sealed, aad: &[u8], what: &str) -> Result<Vec<u8>, CryptoError> {
-        let failed = || CryptoError::Open {
-            what: what.to_string(),
-        };
+    /// Opens `sealed`; `what` names it in the error (made only then: reads are hot).
+    fn open(
+        &self,
+        sealed: &Sealed,
+        aad: &[u8],
+        what: impl Fn() -> String,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let failed = || CryptoError::Open { what: what() };
         let nonce: [u8; NONCE_LEN] = sealed.nonce.as_slice().try_into().map_err(|_| failed())?;
         let mut data = sealed.data.clone();
-        let plain = self
+        let plain_len = self
             .aead()
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad),
                 &mut data,
             )
-            .map_err(|_| failed())?;
-        Ok(plain.to_vec())
+            .map_err(|_| failed())?
+            .len();
+        data.truncate(plain_len);
+        Ok(data)
     }
 
-    fn from_bytes(bytes: &[u8], what: &str) -> Result<Key, CryptoError> {
-        let key: [u8; KEY_BYTES] = bytes.try_into().map_err(|_| CryptoError::Open {
-            what: what.to_string(),
-        })?;
+    fn from_bytes(bytes: &[u8], what: impl Fn() -> String) -> Result<Key, CryptoError> {
+        let key: [u8; KEY_BYTES] = bytes
+            .try_into()
+            .map_err(|_| CryptoError::Open { what: what() })?;
         Ok(Key(key))
     }
 }
@@ -223,8 +229,12 @@ impl Keyring {
         let mut keys = Vec::new();
         for k in stored {
             let what = format!("key-encryption key `{}` version {}", k.name, k.version);
-            let bytes = root.open(&k.sealed, &kek_aad(&k.name, k.version), &what)?;
-            keys.push((k.name.clone(), k.version, Key::from_bytes(&bytes, &what)?));
+            let bytes = root.open(&k.sealed, &kek_aad(&k.name, k.version), || what.clone())?;
+            keys.push((
+                k.name.clone(),
+                k.version,
+                Key::from_bytes(&bytes, || what.clone())?,
+            ));
         }
         Ok(Keyring { keys })
     }
@@ -290,22 +300,20 @@ impl Keyring {
     /// The value of `envelope`, which must have been sealed for `context`.
     pub fn open(&self, context: &str, envelope: &Envelope) -> Result<Vec<u8>, CryptoError> {
         let data_key = self.data_key(context, envelope)?;
-        data_key.open(
-            &envelope.value,
-            context.as_bytes(),
-            &format!("the value of `{context}`"),
-        )
+        data_key.open(&envelope.value, context.as_bytes(), || {
+            format!("the value of `{context}`")
+        })
     }
 
     fn data_key(&self, context: &str, envelope: &Envelope) -> Result<Key, CryptoError> {
-        let what = format!("the data key of `{context}`");
+        let what = || format!("the data key of `{context}`");
         let kek = self.get(&envelope.kek, envelope.kek_version)?;
         let bytes = kek.open(
             &envelope.data_key,
             &data_key_aad(context, &envelope.kek, envelope.kek_version),
-            &what,
+            what,
         )?;
-        Key::from_bytes(&bytes, &what)
+        Key::from_bytes(&bytes, what)
     }
 
     /// The same value under the newest version of its KEK: only the data key is sealed again;

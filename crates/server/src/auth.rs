@@ -63,13 +63,15 @@ pub(crate) async fn authenticate(
         };
     }
     if dozen_control::params::tokens::claimed_name(given).is_some() {
-        return match dozen_control::params::tokens::authenticate(state.store.as_ref(), given).await
-        {
+        let found = match &state.params {
+            Some(params) => params.authenticate(given).await,
+            None => dozen_control::params::tokens::authenticate(state.store.as_ref(), given)
+                .await
+                .map(|found| found.map(|(name, policy)| (name, Arc::new(policy)))),
+        };
+        return match found {
             Ok(Some((name, policy))) => {
-                let caller = Caller::Token {
-                    name,
-                    policy: Arc::new(policy),
-                };
+                let caller = Caller::Token { name, policy };
                 admit(&state, caller, request, next).await
             }
             Ok(None) => {

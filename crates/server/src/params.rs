@@ -19,7 +19,7 @@ use dozen_params::audit::{Event as AuditEvent, Outcome};
 use dozen_params::names::{self, ParamType, Reference};
 use dozen_params::policy::{Action, Policy};
 
-use crate::error::{bad_request, error, ApiFailure, ApiResult};
+use crate::error::{bad_request, error, ApiFailure, ApiResult, SizedJson};
 use crate::{AppState, Caller, ConnectionInfo};
 
 /// What every handler here needs: the store, the trail, and who is asking from where.
@@ -228,7 +228,7 @@ pub(crate) async fn get(
     Extension(caller): Extension<Caller>,
     connection: Option<Extension<ConnectionInfo>>,
     Query(q): Query<ParamQuery>,
-) -> ApiResult<Json<ParamView>> {
+) -> ApiResult<SizedJson<ParamView>> {
     let a = ask(&s, &caller, connection.as_deref())?;
     let reference = Reference::parse(&q.name).map_err(|e| bad_request(e.0))?;
     let policy = caller.policy();
@@ -275,7 +275,8 @@ pub(crate) async fn get(
         )
         .await?;
     }
-    Ok(Json(view))
+    let size = 512 + view.value.as_ref().map_or(0, |v| v.len() + v.len() / 8);
+    Ok(SizedJson(view, size))
 }
 
 pub(crate) async fn list(

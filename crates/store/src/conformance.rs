@@ -28,7 +28,10 @@ pub async fn revisions_and_versions(store: Arc<dyn Store>) {
     assert_eq!(kv.create_revision, r1);
     assert_eq!(kv.mod_revision, r2);
     assert_eq!(kv.version, 2);
+    let shared = store.get_shared("/t/a").await.unwrap().expect("key exists");
+    assert_eq!(*shared, kv, "a shared read answers what a read does");
     assert_eq!(store.get("/t/missing").await.unwrap(), None);
+    assert!(store.get_shared("/t/missing").await.unwrap().is_none());
     let r3 = store.delete("/t/a").await.unwrap();
     assert_eq!(r3, r2 + 1);
     assert_eq!(store.get("/t/a").await.unwrap(), None);

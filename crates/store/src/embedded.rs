@@ -588,6 +588,10 @@ impl Store for EmbeddedStore {
         Ok(found.map(|kv| (*kv).clone()))
     }
 
+    async fn get_shared(&self, key: &str) -> Result<Option<Arc<KeyValue>>, StoreError> {
+        Ok(self.lock().kvs.get(key).cloned())
+    }
+
     async fn range(&self, prefix: &str) -> Result<RangeResponse, StoreError> {
         // Pointers under the lock, values copied after it.
         let (shared, revision): (Vec<Arc<KeyValue>>, Revision) = {

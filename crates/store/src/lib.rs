@@ -279,6 +279,11 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// As [`Store::get`], shared: a store that keeps its values in memory answers without
+    /// copying the value (hot reads that decode it once and remember it by `mod_revision`).
+    async fn get_shared(&self, key: &str) -> Result<Option<std::sync::Arc<KeyValue>>, StoreError> {
+        Ok(self.get(key).await?.map(std::sync::Arc::new))
+    }
     /// Every key starting with `prefix`, sorted by key.
     async fn range(&self, prefix: &str) -> Result<RangeResponse, StoreError>;
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;

@@ -6,6 +6,7 @@
 //! A [`ParamStore`] holds the keyring open for the server's life; the root key stays in it
 //! too, because rotating or importing a key-encryption key seals the new one with it.
 
+mod decoded;
 pub mod identity;
 mod keys;
 pub mod pins;
@@ -14,7 +15,9 @@ mod values;
 
 use std::sync::{Arc, RwLock};
 
-use dozen_model::params::{self as records, KekRecord, KeyView};
+use dozen_model::params::{
+    self as records, KekRecord, KeyView, ParamRecord, ParamVersionRecord, TokenRecord,
+};
 use dozen_model::{decode, encode, SCHEMA};
 use dozen_params::{CryptoError, Key, Keyring};
 use dozen_store::{Compare, Op, Store, Txn};
@@ -23,6 +26,7 @@ pub use keys::{open_keyring, stored_keks, DEFAULT_KEK};
 pub use values::{PutParam, Reveal};
 
 use crate::{ControlError, Result};
+use decoded::Decoded;
 
 pub struct ParamStore {
     store: Arc<dyn Store>,
@@ -30,7 +34,15 @@ pub struct ParamStore {
     ring: RwLock<Arc<Keyring>>,
     /// Signs task tokens: derived from the root key, so every server holds the same one.
     task_key: Key,
+    /// Records of the hot reads, decoded once per revision.
+    heads: Decoded<ParamRecord>,
+    versions: Decoded<ParamVersionRecord>,
+    tokens: Decoded<TokenRecord>,
 }
+
+/// How many records of each kind stay decoded (beyond them, a read decodes again).
+const DECODED_HEADS: usize = 4096;
+const DECODED_VERSIONS: usize = 1024;
 
 impl ParamStore {
     /// The parameter store of `store`, its keys opened with `root` (or, for a store that has
@@ -43,6 +55,9 @@ impl ParamStore {
             task_key: root.derive("dozen task identity v1"),
             root,
             ring: RwLock::new(Arc::new(ring)),
+            heads: Decoded::new(DECODED_HEADS),
+            versions: Decoded::new(DECODED_VERSIONS),
+            tokens: Decoded::new(tokens::MAX_TOKENS),
         })
     }
 

@@ -2,6 +2,8 @@
 //! keeps the secret's SHA-256 only, so a copy of the store opens nothing. The first token of
 //! a cluster (the data dir's `token` file) stays an admin token outside this list.
 
+use std::sync::Arc;
+
 use dozen_model::params::{self as records, TokenRecord, TokenView};
 use dozen_model::{decode, encode, SCHEMA};
 use dozen_params::policy::Policy;
@@ -81,6 +83,26 @@ pub async fn authenticate(store: &dyn Store, token: &str) -> Result<Option<(Stri
         return Ok(None);
     };
     let record: TokenRecord = decode(&kv.key, &kv.value)?;
+    Ok(holds(&record, secret).then_some((record.name, record.policy)))
+}
+
+impl super::ParamStore {
+    /// As [`authenticate`], with the token's record decoded once per revision: every request
+    /// of a token's holder asks for it.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<(String, Arc<Policy>)>> {
+        let Some((name, secret)) = claimed_name(token) else {
+            return Ok(None);
+        };
+        let Some(kv) = self.store().get_shared(&records::token(name)).await? else {
+            return Ok(None);
+        };
+        let record = self.tokens.of(&kv)?;
+        Ok(holds(&record, secret).then(|| (record.name.clone(), record.policy.clone().into())))
+    }
+}
+
+/// Whether `secret` is the one `record` was made with, and the token is unexpired.
+fn holds(record: &TokenRecord, secret: &str) -> bool {
     let given = sha256_hex(secret);
     // Hashes compared in full whatever differs, so the time taken says nothing.
     let same = given.len() == record.secret_sha256.len()
@@ -89,14 +111,7 @@ pub async fn authenticate(store: &dyn Store, token: &str) -> Result<Option<(Stri
             .zip(record.secret_sha256.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
-    if !same
-        || record
-            .expires_at_ms
-            .is_some_and(|at| at <= crate::wall_ms())
-    {
-        return Ok(None);
-    }
-    Ok(Some((record.name, record.policy)))
+    same && record.expires_at_ms.is_none_or(|at| at > crate::wall_ms())
 }
 
 pub async fn list(store: &dyn Store) -> Result<Vec<TokenView>> {

@@ -5,6 +5,7 @@
 //! times when another writer got there first: two writers never make the same version.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use dozen_model::params::{
     self as records, ExpiryNotice, ParamPage, ParamRecord, ParamVersionRecord, ParamView,
@@ -215,10 +216,12 @@ impl ParamStore {
 
     /// One value, as `reveal` allows.
     pub async fn get(&self, reference: &Reference, reveal: Reveal) -> Result<ParamView> {
-        let (record, _) = self
-            .head(&reference.name)
+        let kv = self
+            .store()
+            .get_shared(&records::name(&reference.name))
             .await?
             .ok_or_else(|| not_found(&reference.name))?;
+        let record = self.heads.of(&kv)?;
         let version = resolve(&record, reference)?;
         if let Some(at) = record.expires_at_ms.filter(|at| *at <= crate::wall_ms()) {
             if reveal != Reveal::Nothing {
@@ -234,15 +237,15 @@ impl ParamStore {
         Ok(view(&record, &stored, value))
     }
 
-    async fn version(&self, name: &str, version: u64) -> Result<ParamVersionRecord> {
+    async fn version(&self, name: &str, version: u64) -> Result<Arc<ParamVersionRecord>> {
         let kv = self
             .store()
-            .get(&records::version(name, version))
+            .get_shared(&records::version(name, version))
             .await?
             .ok_or_else(|| {
                 ControlError::Absent(format!("parameter {name} has no version {version}"))
             })?;
-        Ok(decode(&kv.key, &kv.value)?)
+        self.versions.of(&kv)
     }
 
     async fn reveal(&self, stored: &ParamVersionRecord, reveal: Reveal) -> Result<Option<String>> {
