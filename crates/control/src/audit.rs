@@ -15,8 +15,9 @@
 //! for zeros to be written then.
 //!
 //! Bounds: at most [`QUEUE`] records wait; a segment is closed at [`SEGMENT_BYTES`] and at
-//! most [`KEEP_SEGMENTS`] are kept (the oldest go first; the chain then starts at the oldest
-//! kept record, and `verify` says so), plus one spare of [`SEGMENT_BYTES`].
+//! most [`KEEP_SEGMENTS`] times that is kept (the oldest go first; the chain then starts at
+//! the oldest kept record, and `verify` says so), plus one spare of [`SEGMENT_BYTES`], plus
+//! what recovery sets aside (`cut-<ms>.bin`, only when a start finds more than a torn line).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
@@ -95,7 +96,7 @@ pub struct Verified {
 
 impl AuditLog {
     /// Opens (or starts) the chain in `dir` for server `server`, and starts its writer. A
-    /// record a crash left half-written (never acknowledged) is cut off first; the chain goes
+    /// record a crash left half-written (never acknowledged) is zeroed first; the chain goes
     /// on in the last segment.
     pub fn open(dir: &Path, server: &str, key: ChainKey) -> std::io::Result<AuditLog> {
         AuditLog::open_sized(dir, server, key, SIZES)
@@ -173,14 +174,8 @@ impl AuditLog {
         for segment in segments(&self.dir)? {
             let mut reader = BufReader::new(File::open(segment)?);
             let mut line = Vec::new();
-            loop {
-                // The zeros ahead of the live segment's last record end it.
-                if reader.fill_buf()?.first().is_none_or(|b| *b == 0) {
-                    break;
-                }
-                line.clear();
-                reader.read_until(b'\n', &mut line)?;
-                let Ok(record) = serde_json::from_slice::<Record>(line.trim_ascii_end()) else {
+            while next_line(&mut reader, &mut line)? {
+                let Ok(record) = serde_json::from_slice::<Record>(&line) else {
                     continue;
                 };
                 if filter.since_ms.is_some_and(|s| record.event.at_ms < s)
@@ -229,6 +224,31 @@ fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
+/// Reads a segment's next whole line into `line` (without its newline); false at the end of
+/// its records: the end of the file, the first zero byte, or a last line still being written.
+fn next_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<bool> {
+    line.clear();
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        match buf.iter().position(|b| *b == b'\n' || *b == 0) {
+            Some(at) if buf[at] == 0 => return Ok(false),
+            Some(at) => {
+                line.extend_from_slice(&buf[..at]);
+                reader.consume(at + 1);
+                return Ok(true);
+            }
+            None => {
+                let n = buf.len();
+                line.extend_from_slice(buf);
+                reader.consume(n);
+            }
+        }
+    }
+}
+
 /// What a segment's bytes hold: everything before the first zero byte.
 fn written(bytes: &[u8]) -> &[u8] {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
@@ -260,14 +280,17 @@ fn recover(dir: &Path) -> std::io::Result<(Tip, Option<Segment>)> {
         }
         let Some(tip) = tip else {
             // Nothing whole in it: it goes, and the one before carries the chain.
+            set_aside(dir, &last, &bytes)?;
             std::fs::remove_file(&last)?;
             File::open(dir)?.sync_all()?;
             continue;
         };
         let file = OpenOptions::new().write(true).open(&last)?;
         if let Some(stray) = bytes[keep..].iter().rposition(|b| *b != 0) {
-            tracing::warn!(file = %last.display(), cut = stray + 1, "zeroing a half-written audit record (never acknowledged)");
-            file.write_all_at(&vec![0; stray + 1], keep as u64)?;
+            let stray = &bytes[keep..keep + stray + 1];
+            tracing::warn!(file = %last.display(), cut = stray.len(), "zeroing a half-written audit record (never acknowledged)");
+            set_aside(dir, &last, stray)?;
+            file.write_all_at(&vec![0; stray.len()], keep as u64)?;
             file.sync_data()?;
         }
         return Ok((
@@ -282,12 +305,54 @@ fn recover(dir: &Path) -> std::io::Result<(Tip, Option<Segment>)> {
     Ok((Tip::default(), None))
 }
 
+/// Keeps what recovery takes out of the trail when it is more than one torn line (a crash
+/// tears only the batch in progress, but whole lines after a gap may be records someone
+/// blanked the way to): `audit/cut-<ms>.bin`, one per start that finds such bytes.
+fn set_aside(dir: &Path, segment: &Path, stray: &[u8]) -> std::io::Result<()> {
+    let torn_line_only = !stray.contains(&b'\n') && !stray.contains(&0);
+    if torn_line_only || stray.iter().all(|b| *b == 0) {
+        return Ok(());
+    }
+    let kept = dir.join(format!("cut-{}.bin", crate::wall_ms()));
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&kept)?;
+    std::io::Write::write_all(&mut file, stray)?;
+    file.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    tracing::error!(segment = %segment.display(), kept = %kept.display(), bytes = stray.len(), "the audit trail held bytes after its last whole record beyond a torn line; they are kept aside, and the chain goes on without them");
+    Ok(())
+}
+
+/// Where non-zero bytes follow the zeros that end a segment's records, if they do.
+fn after_gap(bytes: &[u8]) -> Option<usize> {
+    let end = written(bytes).len();
+    bytes[end..].iter().position(|b| *b != 0).map(|at| end + at)
+}
+
 fn verify_dir(dir: &Path, key: &ChainKey) -> std::io::Result<Verified> {
     let mut tip = Tip::default();
     let mut first_seq = 0;
-    for segment in segments(dir)? {
-        let bytes = std::fs::read(&segment)?;
-        let text = String::from_utf8_lossy(written(&bytes));
+    let all = segments(dir)?;
+    for (i, segment) in all.iter().enumerate() {
+        let mut bytes = std::fs::read(segment)?;
+        if i + 1 == all.len() && after_gap(&bytes).is_some() {
+            // The live segment, read while a batch was being written: once more.
+            bytes = std::fs::read(segment)?;
+        }
+        let records = written(&bytes);
+        // The live segment's last line may be in the middle of being written: whole ones only.
+        let whole = if i + 1 == all.len() {
+            records
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |at| at + 1)
+        } else {
+            records.len()
+        };
+        let text = String::from_utf8_lossy(&records[..whole]);
         let lines: Vec<&str> = text.lines().collect();
         if tip.hash.is_empty() {
             // The oldest kept segment: its first record starts the chain (it follows the
@@ -336,6 +401,20 @@ fn verify_dir(dir: &Path, key: &ChainKey) -> std::io::Result<Verified> {
                     broken: Some(broken),
                 });
             }
+        }
+        if let Some(at) = after_gap(&bytes) {
+            return Ok(Verified {
+                broken: Some(Broken {
+                    seq: tip.seq + 1,
+                    line: lines.len() + 1,
+                    reason: format!(
+                        "{} holds bytes after the zeros that end its records (at byte {at}): records were blanked",
+                        segment.display()
+                    ),
+                }),
+                tip,
+                first_seq,
+            });
         }
     }
     Ok(Verified {
@@ -390,6 +469,15 @@ impl Spare {
 /// Writes a segment's worth of zeros to `dir/spare.zeros`, 256 KiB and a sync at a time, so the
 /// writer's own syncs never queue behind much of it.
 fn make_spare(dir: &Path, size: u64) -> std::io::Result<()> {
+    let made = zero_spare(dir, size);
+    if made.is_err() {
+        // Its space back (a full disk is the likely cause).
+        let _ = std::fs::remove_file(dir.join(SPARE_MAKING));
+    }
+    made
+}
+
+fn zero_spare(dir: &Path, size: u64) -> std::io::Result<()> {
     let making = dir.join(SPARE_MAKING);
     let file = OpenOptions::new()
         .create(true)
@@ -424,7 +512,8 @@ struct Segment {
 impl Segment {
     /// Cuts the zeros off: a closed segment ends with its last record.
     fn close(self) -> std::io::Result<()> {
-        if self.zeroed > self.end {
+        // Longer than its records: zeros, or a refused batch a failed cut left behind.
+        if self.file.metadata()?.len() > self.end {
             self.file.set_len(self.end)?;
             self.file.sync_all()?;
         }
@@ -451,11 +540,7 @@ impl Writer {
                 });
             }
         }
-        if let Some(segment) = self.file.take() {
-            if let Err(e) = segment.close() {
-                tracing::warn!(error = %e, "cannot cut the zeros off the audit segment; the next start reads past them");
-            }
-        }
+        // The live segment keeps its zeros: the next start goes on writing over them.
     }
 
     /// Writes and syncs `batch`; answers the first one's sequence number. On failure the
@@ -552,165 +637,25 @@ impl Writer {
             end: 0,
             zeroed,
         });
+        // Kept by size, not count: segments cut short (a spare taken early) count for what
+        // they hold.
         let all = segments(&self.dir)?;
-        if all.len() > KEEP_SEGMENTS {
-            for old in &all[..all.len() - KEEP_SEGMENTS] {
-                std::fs::remove_file(old)?;
+        let mut sizes = Vec::with_capacity(all.len());
+        for path in &all {
+            sizes.push(std::fs::metadata(path)?.len());
+        }
+        let mut total: u64 = sizes.iter().sum();
+        let budget = KEEP_SEGMENTS as u64 * self.sizes.segment;
+        for (old, size) in all.iter().zip(&sizes).take(all.len() - 1) {
+            if total <= budget {
+                break;
             }
+            std::fs::remove_file(old)?;
+            total -= size;
         }
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use dozen_params::audit::Outcome;
-    use std::io::Write;
-
-    fn key() -> ChainKey {
-        ChainKey::new(&dozen_params::Key::parse(&"55".repeat(32)).unwrap())
-    }
-
-    fn event(target: &str) -> Event {
-        Event {
-            at_ms: crate::wall_ms(),
-            who: "root token".into(),
-            from: "127.0.0.1:1".into(),
-            action: "param.read".into(),
-            target: target.into(),
-            outcome: Outcome::Ok,
-            detail: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn records_are_durable_chained_and_carry_on_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-        let seqs = futures_util::future::join_all((0..50).map(|i| {
-            let log = &log;
-            async move { log.record(event(&format!("/a/{i}"))).await.unwrap() }
-        }))
-        .await;
-        let mut sorted = seqs.clone();
-        sorted.sort();
-        assert_eq!(sorted, (1..=50).collect::<Vec<_>>());
-        // The live segment holds its records, then zeros ahead of them.
-        let bytes = std::fs::read(segments(dir.path()).unwrap().remove(0)).unwrap();
-        let records = written(&bytes);
-        assert_eq!(records.iter().filter(|b| **b == b'\n').count(), 50);
-        assert!(records.ends_with(b"\n"));
-        assert!(bytes.len() > records.len() && bytes.len() as u64 >= ZEROED_AHEAD_MIN);
-        assert!(bytes[records.len()..].iter().all(|b| *b == 0));
-        drop(log);
-        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-        assert_eq!(log.record(event("/b")).await.unwrap(), 51);
-        let verified = log.verify().unwrap();
-        assert!(verified.broken.is_none(), "{:?}", verified.broken);
-        assert_eq!((verified.tip.records, verified.first_seq), (51, 1));
-        let only_b = log
-            .read(&AuditFilter {
-                target: Some("/b".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(only_b.len(), 1);
-        assert_eq!(only_b[0].seq, 51);
-    }
-
-    #[tokio::test]
-    async fn a_busy_trail_moves_onto_spare_segments_of_zeros_and_the_chain_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        let sizes = Sizes {
-            segment: 96 * 1024,
-            spare_after: 8 * 1024,
-        };
-        let log = AuditLog::open_sized(dir.path(), "s1", key(), sizes).unwrap();
-        // Past `spare_after`, a spare is made in the background.
-        let mut seq = 0;
-        while !dir.path().join(SPARE).exists() {
-            seq = log.record(event(&format!("/a/{seq}"))).await.unwrap();
-            assert!(seq < 100_000, "no spare was made");
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(
-            std::fs::metadata(dir.path().join(SPARE)).unwrap().len(),
-            sizes.segment
-        );
-        // Once the live segment runs out of zeros, the spare is the next segment.
-        let before = segments(dir.path()).unwrap().len();
-        while segments(dir.path()).unwrap().len() == before {
-            seq = log.record(event(&format!("/a/{seq}"))).await.unwrap();
-            assert!(seq < 100_000, "no next segment");
-        }
-        let live = segments(dir.path()).unwrap().pop().unwrap();
-        let name = live.file_stem().unwrap().to_str().unwrap().parse::<u64>();
-        assert_eq!(name.unwrap(), seq, "named after its first record");
-        assert_eq!(std::fs::metadata(&live).unwrap().len(), sizes.segment);
-        // The closed segments end with their last record: no zeros left in them.
-        for closed in &segments(dir.path()).unwrap()[..before] {
-            let bytes = std::fs::read(closed).unwrap();
-            assert!(bytes.ends_with(b"\n") && !bytes.contains(&0));
-        }
-        let verified = log.verify().unwrap();
-        assert!(verified.broken.is_none(), "{:?}", verified.broken);
-        assert_eq!(verified.tip.seq, seq);
-        // And a restart carries on in the live segment, over its zeros.
-        drop(log);
-        let log = AuditLog::open_sized(dir.path(), "s1", key(), sizes).unwrap();
-        assert_eq!(log.record(event("/b")).await.unwrap(), seq + 1);
-        assert!(log.verify().unwrap().broken.is_none());
-        let all = log
-            .read(&AuditFilter {
-                limit: 10_000,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(all.len() as u64, seq + 1);
-    }
-
-    #[tokio::test]
-    async fn an_edited_record_is_found_by_verify() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-        for i in 0..5 {
-            log.record(event(&format!("/a/{i}"))).await.unwrap();
-        }
-        let segment = segments(dir.path()).unwrap().remove(0);
-        let text = std::fs::read_to_string(&segment).unwrap();
-        std::fs::write(&segment, text.replacen("/a/3", "/a/9", 1)).unwrap();
-        let broken = log.verify().unwrap().broken.expect("the edit is found");
-        assert_eq!(broken.seq, 4, "{broken}");
-    }
-
-    #[tokio::test]
-    async fn a_half_written_record_is_cut_and_the_chain_goes_on_in_the_same_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-        for i in 0..3 {
-            log.record(event(&format!("/a/{i}"))).await.unwrap();
-        }
-        drop(log);
-        let segment = segments(dir.path()).unwrap().remove(0);
-        let mut f = OpenOptions::new().append(true).open(&segment).unwrap();
-        f.write_all(b"{\"seq\":4,\"server\":\"s1\",\"at_").unwrap();
-        drop(f);
-        let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-        assert_eq!(log.record(event("/b")).await.unwrap(), 4);
-        assert_eq!(
-            segments(dir.path()).unwrap().len(),
-            1,
-            "no new segment per restart"
-        );
-        let verified = log.verify().unwrap();
-        assert!(verified.broken.is_none(), "{:?}", verified.broken);
-        assert_eq!(verified.tip.seq, 4);
-        // Lines cut from the head of the first segment are found.
-        let text = std::fs::read_to_string(&segment).unwrap();
-        let rest: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
-        std::fs::write(&segment, rest).unwrap();
-        assert!(log.verify().unwrap().broken.is_some());
-    }
-}
+mod tests;

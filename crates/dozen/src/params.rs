@@ -518,7 +518,7 @@ pub struct AuditArgs {
     /// Only targets starting with this (`/shop/`).
     #[arg(long)]
     target: Option<String>,
-    /// Only `ok`, `denied` or `failed`.
+    /// Only `asked` (a change before it was made), `ok`, `denied` or `failed`.
     #[arg(long)]
     outcome: Option<String>,
     /// Only records this recent (`1h`).

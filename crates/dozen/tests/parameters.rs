@@ -5,7 +5,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use dozen_testkit::{eventually, Dozen};
+use dozen_testkit::{eventually, Dozen, SmallDisk};
 use serde_json::Value;
 
 const DOZEN: &str = env!("CARGO_BIN_EXE_dozen");
@@ -366,6 +366,20 @@ fn tokens_are_held_to_their_policy_and_every_case_is_audited() {
     assert!(has("token viewer", "token.create", "x", "denied"));
     assert!(has("root token", "token.create", "dev", "ok"));
     assert!(has("root token", "token.revoke", "dev", "ok"));
+    // Each change is on the record as asked before it was made, then with its outcome.
+    let position = |action: &str, outcome: &str| {
+        records.iter().position(|r| {
+            r["who"] == "root token"
+                && r["action"] == action
+                && r["target"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("/shop/prod/db/password")
+                && r["outcome"] == outcome
+        })
+    };
+    let asked = position("param.write", "asked").expect("the write was asked first");
+    assert!(asked < position("param.write", "ok").unwrap());
     let text = serde_json::to_string(&records).unwrap();
     assert!(!text.contains("prod-secret") && !text.contains("dev-secret"));
     // Only an admin reads the trail.
@@ -382,12 +396,14 @@ fn tokens_are_held_to_their_policy_and_every_case_is_audited() {
         .path();
     let original = std::fs::read_to_string(&segment).unwrap();
     let lines: Vec<&str> = original.lines().collect();
-    for (i, (from, to)) in [
+    for (from_line, (from, to)) in [
         (2, ("root token", "token evil!")),
-        (4, ("\"ok\"", "\"denied\"")),
+        (3, ("\"outcome\":\"ok\"", "\"outcome\":\"denied\"")),
     ] {
+        let i = (from_line..lines.len())
+            .find(|&i| lines[i].contains(from))
+            .unwrap();
         let mut altered: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-        assert!(altered[i].contains(from), "{}", altered[i]);
         altered[i] = altered[i].replacen(from, to, 1);
         std::fs::write(&segment, altered.join("\n") + "\n").unwrap();
         let out = d.cli(&["audit", "verify"]);
@@ -405,6 +421,66 @@ fn tokens_are_held_to_their_policy_and_every_case_is_audited() {
     let out = d.cli(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(1));
     std::fs::write(&segment, &original).unwrap();
+    assert!(d.cli(&["audit", "verify"]).status.success());
+}
+
+/// A change that cannot be put on the audit trail is refused and not made (the disk holding
+/// the trail fills up): every version stored had its asking recorded first.
+#[test]
+fn a_change_that_cannot_be_audited_is_refused_and_not_made() {
+    let Some(disk) = SmallDisk::mount("1m") else {
+        return;
+    };
+    let mut d = Dozen::new(DOZEN);
+    d.server_args.push("--no-proxy".into());
+    std::fs::create_dir_all(d.data_dir()).unwrap();
+    std::os::unix::fs::symlink(disk.path(), d.data_dir().join("audit")).unwrap();
+    d.start_server(false);
+    let mut made = 0;
+    assert!(d.cli(&["param", "put", "/a/x", "0"]).status.success());
+    made += 1;
+    let filler = disk.fill();
+    // The trail's zeros ahead of its last record take records for a while; then a write is
+    // refused.
+    let mut refused = None;
+    for n in 1..2000 {
+        let out = d.cli(&["param", "put", "/a/x", &n.to_string()]);
+        if !out.status.success() {
+            refused = Some(stderr(&out));
+            break;
+        }
+        made += 1;
+    }
+    let said = refused.expect("a write is refused once the trail's disk is full");
+    assert!(said.contains("cannot be audited"), "{said}");
+    let newest = d.json(&["param", "history", "/a/x"])[0]["version"]
+        .as_u64()
+        .unwrap();
+    // Space again: the trail shows one asked record per version made.
+    std::fs::remove_file(filler).unwrap();
+    let asked = audit(
+        &d,
+        &[
+            "--action",
+            "param.write",
+            "--outcome",
+            "asked",
+            "-n",
+            "10000",
+        ],
+    )
+    .len() as u64;
+    // Either the refused write's asking could not be recorded (nothing made), or its outcome
+    // could not (made, and on the record as asked).
+    assert!(
+        newest == made || (newest == made + 1 && asked == newest),
+        "{made} writes answered, newest version {newest}, {asked} asked records"
+    );
+    assert!(
+        asked >= newest,
+        "a version was made without its asking on the record"
+    );
+    assert!(d.cli(&["param", "put", "/a/x", "again"]).status.success());
     assert!(d.cli(&["audit", "verify"]).status.success());
 }
 

@@ -27,6 +27,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// A change as asked, before it is made: a change that cannot be put on the record is
+    /// refused and not made. Its outcome follows in a record of its own.
+    Asked,
     Ok,
     /// Refused for want of a permission.
     Denied,
@@ -37,6 +40,7 @@ pub enum Outcome {
 impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
+            Outcome::Asked => "asked",
             Outcome::Ok => "ok",
             Outcome::Denied => "denied",
             Outcome::Failed => "failed",

@@ -174,6 +174,12 @@ impl Ask<'_> {
         Err(self.deny(audit_action, target, reason).await)
     }
 
+    /// Puts a change on the record before it is made: a change that cannot be audited is
+    /// refused (503) and not made. Its outcome is a second record ([`Ask::finish`]).
+    async fn asked(&self, action: &str, target: &str) -> ApiResult<()> {
+        self.audit(action, target, Outcome::Asked, None).await
+    }
+
     /// Audits the outcome of a change, then answers it.
     async fn finish<T>(
         &self,
@@ -218,6 +224,7 @@ pub(crate) async fn put(
         warn_before_ms: req.warn_before_ms,
         key: req.key,
     };
+    a.asked("param.write", &req.name).await?;
     let result = a.params.put(put, &caller.who()).await;
     let target = made(&result, |v| format!("{}:{}", v.name, v.version), &req.name);
     Ok(Json(a.finish("param.write", &target, result).await?))
@@ -362,6 +369,7 @@ pub(crate) async fn label(
     let a = ask(&s, &caller, connection.as_deref())?;
     names::check_name(&req.name).map_err(|e| bad_request(e.0))?;
     a.need(Action::Write, &req.name, "param.label").await?;
+    a.asked("param.label", &req.name).await?;
     let result = a
         .params
         .label(&req.name, req.version, &req.add, &req.remove, &caller.who())
@@ -379,6 +387,7 @@ pub(crate) async fn delete(
     let a = ask(&s, &caller, connection.as_deref())?;
     names::check_name(&q.name).map_err(|e| bad_request(e.0))?;
     a.need(Action::Write, &q.name, "param.delete").await?;
+    a.asked("param.delete", &q.name).await?;
     let result = a.params.delete(&q.name).await;
     a.finish("param.delete", &q.name, result).await?;
     Ok(Json(serde_json::json!({ "deleted": q.name })))
@@ -407,6 +416,7 @@ pub(crate) async fn task_token(
             req.node.clone()
         }
     };
+    a.asked("identity.issue", &task).await?;
     let result = a
         .params
         .issue_task_token(
@@ -454,6 +464,7 @@ pub(crate) async fn rotate(
         ),
         None => None,
     };
+    a.asked(action, &req.name).await?;
     let result = a.params.rotate(&req.name, imported).await;
     let target = made(&result, |v| format!("{}:{}", v.name, v.version), &req.name);
     Ok(Json(a.finish(action, &target, result).await?))
@@ -466,6 +477,7 @@ pub(crate) async fn rewrap(
 ) -> ApiResult<Json<RewrapResponse>> {
     let a = ask(&s, &caller, connection.as_deref())?;
     a.need_admin("key.rewrap", "keys").await?;
+    a.asked("key.rewrap", "keys").await?;
     let result = a.params.rewrap().await;
     let rewrapped = a.finish("key.rewrap", "keys", result).await?;
     Ok(Json(RewrapResponse { rewrapped }))
@@ -492,6 +504,7 @@ pub(crate) async fn create_token(
     let a = ask(&s, &caller, connection.as_deref())?;
     a.need_admin("token.create", &req.name).await?;
     let policy = Policy::parse(&req.policy).map_err(|e| bad_request(e.0))?;
+    a.asked("token.create", &req.name).await?;
     let result = tokens::create(
         s.store.as_ref(),
         &req.name,
@@ -512,6 +525,7 @@ pub(crate) async fn revoke_token(
 ) -> ApiResult<Json<serde_json::Value>> {
     let a = ask(&s, &caller, connection.as_deref())?;
     a.need_admin("token.revoke", &name).await?;
+    a.asked("token.revoke", &name).await?;
     let result = tokens::revoke(s.store.as_ref(), &name).await;
     a.finish("token.revoke", &name, result).await?;
     Ok(Json(serde_json::json!({ "revoked": name })))
