@@ -29,6 +29,9 @@ const MEMORY_FS: &str = "/dev/shm";
 pub const TOKEN_FILE: &str = ".token";
 /// For `secrets_as = "env"`: the values, read by the shim into the task's environment.
 pub const ENV_FILE: &str = ".env.json";
+/// In an agent's root: the data dir it belongs to, so what a killed agent left behind can be
+/// found and removed by whoever removes that data dir (test harnesses do).
+pub const DATA_DIR_FILE: &str = ".data-dir";
 
 /// This agent's directory of task secrets (one per agent data dir, so agents sharing a
 /// machine keep theirs apart).
@@ -85,6 +88,7 @@ pub async fn deliver(
     let root = root(data_dir);
     let dir = root.join(&a.task);
     write_all(
+        data_dir,
         &root,
         &dir,
         &values,
@@ -102,6 +106,7 @@ pub async fn deliver(
 }
 
 fn write_all(
+    data_dir: &Path,
     root: &Path,
     dir: &Path,
     values: &BTreeMap<String, String>,
@@ -110,6 +115,10 @@ fn write_all(
     owner: Option<UidGid>,
 ) -> std::io::Result<()> {
     ensure_own_dir(root, 0o711)?;
+    let marker = root.join(DATA_DIR_FILE);
+    if !marker.exists() {
+        write_private(&marker, data_dir.as_os_str().as_encoded_bytes(), None)?;
+    }
     let _ = std::fs::remove_dir_all(dir);
     // The agent's, never the task's: a task that could write here could plant a link for
     // the agent to follow. Its group may enter and read the files it owns.
@@ -167,7 +176,8 @@ pub fn forget_strays(data_dir: &Path, kept: &[String]) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if !kept.contains(&name) {
+        // A task's name never starts with a dot; the root's own files do.
+        if !kept.contains(&name) && !name.starts_with('.') {
             remove(data_dir, &name);
         }
     }

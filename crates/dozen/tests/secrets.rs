@@ -273,4 +273,26 @@ fn tasks_get_their_secrets_and_nothing_leaks_anywhere_else() {
     assert_eq!(code, 401, "{body}");
     assert!(files_holding(Path::new("/dev/shm"), db_password.as_bytes()).is_empty());
     let _ = web_pid;
+
+    // An agent killed with its tasks cannot clear their secrets; its directory there names
+    // its data dir, so the harness clears them when it removes that.
+    let roots_of = |data: &Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir("/dev/shm")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join(".data-dir")).is_ok_and(|owner| {
+                    Path::new(&*String::from_utf8_lossy(&owner)).starts_with(data)
+                })
+            })
+            .map(|e| e.path())
+            .collect()
+    };
+    let data = d.dir.path().to_path_buf();
+    assert!(
+        !roots_of(&data).is_empty(),
+        "envy still runs with its secrets"
+    );
+    drop(d);
+    assert_eq!(roots_of(&data), Vec::<std::path::PathBuf>::new());
 }

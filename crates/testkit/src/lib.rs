@@ -662,6 +662,28 @@ impl Drop for Dozen {
         self.kill_agents();
         self.kill_proxies();
         end_tasks_under(self.dir.path());
+        remove_secrets_under(self.dir.path());
+    }
+}
+
+/// Removes the task secrets that agents with data dirs under `root` keep on `/dev/shm` (an
+/// agent killed with its tasks cannot): each agent's directory there names its data dir in
+/// `.data-dir`.
+pub fn remove_secrets_under(root: &Path) {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with("dozen-") {
+            continue;
+        }
+        let Ok(owner) = std::fs::read(e.path().join(".data-dir")) else {
+            continue;
+        };
+        let owner = std::path::PathBuf::from(String::from_utf8_lossy(&owner).into_owned());
+        if owner.starts_with(root) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
