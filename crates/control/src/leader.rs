@@ -225,6 +225,17 @@ async fn keep_leading(store: Arc<dyn Store>, leadership: Leadership, ttl: Durati
     }
 }
 
+/// Whether work that one server of a cluster should do (the parameter store's expiry and
+/// redeploy passes) is this server's: it leads, or nobody does (a server without a
+/// controller, or between two terms). Such work stays safe when two servers do it at once
+/// (guarded writes); this only keeps the others from repeating it.
+pub async fn ours_to_do(store: &dyn Store, server_id: &str) -> Result<bool> {
+    Ok(match store.get(&leader_key()).await? {
+        Some(kv) => kv.value == server_id.as_bytes(),
+        None => true,
+    })
+}
+
 /// Called when a server shuts down: if it leads, it resigns, so another server takes over at
 /// once instead of after the lease's time to live.
 pub async fn resign_if_leading(store: &dyn Store, server_id: &str) {
@@ -236,5 +247,25 @@ pub async fn resign_if_leading(store: &dyn Store, server_id: &str) {
             let _ = store.revoke_lease(lease).await;
             tracing::info!(server = server_id, "resigned controller leadership");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dozen_store::embedded::EmbeddedStore;
+
+    #[tokio::test]
+    async fn work_for_one_server_is_the_leaders_or_anyones_while_none_leads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        assert!(ours_to_do(store.as_ref(), "s2").await.unwrap());
+        let leadership = campaign(store.clone(), "s1", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(ours_to_do(store.as_ref(), "s1").await.unwrap());
+        assert!(!ours_to_do(store.as_ref(), "s2").await.unwrap());
+        leadership.resign(store.as_ref()).await;
+        assert!(ours_to_do(store.as_ref(), "s2").await.unwrap());
     }
 }

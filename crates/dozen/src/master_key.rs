@@ -48,7 +48,8 @@ pub async fn open_param_store(
 }
 
 /// Records each parameter's expiry warning and expiry as they come due, and redeploys the
-/// services with `on_change = "redeploy"` whose secrets name new versions.
+/// services with `on_change = "redeploy"` whose secrets name new versions; on the
+/// controller's leader only (or any server while none leads).
 pub async fn params_loop(
     params: std::sync::Arc<dozen_control::params::ParamStore>,
     store: std::sync::Arc<dyn dozen_store::Store>,
@@ -61,6 +62,15 @@ pub async fn params_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // One server of a cluster does this: the controller's leader.
+        match dozen_control::leader::ours_to_do(store.as_ref(), &server_id).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell which server checks parameters now");
+                continue;
+            }
+        }
         if let Err(e) = params.expiry_pass(dozen_control::wall_ms(), &by).await {
             tracing::warn!(error = %e, "cannot check parameters' expiry");
         }
