@@ -477,14 +477,19 @@ fn make_spare(dir: &Path, size: u64) -> std::io::Result<()> {
     made
 }
 
-fn zero_spare(dir: &Path, size: u64) -> std::io::Result<()> {
-    let making = dir.join(SPARE_MAKING);
-    let file = OpenOptions::new()
+/// A file of the trail's, the server's alone: made if missing, emptied when `empty`.
+fn open_private(path: &Path, empty: bool) -> std::io::Result<File> {
+    OpenOptions::new()
         .create(true)
-        .truncate(true)
+        .truncate(empty)
         .write(true)
         .mode(0o600)
-        .open(&making)?;
+        .open(path)
+}
+
+fn zero_spare(dir: &Path, size: u64) -> std::io::Result<()> {
+    let making = dir.join(SPARE_MAKING);
+    let file = open_private(&making, true)?;
     let chunk = vec![0u8; 256 * 1024];
     let mut at = 0;
     while at < size {
@@ -617,19 +622,10 @@ impl Writer {
         if !matches!(self.spare, Spare::Making(_)) {
             self.spare = Spare::None;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)?;
-        let zeroed = if spare {
-            file.metadata()?.len()
-        } else {
-            // A file of that name holds nothing of the chain (recovery removed it, or it is new).
-            file.set_len(0)?;
-            0
-        };
+        // Without the spare, a file of that name holds nothing of the chain (recovery removed
+        // it, or it is new).
+        let file = open_private(&path, !spare)?;
+        let zeroed = file.metadata()?.len();
         // Its name in the directory must survive a crash too.
         File::open(&self.dir)?.sync_all()?;
         self.file = Some(Segment {

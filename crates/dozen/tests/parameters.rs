@@ -497,9 +497,7 @@ fn bad_input_gets_a_4xx_naming_it_and_stores_nothing() {
             .arg(format!("{}{path}", d.url()))
             .output()
             .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        (code.parse().unwrap(), body.to_string())
+        dozen_testkit::code_and_body(&out)
     };
     let long_name = format!("/{}", "a".repeat(1100));
     let long_value = "x".repeat(9000);

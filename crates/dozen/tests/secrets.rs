@@ -53,9 +53,7 @@ fn read_as(d: &Dozen, token: &str, name: &str) -> (u16, String) {
         .arg(format!("{}/v1/param", d.url()))
         .output()
         .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_string())
+    dozen_testkit::code_and_body(&out)
 }
 
 /// Every file under `dir` (following no links) holding `needle`.

@@ -63,13 +63,14 @@ pub(crate) async fn authenticate(
         };
     }
     if dozen_control::params::tokens::claimed_name(given).is_some() {
-        let found = match &state.params {
-            Some(params) => params.authenticate(given).await,
-            None => dozen_control::params::tokens::authenticate(state.store.as_ref(), given)
-                .await
-                .map(|found| found.map(|(name, policy)| (name, Arc::new(policy)))),
+        let Some(params) = &state.params else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this server runs without a parameter store, so it cannot check this token".into(),
+                None,
+            );
         };
-        return match found {
+        return match params.authenticate(given).await {
             Ok(Some((name, policy))) => {
                 let caller = Caller::Token { name, policy };
                 admit(&state, caller, request, next).await

@@ -134,6 +134,15 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The status and body of `curl -w '\n%{http_code}'`'s output.
+pub fn code_and_body(out: &std::process::Output) -> (u16, String) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text
+        .rsplit_once('\n')
+        .unwrap_or_else(|| panic!("no status line in curl's output: {text}"));
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
 /// A small tmpfs of its own (unmounted on drop); `None`, saying so, where mounting is not
 /// allowed outside CI.
 pub struct SmallDisk {

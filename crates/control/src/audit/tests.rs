@@ -20,6 +20,16 @@ fn event(target: &str) -> Event {
     }
 }
 
+/// A new trail in a temp dir with `n` records (`/a/0`, `/a/1`, ...).
+async fn chain_of(n: usize) -> (tempfile::TempDir, AuditLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
+    for i in 0..n {
+        log.record(event(&format!("/a/{i}"))).await.unwrap();
+    }
+    (dir, log)
+}
+
 #[tokio::test]
 async fn records_are_durable_chained_and_carry_on_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,11 +119,7 @@ async fn a_busy_trail_moves_onto_spare_segments_of_zeros_and_the_chain_holds() {
 
 #[tokio::test]
 async fn an_edited_record_is_found_by_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-    for i in 0..5 {
-        log.record(event(&format!("/a/{i}"))).await.unwrap();
-    }
+    let (dir, log) = chain_of(5).await;
     let segment = segments(dir.path()).unwrap().remove(0);
     let text = std::fs::read_to_string(&segment).unwrap();
     std::fs::write(&segment, text.replacen("/a/3", "/a/9", 1)).unwrap();
@@ -123,11 +129,7 @@ async fn an_edited_record_is_found_by_verify() {
 
 #[tokio::test]
 async fn records_blanked_with_zeros_are_found_and_kept_aside_at_the_next_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-    for i in 0..5 {
-        log.record(event(&format!("/a/{i}"))).await.unwrap();
-    }
+    let (dir, log) = chain_of(5).await;
     let segment = segments(dir.path()).unwrap().remove(0);
     let mut bytes = std::fs::read(&segment).unwrap();
     let start = bytes
@@ -162,11 +164,7 @@ async fn records_blanked_with_zeros_are_found_and_kept_aside_at_the_next_start()
 
 #[tokio::test]
 async fn a_half_written_record_is_cut_and_the_chain_goes_on_in_the_same_segment() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), "s1", key()).unwrap();
-    for i in 0..3 {
-        log.record(event(&format!("/a/{i}"))).await.unwrap();
-    }
+    let (dir, log) = chain_of(3).await;
     drop(log);
     let segment = segments(dir.path()).unwrap().remove(0);
     let mut f = OpenOptions::new().append(true).open(&segment).unwrap();

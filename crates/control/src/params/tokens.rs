@@ -74,21 +74,9 @@ pub async fn create(
     Ok((format!("{PREFIX}{name}.{secret}"), token_view(&record)))
 }
 
-/// The name and policy of a presented token, if it is one this store holds, unexpired.
-pub async fn authenticate(store: &dyn Store, token: &str) -> Result<Option<(String, Policy)>> {
-    let Some((name, secret)) = claimed_name(token) else {
-        return Ok(None);
-    };
-    let Some(kv) = store.get(&records::token(name)).await? else {
-        return Ok(None);
-    };
-    let record: TokenRecord = decode(&kv.key, &kv.value)?;
-    Ok(holds(&record, secret).then_some((record.name, record.policy)))
-}
-
 impl super::ParamStore {
-    /// As [`authenticate`], with the token's record decoded once per revision: every request
-    /// of a token's holder asks for it.
+    /// The name and policy of a presented token, if it is one this store holds, unexpired.
+    /// Its record is decoded once per revision: every request of a token's holder asks.
     pub async fn authenticate(&self, token: &str) -> Result<Option<(String, Arc<Policy>)>> {
         let Some((name, secret)) = claimed_name(token) else {
             return Ok(None);
